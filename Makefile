@@ -1,0 +1,39 @@
+# One command sets everything up and does the thing: `make serve`, `make test`.
+# Set-up is idempotent: a second `make install` does nothing unless pyproject.toml changed.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SERVE_FILES ?= examples/news-search.yaml
+PYTEST_ARGS ?=
+
+.PHONY: install serve test lint render bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	# Without CUDA, install the CPU build of torch first so that the project's torch
+	# range is already satisfied and pip does not pull a multi-GB CUDA build.
+	if ! command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(BIN)/python -m pip install torch==2.13.0; fi
+	$(BIN)/python -m pip install -e '.[test]'
+	touch $@
+
+serve: install
+	$(BIN)/tritonop serve $(SERVE_FILES)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check operator python_backend tests bench examples
+
+# Regenerate the checked-in model repository from examples/ (a test checks it is current).
+render: install
+	$(BIN)/tritonop render -f examples/news-search.yaml --repository model_repository
+
+clean:
+	rm -rf $(VENV) *.egg-info operator/*.egg-info

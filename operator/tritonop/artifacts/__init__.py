@@ -1,0 +1,1 @@
+"""Preparing what a resource serves: exported encoders, corpus indexes, LLM weights."""

@@ -1,0 +1,62 @@
+"""Reading a corpus file: JSONL, CSV or plain lines, one text per record."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from tritonop_backend.artifacts import ArtifactError
+
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
+
+
+def read_corpus(path: Path, text_field: str = "text") -> list[str]:
+    """All texts of a corpus file, in file order; the format follows the extension.
+
+    ``.jsonl``/``.ndjson``: one JSON object per line, text in ``text_field`` (a line that
+    is a bare JSON string is also accepted). ``.csv``: a header row naming
+    ``text_field``. Anything else: one text per non-empty line.
+
+    Raises:
+        ArtifactError: naming the file, line and problem.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"corpus {path} does not exist")
+    fmt = FORMATS.get(path.suffix.lower(), "lines")
+    with open(path, encoding="utf-8", newline="") as data:
+        if fmt == "csv":
+            texts = _csv_texts(path, data, text_field)
+        else:
+            texts = []
+            for number, line in enumerate(data, start=1):
+                if line.strip():
+                    text = _json_text(path, number, line, text_field) if fmt == "jsonl" else line
+                    texts.append(text.strip())
+    empty = [i for i, text in enumerate(texts) if not text]
+    if empty:
+        raise ArtifactError(f"corpus {path}: record {empty[0] + 1} has an empty text")
+    if not texts:
+        raise ArtifactError(f"corpus {path} has no texts")
+    return texts
+
+
+def _json_text(path: Path, number: int, line: str, field: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"corpus {path}:{number}: not JSON ({err.msg})") from None
+    if isinstance(record, str):
+        return record
+    if not isinstance(record, dict) or not isinstance(record.get(field), str):
+        raise ArtifactError(f"corpus {path}:{number}: no string field {field!r}")
+    return record[field]
+
+
+def _csv_texts(path: Path, data, field: str) -> list[str]:  # type: ignore[no-untyped-def]
+    reader = csv.DictReader(data)
+    if reader.fieldnames is None or field not in reader.fieldnames:
+        raise ArtifactError(f"corpus {path}: the header has no column {field!r} "
+                            f"(columns: {reader.fieldnames})")
+    return [row[field] or "" for row in reader]

@@ -1,0 +1,109 @@
+"""Building a corpus index: embed every text once, with the very code that embeds queries.
+
+The texts go through the same tokenizer, exported encoder and pooling as queries do
+in Triton, so a corpus text searched for itself scores 1.0, whatever the format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tritonop.artifacts.corpus import read_corpus
+from tritonop_backend.artifacts import TOKENIZER_FILE, ArtifactError, IndexManifest, ModelManifest
+from tritonop_backend.encoder import load_encoder
+from tritonop_backend.pooling import l2_normalize, pool
+from tritonop_backend.search import write_index
+from tritonop_backend.tokenizer import TextTokenizer
+
+
+@dataclass(frozen=True)
+class IndexResult:
+    manifest: IndexManifest
+    directory: Path
+    skipped: bool
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as data:
+        for block in iter(lambda: data.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_index(
+    corpus: Path,
+    model_dir: Path,
+    directory: Path,
+    *,
+    text_field: str = "text",
+    pooling: str | None = None,
+    max_length: int | None = None,
+    batch_size: int = 64,
+    threads: int = 2,
+    progress: bool = True,
+    force: bool = False,
+) -> IndexResult:
+    """Embed ``corpus`` with the model exported in ``model_dir`` into ``directory``.
+
+    Skips the work when ``directory`` already holds an index of the same corpus
+    content built with the same model, pooling and maximum length.
+    """
+    model = ModelManifest.read(model_dir)
+    pooling = pooling or model.pooling
+    max_length = max_length or model.max_sequence_length
+    corpus_hash = file_sha256(corpus)
+    if not force:
+        try:
+            existing = IndexManifest.read(directory)
+            existing.check_compatible(model, pooling, max_length)
+            if existing.corpus_sha256 == corpus_hash:
+                return IndexResult(existing, Path(directory), skipped=True)
+        except ArtifactError:
+            pass
+    texts = read_corpus(corpus, text_field)
+    embeddings = embed_texts(texts, model_dir, pooling, max_length, batch_size, threads, progress)
+    manifest = IndexManifest(
+        model_source=model.source, model_fingerprint=model.fingerprint, pooling=pooling,
+        max_sequence_length=max_length, dimension=model.dimension, count=len(texts),
+        corpus_sha256=corpus_hash,
+    )
+    write_index(directory, embeddings, texts, manifest)
+    return IndexResult(manifest, Path(directory), skipped=False)
+
+
+def embed_texts(
+    texts: list[str],
+    model_dir: Path,
+    pooling: str,
+    max_length: int,
+    batch_size: int = 64,
+    threads: int = 2,
+    progress: bool = False,
+) -> np.ndarray:
+    """Unit-length embeddings of ``texts``, ``float32 [len(texts), dim]``.
+
+    Texts are sorted by length before batching, so that a batch pads to a similar
+    length rather than to the longest text of the corpus, then put back in order.
+    """
+    from tqdm import tqdm
+
+    tokenizer = TextTokenizer(Path(model_dir) / TOKENIZER_FILE, max_length)
+    encoder = load_encoder(Path(model_dir), threads)
+    order = np.argsort([len(text) for text in texts], kind="stable")
+    out: np.ndarray | None = None
+    with tqdm(total=len(texts), unit="text", desc="embedding corpus", disable=not progress) as bar:
+        for start in range(0, len(texts), batch_size):
+            rows = order[start : start + batch_size]
+            ids, mask = tokenizer.encode([texts[i] for i in rows])
+            vectors = l2_normalize(pool(encoder(ids, mask), mask, pooling))
+            if out is None:
+                out = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
+            out[rows] = vectors
+            bar.update(len(rows))
+    assert out is not None
+    return out

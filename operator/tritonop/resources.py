@@ -1,0 +1,115 @@
+"""Reading tritonop custom resources from YAML into validated objects."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+from pydantic import ValidationError
+
+from tritonop import API_GROUP, API_VERSION
+from tritonop.spec import EmbeddingSearchSpec, describe_errors
+
+API = f"{API_GROUP}/{API_VERSION}"
+SPECS: dict[str, type[EmbeddingSearchSpec]] = {"EmbeddingSearch": EmbeddingSearchSpec}
+# Children get suffixes ("-triton", "_tokenizer"), and Service names must be DNS-1035
+# labels of at most 63 characters: leave them room.
+MAX_NAME_LENGTH = 50
+_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+Spec = Union[EmbeddingSearchSpec]
+
+
+class ResourceError(ValueError):
+    """A resource that cannot be served, with every problem named by its field path."""
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One validated custom resource.
+
+    Attributes:
+        kind: ``EmbeddingSearch`` or ``LLMService``.
+        name: ``metadata.name``; also the name of the Triton model clients call.
+        namespace: ``metadata.namespace`` (``default`` when absent).
+        spec: the validated spec.
+        base_dir: directory that relative paths in the spec are resolved against
+            (the YAML file's directory); ``None`` for resources read from a cluster.
+    """
+
+    kind: str
+    name: str
+    namespace: str
+    spec: Spec
+    base_dir: Path | None = None
+
+    def resolve_path(self, value: str) -> Path:
+        """A path from the spec, made absolute against :attr:`base_dir`."""
+        path = Path(value).expanduser()
+        if path.is_absolute() or self.base_dir is None:
+            return path
+        return (self.base_dir / path).resolve()
+
+
+def parse_resource(body: Mapping[str, Any], base_dir: Path | None = None) -> Resource:
+    """Validate one resource document.
+
+    Raises:
+        ResourceError: listing each problem as ``<field path>: <what is wrong>``.
+    """
+    if not isinstance(body, Mapping):
+        raise ResourceError("a resource must be a YAML mapping")
+    kind = body.get("kind")
+    if body.get("apiVersion") != API:
+        raise ResourceError(f"apiVersion: must be {API}, got {body.get('apiVersion')!r}")
+    if kind not in SPECS:
+        raise ResourceError(f"kind: must be one of {sorted(SPECS)}, got {kind!r}")
+    metadata = body.get("metadata") or {}
+    name = metadata.get("name")
+    if not isinstance(name, str) or not _NAME.match(name) or len(name) > MAX_NAME_LENGTH:
+        raise ResourceError(
+            f"metadata.name: {name!r} must be lowercase letters, digits and '-', start "
+            f"with a letter, end with a letter or digit, and be at most "
+            f"{MAX_NAME_LENGTH} characters"
+        )
+    try:
+        spec = SPECS[kind].model_validate(body.get("spec") or {})
+    except ValidationError as err:
+        raise ResourceError(f"{kind} {name}:\n{describe_errors(err)}") from None
+    return Resource(kind, name, metadata.get("namespace") or "default", spec, base_dir)
+
+
+def load_resources(path: Path) -> list[Resource]:
+    """Every resource in a YAML file (several documents separated by ``---`` are fine)."""
+    path = Path(path)
+    try:
+        documents = [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+    except yaml.YAMLError as err:
+        raise ResourceError(f"{path}: not valid YAML: {err}") from None
+    if not documents:
+        raise ResourceError(f"{path}: no resources in this file")
+    resources = []
+    for doc in documents:
+        try:
+            resources.append(parse_resource(doc, path.parent.resolve()))
+        except ResourceError as err:
+            raise ResourceError(f"{path}: {err}") from None
+    return resources
+
+
+def iter_resources(paths: list[Path]) -> Iterator[Resource]:
+    """Resources from several files, refusing two with the same kind and name."""
+    seen: set[tuple[str, str]] = set()
+    for path in paths:
+        for resource in load_resources(path):
+            key = (resource.namespace, resource.name)
+            if key in seen:
+                raise ResourceError(
+                    f"{path}: {resource.name} is defined twice; names share one Triton server"
+                )
+            seen.add(key)
+            yield resource

@@ -1,0 +1,1 @@
+"""Running a real ``tritonserver`` on this machine, no container or cluster."""

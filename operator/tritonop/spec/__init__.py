@@ -1,0 +1,6 @@
+"""Typed, validated, frozen spec models of tritonop's custom resources."""
+
+from tritonop.spec.base import SpecModel, describe_errors, quantity_bytes
+from tritonop.spec.embedding import EmbeddingSearchSpec
+
+__all__ = ["EmbeddingSearchSpec", "SpecModel", "describe_errors", "quantity_bytes"]

