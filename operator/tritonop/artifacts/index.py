@@ -56,6 +56,8 @@ def build_index(
     model = ModelManifest.read(model_dir)
     pooling = pooling or model.pooling
     max_length = max_length or model.max_sequence_length
+    if not Path(corpus).is_file():
+        raise ArtifactError(f"corpus {corpus} does not exist")
     corpus_hash = file_sha256(corpus)
     if not force:
         try:

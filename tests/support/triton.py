@@ -1,0 +1,75 @@
+"""Helpers for tests that talk to a real tritonserver."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tritonop.render.repository import artifact_dirs
+from tritonop.resources import Resource, parse_resource
+from tritonop.runtime.local import TritonServer
+
+API = "serving.tritonop.dev/v1alpha1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def embedding_search(name: str, corpus: Path, **spec: Any) -> Resource:
+    """An EmbeddingSearch resource over ``corpus`` with spec overrides."""
+    body = {"apiVersion": API, "kind": "EmbeddingSearch", "metadata": {"name": name},
+            "spec": {"corpus": {"source": str(corpus)}, **spec}}
+    return parse_resource(body)
+
+
+def seed_export(resource: Resource, artifacts_root: Path, exported: dict[str, Path]) -> None:
+    """Copy an already exported encoder in place, so that preparing skips the export."""
+    model_dir = Path(artifact_dirs(resource, str(artifacts_root))[0])
+    if not model_dir.exists():
+        shutil.copytree(exported[resource.spec.model.format], model_dir)
+
+
+def post_json(url: str, body: dict[str, Any] | bytes, timeout: float = 60) -> tuple[int, Any]:
+    """POST JSON; returns (HTTP status, decoded body) for errors too."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@dataclass
+class RunningTriton:
+    """A started server plus what the tests need to reach it."""
+
+    server: TritonServer
+    artifacts_root: Path
+    resources: dict[str, Resource]
+
+    @property
+    def http(self) -> str:
+        return f"http://{self.server.http_url}"
+
+    def generate(self, model: str, body: dict[str, Any] | bytes) -> tuple[int, Any]:
+        return post_json(f"{self.http}/v2/models/{model}/generate", body)
+
+    def model_stats(self, model: str) -> dict[str, Any]:
+        (stats,) = get_json(f"{self.http}/v2/models/{model}/stats")["model_stats"]
+        return stats

@@ -1,0 +1,56 @@
+"""One real tritonserver per test session, serving several EmbeddingSearch variants.
+
+* ``ts``: TorchScript encoder, mean pooling, response cache on;
+* ``ox``: ONNX encoder, mean pooling;
+* ``mx``: TorchScript encoder, max pooling;
+* ``tiny``: a 12-text corpus and a one-slot encoder queue, for backpressure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.triton import RunningTriton, embedding_search, free_port, seed_export
+from tritonop.runtime.local import Ports
+from tritonop.runtime.serve import start_local
+
+TINY_TEXTS = [
+    "severe storm warning for northern europe", "heatwave and drought in the south",
+    "football club wins the cup", "new python release with faster startup",
+    "linux kernel adds a scheduler", "jazz festival opens downtown",
+    "stock markets fall on rate fears", "flooding closes mountain roads",
+    "climate summit ends without a deal", "text editor for programmers",
+    "database engine with SQL support", "wind farm opens off the coast",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny") / "tiny.txt"
+    path.write_text("\n".join(TINY_TEXTS) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory, exported, corpus, tiny_corpus) -> Iterator[RunningTriton]:
+    root = tmp_path_factory.mktemp("artifacts")
+    one_slot = {"maxBatchSize": 1, "maxQueueSize": 1, "threads": 1}
+    resources = [
+        embedding_search("ts", corpus, cache={"enabled": True, "size": "8Mi"}),
+        embedding_search("ox", corpus, model={"format": "onnx"}),
+        embedding_search("mx", corpus, model={"pooling": "max"}),
+        embedding_search("tiny", tiny_corpus, stages={"encoder": one_slot},
+                         search={"defaultTopK": 3, "maxTopK": 100}),
+    ]
+    for resource in resources:
+        seed_export(resource, root, exported)
+    ports = Ports(free_port(), free_port(), free_port())
+    server = start_local(resources, root, tmp_path_factory.mktemp("triton"), ports,
+                         progress=False)
+    try:
+        yield RunningTriton(server, root, {r.name: r for r in resources})
+    finally:
+        server.stop()
