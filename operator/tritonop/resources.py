@@ -12,16 +12,19 @@ import yaml
 from pydantic import ValidationError
 
 from tritonop import API_GROUP, API_VERSION
-from tritonop.spec import EmbeddingSearchSpec, describe_errors
+from tritonop.spec import EmbeddingSearchSpec, LLMServiceSpec, describe_errors
 
 API = f"{API_GROUP}/{API_VERSION}"
-SPECS: dict[str, type[EmbeddingSearchSpec]] = {"EmbeddingSearch": EmbeddingSearchSpec}
+SPECS: dict[str, type[EmbeddingSearchSpec] | type[LLMServiceSpec]] = {
+    "EmbeddingSearch": EmbeddingSearchSpec,
+    "LLMService": LLMServiceSpec,
+}
 # Children get suffixes ("-triton", "_tokenizer"), and Service names must be DNS-1035
 # labels of at most 63 characters: leave them room.
 MAX_NAME_LENGTH = 50
 _NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
-Spec = Union[EmbeddingSearchSpec]
+Spec = Union[EmbeddingSearchSpec, LLMServiceSpec]
 
 
 class ResourceError(ValueError):

@@ -117,8 +117,9 @@ POD_DISRUPTION_BUDGET = ResourceSpec("policy", "v1", "poddisruptionbudgets",
 HORIZONTAL_POD_AUTOSCALER = ResourceSpec("autoscaling", "v2", "horizontalpodautoscalers",
                                          "HorizontalPodAutoscaler", subresources=_STATUS)
 NETWORK_POLICY = ResourceSpec("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy")
+POD = ResourceSpec("", "v1", "pods", "Pod", subresources=_STATUS)
 CHILD_RESOURCES = (CONFIG_MAP, SERVICE, SERVICE_ACCOUNT, EVENT, DEPLOYMENT,
-                   POD_DISRUPTION_BUDGET, HORIZONTAL_POD_AUTOSCALER, NETWORK_POLICY)
+                   POD_DISRUPTION_BUDGET, HORIZONTAL_POD_AUTOSCALER, NETWORK_POLICY, POD)
 
 EMBEDDING_SEARCH = ResourceSpec("serving.tritonop.dev", "v1alpha1", "embeddingsearches",
                                 "EmbeddingSearch", subresources=_STATUS, custom=True)
@@ -341,7 +342,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     def _stored(self, key: Key) -> kmock.Object | None:
         """An object with its history, even if deleted."""
-        return self.objects[key] if key in self.objects else None  # noqa: SIM401 (no .get)
+        return self.objects[key] if key in self.objects else None
 
     def _alive(self, key: Key) -> kmock.Object | None:
         """An object that exists now (not deleted), or ``None``."""
@@ -358,7 +359,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
     def _info(self, resource: kmock.resource) -> kmock.ResourceInfo | None:
         """Registered discovery info, or ``None``."""
         # Not resources.get(): kmock's ResourcesArray creates entries on lookup.
-        return self.resources[resource] if resource in self.resources else None  # noqa: SIM401
+        return self.resources[resource] if resource in self.resources else None
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         """Apply writes to the store first, then render as kmock does (skipping its writes)."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tritonop.artifacts.export import export_model
 from tritonop.artifacts.index import build_index
+from tritonop.artifacts.llm import prepare_llm
 from tritonop.artifacts.sources import inspect
 from tritonop.render.repository import artifact_dirs
 from tritonop.resources import Resource
@@ -52,3 +53,5 @@ def prepare(resources: list[Resource], artifacts_root: Path, *, progress: bool =
     for resource in resources:
         if isinstance(resource.spec, EmbeddingSearchSpec):
             prepare_embedding_search(resource, artifacts_root, progress=progress)
+        else:
+            prepare_llm(resource, artifacts_root)

@@ -19,9 +19,10 @@ from collections.abc import Iterable
 from importlib import resources as package_files
 from pathlib import Path, PurePosixPath
 
+from tritonop.artifacts.llm import llm_model_dir
 from tritonop.render.modelconfig import ConfigDict, ensemble, python_model, tensor, to_pbtxt
 from tritonop.resources import Resource
-from tritonop.spec import EmbeddingSearchSpec
+from tritonop.spec import EmbeddingSearchSpec, LLMServiceSpec
 
 DEFAULT_ARTIFACTS_ROOT = "/artifacts"
 RepositoryFiles = dict[str, bytes]
@@ -33,9 +34,9 @@ def artifact_dirs(resource: Resource, artifacts_root: str) -> tuple[str, str]:
     return str(base / "model"), str(base / "index")
 
 
-def _pipeline_source() -> bytes:
-    source = package_files.files("tritonop_backend.models").joinpath("pipeline.py")
-    return source.read_bytes()
+def _adapter_source(module: str) -> bytes:
+    """The Python-backend adapter copied in as a model's ``model.py``."""
+    return package_files.files("tritonop_backend.models").joinpath(f"{module}.py").read_bytes()
 
 
 def _auto(value: object) -> str:
@@ -107,20 +108,78 @@ def embedding_search_models(resource: Resource, artifacts_root: str) -> list[Con
     ]
 
 
+LLM_INPUTS = [
+    ("text_input", "STRING", [1]),
+    ("max_tokens", "INT32", [1]),
+    ("temperature", "FP32", [1]),
+    ("top_k", "INT32", [1]),
+    ("top_p", "FP32", [1]),
+    ("repetition_penalty", "FP32", [1]),
+    ("repeat_last_n", "INT32", [1]),
+    ("seed", "UINT64", [1]),
+    ("stop", "STRING", [-1]),
+    ("stream", "BOOL", [1]),
+]
+
+
+def llm_models(resource: Resource, artifacts_root: str) -> list[ConfigDict]:
+    """The one decoupled model of an LLMService, named after the resource.
+
+    Inputs and outputs follow Triton's TensorRT-LLM and vLLM backends (``text_input``
+    in, ``text_output`` out, sampling parameters as optional scalars), so that their
+    clients and ``/generate``, ``/generate_stream`` work unchanged.
+    """
+    spec = resource.spec
+    assert isinstance(spec, LLMServiceSpec)
+    model_dir = llm_model_dir(resource, artifacts_root)
+    defaults, generation = spec.generation.defaults, spec.generation
+    parameters = {
+        "model_dir": model_dir,
+        "dtype": spec.model.dtype,
+        "device": spec.model.device,
+        "max_context_length": str(spec.model.max_context_length),
+        "max_sequences": str(spec.engine.max_sequences),
+        "max_waiting": str(spec.engine.max_waiting),
+        "chat_template": _auto(generation.chat_template),
+        "streaming": _auto(generation.streaming),
+        "max_tokens_limit": str(generation.limits.max_tokens),
+        "default_max_tokens": str(defaults.max_tokens),
+        "default_temperature": str(defaults.temperature),
+        "default_top_k": str(defaults.top_k),
+        "default_top_p": str(defaults.top_p),
+        "default_repetition_penalty": str(defaults.repetition_penalty),
+        "default_repeat_last_n": str(defaults.repeat_last_n),
+    }
+    inputs = [tensor(name, dtype, dims, optional=name != "text_input")
+              for name, dtype, dims in LLM_INPUTS]
+    outputs = [tensor("text_output", "STRING", [1]), tensor("finish_reason", "STRING", [1]),
+               tensor("prompt_tokens", "INT32", [1]), tensor("completion_tokens", "INT32", [1])]
+    config = python_model(resource.name, spec.batching, inputs, outputs, parameters,
+                          gpu=spec.gpus > 0 or spec.model.device == "cuda")
+    # Decoupled: the model answers each request with a stream of responses, sent from
+    # the engine's thread as tokens are produced.
+    config["model_transaction_policy"] = {"decoupled": True}
+    return [config]
+
+
 def render_repository(
     resources: Iterable[Resource], artifacts_root: str = DEFAULT_ARTIFACTS_ROOT
 ) -> RepositoryFiles:
     """Every file of the model repository serving ``resources``, by relative path."""
     files: RepositoryFiles = {}
     for resource in resources:
-        for config in embedding_search_models(resource, artifacts_root):
+        if isinstance(resource.spec, LLMServiceSpec):
+            configs, adapter = llm_models(resource, artifacts_root), "llm"
+        else:
+            configs, adapter = embedding_search_models(resource, artifacts_root), "pipeline"
+        for config in configs:
             model = config["name"]
             files[f"{model}/config.pbtxt"] = to_pbtxt(config).encode()
             if config.get("platform") == "ensemble":
                 # Triton wants a version directory even for an ensemble.
                 files[f"{model}/1/.gitkeep"] = b""
             else:
-                files[f"{model}/1/model.py"] = _pipeline_source()
+                files[f"{model}/1/model.py"] = _adapter_source(adapter)
     return files
 
 

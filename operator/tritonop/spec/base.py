@@ -28,7 +28,8 @@ class SpecModel(BaseModel):
     )
 
 
-_QUANTITY = re.compile(r"^(?P<number>[0-9]+(?:\.[0-9]+)?)(?P<suffix>Ki|Mi|Gi|Ti|k|M|G|T)?$")
+_QUANTITY_PATTERN = r"^([0-9]+(\.[0-9]+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?$"
+_QUANTITY = re.compile(_QUANTITY_PATTERN)
 _FACTORS = {
     None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
     "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
@@ -42,7 +43,7 @@ def quantity_bytes(value: str | int) -> int:
     match = _QUANTITY.match(value.strip())
     if not match:
         raise ValueError(f"{value!r} is not a quantity such as 512Mi or 2Gi")
-    return int(float(match["number"]) * _FACTORS[match["suffix"]])
+    return int(float(match[1]) * _FACTORS[match[3]])
 
 
 def _check_quantity(value: Any) -> Any:
@@ -55,8 +56,19 @@ def _check_quantity(value: Any) -> Any:
 MemoryQuantity = Annotated[
     str,
     BeforeValidator(_check_quantity),
-    Field(json_schema_extra={"pattern": _QUANTITY.pattern}),
+    Field(json_schema_extra={"pattern": _QUANTITY_PATTERN}),
 ]
+
+
+def cel_rules(*rules: tuple[str, str]) -> dict[str, Any]:
+    """``x-kubernetes-validations`` for a model's CRD schema.
+
+    Cross-field rules are enforced twice: by a pydantic validator (CLI, operator) and by
+    the API server through these CEL rules, with the same message; the tests evaluate
+    both on the same invalid resources.
+    """
+    return {"x-kubernetes-validations": [{"rule": rule, "message": message}
+                                         for rule, message in rules]}
 
 
 def describe_errors(error: ValidationError, prefix: str = "spec") -> str:

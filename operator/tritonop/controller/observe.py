@@ -1,0 +1,129 @@
+"""From observed Kubernetes objects to the status tritonop reports (pure, no API calls).
+
+Ready means the Deployment's pods pass their readiness probe, which asks Triton itself
+(``/v2/health/ready``): every model loaded and answering. Objects merely existing is
+not enough.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from tritonop.status import Condition, ConditionStatus, Endpoints, Phase, ResourceStatus
+
+Obj = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the reconciler read from the cluster for one resource."""
+
+    generation: int
+    desired_replicas: int
+    deployment: Optional[Obj] = None
+    pods: list[Obj] = field(default_factory=list)
+
+
+def _deployment_conditions(deployment: Obj) -> dict[str, Obj]:
+    return {c.get("type", ""): c for c in (deployment.get("status") or {}).get("conditions", [])}
+
+
+def _prepare_state(pods: list[Obj]) -> tuple[ConditionStatus, str, str]:
+    """ArtifactsReady from the prepare init containers of the pods."""
+    for pod in pods:
+        for state in (pod.get("status") or {}).get("initContainerStatuses", []):
+            if state.get("name") != "prepare":
+                continue
+            terminated = (state.get("state") or {}).get("terminated") or \
+                (state.get("lastState") or {}).get("terminated")
+            waiting = (state.get("state") or {}).get("waiting") or {}
+            if terminated and terminated.get("exitCode", 0) != 0:
+                detail = terminated.get("message") or terminated.get("reason") or "failed"
+                return "False", "PrepareFailed", f"prepare init container failed: {detail}"
+            if waiting.get("reason") in ("CrashLoopBackOff", "ErrImagePull", "ImagePullBackOff"):
+                return "False", "PrepareFailed", f"prepare init container: {waiting['reason']}"
+    for pod in pods:
+        for state in (pod.get("status") or {}).get("initContainerStatuses", []):
+            terminated = (state.get("state") or {}).get("terminated") or {}
+            if state.get("name") == "prepare" and terminated.get("exitCode") == 0:
+                return "True", "Prepared", "the prepare init container finished"
+    return "Unknown", "Preparing", "waiting for a pod to prepare or mount the artifacts"
+
+
+def _condition(previous: list[Condition], kind: str, status: ConditionStatus, reason: str,
+               message: str, generation: int, now: str) -> Condition:
+    """A condition whose transition time only moves when its status changes."""
+    old = next((c for c in previous if c.type == kind), None)
+    since = old.last_transition_time if old is not None and old.status == status else now
+    return Condition(type=kind, status=status, reason=reason, message=message,
+                     observed_generation=generation, last_transition_time=since)
+
+
+def failed_status(
+    message: str, generation: int, previous: ResourceStatus, now: str
+) -> ResourceStatus:
+    """The status of a resource whose spec cannot be served."""
+    condition = _condition(previous.conditions, "ConfigRendered", "False", "InvalidSpec",
+                           message, generation, now)
+    others = [c for c in previous.conditions if c.type != "ConfigRendered"]
+    return previous.model_copy(update={
+        "phase": "Failed", "message": message, "observed_generation": generation,
+        "conditions": [condition, *others],
+    })
+
+
+def observed_status(
+    observed: Observed,
+    previous: ResourceStatus,
+    *,
+    selector: str,
+    endpoints: dict[str, str],
+    config_hash: str,
+    now: str,
+) -> ResourceStatus:
+    """Phase, counts and conditions of a resource whose children were applied."""
+    deployment = observed.deployment or {}
+    status = deployment.get("status") or {}
+    desired = observed.desired_replicas
+    ready = int(status.get("readyReplicas") or 0)
+    updated = int(status.get("updatedReplicas") or 0)
+    current = (deployment.get("metadata") or {}).get("generation") == status.get(
+        "observedGeneration")
+    stuck = _deployment_conditions(deployment).get("Progressing", {})
+    deadline_exceeded = stuck.get("reason") == "ProgressDeadlineExceeded"
+    artifacts = ("True", "Ready", "a Triton pod loaded them") if ready else \
+        _prepare_state(observed.pods)
+
+    phase: Phase
+    if desired == 0:
+        phase, message = "Pending", "scaled to zero replicas"
+    elif ready >= desired and updated >= desired and current:
+        phase, message = "Ready", f"{ready}/{desired} Triton pods report ready"
+    elif artifacts[0] == "False" or deadline_exceeded:
+        phase = "Degraded"
+        message = artifacts[2] if artifacts[0] == "False" else stuck.get("message", "stuck")
+    elif updated < desired or not current:
+        was_serving = previous.phase in ("Ready", "Degraded", "Progressing")
+        phase = "Progressing" if was_serving else "Pending"
+        message = f"rolling out: {updated}/{desired} pods updated, {ready} ready"
+    elif previous.phase in ("Ready", "Degraded", "Progressing"):
+        phase, message = "Degraded", f"only {ready}/{desired} Triton pods report ready"
+    else:
+        phase, message = "Pending", f"waiting for Triton: {ready}/{desired} pods ready"
+
+    generation = observed.generation
+    conditions = [
+        _condition(previous.conditions, "ConfigRendered", "True", "Rendered",
+                   f"model repository rendered (config hash {config_hash})", generation, now),
+        _condition(previous.conditions, "ArtifactsReady", *artifacts, generation, now),
+        _condition(previous.conditions, "Available", "True" if phase == "Ready" else "False",
+                   "AllReplicasReady" if phase == "Ready" else "NotAllReplicasReady",
+                   message, generation, now),
+    ]
+    return ResourceStatus(
+        phase=phase, message=message, observed_generation=generation,
+        replicas=int(status.get("replicas") or 0),
+        ready_replicas=ready, ready=f"{ready}/{desired}", selector=selector,
+        endpoints=Endpoints(**endpoints), config_hash=config_hash, conditions=conditions,
+    )

@@ -1,0 +1,306 @@
+"""Kubernetes objects that serve one resource, as plain manifest dicts.
+
+``render_children(resource)`` returns, in apply order: ServiceAccount, ConfigMap,
+Service, Deployment, and when asked for, PodDisruptionBudget, HorizontalPodAutoscaler
+and NetworkPolicy. Owner references are added by the reconciler, which knows the
+owner's uid; everything else is decided here, from the spec alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from tritonop import API_GROUP, __version__
+from tritonop.render.repository import render_repository
+from tritonop.resources import Resource
+from tritonop.spec import EmbeddingSearchSpec, LLMServiceSpec, quantity_bytes
+
+Manifest = dict[str, Any]
+
+HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
+REPOSITORY_PATH = "/models"
+ARTIFACTS_PATH = "/artifacts"
+CONFIG_HASH_ANNOTATION = f"{API_GROUP}/config-hash"
+RESOURCE_LABEL = f"{API_GROUP}/resource"
+RESOURCE_FILE = "resource.yaml"
+UID = 1000  # the non-root user both images run as
+
+
+@dataclass(frozen=True)
+class Images:
+    """Container images; the operator reads overrides from its environment."""
+
+    triton: str = f"ghcr.io/tritonop/triton:{__version__}"
+    operator: str = f"ghcr.io/tritonop/operator:{__version__}"
+
+
+def names(resource: Resource) -> dict[str, str]:
+    """Deterministic child names (no generateName: a repeated apply is harmless)."""
+    base = resource.name
+    return {"deployment": f"{base}-triton", "service": base, "config": f"{base}-triton",
+            "account": f"{base}-triton", "budget": f"{base}-triton",
+            "autoscaler": f"{base}-triton", "policy": f"{base}-triton"}
+
+
+def selector_labels(resource: Resource) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "triton", "app.kubernetes.io/instance": resource.name,
+            RESOURCE_LABEL: f"{resource.kind.lower()}.{resource.name}"}
+
+
+def selector_string(resource: Resource) -> str:
+    """The pod selector as ``status.selector`` publishes it for the scale subresource."""
+    return ",".join(f"{k}={v}" for k, v in sorted(selector_labels(resource).items()))
+
+
+def _labels(resource: Resource) -> dict[str, str]:
+    component = "embedding-search" if resource.kind == "EmbeddingSearch" else "llm"
+    return {**selector_labels(resource), "app.kubernetes.io/component": component,
+            "app.kubernetes.io/managed-by": "tritonop", "app.kubernetes.io/part-of": "tritonop"}
+
+
+def _metadata(resource: Resource, name: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "namespace": resource.namespace, "labels": _labels(resource), **extra}
+
+
+def config_key(path: str) -> str:
+    """ConfigMap keys cannot hold '/': ``m/1/model.py`` is stored as ``m__1__model.py``."""
+    return path.replace("/", "__")
+
+
+def resource_document(resource: Resource) -> str:
+    """The resource as the prepare init container reads it back."""
+    body = {"apiVersion": f"{API_GROUP}/v1alpha1", "kind": resource.kind,
+            "metadata": {"name": resource.name, "namespace": resource.namespace},
+            "spec": resource.spec.model_dump(by_alias=True, exclude_none=True)}
+    return yaml.safe_dump(body, sort_keys=True)
+
+
+def config_map(resource: Resource) -> Manifest:
+    """The model repository (every config.pbtxt and model.py) plus the resource itself."""
+    files = render_repository([resource], ARTIFACTS_PATH)
+    data = {config_key(path): content.decode() for path, content in sorted(files.items())}
+    data[RESOURCE_FILE] = resource_document(resource)
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": _metadata(resource, names(resource)["config"]), "data": data}
+
+
+def config_hash(config: Manifest) -> str:
+    """Hash of the rendered configuration: a pod annotation, so any change rolls the pods."""
+    digest = hashlib.sha256(yaml.safe_dump(config["data"], sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def service_account(resource: Resource) -> Manifest:
+    return {"apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": _metadata(resource, names(resource)["account"]),
+            "automountServiceAccountToken": False}
+
+
+def service(resource: Resource) -> Manifest:
+    ports = [{"name": name, "port": port, "targetPort": name, "protocol": "TCP"}
+             for name, port in (("http", HTTP_PORT), ("grpc", GRPC_PORT),
+                                ("metrics", METRICS_PORT))]
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _metadata(resource, names(resource)["service"]),
+            "spec": {"type": "ClusterIP", "selector": selector_labels(resource), "ports": ports}}
+
+
+def endpoints(resource: Resource) -> dict[str, str]:
+    host = f"{names(resource)['service']}.{resource.namespace}.svc"
+    return {"http": f"http://{host}:{HTTP_PORT}", "grpc": f"{host}:{GRPC_PORT}",
+            "metrics": f"http://{host}:{METRICS_PORT}/metrics"}
+
+
+_RESTRICTED = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+}
+
+
+def _cache_bytes(resource: Resource) -> int:
+    spec = resource.spec
+    if isinstance(spec, EmbeddingSearchSpec) and spec.cache.enabled:
+        return quantity_bytes(spec.cache.size)
+    return 0
+
+
+def _triton_container(resource: Resource, images: Images) -> Manifest:
+    spec = resource.spec
+    args = [f"--model-repository={REPOSITORY_PATH}", f"--http-port={HTTP_PORT}",
+            f"--grpc-port={GRPC_PORT}", f"--metrics-port={METRICS_PORT}",
+            "--disable-auto-complete-config", "--exit-on-error=true", "--log-verbose=0"]
+    if _cache_bytes(resource):
+        args.append(f"--cache-config=local,size={_cache_bytes(resource)}")
+    resources: dict[str, Any] = {k: dict(v) for k, v in
+                                 spec.resources.model_dump(exclude_defaults=False).items() if v}
+    if isinstance(spec, LLMServiceSpec) and spec.gpus:
+        resources.setdefault("limits", {})["nvidia.com/gpu"] = spec.gpus
+    # Loading is slow (an LLM can take minutes), so a startup probe holds off the
+    # liveness probe until Triton first reports ready.
+    startup_seconds = 1800 if isinstance(spec, LLMServiceSpec) else 600
+    probe = {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 10,
+             "timeoutSeconds": 5}
+    return {
+        "name": "triton",
+        "image": spec.image or images.triton,
+        "command": ["tritonserver"],
+        "args": args,
+        "ports": [{"name": n, "containerPort": p, "protocol": "TCP"}
+                  for n, p in (("http", HTTP_PORT), ("grpc", GRPC_PORT),
+                               ("metrics", METRICS_PORT))],
+        "env": [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HUB_OFFLINE", "value": "1"}],
+        "readinessProbe": {**probe, "failureThreshold": 3},
+        "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"},
+                          "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6},
+        "startupProbe": {**probe, "failureThreshold": startup_seconds // 10},
+        "resources": resources,
+        "securityContext": _RESTRICTED,
+        "volumeMounts": [
+            {"name": "model-repository", "mountPath": REPOSITORY_PATH, "readOnly": True},
+            {"name": "artifacts", "mountPath": ARTIFACTS_PATH, "readOnly": True,
+             **({"subPath": spec.artifacts.sub_path} if spec.artifacts.sub_path else {})},
+            {"name": "shm", "mountPath": "/dev/shm"},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+
+
+def _prepare_container(resource: Resource, images: Images) -> Manifest:
+    artifacts = resource.spec.artifacts
+    return {
+        "name": "prepare",
+        "image": artifacts.prepare_image or images.operator,
+        "command": ["tritonop"],
+        "args": ["prepare", "-f", f"/config/{RESOURCE_FILE}", "--artifacts-root", ARTIFACTS_PATH,
+                 "--base-dir", "/opt/tritonop/examples"],
+        "env": [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HUB_OFFLINE", "value": "1"}],
+        "securityContext": _RESTRICTED,
+        "volumeMounts": [
+            {"name": "model-repository", "mountPath": "/config", "readOnly": True},
+            {"name": "artifacts", "mountPath": ARTIFACTS_PATH,
+             **({"subPath": artifacts.sub_path} if artifacts.sub_path else {})},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+
+
+def _artifacts_volume(resource: Resource) -> Manifest:
+    artifacts = resource.spec.artifacts
+    if artifacts.persistent_volume_claim is not None:
+        claim = artifacts.persistent_volume_claim.claim_name
+        return {"name": "artifacts", "persistentVolumeClaim": {"claimName": claim}}
+    if artifacts.host_path is not None:
+        return {"name": "artifacts",
+                "hostPath": {"path": artifacts.host_path.path, "type": "DirectoryOrCreate"}}
+    size = artifacts.empty_dir.size_limit if artifacts.empty_dir else "8Gi"
+    return {"name": "artifacts", "emptyDir": {"sizeLimit": size}}
+
+
+def _volumes(resource: Resource, config: Manifest) -> list[Manifest]:
+    items = [{"key": key, "path": key.replace("__", "/")} for key in sorted(config["data"])
+             if key != RESOURCE_FILE]
+    items.append({"key": RESOURCE_FILE, "path": RESOURCE_FILE})
+    return [
+        {"name": "model-repository",
+         "configMap": {"name": config["metadata"]["name"], "items": items}},
+        _artifacts_volume(resource),
+        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": resource.spec.shm_size}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}},
+    ]
+
+
+def deployment(resource: Resource, config: Manifest, images: Images) -> Manifest:
+    """Triton pods: restricted security, probes, artifacts, and the config hash."""
+    spec = resource.spec
+    pod_spec: Manifest = {
+        "serviceAccountName": names(resource)["account"],
+        "automountServiceAccountToken": False,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID,
+                            "fsGroup": UID, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [_triton_container(resource, images)],
+        "volumes": _volumes(resource, config),
+        "terminationGracePeriodSeconds": 60,
+    }
+    if spec.artifacts.prepare:
+        pod_spec["initContainers"] = [_prepare_container(resource, images)]
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in spec.tolerations]
+    if spec.affinity:
+        pod_spec["affinity"] = dict(spec.affinity)
+    annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT),
+                   "prometheus.io/path": "/metrics",
+                   CONFIG_HASH_ANNOTATION: config_hash(config)}
+    body: Manifest = {
+        "selector": {"matchLabels": selector_labels(resource)},
+        "template": {"metadata": {"labels": _labels(resource), "annotations": annotations},
+                     "spec": pod_spec},
+    }
+    if spec.autoscaling is None:
+        body["replicas"] = spec.replicas  # with an HPA, the HPA owns the replica count
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": _metadata(resource, names(resource)["deployment"]), "spec": body}
+
+
+def pod_disruption_budget(resource: Resource) -> Manifest:
+    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": _metadata(resource, names(resource)["budget"]),
+            "spec": {"maxUnavailable": 1,
+                     "selector": {"matchLabels": selector_labels(resource)}}}
+
+
+def horizontal_pod_autoscaler(resource: Resource) -> Manifest:
+    scaling = resource.spec.autoscaling
+    assert scaling is not None
+    metrics: list[Manifest] = [{"type": "Resource", "resource": {
+        "name": "cpu", "target": {"type": "Utilization",
+                                  "averageUtilization": scaling.target_cpu_utilization_percentage},
+    }}]
+    if scaling.target_queue_time_microseconds:
+        metrics.append({"type": "Pods", "pods": {
+            "metric": {"name": "tritonop_queue_time_microseconds"},
+            "target": {"type": "AverageValue",
+                       "averageValue": str(scaling.target_queue_time_microseconds)},
+        }})
+    return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+            "metadata": _metadata(resource, names(resource)["autoscaler"]),
+            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment",
+                                        "name": names(resource)["deployment"]},
+                     "minReplicas": scaling.min_replicas, "maxReplicas": scaling.max_replicas,
+                     "metrics": metrics}}
+
+
+def network_policy(resource: Resource) -> Manifest:
+    peers = [dict(p) for p in resource.spec.network_policy.from_] or [{"podSelector": {}}]
+    ports = [{"protocol": "TCP", "port": port} for port in (HTTP_PORT, GRPC_PORT, METRICS_PORT)]
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": _metadata(resource, names(resource)["policy"]),
+            "spec": {"podSelector": {"matchLabels": selector_labels(resource)},
+                     "policyTypes": ["Ingress"], "ingress": [{"from": peers, "ports": ports}]}}
+
+
+def wants_budget(resource: Resource) -> bool:
+    spec = resource.spec
+    floor = spec.autoscaling.min_replicas if spec.autoscaling else spec.replicas
+    return floor > 1
+
+
+def render_children(resource: Resource, images: Images = Images()) -> list[Manifest]:
+    """Every child object of ``resource``, in the order they are applied."""
+    config = config_map(resource)
+    children = [service_account(resource), config, service(resource),
+                deployment(resource, config, images)]
+    if wants_budget(resource):
+        children.append(pod_disruption_budget(resource))
+    if resource.spec.autoscaling is not None:
+        children.append(horizontal_pod_autoscaler(resource))
+    if resource.spec.network_policy.enabled:
+        children.append(network_policy(resource))
+    return children

