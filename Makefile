@@ -5,10 +5,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-SERVE_FILES ?= examples/news-search.yaml
+SERVE_FILES ?= examples/news-search.yaml examples/chat.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint render bench clean
+.PHONY: install serve test lint render bench clean kind-e2e
 
 install: $(STAMP)
 
@@ -31,9 +31,14 @@ test: install
 lint: install
 	$(BIN)/ruff check operator python_backend tests bench examples
 
-# Regenerate the checked-in model repository from examples/ (a test checks it is current).
+# Regenerate everything generated and checked in: CRDs, the model repository and the
+# golden manifests of the examples. Tests fail when any of them drifts.
+EXAMPLES := examples/news-search.yaml examples/chat.yaml
 render: install
-	$(BIN)/tritonop render -f examples/news-search.yaml --repository model_repository
+	$(BIN)/tritonop crds --output crds
+	$(BIN)/tritonop render -f $(EXAMPLES) --repository model_repository
+	for f in $(EXAMPLES); do \
+	  $(BIN)/tritonop render -f $$f > tests/golden/$$(basename $$f); done
 
 clean:
 	rm -rf $(VENV) *.egg-info operator/*.egg-info

@@ -18,6 +18,7 @@ from tritonop import API_GROUP, __version__
 from tritonop.render.repository import render_repository
 from tritonop.resources import Resource
 from tritonop.spec import EmbeddingSearchSpec, LLMServiceSpec, quantity_bytes
+from tritonop.spec.common import DeploymentSpec
 
 Manifest = dict[str, Any]
 
@@ -72,10 +73,17 @@ def config_key(path: str) -> str:
 
 
 def resource_document(resource: Resource) -> str:
-    """The resource as the prepare init container reads it back."""
+    """The resource as the prepare init container reads it back.
+
+    Only what decides the artifacts is kept: how pods are deployed (replicas, resources,
+    scheduling) is left out, so that scaling does not change the config hash and roll
+    every pod.
+    """
+    spec = resource.spec.model_dump(by_alias=True, exclude_none=True,
+                                     exclude=set(DeploymentSpec.model_fields))
     body = {"apiVersion": f"{API_GROUP}/v1alpha1", "kind": resource.kind,
             "metadata": {"name": resource.name, "namespace": resource.namespace},
-            "spec": resource.spec.model_dump(by_alias=True, exclude_none=True)}
+            "spec": spec}
     return yaml.safe_dump(body, sort_keys=True)
 
 
