@@ -93,7 +93,8 @@ def test_model_settings_reach_the_parameters():
     assert (search_params["default_top_k"], search_params["max_top_k"]) == ("3", "7")
     assert search_params["index_dir"] == "/artifacts/s/index"
     assert models["s_pooling"].parameters["normalize"].string_value == "false"
-    assert models["s_encoder"].instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    gpu = model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert models["s_encoder"].instance_group[0].kind == gpu
 
 
 def test_unset_model_settings_are_resolved_by_the_models():

@@ -18,8 +18,8 @@ def deployment(replicas: int, ready: int, updated: int | None = None, current: b
                        "conditions": conditions or []}}
 
 
-def status(observed: Observed, previous: ResourceStatus = ResourceStatus(), now="T1"):
-    return observed_status(observed, previous, selector="a=b", endpoints=ENDPOINTS,
+def status(observed: Observed, previous: ResourceStatus | None = None, now="T1"):
+    return observed_status(observed, previous or ResourceStatus(), selector="a=b", endpoints=ENDPOINTS,
                            config_hash="h", now=now)
 
 

@@ -46,7 +46,7 @@ def test_spec_is_frozen():
         ({"corpus": {"source": "c"}, "model": {"maxSequenceLength": 4}},
          "spec.model.maxSequenceLength: Input should be greater than or equal to 8"),
         ({"corpus": {"source": "c"}, "search": {"defaultTopK": 50, "maxTopK": 10}},
-         "spec.search: defaultTopK (50) must be <= maxTopK (10)"),
+         "spec.search: defaultTopK must be <= maxTopK"),
         ({"corpus": {"source": "c"}, "search": {"maxTopK": 0}},
          "spec.search.maxTopK: Input should be greater than or equal to 1"),
         ({"corpus": {"source": "c"}, "stages": {"encoder": {"maxBatchSize": 0}}},
@@ -91,7 +91,7 @@ def test_load_resources_reports_file_and_resolves_relative_paths(tmp_path):
     assert loaded.resolve_path(loaded.spec.corpus.source) == tmp_path / "data" / "c.jsonl"
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: [unclosed")
-    with pytest.raises(ResourceError, match="bad.yaml: not valid YAML"):
+    with pytest.raises(ResourceError, match=r"bad\.yaml: not valid YAML"):
         load_resources(bad)
 
 
