@@ -19,7 +19,8 @@ def deployment(replicas: int, ready: int, updated: int | None = None, current: b
 
 
 def status(observed: Observed, previous: ResourceStatus | None = None, now="T1"):
-    return observed_status(observed, previous or ResourceStatus(), selector="a=b", endpoints=ENDPOINTS,
+    return observed_status(observed, previous or ResourceStatus(), selector="a=b",
+                           endpoints=ENDPOINTS,
                            config_hash="h", now=now)
 
 
