@@ -15,8 +15,18 @@ from tritonop_backend.llm.engine import GenerationEvent
 from tritonop_backend.llm.params import GenerationPolicy
 
 Outputs = dict[str, np.ndarray]
-INPUTS = ("text_input", "max_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
-          "repeat_last_n", "seed", "stop", "stream")
+INPUTS = (
+    "text_input",
+    "max_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "repeat_last_n",
+    "seed",
+    "stop",
+    "stream",
+)
 
 
 def policy_from_parameters(parameters: Mapping[str, str]) -> GenerationPolicy:
@@ -40,8 +50,7 @@ def outputs(text: str, event: GenerationEvent, final: bool) -> Outputs:
         "text_output": np.array([[text.encode("utf-8")]], dtype=object),
         "finish_reason": np.array([[(event.finish_reason or "").encode()]], dtype=object),
         "prompt_tokens": np.array([[event.prompt_tokens]], dtype=np.int32),
-        "completion_tokens": np.array([[event.completion_tokens if final else 0]],
-                                      dtype=np.int32),
+        "completion_tokens": np.array([[event.completion_tokens if final else 0]], dtype=np.int32),
     }
 
 

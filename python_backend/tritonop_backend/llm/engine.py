@@ -1,0 +1,492 @@
+"""Continuous batching over a Hugging Face causal language model.
+
+One thread drives the engine by calling :meth:`LLMEngine.step` in a loop; other threads
+call :meth:`LLMEngine.add` and :meth:`LLMEngine.cancel` at any time. Each step admits
+waiting requests into free slots (one batched prefill), then runs one batched decode
+pass for every running sequence and samples each row with its own parameters. A new
+request therefore joins the running batch at the next step, and a sequence that
+finishes leaves at once, handing its slot and its cache rows to the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+
+from tritonop_backend.errors import RequestError
+from tritonop_backend.llm.kv import KVBuffer, Window
+from tritonop_backend.llm.params import GenerationPolicy, GenerationRequest
+from tritonop_backend.llm.sampling import RowParams, make_generator, select_next_tokens
+from tritonop_backend.llm.text import TextStream
+
+LOGGER = logging.getLogger(__name__)
+
+STOP, LENGTH, CANCELLED, CONTEXT, ERROR = "stop", "length", "cancelled", "context", "error"
+"""Finish reasons: eos or a stop string; max_tokens; cancel(); the context is full; a failure."""
+
+
+class QueueFullError(RuntimeError):
+    """Every slot and every queue place is taken; the adapter answers 503 / UNAVAILABLE."""
+
+
+class GenerationEvent(NamedTuple):
+    """What one step produced for one request.
+
+    Attributes:
+        request_id: as given to :meth:`LLMEngine.add`.
+        text: new text since the previous event (valid UTF-8, possibly empty on the last).
+        finish_reason: None while generating; then one of "stop", "length", "cancelled",
+            "context" or "error".
+        prompt_tokens: tokens in the prompt, after the chat template.
+        completion_tokens: tokens generated so far (an end-of-sequence token counts).
+        token_ids: the tokens generated since the previous event (a token that completes
+            no character yet, or is held back as a possible stop string, waits for one).
+        error: what went wrong, when ``finish_reason`` is "error".
+    """
+
+    request_id: Hashable
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: tuple[int, ...] = ()
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """Host-side state of one request, queued or running."""
+
+    request_id: Hashable
+    prompt_ids: list[int]
+    request: GenerationRequest
+    stream: TextStream
+    generator: torch.Generator
+    generated: list[int] = field(default_factory=list)
+    length: int = 0
+    """Tokens held in the KV cache for this sequence."""
+    reported: int = 0
+    """Generated tokens already handed out in events."""
+
+    def event(self, text: str, reason: str | None, error: str | None = None) -> GenerationEvent:
+        """The next event of this sequence, carrying the tokens not reported yet."""
+        fresh = tuple(self.generated[self.reported :])
+        self.reported = len(self.generated)
+        return GenerationEvent(
+            self.request_id,
+            text,
+            reason,
+            len(self.prompt_ids),
+            len(self.generated),
+            fresh,
+            error,
+        )
+
+    @property
+    def penalty_span(self) -> int:
+        """How many of the latest cached tokens the repetition penalty looks at (0: none)."""
+        params = self.request.params
+        return 0 if params.repetition_penalty == 1.0 else min(params.repeat_last_n, self.length)
+
+    @property
+    def total(self) -> int:
+        """Prompt plus generated tokens: what must fit in the context."""
+        return len(self.prompt_ids) + len(self.generated)
+
+
+class LLMEngine:
+    """Continuous-batching text generation over one causal LM on one device."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        policy: GenerationPolicy,
+        *,
+        max_sequences: int = 8,
+        max_waiting: int = 64,
+        max_prefill_tokens: int = 4096,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Wrap a loaded model; nothing runs until the first step.
+
+        Args:
+            model: a ``transformers`` causal LM in eval mode, already on ``device``.
+            tokenizer: its tokenizer.
+            policy: defaults and limits; ``max_context_tokens`` sizes the cache.
+            max_sequences: sequences decoded together (the batch's rows).
+            max_waiting: requests that may wait beyond those; more get QueueFullError.
+            max_prefill_tokens: padded prompt tokens admitted in one step, so that a burst
+                of long prompts does not stall running sequences for too long.
+            device: where the model lives; by default the device of its parameters.
+        """
+        policy.validate()
+        if max_sequences < 1 or max_waiting < 0:
+            raise ValueError("max_sequences must be >= 1 and max_waiting >= 0")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.policy = policy
+        self.max_sequences = max_sequences
+        self.max_waiting = max_waiting
+        self.max_prefill_tokens = max_prefill_tokens
+        self.device = torch.device(device) if device is not None else _model_device(model)
+        self._check_model(model, tokenizer, policy)
+        self._eos = _eos_ids(model, tokenizer)
+        context = policy.max_context_tokens
+        num_layers = model.config.get_text_config().num_hidden_layers
+        self._kv = KVBuffer(num_layers, max_sequences, context + max(64, context // 4), self.device)
+        self._cache = self._kv.cache()
+        self._running: list[_Sequence] = []
+        self._rows: RowParams | None = None
+        self._waiting: deque[_Sequence] = deque()
+        self._cancelled: set[Hashable] = set()
+        self._known: set[Hashable] = set()
+        self._lock = threading.Condition()
+
+    # Called from any thread -------------------------------------------------------------
+
+    def add(self, request_id: Hashable, request: GenerationRequest) -> None:
+        """Queue a request; it starts at the next step that has a free slot.
+
+        Raises:
+            RequestError: on ``text_input`` when the prompt leaves no room to generate.
+            QueueFullError: when all slots and queue places are taken.
+            ValueError: when ``request_id`` is already queued or running.
+        """
+        prompt_ids = self.encode_prompt(request.prompt)
+        limit = self.policy.max_context_tokens - 1
+        if len(prompt_ids) > limit:
+            raise RequestError(
+                "text_input",
+                f"the prompt is {len(prompt_ids)} tokens; at most {limit} fit in the context",
+            )
+        sequence = _Sequence(
+            request_id=request_id,
+            prompt_ids=prompt_ids,
+            request=request,
+            stream=TextStream(self.tokenizer, request.params.stop),
+            generator=make_generator(request.params.seed),
+        )
+        with self._lock:
+            if request_id in self._known:
+                raise ValueError(f"request {request_id!r} is already in the engine")
+            if len(self._known) >= self.max_sequences + self.max_waiting:
+                raise QueueFullError(
+                    f"{self.max_sequences} sequences running and {self.max_waiting} waiting"
+                )
+            self._known.add(request_id)
+            self._waiting.append(sequence)
+            self._lock.notify_all()
+
+    def cancel(self, request_id: Hashable) -> bool:
+        """Stop a request at the next step; it gets a final "cancelled" event.
+
+        Returns:
+            Whether the request was still queued or running.
+        """
+        with self._lock:
+            if request_id not in self._known:
+                return False
+            self._cancelled.add(request_id)
+            self._lock.notify_all()
+            return True
+
+    def cancel_all(self) -> None:
+        """Cancel everything, e.g. when the model is unloaded."""
+        with self._lock:
+            self._cancelled.update(self._known)
+            self._lock.notify_all()
+
+    def has_work(self) -> bool:
+        """Whether a step would do anything."""
+        with self._lock:
+            return bool(self._known)
+
+    def wait_for_work(self, timeout: float | None = None) -> bool:
+        """Block the driving thread until there is something to do, or the timeout passes."""
+        with self._lock:
+            return self._lock.wait_for(lambda: bool(self._known), timeout)
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Token ids of a prompt, as one user turn of the chat template when the policy says so."""
+        if self.policy.apply_chat_template:
+            messages = [{"role": "user", "content": prompt}]
+            text = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    @property
+    def running(self) -> int:
+        """Sequences in the batch now."""
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a slot."""
+        with self._lock:
+            return len(self._waiting)
+
+    # Called from the driving thread only ------------------------------------------------
+
+    def step(self) -> list[GenerationEvent]:
+        """Admit waiting requests, then decode one token for every running sequence.
+
+        Returns:
+            One event per request that produced text or finished in this step.
+        """
+        events = self._apply_cancellations()
+        admitted = self._admit()
+        with torch.inference_mode():
+            if admitted:
+                events += self._guarded(admitted, self._prefill, admitted)
+            if self._running:
+                events += self._guarded(list(self._running), self._decode)
+        return events
+
+    def _apply_cancellations(self) -> list[GenerationEvent]:
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+            queued = [seq for seq in self._waiting if seq.request_id in cancelled]
+            self._waiting = deque(seq for seq in self._waiting if seq.request_id not in cancelled)
+        running = [seq for seq in self._running if seq.request_id in cancelled]
+        self._release(running)
+        self._forget(queued)
+        return [_final(seq, CANCELLED) for seq in queued + running]
+
+    def _admit(self) -> list[_Sequence]:
+        """Pop as many waiting requests as free slots and the prefill budget allow."""
+        admitted: list[_Sequence] = []
+        with self._lock:
+            while self._waiting and len(self._running) + len(admitted) < self.max_sequences:
+                width = max(len(seq.prompt_ids) for seq in [*admitted, self._waiting[0]])
+                if admitted and width * (len(admitted) + 1) > self.max_prefill_tokens:
+                    break
+                admitted.append(self._waiting.popleft())
+        return admitted
+
+    def _guarded(
+        self,
+        sequences: list[_Sequence],
+        action: Callable[..., list[GenerationEvent]],
+        *args: Any,
+    ) -> list[GenerationEvent]:
+        """Run a model pass; if it fails, end the sequences in it with an "error" event.
+
+        A pass that raises has not advanced the cache, so the failure is confined to the
+        sequences it was working on; the engine stays usable for the next requests.
+        """
+        try:
+            return action(*args)
+        except Exception as error:  # reported to each affected request, not swallowed
+            LOGGER.exception("generation step failed for %d sequences", len(sequences))
+            running = [seq for seq in sequences if seq in self._running]
+            self._release(running)
+            self._forget([seq for seq in sequences if seq not in running])
+            message = f"{type(error).__name__}: {error}"
+            return [_final(seq, ERROR, error=message) for seq in sequences]
+
+    def _prefill(self, admitted: list[_Sequence]) -> list[GenerationEvent]:
+        """Run the new prompts as one left-padded batch into fresh rows; sample a first token."""
+        first = len(self._running)
+        rows = (first, first + len(admitted))
+        width = max(len(seq.prompt_ids) for seq in admitted)
+        if not self._running:
+            self._kv.start = self._kv.end = 0
+        self._kv.make_room(first, width)
+        ids, mask = self._pad_prompts(admitted, width)
+        end = self._kv.end
+        self._kv.tokens[rows[0] : rows[1], end - width : end] = ids
+        positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        self._kv.window = Window(rows=rows, read_from=end - width, write_at=end - width)
+        logits = self._forward(ids, mask, positions)
+        if not bool(mask.all()):
+            self._kv.clear_padding(rows, mask)
+        self._kv.start = min(self._kv.start, end - width) if self._running else end - width
+        for seq in admitted:
+            seq.length = len(seq.prompt_ids)
+        self._running.extend(admitted)
+        self._rows = None
+        return self._sample_and_emit(logits, rows, _row_params(admitted, self.device))
+
+    def _decode(self) -> list[GenerationEvent]:
+        """One token for every running sequence, in one forward pass."""
+        count = len(self._running)
+        self._kv.make_room(count, 0)
+        end = self._kv.end
+        last = torch.tensor([seq.generated[-1] for seq in self._running], device=self.device)
+        self._kv.tokens[:count, end] = last
+        lengths = torch.tensor([seq.length for seq in self._running], device=self.device)
+        width = end - self._kv.start + 1
+        columns = torch.arange(width, device=self.device)
+        mask = columns[None, :] >= (width - 1 - lengths)[:, None]
+        self._kv.window = Window(rows=(0, count), read_from=self._kv.start, write_at=end)
+        logits = self._forward(last[:, None], mask, lengths[:, None])
+        self._kv.end += 1
+        for seq in self._running:
+            seq.length += 1
+        if self._rows is None:
+            self._rows = _row_params(self._running, self.device)
+        return self._sample_and_emit(logits, (0, count), self._rows)
+
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """The model on the current window; the next-token logits of each row."""
+        output = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self._cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        logits: torch.Tensor = output.logits[:, -1, :]
+        return logits
+
+    def _pad_prompts(
+        self, sequences: list[_Sequence], width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompt ids and their mask, built on the host and copied once."""
+        ids = torch.zeros((len(sequences), width), dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+        for row, seq in enumerate(sequences):
+            size = len(seq.prompt_ids)
+            ids[row, width - size :] = torch.tensor(seq.prompt_ids)
+            mask[row, width - size :] = True
+        return ids.to(self.device), mask.to(self.device)
+
+    def _sample_and_emit(
+        self, logits: torch.Tensor, rows: tuple[int, int], params: RowParams
+    ) -> list[GenerationEvent]:
+        """Pick the next token of rows ``lo..hi``, turn it into events, retire finished rows."""
+        lo, hi = rows
+        sequences = self._running[lo:hi]
+        history, history_mask = self._history(sequences, lo) if params.penalised else (None, None)
+        generators = [seq.generator for seq in sequences]
+        tokens = select_next_tokens(logits, params, generators, history, history_mask).tolist()
+        events: list[GenerationEvent] = []
+        finished: list[_Sequence] = []
+        for seq, token in zip(sequences, tokens, strict=True):
+            event = self._advance(seq, int(token))
+            if event is not None:
+                events.append(event)
+                if event.finish_reason is not None:
+                    finished.append(seq)
+        self._release(finished)
+        return events
+
+    def _history(
+        self, sequences: list[_Sequence], lo: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The recent tokens (``repeat_last_n``) of each row, for the repetition penalty."""
+        spans = [seq.penalty_span for seq in sequences]
+        width = max(spans, default=0)
+        if width == 0:
+            return None, None
+        end = self._kv.end
+        history = self._kv.tokens[lo : lo + len(sequences), end - width : end]
+        span = torch.tensor(spans, device=self.device)
+        mask = torch.arange(width, device=self.device)[None, :] >= (width - span)[:, None]
+        return history, mask
+
+    def _advance(self, seq: _Sequence, token: int) -> GenerationEvent | None:
+        """Record one sampled token and decide whether the sequence is done."""
+        seq.generated.append(token)
+        params = seq.request.params
+        reason: str | None = None
+        text = ""
+        if token in self._eos:
+            reason = STOP
+        else:
+            text = seq.stream.push(token)
+            if seq.stream.stopped:
+                reason = STOP
+            elif len(seq.generated) >= params.max_tokens:
+                reason = LENGTH
+            elif seq.total >= self.policy.max_context_tokens:
+                reason = CONTEXT
+        if reason is not None:
+            text += seq.stream.finish()
+        if not text and reason is None:
+            return None
+        return seq.event(text, reason)
+
+    def _release(self, leaving: Iterable[_Sequence]) -> None:
+        """Drop sequences from the batch: move the last live rows into their places."""
+        leaving = [seq for seq in leaving if seq in self._running]
+        if not leaving:
+            return
+        gone = {id(seq) for seq in leaving}
+        keep = len(self._running) - len(leaving)
+        holes = [row for row, seq in enumerate(self._running[:keep]) if id(seq) in gone]
+        movers = [
+            row for row, seq in enumerate(self._running) if row >= keep and id(seq) not in gone
+        ]
+        self._kv.move_rows(movers, holes)
+        order = list(self._running)
+        for hole, mover in zip(holes, movers, strict=True):
+            order[hole] = self._running[mover]
+        self._running = order[:keep]
+        self._rows = None
+        longest = max((seq.length for seq in self._running), default=0)
+        self._kv.start = self._kv.end - longest
+        self._forget(leaving)
+
+    def _forget(self, sequences: Iterable[_Sequence]) -> None:
+        with self._lock:
+            for seq in sequences:
+                self._known.discard(seq.request_id)
+
+    @staticmethod
+    def _check_model(model: Any, tokenizer: Any, policy: GenerationPolicy) -> None:
+        """Refuse a policy that the model cannot honour, at load rather than per request."""
+        config = model.config.get_text_config()
+        limit = getattr(config, "max_position_embeddings", None)
+        if limit is not None and policy.max_context_tokens > limit:
+            raise ValueError(
+                f"max_context_tokens {policy.max_context_tokens} exceeds the model's {limit}"
+            )
+        if policy.apply_chat_template and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the policy applies a chat template but the tokenizer has none")
+
+
+def _final(seq: _Sequence, reason: str, error: str | None = None) -> GenerationEvent:
+    """The last event of a sequence that was stopped from outside."""
+    text = "" if reason == ERROR else seq.stream.finish()
+    return seq.event(text, reason, error)
+
+
+def _row_params(sequences: list[_Sequence], device: torch.device) -> RowParams:
+    """The sampling parameters of these sequences, one row each, in order."""
+    params = [seq.request.params for seq in sequences]
+    return RowParams(
+        [p.temperature for p in params],
+        [p.top_k for p in params],
+        [p.top_p for p in params],
+        [p.repetition_penalty for p in params],
+        device=device,
+    )
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """End-of-sequence ids from the tokenizer and the generation config (which may list several)."""
+    ids: set[int] = set()
+    config = getattr(model, "generation_config", None)
+    for value in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value is not None:
+            ids.update(int(item) for item in value)
+    return frozenset(ids)
+
+
+def _model_device(model: Any) -> torch.device:
+    return torch.device(next(model.parameters()).device)

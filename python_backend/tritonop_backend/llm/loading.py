@@ -1,0 +1,183 @@
+"""Loading a causal LM for the engine, and turning a GGUF file into one once.
+
+De-quantizing SmolLM2's GGUF takes about 20 s on two cores, every time. The model
+repository therefore ships a safetensors directory made once by :func:`prepare_gguf`;
+a manifest records which source file it came from, so a second call is a cheap check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LOGGER = logging.getLogger(__name__)
+
+MANIFEST = "tritonop-manifest.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for :class:`~tritonop_backend.llm.engine.LLMEngine`.
+
+    Attributes:
+        model: the causal LM in eval mode, on ``device``.
+        tokenizer: its tokenizer.
+        device: where it runs.
+        dtype: the dtype its weights have.
+        note: why the dtype differs from the one asked for, if it does.
+    """
+
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    note: str | None = None
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> tuple[torch.dtype | str, str | None]:
+    """Map a dtype name to what the device can run well.
+
+    On a CPU, half precision matmuls are emulated or slow on most hosts, so float32 is used
+    and the caller is told why; "auto" there means float32 as well. On CUDA, "auto" keeps
+    the checkpoint's own dtype, and bfloat16 falls back to float16 on GPUs without it.
+
+    Returns:
+        The dtype (or "auto") to load with, and a note when it is not what was asked.
+    """
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    if device.type == "cpu":
+        if dtype in ("bfloat16", "float16"):
+            return torch.float32, f"{dtype} is slow or unsupported on CPU; using float32"
+        return torch.float32, None
+    if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16, "this GPU has no bfloat16; using float16"
+    return (DTYPES[dtype] if dtype != "auto" else "auto"), None
+
+
+def load_causal_lm(model_dir: str | Path, dtype: str = "auto", device: str = "cpu") -> LoadedModel:
+    """Load a Hugging Face causal LM directory (safetensors) and its tokenizer, offline.
+
+    Args:
+        model_dir: a directory with ``config.json``, weights and tokenizer files.
+        dtype: "auto", "float32", "bfloat16" or "float16".
+        device: "cpu", "cuda" or "cuda:N".
+
+    Returns:
+        The model in eval mode on the device, with a note if the dtype was changed.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = torch.device(device)
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available")
+    torch_dtype, note = resolve_dtype(dtype, target)
+    if note:
+        LOGGER.warning("%s", note)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    # On CUDA, load straight onto the GPU: a 7B model would otherwise pass through host RAM.
+    placement = str(target) if target.type == "cuda" else None
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch_dtype, use_safetensors=True, device_map=placement
+    )
+    model.to(target)
+    model.eval()
+    weights_dtype = next(model.parameters()).dtype
+    return LoadedModel(model, tokenizer, target, weights_dtype, note)
+
+
+def prepare_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """De-quantize a GGUF file once into a safetensors model directory.
+
+    The directory gets the model in float32 (exact for de-quantized weights), the
+    tokenizer files and a manifest naming the source's size, mtime and sha256. A later
+    call whose source has the same size and mtime returns at once; if only the mtime
+    changed, the hash decides. The directory is written beside its final place and
+    renamed into it, so a crash never leaves a half-written model behind.
+
+    Returns:
+        ``out_dir``, ready for :func:`load_causal_lm`.
+    """
+    source = Path(gguf_path).resolve()
+    target = Path(out_dir)
+    if _up_to_date(source, target):
+        return target
+    LOGGER.info("de-quantizing %s into %s", source, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        _convert(source, staging)
+        (staging / MANIFEST).write_text(json.dumps(_manifest(source, staging), indent=2) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _convert(source: Path, out: Path) -> None:
+    """Load through transformers' GGUF reader, drop the quantizer, save plain safetensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        str(source.parent), gguf_file=source.name, dtype=torch.float32
+    )
+    # The weights are already de-quantized; the quantizer only blocks save_pretrained.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+
+
+def _manifest(source: Path, out: Path) -> dict[str, Any]:
+    stat = source.stat()
+    files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
+    return {
+        "source": source.name,
+        "source_bytes": stat.st_size,
+        "source_mtime_ns": stat.st_mtime_ns,
+        "source_sha256": _sha256(source),
+        "format": "safetensors",
+        "dtype": "float32",
+        "files": files,
+    }
+
+
+def _up_to_date(source: Path, target: Path) -> bool:
+    """Whether ``target`` was made from this exact source and is still complete."""
+    try:
+        manifest = json.loads((target / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    stat = source.stat()
+    files = manifest.get("files", {})
+    complete = all(
+        (target / name).is_file() and (target / name).stat().st_size == size
+        for name, size in files.items()
+    )
+    if not complete or manifest.get("source_bytes") != stat.st_size:
+        return False
+    if manifest.get("source_mtime_ns") == stat.st_mtime_ns:
+        return True
+    return bool(manifest.get("source_sha256") == _sha256(source))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
