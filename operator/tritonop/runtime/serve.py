@@ -14,7 +14,7 @@ from tritonop.artifacts.prepare import prepare
 from tritonop.render.repository import render_repository, write_repository
 from tritonop.resources import Resource
 from tritonop.runtime.local import Ports, TritonServer
-from tritonop.spec import EmbeddingSearchSpec, quantity_bytes
+from tritonop.spec import EmbeddingSearchSpec, LLMServiceSpec, quantity_bytes
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,21 @@ def usage(resources: list[Resource], ports: Ports) -> str:
                 "embeddings only:",
                 f"  curl -s localhost:{ports.http}/v2/models/{resource.name}_embedding/generate"
                 " -d '{\"text\": \"hello world\"}'",
+                "",
+            ]
+        elif isinstance(resource.spec, LLMServiceSpec):
+            once = json.dumps({"text_input": "What is the capital of France?",
+                               "max_tokens": 32, "temperature": 0})
+            stream = json.dumps({"text_input": "Write a haiku about batching.",
+                                 "max_tokens": 64, "temperature": 0.8, "top_p": 0.95,
+                                 "stream": True})
+            lines += [
+                f"{resource.kind} {resource.name}: generate",
+                f"  curl -s localhost:{ports.http}/v2/models/{resource.name}/generate \\",
+                f"    -d '{once}'",
+                "stream (server-sent events):",
+                f"  curl -N localhost:{ports.http}/v2/models/{resource.name}/generate_stream \\",
+                f"    -d '{stream}'",
                 "",
             ]
     lines.append("Press Ctrl-C to stop.")
