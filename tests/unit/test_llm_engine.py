@@ -53,14 +53,6 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def smol_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2 as a safetensors directory, de-quantized once per session."""
-    kept = os.environ.get("TRITONOP_LLM_TEST_DIR")
-    target = Path(kept) if kept else tmp_path_factory.mktemp("smollm2") / "model"
-    return prepare_gguf(GGUF, target)
-
-
-@pytest.fixture(scope="session")
 def smol(smol_dir: Path) -> LoadedModel:
     return load_causal_lm(smol_dir, "float32", "cpu")
 

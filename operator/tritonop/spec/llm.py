@@ -84,6 +84,10 @@ class EngineSpec(SpecModel):
         64, ge=0, le=100_000,
         description="Requests waiting for a free slot; beyond it they get 503 / UNAVAILABLE.",
     )
+    threads: Optional[int] = Field(
+        None, ge=1, le=1024,
+        description="CPU threads for the model's math. Default: one per core.",
+    )
 
 
 class LLMServiceSpec(DeploymentSpec):

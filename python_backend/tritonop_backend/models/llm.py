@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import threading
 import time
 from typing import Any
 
+import torch
 import triton_python_backend_utils as pb_utils
 
 from tritonop_backend.errors import RequestError
@@ -32,8 +34,6 @@ def _error(message: str, code: Any) -> Any:
 
 
 def _device(args: dict[str, Any], wanted: str) -> str:
-    import torch
-
     if args.get("model_instance_kind") == "GPU":
         return f"cuda:{args['model_instance_device_id']}"
     if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
@@ -79,6 +79,9 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.policy = policy_from_parameters(params)
+        # Set deliberately: the server starts stubs with OMP_NUM_THREADS=1.
+        threads = params.get("threads", "auto")
+        torch.set_num_threads((os.cpu_count() or 1) if threads == "auto" else int(threads))
         self.streaming = params.get("streaming", "true") == "true"
         loaded = load_causal_lm(params["model_dir"], params.get("dtype", "auto"),
                                 _device(args, params.get("device", "auto")))
