@@ -40,7 +40,7 @@ def test_serve_answers_the_seed_request_and_stops_cleanly(tmp_path, exported):
             if "Press Ctrl-C to stop." in line:
                 break
         printed = "".join(output)
-        assert f"/v2/models/headlines/generate" in printed
+        assert "/v2/models/headlines/generate" in printed
         assert "europe climate change storm" in printed
         status, body = post_json(f"http://localhost:{http}/v2/models/headlines/generate",
                                  {"text": "europe climate change storm", "num_results": 5})

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import threading
 import time
 from typing import Any
 
+import torch
 import triton_python_backend_utils as pb_utils
 
 from tritonop_backend.errors import RequestError
@@ -32,13 +34,42 @@ def _error(message: str, code: Any) -> Any:
 
 
 def _device(args: dict[str, Any], wanted: str) -> str:
-    import torch
-
     if args.get("model_instance_kind") == "GPU":
         return f"cuda:{args['model_instance_device_id']}"
     if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
         return "cuda"
     return "cpu"
+
+
+class _Metrics:
+    """Engine metrics on Triton's /metrics endpoint, next to Triton's own.
+
+    Generated tokens per engine step is the batching factor: 1.0 means requests ran one
+    at a time; continuous batching pushes it toward the number of running sequences.
+    """
+
+    def __init__(self, model: str) -> None:
+        labels = {"model": model}
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        # Triton drops a metric whose family is garbage-collected: keep the families.
+        self.families = [
+            pb_utils.MetricFamily("tritonop_llm_steps_total",
+                                  "Engine steps (one batched forward pass each)", counter),
+            pb_utils.MetricFamily("tritonop_llm_generated_tokens_total", "Tokens generated",
+                                  counter),
+            pb_utils.MetricFamily("tritonop_llm_running_sequences",
+                                  "Sequences in the running batch", gauge),
+            pb_utils.MetricFamily("tritonop_llm_waiting_requests",
+                                  "Requests waiting for a slot", gauge),
+        ]
+        self.steps, self.tokens, self.running, self.waiting = (
+            family.Metric(labels) for family in self.families)
+
+    def step(self, engine: LLMEngine, events: list[Any]) -> None:
+        self.steps.increment(1)
+        self.tokens.increment(sum(len(event.token_ids) for event in events))
+        self.running.set(engine.running)
+        self.waiting.set(engine.waiting)
 
 
 class TritonPythonModel:
@@ -48,6 +79,9 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.policy = policy_from_parameters(params)
+        # Set deliberately: the server starts stubs with OMP_NUM_THREADS=1.
+        threads = params.get("threads", "auto")
+        torch.set_num_threads((os.cpu_count() or 1) if threads == "auto" else int(threads))
         self.streaming = params.get("streaming", "true") == "true"
         loaded = load_causal_lm(params["model_dir"], params.get("dtype", "auto"),
                                 _device(args, params.get("device", "auto")))
@@ -56,6 +90,7 @@ class TritonPythonModel:
         self.engine = LLMEngine(loaded.model, loaded.tokenizer, self.policy,
                                 max_sequences=int(params["max_sequences"]),
                                 max_waiting=int(params["max_waiting"]))
+        self.metrics = _Metrics(args["model_name"])
         self.deliveries = Deliveries()
         self.requests: dict[int, tuple[Any, Any]] = {}  # id -> (request, response sender)
         self.ids = itertools.count()
@@ -104,8 +139,13 @@ class TritonPythonModel:
             if time.monotonic() - checked > CANCEL_CHECK_SECONDS:
                 self._cancel_disconnected()
                 checked = time.monotonic()
-            for event in self.engine.step():
-                self._deliver(event)
+            try:
+                events = self.engine.step()
+                self.metrics.step(self.engine, events)
+                for event in events:
+                    self._deliver(event)
+            except Exception as err:
+                pb_utils.Logger.log_error(f"LLM engine loop: {type(err).__name__}: {err}")
 
     def _cancel_disconnected(self) -> None:
         with self.lock:
