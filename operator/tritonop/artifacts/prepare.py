@@ -8,6 +8,7 @@ already there and current, so a warm start takes seconds.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from tritonop.artifacts.export import export_model
@@ -41,7 +42,7 @@ def prepare_embedding_search(
         resource.resolve_path(spec.corpus.source), model_dir, index_dir,
         text_field=spec.corpus.text_field, pooling=spec.model.pooling,
         max_length=spec.model.max_sequence_length,
-        threads=spec.stages.encoder.threads, progress=progress,
+        threads=os.cpu_count() or 1, progress=progress,  # before the server: all cores
     )
     verb = "index already built" if built.skipped else "built index"
     log.info("%s: %s in %s (%d texts, %s pooling)", resource.name, verb, index_dir,

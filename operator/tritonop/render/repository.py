@@ -102,6 +102,7 @@ def embedding_search_models(resource: Resource, artifacts_root: str) -> list[Con
         python_model(
             f"{name}_search", stages.search, [embedding, num_results], results,
             {"stage": "search", "index_dir": index_dir,
+             "threads": str(stages.search.threads),
              "default_top_k": str(spec.search.default_top_k),
              "max_top_k": str(spec.search.max_top_k), **shared},
         ),

@@ -16,8 +16,17 @@ class EncoderSettings(StageSettings):
     """Batching for the encoder, plus how many threads each instance computes with."""
 
     threads: int = Field(
-        2, ge=1, le=256,
+        1, ge=1, le=256,
         description="Intra-op threads per encoder instance (instances x threads <= cores).",
+    )
+
+
+class SearchSettings(StageSettings):
+    """Batching for the search, plus the BLAS threads of its matrix product."""
+
+    threads: int = Field(
+        1, ge=1, le=256,
+        description="BLAS threads per search instance; worth raising for large corpora.",
     )
 
 
@@ -79,7 +88,7 @@ class EmbeddingStages(SpecModel):
     tokenizer: StageSettings = StageSettings()
     encoder: EncoderSettings = EncoderSettings(max_queue_delay_microseconds=500)
     pooling: StageSettings = StageSettings()
-    search: StageSettings = StageSettings()
+    search: SearchSettings = SearchSettings()
 
 
 class CacheSpec(SpecModel):

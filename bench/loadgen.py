@@ -1,0 +1,292 @@
+"""A small asyncio load generator: closed loop at a concurrency, open loop at a rate.
+
+Every request is recorded as a :class:`Sample`: when it was sent, how long it took,
+and the status it ended with, as an HTTP code for every protocol (gRPC UNAVAILABLE is
+counted as 503, INVALID_ARGUMENT as 400, a client-side timeout as 598 and any other
+failure as 599). A 200 whose payload is not a full answer is counted as 299, so that
+"nothing accepted is lost" can be checked from the samples alone.
+
+Clients are async context managers with one method, ``send(text) -> status``; they
+share nothing but that, so the Triton endpoints and the FastAPI baseline are driven
+by the very same loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+OK = 200
+BAD_PAYLOAD = 299
+REJECTED = 503
+TIMED_OUT = 598
+OTHER_ERROR = 599
+
+_GRPC_STATUS = {
+    "StatusCode.UNAVAILABLE": REJECTED,
+    "StatusCode.INVALID_ARGUMENT": 400,
+    "StatusCode.DEADLINE_EXCEEDED": 504,
+    "StatusCode.NOT_FOUND": 404,
+}
+
+
+class Client(Protocol):
+    """Something that sends one query and says how it ended."""
+
+    name: str
+
+    async def __aenter__(self) -> Client: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+    async def send(self, text: str) -> int: ...
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One request: seconds since the run began, latency in seconds, final status."""
+
+    start: float
+    latency: float
+    status: int
+
+
+@dataclass
+class Run:
+    """The samples of one load run, with the window they were taken in."""
+
+    samples: list[Sample] = field(default_factory=list)
+    window: tuple[float, float] = (0.0, 0.0)
+    offered_rate: float | None = None
+
+    def in_window(self) -> list[Sample]:
+        """Requests that completed inside the window: what throughput counts."""
+        start, end = self.window
+        return [s for s in self.samples if start <= s.start + s.latency <= end]
+
+    def summary(self) -> dict[str, Any]:
+        """Latency percentiles (ms) of 200s and 503s, status counts, throughput."""
+        window = self.in_window()
+        seconds = max(self.window[1] - self.window[0], 1e-9)
+        ok = [s.latency for s in window if s.status == OK]
+        rejected = [s.latency for s in window if s.status == REJECTED]
+        statuses: dict[str, int] = {}
+        for s in self.samples:
+            statuses[str(s.status)] = statuses.get(str(s.status), 0) + 1
+        return {
+            "requests": len(self.samples),
+            "measured": len(window),
+            "seconds": round(seconds, 3),
+            "throughput_qps": round(len(ok) / seconds, 2),
+            "statuses": statuses,
+            "latency_ms": percentiles(ok),
+            "reject_latency_ms": percentiles(rejected),
+            **({"offered_rate_qps": round(self.offered_rate, 2)}
+               if self.offered_rate is not None else {}),
+        }
+
+
+def percentiles(latencies: Sequence[float]) -> dict[str, float] | None:
+    """p50, p90, p99, mean and max of latencies given in seconds, in milliseconds."""
+    if not latencies:
+        return None
+    ms = np.asarray(latencies) * 1000.0
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {"p50": round(float(p50), 3), "p90": round(float(p90), 3),
+            "p99": round(float(p99), 3), "mean": round(float(ms.mean()), 3),
+            "max": round(float(ms.max()), 3), "count": len(ms)}
+
+
+async def _timed(client: Client, text: str, timeout: float, t0: float) -> Sample:
+    started = time.perf_counter()
+    try:
+        status = await asyncio.wait_for(client.send(text), timeout)
+    except asyncio.TimeoutError:
+        status = TIMED_OUT
+    except Exception:  # a transport error is a lost request, recorded as such
+        status = OTHER_ERROR
+    return Sample(started - t0, time.perf_counter() - started, status)
+
+
+async def closed_loop(
+    client: Client,
+    texts: Sequence[str],
+    concurrency: int,
+    *,
+    duration: float | None = None,
+    count: int | None = None,
+    warmup: float = 0.0,
+    timeout: float = 60.0,
+    backoff: float = 0.0,
+) -> Run:
+    """``concurrency`` clients, each sending its next query as soon as the last answered.
+
+    Runs for ``warmup + duration`` seconds, or until ``count`` requests are done
+    (then every request is measured). Queries are taken in order, round robin. A client
+    whose request was refused waits ``backoff`` seconds before the next, as a polite
+    client does; without it, refused clients retry in a tight loop.
+    """
+    if (duration is None) == (count is None):
+        raise ValueError("give exactly one of duration or count")
+    run = Run()
+    order = itertools.count()
+    t0 = time.perf_counter()
+    stop_at = warmup + duration if duration is not None else float("inf")
+
+    async def worker() -> None:
+        while True:
+            i = next(order)
+            if count is not None and i >= count:
+                return
+            if time.perf_counter() - t0 >= stop_at:
+                return
+            sample = await _timed(client, texts[i % len(texts)], timeout, t0)
+            run.samples.append(sample)
+            if backoff and sample.status != OK:
+                await asyncio.sleep(backoff)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    end = time.perf_counter() - t0
+    run.window = (warmup, min(stop_at, end)) if duration is not None else (0.0, end)
+    return run
+
+
+async def open_loop(
+    client: Client,
+    texts: Sequence[str],
+    rate: float,
+    duration: float,
+    *,
+    timeout: float = 30.0,
+) -> Run:
+    """Send at ``rate`` requests per second, whatever the answers, for ``duration`` seconds.
+
+    Arrivals are evenly spaced; when the event loop falls behind, the requests that are
+    due go out together, and the rate actually offered is recorded. Every request is
+    awaited to the end (or ``timeout``), so none goes unaccounted.
+    """
+    run = Run()
+    total = max(1, int(rate * duration))
+    tasks: list[asyncio.Task[Sample]] = []
+    t0 = time.perf_counter()
+    sent = 0
+    while sent < total:
+        now = time.perf_counter() - t0
+        due = min(total, int(now * rate) + 1)
+        while sent < due:
+            tasks.append(asyncio.create_task(
+                _timed(client, texts[sent % len(texts)], timeout, t0)))
+            sent += 1
+        await asyncio.sleep(max(0.0, sent / rate - (time.perf_counter() - t0)))
+    last_send = time.perf_counter() - t0
+    run.samples = list(await asyncio.gather(*tasks))
+    run.window = (0.0, time.perf_counter() - t0)
+    run.offered_rate = total / max(last_send, 1e-9)
+    return run
+
+
+# --- clients -----------------------------------------------------------------------------
+
+
+class GenerateClient:
+    """JSON over HTTP: Triton's ``/v2/models/<m>/generate``, or the FastAPI baseline."""
+
+    def __init__(self, url: str, num_results: int, name: str = "http-generate") -> None:
+        self.url, self.num_results, self.name = url, num_results, name
+        self._session: Any = None
+
+    async def __aenter__(self) -> GenerateClient:
+        import aiohttp
+
+        connector = aiohttp.TCPConnector(limit=0, force_close=False)
+        self._session = aiohttp.ClientSession(connector=connector)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._session.close()
+
+    async def send(self, text: str) -> int:
+        body = {"text": text, "num_results": self.num_results}
+        async with self._session.post(self.url, json=body) as response:
+            if response.status != OK:
+                await response.read()
+                return response.status
+            answer = await response.json(content_type=None)
+        complete = len(answer.get("ids", ())) == self.num_results == len(answer.get("texts", ()))
+        return OK if complete else BAD_PAYLOAD
+
+
+def _search_inputs(module: Any, text: str, num_results: int) -> list[Any]:
+    query = module.InferInput("text", [1, 1], "BYTES")
+    query.set_data_from_numpy(np.array([[text.encode()]], dtype=object))
+    k = module.InferInput("num_results", [1, 1], "INT32")
+    k.set_data_from_numpy(np.array([[num_results]], dtype=np.int32))
+    return [query, k]
+
+
+class HttpInferClient:
+    """Triton's KServe v2 ``/infer`` over HTTP, with ``tritonclient.http.aio``."""
+
+    name = "http-infer"
+
+    def __init__(self, url: str, model: str, num_results: int) -> None:
+        self.url, self.model, self.num_results = url, model, num_results
+        self._client: Any = None
+
+    async def __aenter__(self) -> HttpInferClient:
+        import tritonclient.http.aio as httpaio
+
+        self._module = httpaio
+        self._client = httpaio.InferenceServerClient(self.url, conn_limit=1000)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._client.close()
+
+    async def send(self, text: str) -> int:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            result = await self._client.infer(
+                self.model, _search_inputs(self._module, text, self.num_results))
+        except InferenceServerException as err:
+            return int(err.status()) if str(err.status()).isdigit() else OTHER_ERROR
+        ids = result.as_numpy("ids")
+        return OK if ids is not None and ids.shape == (1, self.num_results) else BAD_PAYLOAD
+
+
+class GrpcInferClient:
+    """Triton's gRPC ``ModelInfer``, with ``tritonclient.grpc.aio``."""
+
+    name = "grpc-infer"
+
+    def __init__(self, url: str, model: str, num_results: int) -> None:
+        self.url, self.model, self.num_results = url, model, num_results
+        self._client: Any = None
+
+    async def __aenter__(self) -> GrpcInferClient:
+        import tritonclient.grpc.aio as grpcaio
+
+        self._module = grpcaio
+        self._client = grpcaio.InferenceServerClient(self.url)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._client.close()
+
+    async def send(self, text: str) -> int:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            result = await self._client.infer(
+                self.model, _search_inputs(self._module, text, self.num_results))
+        except InferenceServerException as err:
+            return _GRPC_STATUS.get(str(err.status()), OTHER_ERROR)
+        ids = result.as_numpy("ids")
+        return OK if ids is not None and ids.shape == (1, self.num_results) else BAD_PAYLOAD

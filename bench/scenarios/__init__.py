@@ -1,0 +1,45 @@
+"""The scenario registry: every scenario of the benchmark issue, implemented or not.
+
+A scenario without a ``run`` is listed with the reason it is not available yet; the
+runner records it as skipped and the report shows it, so a reader sees the whole plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bench.context import Context
+from bench.scenarios import s1, s2, s3, s5
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    measures: str
+    run: Callable[[Context], dict[str, Any]] | None = None
+    unavailable: str | None = None
+
+
+SCENARIOS: dict[str, Scenario] = {s.key: s for s in (
+    Scenario("S1", "single-query latency",
+             "p50/p90/p99 of one client over 1000 real queries, 20K-text corpus, through "
+             "HTTP generate, HTTP infer and gRPC", s1.run),
+    Scenario("S2", "throughput",
+             "queries/s at concurrency 1, 4, 16, 64 against FastAPI + sentence-transformers "
+             "(1 and 2 workers) and the in-process floor", s2.run),
+    Scenario("S3", "corpus scale",
+             "search-only latency at 20K, 200K, 1M vectors of 384 dimensions, and memory, "
+             "against a numpy scan", s3.run),
+    # S4 lands with the LLMService: register its run function here, and give the report
+    # a section for it (bench/report.py, SECTIONS).
+    Scenario("S4", "LLM streaming",
+             "tokens/s, time to first token and inter-token latency at 1, 4, 8, 16 streams, "
+             "SmolLM2, against sequential model.generate",
+             unavailable="not yet available: the LLMService is not built yet"),
+    Scenario("S5", "overload",
+             "3x measured capacity offered against a bounded queue: 503 answer time, "
+             "accepted latency, lost requests", s5.run),
+)}
