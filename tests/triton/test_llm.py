@@ -157,9 +157,9 @@ def test_grpc_streaming(llm_triton):
 
     def callback(result, error):
         received.append(error or result)
-        if error or result.get_response().parameters.get(
-                "triton_final_response", None) is not None and \
-                result.get_response().parameters["triton_final_response"].bool_param:
+        final = error is not None or result.get_response().parameters[
+            "triton_final_response"].bool_param
+        if final:
             done.set()
 
     client = grpcclient.InferenceServerClient(llm_triton.server.grpc_url)
