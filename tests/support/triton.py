@@ -7,13 +7,16 @@ import shutil
 import socket
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tritonop.render.repository import artifact_dirs
 from tritonop.resources import Resource, parse_resource
-from tritonop.runtime.local import TritonServer
+from tritonop.runtime.local import Ports, TritonServer
+from tritonop.runtime.serve import start_local
 
 API = "serving.tritonop.dev/v1alpha1"
 
@@ -73,3 +76,15 @@ class RunningTriton:
     def model_stats(self, model: str) -> dict[str, Any]:
         (stats,) = get_json(f"{self.http}/v2/models/{model}/stats")["model_stats"]
         return stats
+
+
+@contextmanager
+def running_triton(resources: list[Resource], artifacts_root: Path, workdir: Path
+                   ) -> Iterator[RunningTriton]:
+    """Prepare, render and serve ``resources`` on free ports; stop the server afterwards."""
+    ports = Ports(free_port(), free_port(), free_port())
+    server = start_local(resources, artifacts_root, workdir, ports, progress=False)
+    try:
+        yield RunningTriton(server, artifacts_root, {r.name: r for r in resources})
+    finally:
+        server.stop()

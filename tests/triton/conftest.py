@@ -13,9 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.triton import RunningTriton, embedding_search, free_port, seed_export
-from tritonop.runtime.local import Ports
-from tritonop.runtime.serve import start_local
+from tests.support.triton import RunningTriton, embedding_search, running_triton, seed_export
 
 TINY_TEXTS = [
     "severe storm warning for northern europe", "heatwave and drought in the south",
@@ -47,10 +45,5 @@ def triton(tmp_path_factory, exported, corpus, tiny_corpus) -> Iterator[RunningT
     ]
     for resource in resources:
         seed_export(resource, root, exported)
-    ports = Ports(free_port(), free_port(), free_port())
-    server = start_local(resources, root, tmp_path_factory.mktemp("triton"), ports,
-                         progress=False)
-    try:
-        yield RunningTriton(server, root, {r.name: r for r in resources})
-    finally:
-        server.stop()
+    with running_triton(resources, root, tmp_path_factory.mktemp("triton")) as running:
+        yield running

@@ -22,10 +22,8 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 
-from tests.support.triton import API, RunningTriton, free_port
+from tests.support.triton import API, RunningTriton, running_triton
 from tritonop.resources import parse_resource
-from tritonop.runtime.local import Ports
-from tritonop.runtime.serve import start_local
 
 pytestmark = pytest.mark.triton
 
@@ -62,13 +60,8 @@ def llm_triton(tmp_path_factory, smol_dir) -> Iterator[RunningTriton]:
                  llm("solo", engine={"maxSequences": 1, "maxWaiting": 1, "threads": 1})]
     for resource in resources:
         seed_model(smol_dir, root, resource.name)
-    ports = Ports(free_port(), free_port(), free_port())
-    server = start_local(resources, root, tmp_path_factory.mktemp("llm-triton"), ports,
-                         progress=False)
-    try:
-        yield RunningTriton(server, root, {r.name: r for r in resources})
-    finally:
-        server.stop()
+    with running_triton(resources, root, tmp_path_factory.mktemp("llm-triton")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
