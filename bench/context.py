@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from bench import servers
-from bench.queries import query_texts
+from bench.queries import describe_prompts, query_texts
 from tritonop.artifacts.corpus import read_corpus
 from tritonop.artifacts.prepare import prepare
 from tritonop.render.repository import artifact_dirs
-from tritonop.resources import Resource
+from tritonop.resources import Resource, parse_resource
 
 log = logging.getLogger("bench")
 
@@ -45,6 +45,12 @@ class Sizes:
     s5_capacity_concurrency: int = 16
     s5_overload_seconds: float = 10.0
     s5_overload_factor: float = 3.0
+    s4_concurrency: tuple[int, ...] = (1, 4, 8, 16)
+    s4_seconds: float = 20.0  # measured per level, after the warm-up
+    s4_warmup: float = 3.0
+    s4_max_tokens: int = 64
+    s4_baseline_requests: int = 6  # sequential generate: half before the server, half after
+    s4_prompts: int = 64
     query_count: int = 1000
 
     def s3_queries(self, vectors: int) -> int:
@@ -55,7 +61,9 @@ QUICK = Sizes(
     s1_queries=20, s1_warmup=5, s2_concurrency=(1, 4), s2_seconds=1.5, s2_warmup=0.3, s2_rounds=1,
     s2_workers=(1, 2), s2_floor_threads=(1,), s2_floor_seconds=0.5,
     s3_vectors=(1_000, 5_000), s3_scan_budget=1e5, s5_unloaded=20, s5_capacity_seconds=1.5,
-    s5_capacity_concurrency=4, s5_overload_seconds=2.0, query_count=200,
+    s5_capacity_concurrency=4, s5_overload_seconds=2.0, s4_concurrency=(1, 4),
+    s4_seconds=2.0, s4_warmup=0.5, s4_max_tokens=8, s4_baseline_requests=2, s4_prompts=8,
+    query_count=200,
 )
 
 
@@ -72,6 +80,8 @@ class Context:
         corpus: a corpus replacing the example's (the quick mode's small one), or None.
         s5_queues: queue bounds (``maxQueueSize``) by stage in S5's server.
         baseline_threads: torch threads per FastAPI worker.
+        llm_example: the LLMService YAML that S4 benchmarks.
+        llm_overrides: laid over it (``--llm-set``).
     """
 
     example: Path
@@ -82,6 +92,8 @@ class Context:
     corpus: Path | None = None
     s5_queues: dict[str, int] = field(default_factory=lambda: dict(S5_QUEUES))
     baseline_threads: int = 1
+    llm_example: Path = servers.ROOT / "examples" / "chat.yaml"
+    llm_overrides: dict[str, Any] = field(default_factory=dict)
     _queries: list[str] | None = field(default=None, repr=False)
     _prepared: bool = field(default=False, repr=False)
 
@@ -112,6 +124,18 @@ class Context:
             self._queries = query_texts(corpus, self.sizes.query_count,
                                         text_field=resource.spec.corpus.text_field)  # type: ignore[union-attr]
         return self._queries
+
+    def llm_resource(self) -> Resource:
+        """The LLMService under test (S4), with ``llm_overrides`` laid over it."""
+        body = servers.deep_merge(servers.load_body(self.llm_example), self.llm_overrides)
+        return parse_resource(body, self.llm_example.parent.resolve())
+
+    def prompts(self) -> list[str]:
+        """S4's prompts: corpus texts wrapped in one template, the same on every run."""
+        resource = self.resource()
+        corpus = resource.resolve_path(resource.spec.corpus.source)  # type: ignore[union-attr]
+        return describe_prompts(corpus, self.sizes.s4_prompts,
+                                text_field=resource.spec.corpus.text_field)  # type: ignore[union-attr]
 
     def corpus_size(self) -> int:
         resource = self.resource()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -290,3 +290,181 @@ class GrpcInferClient:
             return _GRPC_STATUS.get(str(err.status()), OTHER_ERROR)
         ids = result.as_numpy("ids")
         return OK if ids is not None and ids.shape == (1, self.num_results) else BAD_PAYLOAD
+
+
+# --- streamed generation (S4) ------------------------------------------------------------
+
+
+@dataclass
+class Stream:
+    """One streamed generation: when it was sent and when each event arrived.
+
+    Times are seconds since the run began. ``status`` is None while the stream is open
+    (a stream cut at the end of a run keeps None); ``completion_tokens`` is what the
+    last event reports, the end-of-sequence token included.
+    """
+
+    start: float
+    events: list[float] = field(default_factory=list)
+    status: int | None = None
+    completion_tokens: int | None = None
+    prompt_tokens: int | None = None
+    finish_reason: str | None = None
+
+    def token_times(self) -> list[float]:
+        """When each generated token reached the client.
+
+        Events normally carry one token each; a token that completes no character yet
+        travels with the next one, and the count on the last event says how many there
+        were, so the surplus is put on the last event.
+        """
+        times = list(self.events)
+        if self.completion_tokens is not None and times:
+            times += [times[-1]] * max(0, self.completion_tokens - len(times))
+        return times
+
+
+class GenerateStreamClient:
+    """Triton's ``/v2/models/<m>/generate_stream``: server-sent events, one per delta."""
+
+    name = "http-generate-stream"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._session: Any = None
+
+    async def __aenter__(self) -> GenerateStreamClient:
+        import aiohttp
+
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._session.close()
+
+    async def get_text(self, url: str) -> str:
+        async with self._session.get(url) as response:
+            return str(await response.text())
+
+    async def stream(self, body: dict[str, Any], record: Stream, t0: float) -> None:
+        """Send ``body`` and fill ``record`` as events arrive, until the last one."""
+        import json
+
+        async with self._session.post(self.url, json=body) as response:
+            if response.status != OK:
+                await response.read()
+                record.status = response.status
+                return
+            async for line in response.content:
+                if not line.startswith(b"data: "):
+                    continue
+                now = time.perf_counter() - t0
+                event = json.loads(line[6:])
+                if "error" in event:
+                    record.status = OTHER_ERROR
+                    return
+                record.events.append(now)
+                if event.get("finish_reason"):
+                    record.finish_reason = str(event["finish_reason"])
+                    record.completion_tokens = int(event["completion_tokens"])
+                    record.prompt_tokens = int(event["prompt_tokens"])
+                    record.status = OK
+                    return
+        record.status = BAD_PAYLOAD  # the stream ended without a last event
+
+
+@dataclass
+class StreamRun:
+    """The streams of one closed-loop level and the window they were measured in."""
+
+    streams: list[Stream] = field(default_factory=list)
+    window: tuple[float, float] = (0.0, 0.0)
+    scrapes: list[str] = field(default_factory=list)
+    """The server's metrics page at the start and at the end of the window."""
+
+    def summary(self) -> dict[str, Any]:
+        """Aggregate tokens/s, time to first token and inter-token latency in the window.
+
+        Sampled by when things happened: tokens that arrived in the window, first tokens
+        that arrived in it (their wait may have begun before), gaps that ended in it.
+        """
+        start, end = self.window
+        seconds = max(end - start, 1e-9)
+        tokens = sum(start <= t <= end for s in self.streams for t in s.token_times())
+        ttft = [s.events[0] - s.start for s in self.streams
+                if s.events and start <= s.events[0] <= end]
+        gaps = [b - a for s in self.streams for a, b in zip(s.events, s.events[1:])
+                if start <= b <= end]
+        finished = [s for s in self.streams if s.status is not None]
+        statuses: dict[str, int] = {}
+        for s in finished:
+            statuses[str(s.status)] = statuses.get(str(s.status), 0) + 1
+        done = [s for s in finished if s.status == OK]
+        return {
+            "requests": len(self.streams),
+            "finished": len(finished),
+            "cut_at_end": len(self.streams) - len(finished),
+            "statuses": statuses,
+            "seconds": round(seconds, 3),
+            "tokens": tokens,
+            "tokens_per_s": round(tokens / seconds, 2),
+            "ttft_ms": percentiles(ttft),
+            "itl_ms": percentiles(gaps),
+            "completion_tokens_mean": round(float(np.mean(
+                [s.completion_tokens for s in done])), 1) if done else None,
+            "prompt_tokens_mean": round(float(np.mean(
+                [s.prompt_tokens for s in done])), 1) if done else None,
+            "finish_reasons": {reason: sum(s.finish_reason == reason for s in done)
+                               for reason in sorted({s.finish_reason or "" for s in done})},
+        }
+
+
+async def stream_closed_loop(
+    client: GenerateStreamClient,
+    bodies: Callable[[int], dict[str, Any]],
+    concurrency: int,
+    *,
+    duration: float,
+    warmup: float,
+    metrics_url: str | None = None,
+) -> StreamRun:
+    """``concurrency`` streams, each sending its next request when the last one ended.
+
+    ``bodies(i)`` gives the i-th request's JSON. After ``warmup`` seconds the window
+    opens for ``duration`` seconds (the metrics page is read at both ends); then every
+    open stream is cut (the server cancels it when the client goes away).
+    """
+    run = StreamRun()
+    order = itertools.count()
+    t0 = time.perf_counter()
+
+    async def worker() -> None:
+        while True:
+            record = Stream(time.perf_counter() - t0)
+            run.streams.append(record)
+            try:
+                await client.stream(bodies(next(order)), record, t0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a transport error is a lost stream, recorded as such
+                record.status = OTHER_ERROR
+            if record.status != OK:
+                await asyncio.sleep(0.05)  # no tight loop against a failing server
+
+    async def scrape() -> None:
+        if metrics_url:
+            run.scrapes.append(await client.get_text(metrics_url))
+
+    workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
+    try:
+        await asyncio.sleep(max(0.0, warmup - (time.perf_counter() - t0)))
+        opened = time.perf_counter() - t0
+        await scrape()
+        await asyncio.sleep(max(0.0, warmup + duration - (time.perf_counter() - t0)))
+        await scrape()
+        run.window = (opened, time.perf_counter() - t0)
+    finally:
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+    return run

@@ -2,7 +2,8 @@
 
 Each query is 2 to 4 consecutive words of a corpus text chosen at random, so queries
 look like what people type into a search box ("library for XML", "strategy game of")
-and every run, on every machine, sends the same ones.
+and every run, on every machine, sends the same ones. The LLM's prompts (S4) are whole
+corpus texts in one template: "Describe: Real-time strategy game of ancient warfare".
 """
 
 from __future__ import annotations
@@ -29,3 +30,14 @@ def query_texts(corpus: Path, count: int, *, text_field: str = "text",
         start = rng.randint(0, len(words) - length)
         queries.append(" ".join(words[start : start + length]))
     return queries
+
+
+PROMPT_TEMPLATE = "Describe: {text}"
+
+
+def describe_prompts(corpus: Path, count: int, *, text_field: str = "text",
+                     seed: int = SEED) -> list[str]:
+    """``count`` distinct corpus texts chosen with ``seed``, each as "Describe: <text>"."""
+    texts = sorted(set(read_corpus(corpus, text_field)))
+    chosen = random.Random(seed).sample(texts, min(count, len(texts)))
+    return [PROMPT_TEMPLATE.format(text=text) for text in chosen]

