@@ -18,6 +18,7 @@ from tritonop.artifacts.sources import inspect
 from tritonop.render.repository import artifact_dirs
 from tritonop.resources import Resource
 from tritonop.spec import EmbeddingSearchSpec
+from tritonop_backend.artifacts import ArtifactError
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,9 @@ def prepare_embedding_search(
     spec = resource.spec
     assert isinstance(spec, EmbeddingSearchSpec)
     model_dir, index_dir = (Path(d) for d in artifact_dirs(resource, str(artifacts_root)))
+    corpus = resource.resolve_path(spec.corpus.source)
+    if not corpus.is_file():  # say so before minutes of export, not after
+        raise ArtifactError(f"{resource.name}: spec.corpus.source: {corpus} does not exist")
     source = inspect(spec.model.source, resource.base_dir)
     exported = export_model(source, spec.model.format, model_dir)
     if exported.skipped:
@@ -39,7 +43,7 @@ def prepare_embedding_search(
                  resource.name, source.source, spec.model.format, model_dir,
                  exported.manifest.max_abs_diff)
     built = build_index(
-        resource.resolve_path(spec.corpus.source), model_dir, index_dir,
+        corpus, model_dir, index_dir,
         text_field=spec.corpus.text_field, pooling=spec.model.pooling,
         max_length=spec.model.max_sequence_length,
         threads=os.cpu_count() or 1, progress=progress,  # before the server: all cores
