@@ -62,7 +62,7 @@ QUICK = Sizes(
     s2_workers=(1, 2), s2_floor_threads=(1,), s2_floor_seconds=0.5,
     s3_vectors=(1_000, 5_000), s3_scan_budget=1e5, s5_unloaded=20, s5_capacity_seconds=1.5,
     s5_capacity_concurrency=4, s5_overload_seconds=2.0, s4_concurrency=(1, 4),
-    s4_seconds=2.0, s4_warmup=0.5, s4_max_tokens=8, s4_baseline_requests=2, s4_prompts=8,
+    s4_seconds=2.0, s4_warmup=0.5, s4_max_tokens=8, s4_baseline_requests=1, s4_prompts=8,
     query_count=200,
 )
 

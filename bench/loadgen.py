@@ -393,7 +393,7 @@ class StreamRun:
         tokens = sum(start <= t <= end for s in self.streams for t in s.token_times())
         ttft = [s.events[0] - s.start for s in self.streams
                 if s.events and start <= s.events[0] <= end]
-        gaps = [b - a for s in self.streams for a, b in zip(s.events, s.events[1:])
+        gaps = [b - a for s in self.streams for a, b in itertools.pairwise(s.events)
                 if start <= b <= end]
         finished = [s for s in self.streams if s.status is not None]
         statuses: dict[str, int] = {}

@@ -2,8 +2,8 @@
 
 The page is generated: every figure on it comes from ``bench/results/*.json``, the
 newest full-size result of each scenario. What is written by hand lives here: why a
-missed target was missed (:data:`EXPLANATIONS`, from profiling) and why the example
-ships the settings it does (:data:`SETTINGS_NOTE`).
+missed target was missed (:data:`EXPLANATIONS`, from profiling) and why the examples
+ship the settings they do (:data:`SETTINGS_NOTE`).
 
     python -m bench.report            # rebuild the page from bench/results/
 """
@@ -51,6 +51,24 @@ EXPLANATIONS: dict[str, str] = {
         "keeping the matrix as `[dim, count]` makes the scan itself 2x faster (20K: 1.5 vs "
         "3.0 ms; 200K: 19 vs 33 ms, in process, one thread), which would put Triton at or "
         "below the hand-written scan."
+    ),
+    "S4.vs_generate": (
+        "Continuous batching is complete here (8.1 tokens per engine step at 8 streams) and "
+        "serving costs little: py-spy on the model process at 8 streams finds the engine "
+        "thread never waiting for work, 94% of it in the model's forward pass, ~2% sending "
+        "responses, ~2% sampling; the load generator uses 0.01 core. The limit is the CPU: "
+        "a forward pass over 8 rows costs 2-2.6x one over a single row (inter-token p50 "
+        "144-187 ms against 68-76 ms at 1 stream, four runs), because fp32 matrix products "
+        "with 8 rows are "
+        "compute-bound on these 2 AVX2 cores (decode matrix products are 60% of the engine's "
+        "time, prefill of new prompts 15%); so 8 streams give ~4x one stream, and sequential "
+        "`generate` runs one stream at about the engine's speed (0.9-1.3x). With these "
+        "settings the ratio was 3.5-4.2x over four runs within 35 minutes, twice at or above "
+        "4x (Settings): the target sits at this machine's limit, and its drift decides. What "
+        "would close it: cores for the 8-row products (the second thread of `threads` auto "
+        "found none free: 1.4 cores busy, the same tokens/s as one thread), int8 or bf16 "
+        "matrix products where the CPU has them, or more rows per step: with "
+        "`maxSequences: 16`, 16 streams gave 6.4x."
     ),
     "S5.reject_p99": (
         "Refusals are usually quick (p50 5 ms here; p99 8.5 and 17 ms in two other S5 runs "
@@ -124,6 +142,62 @@ Why each setting:
 To try a setting: `python -m bench --scenario S1 S2 --set spec.stages.encoder.instances=3`,
 or several side by side: `python -m bench.compare --variant --variant
 spec.stages.encoder.instances=3`.
+
+### `examples/chat.yaml` (S4)
+
+S4 on this page measures the example as it was written when it ran: `engine.threads`
+unset (one per core: 2 here) and `maxSequences: 8`. What S4 says it should ship with:
+
+```yaml
+spec:
+  engine:
+    maxSequences: 16      # was 8
+    threads: 1            # was unset (one per core)
+```
+
+Each row is one or more S4 runs on this machine within 35 minutes
+(`python -m bench --scenario S4 --llm-set spec.engine.threads=1`, results files in
+`bench/results/`); cells: aggregate tokens/s (ratio to sequential `generate` in the same
+run). The ratio moves with the machine: `generate` itself drifted from 10.9 to 13.8
+tokens/s between runs.
+
+| threads, maxSequences | 8 streams | 16 streams | TTFT p50, 16 | cores, 8 |
+|---|---|---|---|---|
+| 2 (auto), 8: runs a | 46.0, 49.5, 43.5, 39.2 (4.17, 4.00, 3.79, 3.48x) | 38-51 | 11-14 s | 1.4 |
+| 1, 8: runs b | 46.5, 53.2 (3.48, 4.19x) | 45.7, 50.8 | 11-14 s | 1.0 |
+| 2 (auto), 16: run c | 45.6 (4.17x) | 70.3 (6.42x) | 1.1 s | 1.4 |
+| 1, 16: run d | 42.8 (3.10x) | 66.4 (4.81x) | 2.3 s | 1.0 |
+
+(a: `20261123T012011Z`, `20261123T013718Z`, `20261123T014807Z`, `20261123T015218Z` (the
+run shown above); b: `20261123T012352Z`,
+`20261123T013950Z`; c: `20261123T014225Z`; d: `20261123T014539Z`. Cores: tritonserver
+and its model process, busy.)
+
+Why each setting:
+
+* **`maxSequences: 16`.** Up to 8 streams nothing changes; at 16 streams every step
+  decodes 16 rows instead of 8 (batching factor 16.2), aggregate tokens/s rises by
+  ~40% (66-70 against 38-51), and time to first token falls from a whole generation
+  (11-14 s: half the streams wait for a slot) to 1.1-2.3 s. The price is inter-token
+  latency at 16 streams (p50 192-202 ms against 130-188 ms with 8 rows) and key/value
+  memory for 16 rows (it grows with the longest sequence, at most ~1.9 GB at the full
+  2048-token context on CPU in float32, against ~0.95 GB for 8). Requests beyond it
+  still queue (`maxWaiting`) and then get 503.
+* **`threads: 1`.** The second thread bought nothing on 2 shared cores: tokens/s at 8
+  and 16 streams are the same within this machine's drift (46.5, 53.2 and 42.8 against
+  46.0, 49.5, 43.5 and 39.2 at 8 streams), while the model process keeps 1.4 cores busy
+  instead of 1.0: the extra 0.4 core buys no tokens. One thread leaves a core for
+  Triton's HTTP front end and, under `make serve`, for the search pipeline. The target's
+  ratio reads lower with it only because the baseline runs with the same thread count
+  and `generate` is ~10% faster with one thread here. On a machine with free cores,
+  more threads do speed up the 8- and 16-row matrix products.
+* **Not recommended: `batching.instances: 2`** (one thread each): 29 tokens/s at 8
+  streams against 43-53 with one instance; the requests are split between two engines
+  (batching factor 3.9) whose matrix products then compete for the same cores and
+  memory.
+* The sampling defaults, context length (2048) and queue bounds (`maxWaiting: 64`,
+  `batching.maxQueueSize: 64`) are not performance settings here: 16 streams never
+  reach the queue bounds.
 """
 
 
@@ -135,6 +209,8 @@ def load_results(paths: Iterable[Path], include_quick: bool) -> list[dict[str, A
     runs = []
     for path in paths:
         body = json.loads(Path(path).read_text())
+        if "scenarios" not in body:  # e.g. bench/llm_gpu.py's figures: see gpu_results()
+            continue
         if body.get("quick") and not include_quick:
             continue
         body["_file"] = Path(path).name
@@ -282,6 +358,48 @@ def plot_s3(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_s4(result: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    levels_data = result["levels"]
+    levels = sorted(int(c) for c in levels_data)
+    points = [levels_data[str(c)] for c in levels]
+    baseline = result["baseline"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    left.plot(levels, [p["tokens_per_s"] for p in points], marker="o",
+              label="tritonop (generate_stream)")
+    left.axhline(baseline["tokens_per_s"], color="grey", ls="--",
+                 label="sequential model.generate")
+    factor = result["target_ratio"]
+    left.axhline(baseline["tokens_per_s"] * factor, color="green", ls=":",
+                 label=f"target: {factor:g}x generate")
+    left.set_ylim(bottom=0)
+    left.set_ylabel("tokens / s (all streams)")
+    left.set_title("S4: aggregate tokens/s")
+    right.plot(levels, [(p["ttft_ms"] or {}).get("p50") for p in points], marker="o",
+               color="C0", label="TTFT p50")
+    right.plot(levels, [(p["ttft_ms"] or {}).get("p99") for p in points], marker="o",
+               color="C0", ls=":", label="TTFT p99")
+    right.plot(levels, [(p["itl_ms"] or {}).get("p50") for p in points], marker="s",
+               color="C1", label="inter-token p50")
+    if baseline.get("ttft_ms"):
+        right.axhline(baseline["ttft_ms"]["p50"], color="grey", ls="--",
+                      label="generate TTFT p50")
+    if baseline.get("itl_ms"):
+        right.axhline(baseline["itl_ms"]["p50"], color="grey", ls=":",
+                      label="generate inter-token p50")
+    right.set_yscale("log")
+    right.set_ylabel("ms")
+    right.set_title("S4: time to first token, inter-token latency")
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.set_xlabel("concurrent streams")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # --- sections ------------------------------------------------------------------------------
 
 
@@ -385,6 +503,108 @@ def section_s5(result: dict[str, Any], img: Path) -> list[str]:
     return lines
 
 
+def section_s4(result: dict[str, Any], img: Path) -> list[str]:
+    plot_s4(result, img / "s4_llm.png")
+    baseline = result["baseline"]
+    engine = result["engine"]
+    defaults = result["service_defaults"]
+    rows = []
+    for c, p in sorted(result["levels"].items(), key=lambda item: int(item[0])):
+        ttft, itl = p["ttft_ms"] or {}, p["itl_ms"] or {}
+        rows.append([c, f"{p['tokens_per_s']:.1f}", fmt(p["vs_generate"], "x"),
+                     f"{fmt(ttft.get('p50'))} / {fmt(ttft.get('p99'))} ({ttft.get('count', 0)})",
+                     f"{fmt(itl.get('p50'))} / {fmt(itl.get('p99'))}",
+                     fmt(p["batching_factor"]), p["cpu_cores_used"]["triton"]])
+    b_ttft, b_itl = baseline["ttft_ms"] or {}, baseline["itl_ms"] or {}
+    rows.append(["sequential `model.generate`", f"{baseline['tokens_per_s']:.1f}", "1x",
+                 f"{fmt(b_ttft.get('p50'))} / {fmt(b_ttft.get('p99'))} "
+                 f"({b_ttft.get('count', 0)})",
+                 f"{fmt(b_itl.get('p50'))} / {fmt(b_itl.get('p99'))}", "1", ""])
+    parts = ", ".join(f"{when} the server {tps:.1f}" for when, tps in baseline["parts"].items())
+    lines = [
+        f"`{result['model_source']}` on {result['device']}, over {result['protocol']} "
+        f"(server-sent events). Each request: a corpus text as `{result['prompt_template']}` "
+        f"({result['prompts']} prompts, chat template applied), `max_tokens` "
+        f"{result['max_tokens']}, temperature {result['temperature']:g}, its own seed, no stop "
+        f"strings; top-p {defaults['top_p']:g} and top-k {defaults['top_k']} from the "
+        f"service's defaults. Engine: `maxSequences` {engine['maxSequences']}, "
+        f"{result['torch_threads']} torch thread(s). Closed loop: each stream sends its next "
+        f"request when one ends; per level {result['warmup_seconds']:g} s of warm-up, then "
+        f"{result['window_seconds']:g} s measured.",
+        "",
+        f"Baseline, same run: `model.generate` on the same model, one request after the other "
+        f"({baseline['requests']} requests, the same prompts, seeds and sampling), "
+        f"{baseline['threads']} torch thread(s) and the model process's environment "
+        f"(`OMP_WAIT_POLICY={baseline.get('omp_wait_policy')}`), "
+        + ("half before the server started and half after it stopped"
+           if len(baseline["parts"]) > 1 else "before the server started")
+        + f": {baseline['tokens_per_s']:.1f} tokens/s ({parts}).",
+        "",
+    ]
+    lines += table(["streams", "tokens/s", "vs generate", "TTFT p50 / p99 ms (requests)",
+                    "inter-token p50 / p99 ms", "batching factor", "Triton CPU cores"], rows)
+    lines += [
+        "Tokens/s: tokens that reached the clients in the window. TTFT: from sending the "
+        "request to its first event (a request waits for a free slot when there are more "
+        "streams than `maxSequences`). Inter-token: gaps between a stream's events. "
+        "Batching factor: generated tokens per engine step, from the model's "
+        "`tritonop_llm_generated_tokens_total` and `tritonop_llm_steps_total` over the "
+        "window (a step that admits a request also decodes, so one stream gives slightly "
+        "over 1). Triton CPU cores: tritonserver and its model process, in cores busy.",
+        "",
+    ]
+    for t in result["targets"]:
+        lines += [f"Target: {t['what']} {t['goal']}: {fmt(t['value'], t['unit'])}, "
+                  f"**{verdict(t['met'])}**.", ""]
+    lines += ["![S4 tokens/s and latency](img/s4_llm.png)", ""]
+    return lines
+
+
+def gpu_results(results_dir: Path = RESULTS) -> dict[str, Any] | None:
+    """The newest figures of ``bench/llm_gpu.py``, if it has been run."""
+    found = sorted(Path(results_dir).glob("llm_gpu-*.json"))
+    if not found:
+        return None
+    body: dict[str, Any] = json.loads(found[-1].read_text())
+    body["_file"] = found[-1].name
+    return body
+
+
+def section_gpu(s4: dict[str, Any] | None, gpu: dict[str, Any] | None) -> list[str]:
+    lines = ["### GPU", ""]
+    if s4 and not s4.get("cuda_available"):
+        lines += ["**No GPU was available in this run**: S4 ran on the CPU "
+                  "(`torch.cuda.is_available()` was false), so there are no GPU figures from "
+                  "it.", ""]
+    lines += [
+        "On a machine with a CUDA GPU, `bench/llm_gpu.py` builds a Mistral-7B-shaped model "
+        "(`MistralConfig`: hidden 4096, 32 layers, 32 heads, 8 KV heads, intermediate 14336, "
+        "vocabulary 32000) with random weights in bfloat16 on the GPU (no download) and "
+        "measures decode tokens/s through `LLMEngine` with 1 and 32 streams; its figures go "
+        "to `bench/results/llm_gpu-<timestamp>.json` and appear here:",
+        "",
+        "```",
+        "python bench/llm_gpu.py                      # 1 and 32 streams, 128 tokens each",
+        "python bench/llm_gpu.py --streams 1 8 32 64  # other batch sizes",
+        "python -m bench.report                       # put them on this page",
+        "```",
+        "",
+    ]
+    if gpu is None:
+        lines += ["*Not run yet: no `bench/results/llm_gpu-*.json`.*", ""]
+        return lines
+    lines += [f"From `{gpu['_file']}`: {gpu['gpu']}, torch {gpu['torch']}, {gpu['dtype']}, "
+              f"{gpu['parameters'] / 1e9:.2f}B parameters, prompts of {gpu['prompt_tokens']} "
+              f"tokens, {gpu['max_tokens']} new tokens per stream.", ""]
+    lines += table(["streams", "decode tokens/s", "per stream", "step ms",
+                    "TTFT ms (prefill)", "tokens/s with prefill"],
+                   [[r["streams"], f"{r['decode_tokens_per_s']:.0f}",
+                     f"{r['decode_tokens_per_s'] / r['streams']:.1f}", fmt(r["step_ms"]),
+                     fmt(r["prefill_ms"]), f"{r['tokens_per_s']:.0f}"]
+                    for r in gpu["runs"]])
+    return lines
+
+
 def stage_table(stages: dict[str, dict[str, Any]]) -> list[str]:
     return table(["model", "requests", "executions", "mean batch", "queue ms / request",
                   "compute ms / request"],
@@ -393,13 +613,33 @@ def stage_table(stages: dict[str, dict[str, Any]]) -> list[str]:
                   for n, b in sorted(stages.items())])
 
 
-SECTIONS = {"S1": section_s1, "S2": section_s2, "S3": section_s3, "S5": section_s5}
+SECTIONS = {"S1": section_s1, "S2": section_s2, "S3": section_s3, "S4": section_s4,
+            "S5": section_s5}
+
+
+def settings_line(result: dict[str, Any], run: dict[str, Any]) -> str:
+    """Which example and overrides a scenario measured, and the run it comes from."""
+    if "example" in result:  # S4: the LLMService example
+        overrides = result.get("overrides")
+        return (f"Settings: `{result['example']}`"
+                + (f" with `{json.dumps(overrides)}`" if overrides else "")
+                + f"; run `{run['_file']}`.")
+    return (f"Settings: `{run['example']}`"
+            + (f" with `{json.dumps(run['overrides'])}`" if run["overrides"] else "")
+            + " (response cache off); corpus of "
+            f"{run['corpus_texts']} texts; run `{run['_file']}`.")
 
 
 def write_report(paths: Iterable[Path], docs_dir: Path = DOCS, *,
-                 include_quick: bool | None = None) -> Path:
-    """Rebuild ``docs_dir/benchmarks.md`` and ``docs_dir/img/`` from results files."""
+                 include_quick: bool | None = None,
+                 gpu: dict[str, Any] | None = None) -> Path:
+    """Rebuild ``docs_dir/benchmarks.md`` and ``docs_dir/img/`` from results files.
+
+    ``gpu``: figures of ``bench/llm_gpu.py`` (by default the newest beside ``paths``).
+    """
     paths = list(paths)
+    if gpu is None and paths:
+        gpu = gpu_results(Path(paths[0]).parent)
     if include_quick is None:
         include_quick = all(json.loads(Path(p).read_text()).get("quick") for p in paths)
     runs = load_results(paths, include_quick)
@@ -414,7 +654,8 @@ def write_report(paths: Iterable[Path], docs_dir: Path = DOCS, *,
         "<!-- Generated by `python -m bench` (bench/report.py) from bench/results/*.json; "
         "edit bench/report.py, not this file. -->",
         "",
-        "How fast tritonop serves embedding search on one machine, against what users would "
+        "How fast tritonop serves embedding search and text generation on one machine, "
+        "against what users would "
         "pick instead. Each comparison runs in the same process tree and the same minutes as "
         "what it is compared with, and is given as a ratio: absolute times on a shared "
         "machine drift. Run it with `make bench` (or `python -m bench`, "
@@ -463,14 +704,13 @@ def write_report(paths: Iterable[Path], docs_dir: Path = DOCS, *,
         result, run = chosen.get(key, ({}, {}))
         if scenario.run is None or "skipped" in result:
             lines += [f"*{scenario.unavailable or 'skipped'}.*", ""]
+            lines += section_gpu(None, gpu) if key == "S4" else []
             continue
         if not result or "error" in result:
             lines += ["*No result yet.*" if not result else "*The last run failed.*", ""]
+            lines += section_gpu(None, gpu) if key == "S4" else []
             continue
-        lines += [f"Settings: `{run['example']}`"
-                  + (f" with `{json.dumps(run['overrides'])}`" if run["overrides"] else "")
-                  + " (response cache off); corpus of "
-                  f"{run['corpus_texts']} texts; run `{run['_file']}`.", ""]
+        lines += [settings_line(result, run), ""]
         lines += SECTIONS[key](result, img)
         missed = [t for t in result["targets"] if t["met"] is False]
         shown: set[str] = set()
@@ -479,6 +719,8 @@ def write_report(paths: Iterable[Path], docs_dir: Path = DOCS, *,
             lines += [f"**MISS** {t['what']}: {fmt(t['value'], t['unit'])} (goal {t['goal']})."
                       + ("" if why in shown else " " + why), ""]
             shown.add(why)
+        if key == "S4":
+            lines += section_gpu(result, gpu)
     lines += ["## Settings", "", SETTINGS_NOTE]
     page = Path(docs_dir) / "benchmarks.md"
     page.write_text("\n".join(lines).rstrip() + "\n")

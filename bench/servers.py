@@ -127,6 +127,32 @@ def stub_processes(server: TritonServer, model: str) -> list[Any]:
     return found
 
 
+def cpu_seconds(server: TritonServer) -> Any:
+    """A function giving the CPU seconds used so far by tritonserver and its stubs."""
+    import psutil
+
+    assert server.process is not None
+    root = psutil.Process(server.process.pid)
+
+    def seconds() -> float:
+        total = 0.0
+        for process in [root, *root.children(recursive=True)]:
+            try:
+                times = process.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                continue
+        return total
+
+    return seconds
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds used so far by this process (the load generator)."""
+    times = os.times()
+    return times.user + times.system
+
+
 def triton_version(server: TritonServer) -> str:
     with urllib.request.urlopen(f"http://{server.http_url}/v2", timeout=10) as response:
         return str(json.loads(response.read()).get("version", "?"))

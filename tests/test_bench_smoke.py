@@ -7,6 +7,7 @@ results file has the shape the report reads, not that any target is met.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,14 +23,26 @@ pytest.importorskip("matplotlib", reason="the bench extra is not installed")
 LEVELS_OK = ("p50", "p90", "p99", "mean", "max")
 
 
+def seed_llm(smol_dir: Path, artifacts: Path, name: str) -> None:
+    """Hard-link the session's prepared SmolLM2 in place: preparing finds it current."""
+    def link(source: str, destination: str) -> None:
+        try:
+            Path(destination).hardlink_to(source)
+        except OSError:
+            shutil.copy2(source, destination)
+
+    shutil.copytree(smol_dir, artifacts / name / "model", copy_function=link)
+
+
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory, exported) -> tuple[dict, Path]:
+def quick_run(tmp_path_factory, exported, smol_dir) -> tuple[dict, Path]:
     from bench import run
-    from bench.servers import bench_resource
+    from bench.servers import bench_resource, load_body
 
     root = tmp_path_factory.mktemp("bench")
     artifacts = root / "artifacts"
     seed_export(bench_resource(run.DEFAULT_EXAMPLE), artifacts, exported)
+    seed_llm(smol_dir, artifacts, load_body(run.DEFAULT_LLM_EXAMPLE)["metadata"]["name"])
     code = run.main(["--quick", "--artifacts-root", str(artifacts), "--results-dir",
                      str(root / "results"), "--docs-dir", str(root / "docs"),
                      "--workdir", str(root / "work")])
@@ -55,12 +68,12 @@ def test_results_file_describes_the_machine_and_run(quick_run):
     assert "commit" in machine["git"]
     assert body["settings"]["cache"]["enabled"] is False
     assert set(body["scenarios"]) == {"S1", "S2", "S3", "S4", "S5"}
-    assert "not yet available" in body["scenarios"]["S4"]["skipped"]
+    assert body["llm_example"] == "examples/chat.yaml"
 
 
 def test_every_target_has_a_figure_and_a_verdict(quick_run):
     body, _ = quick_run
-    for key in ("S1", "S2", "S3", "S5"):
+    for key in ("S1", "S2", "S3", "S4", "S5"):
         targets = body["scenarios"][key]["targets"]
         assert targets, key
         for target in targets:
@@ -104,12 +117,57 @@ def test_s5_accounts_for_every_request(quick_run):
     assert overload["offered_rate_qps"] > 0
 
 
+def test_s4_streams_tokens_at_every_level_against_generate(quick_run):
+    body = quick_run[0]
+    s4 = body["scenarios"]["S4"]
+    levels = body["sizes"]["s4_concurrency"]
+    assert [int(c) for c in s4["levels"]] == levels
+    for concurrency, level in s4["levels"].items():
+        assert level["tokens_per_s"] > 0 and level["tokens"] > 0, level
+        assert set(level["statuses"]) == {"200"}, level
+        assert level["finished"] + level["cut_at_end"] == level["requests"]
+        check_latency(level["ttft_ms"])
+        check_latency(level["itl_ms"])
+        # the server's own counters saw the tokens the clients received
+        assert level["engine_tokens"] >= level["tokens"] * 0.5
+        assert level["vs_generate"] > 0
+        if int(concurrency) > 1:  # continuous batching: several sequences per step
+            assert level["batching_factor"] > 1.5, level
+    baseline = s4["baseline"]
+    # one request at the quick size: measured before the server starts (full size: half
+    # before, half after it stopped)
+    assert baseline["tokens_per_s"] > 0 and "before" in baseline["parts"]
+    assert baseline["requests"] == body["sizes"]["s4_baseline_requests"]
+    assert baseline["threads"] == s4["torch_threads"]
+    assert s4["targets"][0]["id"] == "S4.vs_generate"
+
+
 def test_report_page_and_plots_are_written(quick_run):
     _, docs = quick_run
     page = (docs / "benchmarks.md").read_text()
     for key in ("S1", "S2", "S3", "S4", "S5"):
         assert f"## {key}:" in page
     assert "PASS" in page or "MISS" in page
-    for image in ("s1_latency.png", "s2_throughput.png", "s2_latency.png", "s3_search.png"):
+    for image in ("s1_latency.png", "s2_throughput.png", "s2_latency.png", "s3_search.png",
+                  "s4_llm.png"):
         assert (docs / "img" / image).stat().st_size > 1000
         assert f"img/{image}" in page
+    assert "### GPU" in page and "bench/llm_gpu.py" in page
+
+
+def test_llm_gpu_script_runs_tiny_on_cpu_and_the_report_shows_it(tmp_path):
+    import torch
+    from bench import llm_gpu, report
+
+    out = tmp_path / "llm_gpu-test.json"
+    args = ["--tiny", "--device", "cpu", "--streams", "1", "2", "--max-tokens", "4",
+            "--prompt-tokens", "8", "--repeats", "1", "--out", str(out)]
+    assert llm_gpu.main(args) == 0
+    figures = json.loads(out.read_text())
+    assert [r["streams"] for r in figures["runs"]] == [1, 2]
+    assert all(r["decode_tokens_per_s"] > 0 and r["tokens"] == 4 * r["streams"]
+               for r in figures["runs"])
+    section = "\n".join(report.section_gpu(None, {**figures, "_file": out.name}))
+    assert out.name in section and "| 2 |" in section
+    if not torch.cuda.is_available():
+        assert llm_gpu.main(["--streams", "1"]) == 2  # a clear message, nothing measured

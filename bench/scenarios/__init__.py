@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.context import Context
-from bench.scenarios import s1, s2, s3, s5
+from bench.scenarios import s1, s2, s3, s4, s5
 
 
 @dataclass(frozen=True)
@@ -33,12 +33,10 @@ SCENARIOS: dict[str, Scenario] = {s.key: s for s in (
     Scenario("S3", "corpus scale",
              "search-only latency at 20K, 200K, 1M vectors of 384 dimensions, and memory, "
              "against a numpy scan", s3.run),
-    # S4 lands with the LLMService: register its run function here, and give the report
-    # a section for it (bench/report.py, SECTIONS).
     Scenario("S4", "LLM streaming",
-             "tokens/s, time to first token and inter-token latency at 1, 4, 8, 16 streams, "
-             "SmolLM2, against sequential model.generate",
-             unavailable="not yet available: the LLMService is not built yet"),
+             "aggregate tokens/s, time to first token and inter-token latency at 1, 4, 8, 16 "
+             "concurrent streams over HTTP generate_stream, SmolLM2-135M-Instruct, against "
+             "sequential model.generate on the same model", s4.run),
     Scenario("S5", "overload",
              "3x measured capacity offered against a bounded queue: 503 answer time, "
              "accepted latency, lost requests", s5.run),

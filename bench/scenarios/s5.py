@@ -18,7 +18,6 @@ Steps, all on one server whose stages have the queue bounds of ``Context.s5_queu
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from typing import Any
 
@@ -40,7 +39,7 @@ def run(ctx: Context) -> dict[str, Any]:
     with servers.triton([resource], ctx.artifacts_root, ctx.scratch("s5")) as server:
         snapshots: list[dict[str, Any]] = []
         phases = asyncio.run(_measure(server.grpc_url, resource.name, texts, ctx,
-                                      _server_cpu(server),
+                                      servers.cpu_seconds(server),
                                       lambda: snapshots.append(servers.model_stats(server))))
         batching = servers.stats_delta(*snapshots)
     unloaded, capacity, overload = (phases[p] for p in ("unloaded", "capacity", "overload"))
@@ -77,26 +76,6 @@ def run(ctx: Context) -> dict[str, Any]:
     }
 
 
-def _server_cpu(server: Any) -> Any:
-    """A function giving the CPU seconds used so far by tritonserver and its stubs."""
-    import psutil
-
-    assert server.process is not None
-    root = psutil.Process(server.process.pid)
-
-    def seconds() -> float:
-        total = 0.0
-        for process in [root, *root.children(recursive=True)]:
-            try:
-                times = process.cpu_times()
-                total += times.user + times.system
-            except psutil.Error:
-                continue
-        return total
-
-    return seconds
-
-
 async def _measure(url: str, model: str, texts: list[str], ctx: Context, server_cpu: Any,
                    snapshot: Any) -> dict[str, dict[str, Any]]:
     sizes = ctx.sizes
@@ -109,11 +88,11 @@ async def _measure(url: str, model: str, texts: list[str], ctx: Context, server_
                                      backoff=0.02)
         rate = max(1.0, capacity.summary()["throughput_qps"] * sizes.s5_overload_factor)
         snapshot()
-        wall, ours, theirs = time.perf_counter(), _own_cpu(), server_cpu()
+        wall, ours, theirs = time.perf_counter(), servers.own_cpu_seconds(), server_cpu()
         overload = await open_loop(client, texts, rate, sizes.s5_overload_seconds)
         wall = time.perf_counter() - wall
         snapshot()
-        cpu = {"load_generator": round((_own_cpu() - ours) / wall, 2),
+        cpu = {"load_generator": round((servers.own_cpu_seconds() - ours) / wall, 2),
                "triton": round((server_cpu() - theirs) / wall, 2)}
     phases = {"unloaded": unloaded.summary(), "capacity": capacity.summary(),
               "overload": overload.summary()}
@@ -122,7 +101,3 @@ async def _measure(url: str, model: str, texts: list[str], ctx: Context, server_
     phases["overload"]["cpu_cores_used"] = cpu
     return phases
 
-
-def _own_cpu() -> float:
-    times = os.times()
-    return times.user + times.system

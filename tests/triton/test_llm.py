@@ -24,6 +24,7 @@ import tritonclient.grpc as grpcclient
 
 from tests.support.triton import API, RunningTriton, running_triton
 from tritonop.resources import parse_resource
+from tritonop.runtime.metrics import model_metric
 
 pytestmark = pytest.mark.triton
 
@@ -176,11 +177,10 @@ def test_grpc_streaming(llm_triton):
 
 
 def metric(triton: RunningTriton, name: str, model: str) -> float:
-    text = requests.get(f"http://localhost:{triton.server.ports.metrics}/metrics", timeout=10).text
-    for line in text.splitlines():
-        if line.startswith(f'{name}{{model="{model}"}}'):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} for {model} not in /metrics")
+    page = requests.get(f"http://localhost:{triton.server.ports.metrics}/metrics",
+                        timeout=10).text
+    assert name in page, f"{name} not in /metrics"
+    return model_metric(page, name, model)
 
 
 def test_concurrent_requests_share_decode_steps(llm_triton):

@@ -48,8 +48,8 @@ class _Metrics:
     at a time; continuous batching pushes it toward the number of running sequences.
     """
 
-    def __init__(self, model: str) -> None:
-        labels = {"model": model}
+    def __init__(self, model: str, instance: str) -> None:
+        labels = {"model": model, "instance": instance}
         counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
         # Triton drops a metric whose family is garbage-collected: keep the families.
         self.families = [
@@ -90,7 +90,7 @@ class TritonPythonModel:
         self.engine = LLMEngine(loaded.model, loaded.tokenizer, self.policy,
                                 max_sequences=int(params["max_sequences"]),
                                 max_waiting=int(params["max_waiting"]))
-        self.metrics = _Metrics(args["model_name"])
+        self.metrics = _Metrics(args["model_name"], args["model_instance_name"])
         self.deliveries = Deliveries()
         self.requests: dict[int, tuple[Any, Any]] = {}  # id -> (request, response sender)
         self.ids = itertools.count()

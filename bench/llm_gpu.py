@@ -1,0 +1,201 @@
+"""Decode tokens/s of a Mistral-7B-shaped model on a GPU, through ``LLMEngine`` directly.
+
+The model is built from ``transformers.MistralConfig`` with Mistral-7B's shape (hidden
+4096, 32 layers, 32 attention heads, 8 key/value heads, intermediate 14336, vocabulary
+32000) and random weights, in bfloat16, straight on the GPU: nothing is downloaded.
+Random weights cost what trained ones cost, and what is measured is the serving engine:
+continuous batching, the preallocated key/value cache and per-row sampling.
+
+Prompts are token ids (random, seeded) and the tokenizer maps ids to text and back, so
+no tokenizer file is needed; end-of-sequence is disabled, so every stream generates
+exactly ``--max-tokens`` tokens. For each stream count, all streams are added at once:
+the first engine step prefills them (its time is the time to first token), the following
+steps decode one token per stream each; decode tokens/s counts those steps only.
+
+    python bench/llm_gpu.py                      # 1 and 32 streams
+    python bench/llm_gpu.py --streams 1 8 32 64
+    python bench/llm_gpu.py --tiny --device cpu --out /tmp/x.json   # check the script
+
+Figures go to ``bench/results/llm_gpu-<UTC timestamp>.json``, which ``python -m
+bench.report`` shows in docs/benchmarks.md (S4, GPU). Without CUDA it says so and exits
+with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MISTRAL_7B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+              "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 32000}
+TINY = {"hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 512, "vocab_size": 32000}
+NO_CUDA = ("bench/llm_gpu.py needs a CUDA GPU and a CUDA build of torch; "
+           "torch.cuda.is_available() is false here (torch {version}). Nothing was measured. "
+           "Run it on a machine with a GPU, or add --tiny --device cpu to check the script.")
+
+
+class IdTokenizer:
+    """Text is token ids separated by spaces; each id decodes to `` <id>``.
+
+    Decoding is a concatenation, so the engine's incremental detokenizer emits one piece
+    per token, and there is no end-of-sequence token.
+    """
+
+    eos_token_id = None
+    chat_template = None
+
+    def __call__(self, text: str, **_: Any) -> dict[str, list[int]]:
+        return {"input_ids": [int(token) for token in text.split()]}
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(f" {token}" for token in token_ids)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--max-tokens", type=int, default=128, help="new tokens per stream")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per stream count; the "
+                        "median is kept")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16",
+                                                                "float32"))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a 2-layer model of the same family, to check the script")
+    parser.add_argument("--out", type=Path, help="write the figures here instead of "
+                        "bench/results/llm_gpu-<timestamp>.json (--tiny writes none without it)")
+    return parser.parse_args(argv)
+
+
+def build_model(shape: dict[str, int], dtype: Any, device: str) -> Any:
+    """A ``MistralForCausalLM`` with random weights, created directly on ``device``."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(**shape, max_position_embeddings=32768, eos_token_id=None,
+                           bos_token_id=None, pad_token_id=None)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = MistralForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def measure(engine: Any, prompts: list[str], max_tokens: int, temperature: float,
+            sync: Any) -> dict[str, Any]:
+    """All ``prompts`` at once: prefill time, then decode tokens/s until every one is done."""
+    from tritonop_backend.llm.params import parse_request
+
+    for i, prompt in enumerate(prompts):
+        engine.add(i, parse_request({"text_input": prompt, "max_tokens": max_tokens,
+                                     "temperature": temperature, "seed": i}, engine.policy))
+    started = time.perf_counter()
+    first = engine.step()  # prefill of every prompt, and the first token of each
+    sync()
+    prefilled = time.perf_counter()
+    tokens = sum(len(event.token_ids) for event in first)
+    decoded = steps = 0
+    while engine.has_work():
+        decoded += sum(len(event.token_ids) for event in engine.step())
+        steps += 1
+    sync()
+    ended = time.perf_counter()
+    decode_s = max(ended - prefilled, 1e-9)
+    return {"streams": len(prompts), "tokens": tokens + decoded,
+            "decode_tokens_per_s": decoded / decode_s,
+            "step_ms": round(decode_s / max(steps, 1) * 1000, 3),
+            "prefill_ms": round((prefilled - started) * 1000, 3),
+            "tokens_per_s": (tokens + decoded) / (ended - started),
+            "seconds": round(ended - started, 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+    import transformers
+
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        print(NO_CUDA.format(version=torch.__version__), file=sys.stderr)
+        return 2
+    from tritonop_backend.llm.engine import LLMEngine
+    from tritonop_backend.llm.params import GenerationPolicy
+
+    dtype = getattr(torch, args.dtype)
+    shape = TINY if args.tiny else MISTRAL_7B
+    started = datetime.now(timezone.utc)
+    model = build_model(shape, dtype, args.device)
+    parameters = sum(p.numel() for p in model.parameters())
+    context = args.prompt_tokens + args.max_tokens + 8
+    policy = GenerationPolicy(default_max_tokens=args.max_tokens,
+                              max_tokens_limit=args.max_tokens, default_temperature=0.0,
+                              max_context_tokens=context, apply_chat_template=False)
+    widest = max(args.streams)
+    engine = LLMEngine(model, IdTokenizer(), policy, max_sequences=widest, max_waiting=0,
+                       max_prefill_tokens=widest * args.prompt_tokens)
+    rng = random.Random(20240605)
+    prompts = [" ".join(str(rng.randrange(100, shape["vocab_size"]))
+                        for _ in range(args.prompt_tokens)) for _ in range(widest)]
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    measure(engine, prompts, 4, args.temperature, sync)  # warm-up: kernels, cache storage
+    runs = []
+    for streams in args.streams:
+        repeats = [measure(engine, prompts[:streams], args.max_tokens, args.temperature, sync)
+                   for _ in range(args.repeats)]
+        best = sorted(repeats, key=lambda r: r["decode_tokens_per_s"])[len(repeats) // 2]
+        best["decode_tokens_per_s"] = round(best["decode_tokens_per_s"], 1)
+        best["tokens_per_s"] = round(best["tokens_per_s"], 1)
+        best["repeats_decode_tokens_per_s"] = [round(r["decode_tokens_per_s"], 1)
+                                               for r in repeats]
+        runs.append(best)
+        print(f"{streams:4d} streams: decode {best['decode_tokens_per_s']:9.1f} tokens/s "
+              f"({best['decode_tokens_per_s'] / streams:.1f} per stream, step "
+              f"{best['step_ms']:.1f} ms), prefill {best['prefill_ms']:.0f} ms", flush=True)
+    body = {
+        "kind": "llm_gpu",
+        "started": started.strftime("%Y%m%dT%H%M%SZ"),
+        "model": "Mistral-7B-shaped, random weights" if not args.tiny else "tiny Mistral",
+        "config": shape,
+        "parameters": parameters,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name() if cuda else "none (CPU)",
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "prompt_tokens": args.prompt_tokens,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "runs": runs,
+    }
+    out = args.out or (None if args.tiny else RESULTS / f"llm_gpu-{body['started']}.json")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(body, indent=1) + "\n")
+        print(f"figures: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
