@@ -25,13 +25,15 @@ DOCS = ROOT / "docs"
 # processes, Triton's per-model statistics, in-process timings of the same code).
 EXPLANATIONS: dict[str, str] = {
     "S1.p50": (
-        "Per query the ONNX encoder computes for ~5.8 ms and the 20K search for ~4.6 ms "
-        "(Triton's statistics in S1); tokenizer and pooling ~0.6 ms each; the rest (~2.5 ms) "
-        "is four Python-backend hops and HTTP/gRPC. No setting closes it: the search model "
-        "scans a transposed view of the corpus matrix on one BLAS thread, and a "
-        "pre-transposed `[dim, count]` copy scans 20K in 1.5 ms instead of 3.0 ms "
-        "(in process, one thread); fusing tokenizer, encoder and pooling into one model "
-        "would save two hops."
+        "A near miss (about 0.5-1 ms, within this shared machine's drift between runs). "
+        "Per query, Triton's statistics give the ONNX encoder ~5.3 ms (3.2 ms for the same "
+        "session in process: the rest is the Python backend moving tensors in and out), the "
+        "20K search ~2.6 ms (after the search model began scanning a contiguous "
+        "`[dim, count]` matrix: it was 4.6 ms), tokenizer and pooling ~0.6 ms each, and "
+        "~1.5 ms for four Python-backend hops plus HTTP/gRPC. No setting closes it: the "
+        "encoder queue delay at 0 (now the default) was within noise of 500 us. What would: "
+        "fusing tokenizer, encoder and pooling into one model (two hops fewer, ~0.7 ms), or "
+        "int8 ONNX weights for the encoder."
     ),
     "S2.vs_fastapi": (
         "With the example's former encoder settings (TorchScript, 2 threads, 1 instance) "
@@ -79,13 +81,17 @@ EXPLANATIONS: dict[str, str] = {
         "the spread."
     ),
     "S5.accepted_p99": (
-        "Accepted requests wait in the search model: under overload it runs batches of ~13 "
-        "taking ~50 ms each, and requests queue ~38 ms for it; the encoder adds ~13 ms of "
-        "queue and ~43 ms per batch (table above). Everything shares 2 cores, so each "
-        "batch's wall time swells. Bounding the pooling and search queues too (8) or one "
-        "encoder instance made it worse (52x, 60x). What would close it is code: the 2x "
-        "faster pre-transposed scan, and a threads setting for the search model (it is "
-        "pinned to one BLAS thread by the runtime's OMP_NUM_THREADS=1)."
+        "Accepted requests still queue at four models in a row while 2 cores serve them, "
+        "the rejected requests' HTTP/gRPC work and the load generator: under 3x overload "
+        "they wait ~13 ms for the encoder and ~28 ms for the search model, and each batch "
+        "takes ~40 ms (batches of 5-10; table above), against ~11 ms for a query alone. The "
+        "pre-transposed scan and BLAS threads for the search model are in (the search "
+        "model's batches got cheaper, the encoder is now the bottleneck), and bounding the "
+        "pooling and search queues too (8) or one encoder instance made it worse (52x, "
+        "60x). What would close it: one admission bound for the whole pipeline, so that no "
+        "more requests are inside than it can finish within the latency budget (Triton has "
+        "no queue on an ensemble; a concurrency limit in front of Triton, or the three "
+        "embedding steps fused into one model with one bounded queue, would give one)."
     ),
 }
 
@@ -125,7 +131,8 @@ Why each setting:
 * **`instances: 2`.** Compared side by side (`python -m bench.compare`, both servers
   up, rounds alternating), with ONNX and 1 thread: c=1 77.5 vs 73.5 q/s, c=16 188.5 vs
   162.5, c=64 305 vs 211 q/s (+44%).
-* **Queue delays stay at their defaults** (encoder 500 us, others 0): 1 ms at every
+* **No queue delays** (the default is now 0 everywhere; it was 500 us at the encoder,
+  within noise of 0 in S1): 1 ms at every
   stage plus 2 ms at the encoder cost 4 ms at c=1 (p50 17.4 vs 13.6 ms) and gained
   nothing at c=64 (202 vs 211 q/s); with 2 instances +4% at c=64, within noise. A
   second search instance, a third encoder instance and no encoder delay were all within
@@ -145,8 +152,7 @@ spec.stages.encoder.instances=3`.
 
 ### `examples/chat.yaml` (S4)
 
-S4 on this page measures the example as it was written when it ran: `engine.threads`
-unset (one per core: 2 here) and `maxSequences: 8`. What S4 says it should ship with:
+S4 on this page measures the example as it ships, with what the runs below chose:
 
 ```yaml
 spec:

@@ -86,7 +86,7 @@ class EmbeddingStages(SpecModel):
     """Batching per model of the ensemble; the encoder is the one worth tuning."""
 
     tokenizer: StageSettings = StageSettings()
-    encoder: EncoderSettings = EncoderSettings(max_queue_delay_microseconds=500)
+    encoder: EncoderSettings = EncoderSettings()
     pooling: StageSettings = StageSettings()
     search: SearchSettings = SearchSettings()
 
