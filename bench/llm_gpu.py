@@ -12,6 +12,11 @@ exactly ``--max-tokens`` tokens. For each stream count, all streams are added at
 the first engine step prefills them (its time is the time to first token), the following
 steps decode one token per stream each; decode tokens/s counts those steps only.
 
+The baseline, in the same process and minutes: ``model.generate`` on the same model, one
+request after the other (the same prompts, sampling and number of new tokens), as a user
+of plain ``transformers`` would serve it. Each stream count's tokens/s (prefill included)
+is reported against it as a ratio.
+
     python bench/llm_gpu.py                      # 1 and 32 streams
     python bench/llm_gpu.py --streams 1 8 32 64
     python bench/llm_gpu.py --tiny --device cpu --out /tmp/x.json   # check the script
@@ -68,6 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--repeats", type=int, default=3, help="runs per stream count; the "
                         "median is kept")
+    parser.add_argument("--baseline-requests", type=int, default=3,
+                        help="sequential model.generate calls for the baseline")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16",
                                                                 "float32"))
     parser.add_argument("--device", default="cuda")
@@ -124,6 +131,72 @@ def measure(engine: Any, prompts: list[str], max_tokens: int, temperature: float
             "seconds": round(ended - started, 3)}
 
 
+def kernel_time(engine: Any, prompts: list[str], steps: int, temperature: float) -> float:
+    """GPU time per decode step, in ms: the kernels' own time, from ``torch.profiler``.
+
+    Set against the unprofiled step time, it says how much of a step the GPU is busy;
+    the rest is the host (Python, the framework, kernel launches) keeping it waiting.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from tritonop_backend.llm.params import parse_request
+
+    for i, prompt in enumerate(prompts):
+        engine.add(i, parse_request({"text_input": prompt, "max_tokens": steps + 2,
+                                     "temperature": temperature, "seed": i}, engine.policy))
+    engine.step()  # prefill, not profiled
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    while engine.has_work():
+        engine.step()
+    device_us = sum(event.self_device_time_total for event in profiler.key_averages())
+    return round(device_us / 1000 / steps, 3)
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 1 GiB device-to-device copy, bytes read plus bytes written."""
+    import torch
+
+    size = 1 << 30
+    source = torch.empty(size, dtype=torch.uint8, device="cuda").random_()
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        target.copy_(source)
+    end.record()
+    torch.cuda.synchronize()
+    return round(2 * size * 10 / (start.elapsed_time(end) / 1000) / 1e9, 1)
+
+
+def measure_generate(model: Any, prompts: list[str], max_tokens: int, temperature: float,
+                     sync: Any) -> dict[str, Any]:
+    """``model.generate`` on each prompt in turn, sampling as the engine does."""
+    import torch
+
+    device = next(model.parameters()).device
+    tokens = 0
+    started = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        torch.manual_seed(i)
+        ids = torch.tensor([[int(token) for token in prompt.split()]], device=device)
+        output = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                temperature=temperature, top_k=0, top_p=1.0,
+                                max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                                pad_token_id=0)
+        tokens += output.shape[1] - ids.shape[1]
+    sync()
+    seconds = time.perf_counter() - started
+    return {"requests": len(prompts), "tokens": tokens, "seconds": round(seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 1)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -149,27 +222,45 @@ def main(argv: list[str] | None = None) -> int:
     engine = LLMEngine(model, IdTokenizer(), policy, max_sequences=widest, max_waiting=0,
                        max_prefill_tokens=widest * args.prompt_tokens)
     rng = random.Random(20240605)
+    count = max(widest, args.baseline_requests)
     prompts = [" ".join(str(rng.randrange(100, shape["vocab_size"]))
-                        for _ in range(args.prompt_tokens)) for _ in range(widest)]
+                        for _ in range(args.prompt_tokens)) for _ in range(count)]
 
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize()
 
-    measure(engine, prompts, 4, args.temperature, sync)  # warm-up: kernels, cache storage
+    measure(engine, prompts[:widest], 4, args.temperature, sync)  # warm-up: kernels, cache storage
+    # Its warm-up: one whole request, as the engine's runs get one per stream count.
+    measure_generate(model, prompts[:1], args.max_tokens, args.temperature, sync)
+    baseline = measure_generate(model, prompts[:args.baseline_requests], args.max_tokens,
+                                args.temperature, sync)
+    print(f"sequential model.generate: {baseline['tokens_per_s']:9.1f} tokens/s "
+          f"({baseline['requests']} requests)", flush=True)
     runs = []
     for streams in args.streams:
+        # The first run at each stream count is 2-3x slower than the next ones (seen on an
+        # H100): new shapes for every kernel. It is kept apart, as a warm-up.
+        warmup = measure(engine, prompts[:streams], args.max_tokens, args.temperature, sync)
         repeats = [measure(engine, prompts[:streams], args.max_tokens, args.temperature, sync)
                    for _ in range(args.repeats)]
         best = sorted(repeats, key=lambda r: r["decode_tokens_per_s"])[len(repeats) // 2]
         best["decode_tokens_per_s"] = round(best["decode_tokens_per_s"], 1)
         best["tokens_per_s"] = round(best["tokens_per_s"], 1)
+        best["vs_generate"] = round(best["tokens_per_s"] / baseline["tokens_per_s"], 2)
+        best["warmup_decode_tokens_per_s"] = round(warmup["decode_tokens_per_s"], 1)
         best["repeats_decode_tokens_per_s"] = [round(r["decode_tokens_per_s"], 1)
                                                for r in repeats]
+        if cuda:
+            best["kernel_ms_per_step"] = kernel_time(engine, prompts[:streams], 16,
+                                                     args.temperature)
         runs.append(best)
+        busy = (f", GPU kernels {best['kernel_ms_per_step']:.1f} ms per step"
+                if cuda else "")
         print(f"{streams:4d} streams: decode {best['decode_tokens_per_s']:9.1f} tokens/s "
               f"({best['decode_tokens_per_s'] / streams:.1f} per stream, step "
-              f"{best['step_ms']:.1f} ms), prefill {best['prefill_ms']:.0f} ms", flush=True)
+              f"{best['step_ms']:.1f} ms), prefill {best['prefill_ms']:.0f} ms, "
+              f"{best['vs_generate']}x sequential generate{busy}", flush=True)
     body = {
         "kind": "llm_gpu",
         "started": started.strftime("%Y%m%dT%H%M%SZ"),
@@ -179,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "device": args.device,
         "gpu": torch.cuda.get_device_name() if cuda else "none (CPU)",
+        "copy_gb_per_s": copy_bandwidth() if cuda else None,
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -187,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_tokens": args.prompt_tokens,
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
+        "generate": baseline,
         "runs": runs,
     }
     out = args.out or (None if args.tiny else RESULTS / f"llm_gpu-{body['started']}.json")

@@ -573,6 +573,7 @@ def gpu_results(results_dir: Path = RESULTS) -> dict[str, Any] | None:
         return None
     body: dict[str, Any] = json.loads(found[-1].read_text())
     body["_file"] = found[-1].name
+    body["_all"] = [json.loads(path.read_text()) for path in found]
     return body
 
 
@@ -581,12 +582,14 @@ def section_gpu(s4: dict[str, Any] | None, gpu: dict[str, Any] | None) -> list[s
     if s4 and not s4.get("cuda_available"):
         lines += ["**No GPU was available in this run**: S4 ran on the CPU "
                   "(`torch.cuda.is_available()` was false), so there are no GPU figures from "
-                  "it.", ""]
+                  "it" + (". The figures below come from `bench/llm_gpu.py`, run apart on a "
+                          "machine with one." if gpu else "."), ""]
     lines += [
         "On a machine with a CUDA GPU, `bench/llm_gpu.py` builds a Mistral-7B-shaped model "
         "(`MistralConfig`: hidden 4096, 32 layers, 32 heads, 8 KV heads, intermediate 14336, "
         "vocabulary 32000) with random weights in bfloat16 on the GPU (no download) and "
-        "measures decode tokens/s through `LLMEngine` with 1 and 32 streams; its figures go "
+        "measures decode tokens/s through `LLMEngine` with 1 and 32 streams, against "
+        "sequential `model.generate` on the same model in the same run; its figures go "
         "to `bench/results/llm_gpu-<timestamp>.json` and appear here:",
         "",
         "```",
@@ -602,12 +605,57 @@ def section_gpu(s4: dict[str, Any] | None, gpu: dict[str, Any] | None) -> list[s
     lines += [f"From `{gpu['_file']}`: {gpu['gpu']}, torch {gpu['torch']}, {gpu['dtype']}, "
               f"{gpu['parameters'] / 1e9:.2f}B parameters, prompts of {gpu['prompt_tokens']} "
               f"tokens, {gpu['max_tokens']} new tokens per stream.", ""]
+    baseline = gpu.get("generate")
     lines += table(["streams", "decode tokens/s", "per stream", "step ms",
-                    "TTFT ms (prefill)", "tokens/s with prefill"],
+                    "TTFT ms (prefill)", "tokens/s with prefill", "vs generate",
+                    "decode tokens/s, each run"],
                    [[r["streams"], f"{r['decode_tokens_per_s']:.0f}",
                      f"{r['decode_tokens_per_s'] / r['streams']:.1f}", fmt(r["step_ms"]),
-                     fmt(r["prefill_ms"]), f"{r['tokens_per_s']:.0f}"]
+                     fmt(r["prefill_ms"]), f"{r['tokens_per_s']:.0f}",
+                     f"{r['vs_generate']}x" if "vs_generate" in r else "–",
+                     ", ".join(f"{x:.0f}" for x in r.get("repeats_decode_tokens_per_s", []))]
                     for r in gpu["runs"]])
+    slower = [r["decode_tokens_per_s"] / r["warmup_decode_tokens_per_s"]
+              for r in gpu["runs"] if r.get("warmup_decode_tokens_per_s")]
+    lines += [("Each row is the median of its runs (last column), after one more run at that "
+               "stream count kept apart as a warm-up (the first use of these shapes, most "
+               "likely kernel selection and allocation: it was "
+               f"{min(slower):.1f}-{max(slower):.1f}x slower)." if slower else
+               "Each row is the median of its runs (last column)."), ""]
+    if len(gpu.get("_all", [])) > 1:
+        spans: dict[int, list[float]] = {}
+        for body in gpu["_all"]:
+            for r in body["runs"]:
+                spans.setdefault(r["streams"], []).append(r["decode_tokens_per_s"])
+        generate = [b["generate"]["tokens_per_s"] for b in gpu["_all"] if "generate" in b]
+        lines += [f"All {len(gpu['_all'])} runs of the script so far (each on a freshly "
+                  "started machine), decode tokens/s: "
+                  + "; ".join(f"{n} stream{'s' if n > 1 else ''} {min(v):.0f}-{max(v):.0f}"
+                              for n, v in sorted(spans.items()))
+                  + (f"; sequential generate {min(generate):.1f}-{max(generate):.1f}"
+                     if generate else "") + ".", ""]
+    if baseline:
+        lines += [f"Baseline, same process: `model.generate` on the same model, "
+                  f"{baseline['requests']} requests one after the other, the same sampling and "
+                  f"{gpu['max_tokens']} new tokens each: {baseline['tokens_per_s']:.1f} tokens/s "
+                  "(prefill included, like the last columns).", ""]
+    steps = [r["step_ms"] for r in gpu["runs"]]
+    weights_gb = gpu["parameters"] * (4 if gpu["dtype"] == "float32" else 2) / 1e9
+    text = (f"A decode step took {min(steps):.1f}-{max(steps):.1f} ms whether it carried "
+            f"{gpu['runs'][0]['streams']} or {gpu['runs'][-1]['streams']} streams, so aggregate "
+            "tokens/s grows with the batch almost for free: each step reads the "
+            f"{weights_gb:.1f} GB of weights once for all its streams.")
+    kernels = [r["kernel_ms_per_step"] for r in gpu["runs"] if "kernel_ms_per_step" in r]
+    if kernels and gpu.get("copy_gb_per_s"):
+        floor_ms = weights_gb / gpu["copy_gb_per_s"] * 1000
+        text += (f" The GPU is busy for only {min(kernels):.1f}-{max(kernels):.1f} ms of each "
+                 f"step (its kernels' time, from `torch.profiler`; reading the weights at the "
+                 f"{gpu['copy_gb_per_s']:.0f} GB/s measured for a device copy takes "
+                 f"{floor_ms:.1f} ms): the rest is the host, Python and kernel launches of an "
+                 "eager `transformers` forward pass, keeping it waiting. Capturing the decode "
+                 "step as a CUDA graph per batch-size bucket (with a fixed-width key/value "
+                 "window) or `torch.compile` would remove most of that; neither is done yet.")
+    lines += [text, ""]
     return lines
 
 

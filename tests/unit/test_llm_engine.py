@@ -12,7 +12,6 @@ import shutil
 import threading
 import time
 from collections.abc import Hashable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,10 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
+from tests.support.llm import Outcome, decoded, run
 from tritonop.artifacts.llm import package_gguf
 from tritonop_backend.errors import RequestError
-from tritonop_backend.llm.engine import GenerationEvent, LLMEngine, QueueFullError
+from tritonop_backend.llm.engine import LLMEngine, QueueFullError
 from tritonop_backend.llm.loading import MANIFEST, LoadedModel, load_causal_lm, prepare_gguf
 from tritonop_backend.llm.params import GenerationPolicy, GenerationRequest, parse_request
 
@@ -89,51 +89,6 @@ def reference(smol: LoadedModel, engine: LLMEngine, prompt: str, max_tokens: int
         )
         _references[prompt] = list(output[0, ids.shape[1] :].tolist())
     return _references[prompt][:max_tokens]
-
-
-@dataclass
-class Outcome:
-    """Everything the events told about one request."""
-
-    text: str = ""
-    tokens: list[int] = field(default_factory=list)
-    events: list[GenerationEvent] = field(default_factory=list)
-    finished_at: int | None = None
-
-    @property
-    def last(self) -> GenerationEvent:
-        return self.events[-1]
-
-
-def run(
-    engine: LLMEngine,
-    requests: dict[Hashable, GenerationRequest],
-    joining: dict[int, dict[Hashable, GenerationRequest]] | None = None,
-    max_steps: int = 500,
-) -> dict[Hashable, Outcome]:
-    """Drive the engine until idle; ``joining[n]`` is added after step ``n``."""
-    outcomes: dict[Hashable, Outcome] = {}
-    pending = dict(joining or {})
-    for request_id, item in requests.items():
-        engine.add(request_id, item)
-    for step in range(1, max_steps + 1):
-        for event in engine.step():
-            outcome = outcomes.setdefault(event.request_id, Outcome())
-            assert outcome.finished_at is None, "no event after the last one"
-            outcome.text += event.text
-            outcome.tokens += event.token_ids
-            outcome.events.append(event)
-            if event.finish_reason is not None:
-                outcome.finished_at = step
-        for request_id, item in pending.pop(step, {}).items():
-            engine.add(request_id, item)
-        if not engine.has_work() and not pending:
-            return outcomes
-    raise AssertionError("engine did not finish")
-
-
-def decoded(engine: LLMEngine, tokens: list[int]) -> str:
-    return str(engine.tokenizer.decode(tokens, skip_special_tokens=True))
 
 
 class TestPreparation:
