@@ -10,7 +10,9 @@ Prompts are token ids (random, seeded) and the tokenizer maps ids to text and ba
 no tokenizer file is needed; end-of-sequence is disabled, so every stream generates
 exactly ``--max-tokens`` tokens. For each stream count, all streams are added at once:
 the first engine step prefills them (its time is the time to first token), the following
-steps decode one token per stream each; decode tokens/s counts those steps only.
+steps decode one token per stream each; decode tokens/s counts those steps only. Each
+stream count runs through both decode paths of the engine: fixed-shape steps replayed as
+CUDA graphs (the default on a GPU) and eager steps over the live cache window.
 
 The baseline, in the same process and minutes: ``model.generate`` on the same model, one
 request after the other (the same prompts, sampling and number of new tokens), as a user
@@ -197,6 +199,25 @@ def measure_generate(model: Any, prompts: list[str], max_tokens: int, temperatur
             "tokens_per_s": round(tokens / seconds, 1)}
 
 
+def measure_streams(engine: Any, prompts: list[str], args: argparse.Namespace,
+                    baseline: dict[str, Any], sync: Any, cuda: bool) -> dict[str, Any]:
+    """One stream count: a warm-up run, then the median of ``args.repeats`` runs."""
+    # The first run at each stream count is 2-3x slower than the next ones (seen on an
+    # H100, eager): the first use of these shapes. It is kept apart, as a warm-up.
+    warmup = measure(engine, prompts, args.max_tokens, args.temperature, sync)
+    repeats = [measure(engine, prompts, args.max_tokens, args.temperature, sync)
+               for _ in range(args.repeats)]
+    best = sorted(repeats, key=lambda r: r["decode_tokens_per_s"])[len(repeats) // 2]
+    best["decode_tokens_per_s"] = round(best["decode_tokens_per_s"], 1)
+    best["tokens_per_s"] = round(best["tokens_per_s"], 1)
+    best["vs_generate"] = round(best["tokens_per_s"] / baseline["tokens_per_s"], 2)
+    best["warmup_decode_tokens_per_s"] = round(warmup["decode_tokens_per_s"], 1)
+    best["repeats_decode_tokens_per_s"] = [round(r["decode_tokens_per_s"], 1) for r in repeats]
+    if cuda:
+        best["kernel_ms_per_step"] = kernel_time(engine, prompts, 16, args.temperature)
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -219,10 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                               max_tokens_limit=args.max_tokens, default_temperature=0.0,
                               max_context_tokens=context, apply_chat_template=False)
     widest = max(args.streams)
-    engine = LLMEngine(model, IdTokenizer(), policy, max_sequences=widest, max_waiting=0,
-                       max_prefill_tokens=widest * args.prompt_tokens)
-    rng = random.Random(20240605)
     count = max(widest, args.baseline_requests)
+    rng = random.Random(20240605)
     prompts = [" ".join(str(rng.randrange(100, shape["vocab_size"]))
                         for _ in range(args.prompt_tokens)) for _ in range(count)]
 
@@ -230,37 +249,34 @@ def main(argv: list[str] | None = None) -> int:
         if cuda:
             torch.cuda.synchronize()
 
-    measure(engine, prompts[:widest], 4, args.temperature, sync)  # warm-up: kernels, cache storage
     # Its warm-up: one whole request, as the engine's runs get one per stream count.
     measure_generate(model, prompts[:1], args.max_tokens, args.temperature, sync)
     baseline = measure_generate(model, prompts[:args.baseline_requests], args.max_tokens,
                                 args.temperature, sync)
     print(f"sequential model.generate: {baseline['tokens_per_s']:9.1f} tokens/s "
           f"({baseline['requests']} requests)", flush=True)
+    # The engine's two decode paths: fixed-shape steps (replayed as CUDA graphs on a GPU)
+    # and eager steps over the live window.
+    modes = {"cuda-graphs" if cuda else "fixed-shape": True, "eager": False}
     runs = []
-    for streams in args.streams:
-        # The first run at each stream count is 2-3x slower than the next ones (seen on an
-        # H100): new shapes for every kernel. It is kept apart, as a warm-up.
-        warmup = measure(engine, prompts[:streams], args.max_tokens, args.temperature, sync)
-        repeats = [measure(engine, prompts[:streams], args.max_tokens, args.temperature, sync)
-                   for _ in range(args.repeats)]
-        best = sorted(repeats, key=lambda r: r["decode_tokens_per_s"])[len(repeats) // 2]
-        best["decode_tokens_per_s"] = round(best["decode_tokens_per_s"], 1)
-        best["tokens_per_s"] = round(best["tokens_per_s"], 1)
-        best["vs_generate"] = round(best["tokens_per_s"] / baseline["tokens_per_s"], 2)
-        best["warmup_decode_tokens_per_s"] = round(warmup["decode_tokens_per_s"], 1)
-        best["repeats_decode_tokens_per_s"] = [round(r["decode_tokens_per_s"], 1)
-                                               for r in repeats]
+    for mode, static in modes.items():
+        engine = LLMEngine(model, IdTokenizer(), policy, max_sequences=widest, max_waiting=0,
+                           max_prefill_tokens=widest * args.prompt_tokens,
+                           static_decode=static)
+        measure(engine, prompts[:widest], 4, args.temperature, sync)  # kernels, cache storage
+        for streams in args.streams:
+            runs.append(measure_streams(engine, prompts[:streams], args, baseline, sync, cuda))
+            runs[-1]["mode"] = mode
+            best = runs[-1]
+            busy = (f", GPU kernels {best['kernel_ms_per_step']:.1f} ms per step"
+                    if cuda else "")
+            print(f"{mode:>12} {streams:4d} streams: decode {best['decode_tokens_per_s']:9.1f} "
+                  f"tokens/s ({best['decode_tokens_per_s'] / streams:.1f} per stream, step "
+                  f"{best['step_ms']:.1f} ms), prefill {best['prefill_ms']:.0f} ms, "
+                  f"{best['vs_generate']}x sequential generate{busy}", flush=True)
+        del engine
         if cuda:
-            best["kernel_ms_per_step"] = kernel_time(engine, prompts[:streams], 16,
-                                                     args.temperature)
-        runs.append(best)
-        busy = (f", GPU kernels {best['kernel_ms_per_step']:.1f} ms per step"
-                if cuda else "")
-        print(f"{streams:4d} streams: decode {best['decode_tokens_per_s']:9.1f} tokens/s "
-              f"({best['decode_tokens_per_s'] / streams:.1f} per stream, step "
-              f"{best['step_ms']:.1f} ms), prefill {best['prefill_ms']:.0f} ms, "
-              f"{best['vs_generate']}x sequential generate{busy}", flush=True)
+            torch.cuda.empty_cache()
     body = {
         "kind": "llm_gpu",
         "started": started.strftime("%Y%m%dT%H%M%SZ"),

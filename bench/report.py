@@ -606,57 +606,77 @@ def section_gpu(s4: dict[str, Any] | None, gpu: dict[str, Any] | None) -> list[s
               f"{gpu['parameters'] / 1e9:.2f}B parameters, prompts of {gpu['prompt_tokens']} "
               f"tokens, {gpu['max_tokens']} new tokens per stream.", ""]
     baseline = gpu.get("generate")
-    lines += table(["streams", "decode tokens/s", "per stream", "step ms",
-                    "TTFT ms (prefill)", "tokens/s with prefill", "vs generate",
-                    "decode tokens/s, each run"],
-                   [[r["streams"], f"{r['decode_tokens_per_s']:.0f}",
+    runs = gpu["runs"]
+    lines += table(["decode path", "streams", "decode tokens/s", "per stream", "step ms",
+                    "GPU kernels ms / step", "TTFT ms (prefill)", "tokens/s with prefill",
+                    "vs generate", "decode tokens/s, each run"],
+                   [[r.get("mode", "eager"), r["streams"], f"{r['decode_tokens_per_s']:.0f}",
                      f"{r['decode_tokens_per_s'] / r['streams']:.1f}", fmt(r["step_ms"]),
-                     fmt(r["prefill_ms"]), f"{r['tokens_per_s']:.0f}",
+                     fmt(r.get("kernel_ms_per_step")), fmt(r["prefill_ms"]),
+                     f"{r['tokens_per_s']:.0f}",
                      f"{r['vs_generate']}x" if "vs_generate" in r else "–",
                      ", ".join(f"{x:.0f}" for x in r.get("repeats_decode_tokens_per_s", []))]
-                    for r in gpu["runs"]])
+                    for r in runs])
     slower = [r["decode_tokens_per_s"] / r["warmup_decode_tokens_per_s"]
-              for r in gpu["runs"] if r.get("warmup_decode_tokens_per_s")]
+              for r in runs if r.get("warmup_decode_tokens_per_s")]
     lines += [("Each row is the median of its runs (last column), after one more run at that "
-               "stream count kept apart as a warm-up (the first use of these shapes, most "
-               "likely kernel selection and allocation: it was "
-               f"{min(slower):.1f}-{max(slower):.1f}x slower)." if slower else
+               "stream count kept apart as a warm-up (the first use of these shapes: it was up "
+               f"to {max(slower):.1f}x slower). GPU kernels: the kernels' own "
+               "time per step, from `torch.profiler`." if slower else
                "Each row is the median of its runs (last column)."), ""]
     if len(gpu.get("_all", [])) > 1:
-        spans: dict[int, list[float]] = {}
+        spans: dict[tuple[str, int], list[float]] = {}
         for body in gpu["_all"]:
             for r in body["runs"]:
-                spans.setdefault(r["streams"], []).append(r["decode_tokens_per_s"])
+                key = (r.get("mode", "eager"), r["streams"])
+                spans.setdefault(key, []).append(r["decode_tokens_per_s"])
         generate = [b["generate"]["tokens_per_s"] for b in gpu["_all"] if "generate" in b]
         lines += [f"All {len(gpu['_all'])} runs of the script so far (each on a freshly "
                   "started machine), decode tokens/s: "
-                  + "; ".join(f"{n} stream{'s' if n > 1 else ''} {min(v):.0f}-{max(v):.0f}"
-                              for n, v in sorted(spans.items()))
+                  + "; ".join(f"{mode} {n}: {min(v):.0f}-{max(v):.0f} ({len(v)} runs)"
+                              if len(v) > 1 else f"{mode} {n}: {v[0]:.0f} (1 run)"
+                              for (mode, n), v in sorted(spans.items()))
                   + (f"; sequential generate {min(generate):.1f}-{max(generate):.1f}"
                      if generate else "") + ".", ""]
     if baseline:
         lines += [f"Baseline, same process: `model.generate` on the same model, "
                   f"{baseline['requests']} requests one after the other, the same sampling and "
                   f"{gpu['max_tokens']} new tokens each: {baseline['tokens_per_s']:.1f} tokens/s "
-                  "(prefill included, like the last columns).", ""]
-    steps = [r["step_ms"] for r in gpu["runs"]]
+                  "(prefill included, like the tokens/s with prefill column).", ""]
+    lines += [gpu_narrative(gpu), ""]
+    return lines
+
+
+def gpu_narrative(gpu: dict[str, Any]) -> str:
+    """What the GPU figures say: where a step's time goes, and what CUDA graphs changed."""
     weights_gb = gpu["parameters"] * (4 if gpu["dtype"] == "float32" else 2) / 1e9
-    text = (f"A decode step took {min(steps):.1f}-{max(steps):.1f} ms whether it carried "
-            f"{gpu['runs'][0]['streams']} or {gpu['runs'][-1]['streams']} streams, so aggregate "
-            "tokens/s grows with the batch almost for free: each step reads the "
-            f"{weights_gb:.1f} GB of weights once for all its streams.")
-    kernels = [r["kernel_ms_per_step"] for r in gpu["runs"] if "kernel_ms_per_step" in r]
+    eager = [r for r in gpu["runs"] if r.get("mode", "eager") == "eager"]
+    graphs = [r for r in gpu["runs"] if r.get("mode") == "cuda-graphs"]
+    steps = [r["step_ms"] for r in eager]
+    text = (f"Eager, a decode step took {min(steps):.1f}-{max(steps):.1f} ms whether it "
+            f"carried {eager[0]['streams']} or {eager[-1]['streams']} streams: each step reads "
+            f"the {weights_gb:.1f} GB of weights once for all its streams, so aggregate "
+            "tokens/s grows with the batch almost for free.")
+    kernels = [r["kernel_ms_per_step"] for r in eager if r.get("kernel_ms_per_step")]
     if kernels and gpu.get("copy_gb_per_s"):
         floor_ms = weights_gb / gpu["copy_gb_per_s"] * 1000
-        text += (f" The GPU is busy for only {min(kernels):.1f}-{max(kernels):.1f} ms of each "
-                 f"step (its kernels' time, from `torch.profiler`; reading the weights at the "
-                 f"{gpu['copy_gb_per_s']:.0f} GB/s measured for a device copy takes "
-                 f"{floor_ms:.1f} ms): the rest is the host, Python and kernel launches of an "
-                 "eager `transformers` forward pass, keeping it waiting. Capturing the decode "
-                 "step as a CUDA graph per batch-size bucket (with a fixed-width key/value "
-                 "window) or `torch.compile` would remove most of that; neither is done yet.")
-    lines += [text, ""]
-    return lines
+        text += (f" But the GPU is busy for only {min(kernels):.1f}-{max(kernels):.1f} ms of "
+                 f"it (reading the weights at the {gpu['copy_gb_per_s']:.0f} GB/s measured for "
+                 f"a device copy takes {floor_ms:.1f} ms): the rest is the host, Python and "
+                 "the kernel launches of an eager `transformers` forward pass.")
+    if graphs:
+        by_streams = {r["streams"]: r for r in eager}
+        gains = [f"{r['streams']}: {r['decode_tokens_per_s'] / by_streams[r['streams']]['decode_tokens_per_s']:.1f}x"  # noqa: E501
+                 for r in graphs if r["streams"] in by_streams]
+        graph_steps = [r["step_ms"] for r in graphs]
+        text += (" Replayed as CUDA graphs (the engine's default on a GPU: fixed-shape steps, "
+                 "one graph per batch-size bucket), a step takes "
+                 f"{min(graph_steps):.1f}-{max(graph_steps):.1f} ms; decode tokens/s against "
+                 "eager, by streams: " + ", ".join(gains) + ".")
+    else:
+        text += (" These figures predate the CUDA-graph decode path; run the script again "
+                 "to compare the two.")
+    return text
 
 
 def stage_table(stages: dict[str, dict[str, Any]]) -> list[str]:

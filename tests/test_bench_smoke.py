@@ -164,13 +164,15 @@ def test_llm_gpu_script_runs_tiny_on_cpu_and_the_report_shows_it(tmp_path):
             "--prompt-tokens", "8", "--repeats", "1", "--out", str(out)]
     assert llm_gpu.main(args) == 0
     figures = json.loads(out.read_text())
-    assert [r["streams"] for r in figures["runs"]] == [1, 2]
+    assert [(r["mode"], r["streams"]) for r in figures["runs"]] == [
+        ("fixed-shape", 1), ("fixed-shape", 2), ("eager", 1), ("eager", 2)]
     assert all(r["decode_tokens_per_s"] > 0 and r["tokens"] == 4 * r["streams"]
                for r in figures["runs"])
     assert figures["generate"]["tokens"] == 4 * 3  # the baseline: 3 requests of 4 tokens
     assert all(r["vs_generate"] > 0 and r["warmup_decode_tokens_per_s"] > 0
                for r in figures["runs"])
     section = "\n".join(report.section_gpu(None, {**figures, "_file": out.name}))
-    assert out.name in section and "| 2 |" in section and "model.generate" in section
+    assert out.name in section and "| fixed-shape | 2 |" in section
+    assert "model.generate" in section and "Eager, a decode step took" in section
     if not torch.cuda.is_available():
         assert llm_gpu.main(["--streams", "1"]) == 2  # a clear message, nothing measured

@@ -51,7 +51,7 @@ def save_tiny_mistral(directory: Path) -> Path:
     torch.manual_seed(0)
     config = MistralConfig(vocab_size=len(vocab), hidden_size=128, intermediate_size=256,
                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                           max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
                            pad_token_id=2)
     MistralForCausalLM(config).save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
@@ -94,8 +94,13 @@ def test_loads_on_the_gpu_in_the_named_dtype_and_generates(model_dir: Path, dtyp
         assert outcome.text == decoded(engine, outcome.tokens)
 
 
-def test_greedy_equals_generate_alone_and_in_a_batch(fp32: LoadedModel) -> None:
-    engine = LLMEngine(fp32.model, fp32.tokenizer, POLICY, max_sequences=4)
+@pytest.mark.parametrize("static_decode", [None, False], ids=["cuda-graphs", "eager"])
+def test_greedy_equals_generate_alone_and_in_a_batch(
+    fp32: LoadedModel, static_decode: bool | None
+) -> None:
+    """By default decode steps replay CUDA graphs (one per batch-size bucket)."""
+    engine = LLMEngine(fp32.model, fp32.tokenizer, POLICY, max_sequences=4,
+                       static_decode=static_decode)
     references = [generate_greedy(fp32, engine, prompt, 16) for prompt in PROMPTS]
     assert len({tuple(r) for r in references}) == len(PROMPTS), "prompts should differ"
     for prompt, expected in zip(PROMPTS, references, strict=True):
@@ -106,6 +111,22 @@ def test_greedy_equals_generate_alone_and_in_a_batch(fp32: LoadedModel) -> None:
                    joining={3: {2: request(PROMPTS[2]), 3: request(PROMPTS[3])}})
     for i, expected in enumerate(references):
         assert together[i].tokens == expected, f"prompt {i}"
+    if static_decode is None:
+        assert engine._static is not None and engine._static.graphs
+        assert engine._static.recordings >= 3  # buckets of 1, 2 and 4 rows at least
+
+
+def test_graphs_are_recorded_again_when_the_cache_grows(fp32: LoadedModel) -> None:
+    """300 tokens outgrow the buffer's first 256 columns; the step must follow the move."""
+    policy = GenerationPolicy(default_max_tokens=300, max_tokens_limit=300,
+                              default_temperature=0.0, max_context_tokens=400,
+                              apply_chat_template=False)
+    engine = LLMEngine(fp32.model, fp32.tokenizer, policy, max_sequences=2)
+    prompt = PROMPTS[2]
+    outcome = run(engine, {"a": parse_request({"text_input": prompt}, policy)})["a"]
+    assert outcome.tokens == generate_greedy(fp32, engine, prompt, 300)
+    assert engine._kv.capacity > 256
+    assert engine._static is not None and engine._static.recordings >= 2
 
 
 def test_seeded_sampling_is_the_same_alone_and_in_a_crowd(fp32: LoadedModel) -> None:

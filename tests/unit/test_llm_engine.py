@@ -118,9 +118,14 @@ class TestGreedyEqualsGenerate:
         assert outcome.tokens == reference(smol, engine, prompt, 24)
         assert outcome.text == decoded(engine, outcome.tokens)
 
+    @pytest.mark.parametrize("static_decode", [False, True], ids=["eager", "fixed-shape"])
     def test_in_a_mixed_batch_with_one_joining_late(
-        self, smol: LoadedModel, engine: LLMEngine
+        self, smol: LoadedModel, static_decode: bool
     ) -> None:
+        """Also with the fixed-shape decode step that a GPU records as CUDA graphs."""
+        engine = LLMEngine(smol.model, smol.tokenizer, POLICY, max_sequences=4, max_waiting=4,
+                           static_decode=static_decode)
+        assert (engine._static is not None) == static_decode
         greedy = {f"g{i}": request(p, max_tokens=20) for i, p in enumerate(PROMPTS)}
         others = {
             "sampled": request(
@@ -344,8 +349,12 @@ class TestText:
 class TestMistralShape:
     """The GPU target's architecture, tiny and randomly initialised, on the CPU."""
 
+    @pytest.mark.parametrize("static_decode", [False, True], ids=["eager", "fixed-shape"])
     @pytest.mark.parametrize("sliding_window", [None, 8])
-    def test_greedy_equals_generate(self, smol: LoadedModel, sliding_window: int | None) -> None:
+    def test_greedy_equals_generate(
+        self, smol: LoadedModel, sliding_window: int | None, static_decode: bool
+    ) -> None:
+        """Sequences longer than the window, and one joining late (3 rows, then 4)."""
         tokenizer = smol.tokenizer
         torch.manual_seed(0)
         config = MistralConfig(
@@ -361,9 +370,12 @@ class TestMistralShape:
             pad_token_id=tokenizer.eos_token_id,
         )
         model = MistralForCausalLM(config).eval()
-        engine = LLMEngine(model, tokenizer, POLICY, max_sequences=3)
-        outcomes = run(engine, {i: request(p, max_tokens=20) for i, p in enumerate(PROMPTS)})
-        for i, prompt in enumerate(PROMPTS):
+        engine = LLMEngine(model, tokenizer, POLICY, max_sequences=4,
+                           static_decode=static_decode)
+        late = "Name a planet, then explain in one sentence why it is interesting."
+        outcomes = run(engine, {i: request(p, max_tokens=20) for i, p in enumerate(PROMPTS)},
+                       joining={5: {3: request(late, max_tokens=20)}})
+        for i, prompt in enumerate([*PROMPTS, late]):
             ids = torch.tensor([engine.encode_prompt(prompt)])
             output = model.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import torch
 
 from tritonop_backend.errors import RequestError
+from tritonop_backend.llm.graphs import StaticDecoder
 from tritonop_backend.llm.kv import KVBuffer, Window
 from tritonop_backend.llm.params import GenerationPolicy, GenerationRequest
 from tritonop_backend.llm.sampling import RowParams, make_generator, select_next_tokens
@@ -113,6 +114,7 @@ class LLMEngine:
         max_waiting: int = 64,
         max_prefill_tokens: int = 4096,
         device: torch.device | str | None = None,
+        static_decode: bool | None = None,
     ) -> None:
         """Wrap a loaded model; nothing runs until the first step.
 
@@ -125,6 +127,9 @@ class LLMEngine:
             max_prefill_tokens: padded prompt tokens admitted in one step, so that a burst
                 of long prompts does not stall running sequences for too long.
             device: where the model lives; by default the device of its parameters.
+            static_decode: run decode steps at fixed shapes, recorded once and replayed
+                as CUDA graphs on a GPU (see ``graphs.py``); None means on for CUDA. On
+                the CPU it runs the same fixed-shape step eagerly (slower: for tests).
         """
         policy.validate()
         if max_sequences < 1 or max_waiting < 0:
@@ -142,6 +147,13 @@ class LLMEngine:
         num_layers = model.config.get_text_config().num_hidden_layers
         self._kv = KVBuffer(num_layers, max_sequences, context + max(64, context // 4), self.device)
         self._cache = self._kv.cache()
+        if static_decode is None:
+            static_decode = self.device.type == "cuda"
+        self._static = (
+            StaticDecoder(model, self._kv, self._cache, max_sequences, graphs=True)
+            if static_decode and StaticDecoder.supports(model)
+            else None
+        )
         self._running: list[_Sequence] = []
         self._rows: RowParams | None = None
         self._waiting: deque[_Sequence] = deque()
@@ -324,17 +336,35 @@ class LLMEngine:
         last = torch.tensor([seq.generated[-1] for seq in self._running], device=self.device)
         self._kv.tokens[:count, end] = last
         lengths = torch.tensor([seq.length for seq in self._running], device=self.device)
-        width = end - self._kv.start + 1
-        columns = torch.arange(width, device=self.device)
-        mask = columns[None, :] >= (width - 1 - lengths)[:, None]
-        self._kv.window = Window(rows=(0, count), read_from=self._kv.start, write_at=end)
-        logits = self._forward(last[:, None], mask, lengths[:, None])
+        logits = self._static_forward(last, lengths, end) if self._static else None
+        if logits is None:
+            width = end - self._kv.start + 1
+            columns = torch.arange(width, device=self.device)
+            mask = columns[None, :] >= (width - 1 - lengths)[:, None]
+            self._kv.window = Window(rows=(0, count), read_from=self._kv.start, write_at=end)
+            logits = self._forward(last[:, None], mask, lengths[:, None])
         self._kv.end += 1
         for seq in self._running:
             seq.length += 1
         if self._rows is None:
             self._rows = _row_params(self._running, self.device)
         return self._sample_and_emit(logits, (0, count), self._rows)
+
+    def _static_forward(
+        self, last: torch.Tensor, lengths: torch.Tensor, end: int
+    ) -> torch.Tensor | None:
+        """The fixed-shape decode pass; None (and off from now on) if the model refuses it.
+
+        A model whose forward pass cannot be recorded (a host synchronisation inside, say)
+        falls back to the eager step, which writes the same cache column again.
+        """
+        assert self._static is not None
+        try:
+            return self._static.forward(last, lengths, end)
+        except Exception:
+            LOGGER.exception("fixed-shape decode failed; decoding eagerly from now on")
+            self._static = None
+            return None
 
     def _forward(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor

@@ -60,6 +60,10 @@ class KVBuffer:
         self.values: list[torch.Tensor] = []
         self.tokens = torch.zeros((max_rows, self.capacity), dtype=torch.long, device=device)
         self.window = Window(rows=(0, 0), read_from=0, write_at=0)
+        self.static_at: torch.Tensor | None = None
+        """Set by a fixed-shape step (``graphs.StaticDecoder``): the write column, on the device."""
+        self.static_rows = 0
+        """Rows of that step (a batch-size bucket)."""
 
     def write(
         self, layer: int, key: torch.Tensor, value: torch.Tensor
@@ -67,6 +71,12 @@ class KVBuffer:
         """Store one layer's new keys and values; return the layer's whole window."""
         if not self.keys:
             self._allocate(key)
+        if self.static_at is not None:  # fixed shapes: every column, written by index
+            keys = self.keys[layer][: self.static_rows]
+            values = self.values[layer][: self.static_rows]
+            keys.index_copy_(2, self.static_at, key)
+            values.index_copy_(2, self.static_at, value)
+            return keys, values
         lo, hi = self.window.rows
         at, new = self.window.write_at, key.shape[2]
         self.keys[layer][lo:hi, :, at : at + new] = key

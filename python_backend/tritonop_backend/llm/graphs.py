@@ -1,0 +1,193 @@
+"""Decode steps with fixed shapes, so that a GPU can replay them as CUDA graphs.
+
+An eager decode step of a 7B model in ``transformers`` launches hundreds of small kernels
+from Python; measured on an H100, the GPU was busy for 8-10 ms of a 25-45 ms step and
+waited on the host for the rest. A CUDA graph records those launches once and replays
+them with one call. Graphs need fixed shapes and fixed memory, so a static step:
+
+- pads the batch to a *bucket* (1, 2, 4, 8, ... up to ``max_sequences``); padding rows
+  attend to one column only, so they stay finite, and their outputs are dropped;
+- reads every column of the key/value buffer and masks the ones a row does not own,
+  instead of slicing the live window (the slice's width changes every step);
+- writes the new keys and values with ``index_copy_`` at a column held in a device
+  tensor, instead of a Python slice baked into the recording;
+- passes a ready 4D additive mask, so ``transformers`` builds none.
+
+Graphs are recorded per bucket on first use and recorded again when the buffer is
+reallocated (it grows by doubling, so rarely). Without CUDA, or with graphs off, the same
+fixed-shape step runs eagerly: the CPU tests check it against ``generate`` that way.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tritonop_backend.llm.kv import KVBuffer
+
+LOGGER = logging.getLogger(__name__)
+
+
+def buckets(max_rows: int) -> list[int]:
+    """Batch sizes a static step is recorded for: powers of two, and ``max_rows``."""
+    sizes = [1]
+    while sizes[-1] * 2 < max_rows:
+        sizes.append(sizes[-1] * 2)
+    return sorted({*sizes, max_rows})
+
+
+@dataclass
+class _Inputs:
+    """The tensors one bucket's recorded step reads from and writes to."""
+
+    ids: torch.Tensor  # [rows, 1] last token of each row
+    positions: torch.Tensor  # [rows, 1] its position
+    mask: torch.Tensor  # [rows, 1, 1, columns] 0 where attended, dtype minimum elsewhere
+    at: torch.Tensor  # [1] column the new keys and values go to
+    logits: torch.Tensor | None = None  # [rows, vocab], written by the step
+    graph: Any = None  # torch.cuda.CUDAGraph once recorded
+
+
+class StaticDecoder:
+    """Runs the decode pass of :class:`~tritonop_backend.llm.engine.LLMEngine` at fixed shapes."""
+
+    def __init__(
+        self, model: Any, kv: KVBuffer, cache: Any, max_rows: int, *, graphs: bool
+    ) -> None:
+        """Bind to the engine's model and buffer.
+
+        Args:
+            model: the causal LM.
+            kv: the engine's key/value buffer; its storage must not be replaced behind
+                this object's back except by growing, which is detected.
+            cache: the ``transformers`` cache view of ``kv``.
+            max_rows: the engine's ``max_sequences``.
+            graphs: record and replay CUDA graphs (needs a CUDA device); otherwise run
+                the fixed-shape pass eagerly.
+        """
+        self.model = model
+        self.kv = kv
+        self.cache = cache
+        self.buckets = buckets(max_rows)
+        self.graphs = graphs and kv.device.type == "cuda"
+        config = model.config.get_text_config()
+        window = getattr(config, "sliding_window", None)
+        use_window = getattr(config, "use_sliding_window", True)
+        self.window: int | None = window if window and use_window is not False else None
+        self._inputs: dict[int, _Inputs] = {}
+        self._storage: tuple[int, int] | None = None
+        self._pool: Any = None
+        self.recordings = 0
+        """CUDA graphs recorded so far (one per bucket, again after the buffer grows)."""
+
+    @staticmethod
+    def supports(model: Any) -> bool:
+        """Whether one mask serves every layer (not so with mixed sliding/full layers)."""
+        config = model.config.get_text_config()
+        kinds = set(getattr(config, "layer_types", None) or [])
+        return not (getattr(config, "sliding_window", None) and len(kinds) > 1)
+
+    def forward(self, last: torch.Tensor, lengths: torch.Tensor, end: int) -> torch.Tensor:
+        """Next-token logits for each running row.
+
+        Args:
+            last: ``[count]`` the token each row feeds in (already on the device).
+            lengths: ``[count]`` tokens each row holds in the cache before this step,
+                which is also the new token's position.
+            end: the buffer column the new token goes to.
+
+        Returns:
+            ``[count, vocab]`` logits; a view into the bucket's output when graphs are on,
+            valid until the next step.
+        """
+        count = int(last.shape[0])
+        size = next(b for b in self.buckets if b >= count)
+        storage = (self.kv.capacity, self.kv.keys[0].data_ptr())
+        if storage != self._storage:  # reallocated: recordings point at the old memory
+            self._inputs.clear()
+            self._storage = storage
+        inputs = self._inputs.get(size)
+        if inputs is None:
+            inputs = self._inputs[size] = self._allocate(size)
+        self._fill(inputs, last, lengths, end)
+        if not self.graphs:
+            inputs.logits = self._run(inputs)
+        elif inputs.graph is None:
+            self._record(inputs)
+        else:
+            inputs.graph.replay()
+        assert inputs.logits is not None
+        return inputs.logits[:count]
+
+    def _allocate(self, rows: int) -> _Inputs:
+        device, columns = self.kv.device, self.kv.capacity
+        dtype = self.kv.keys[0].dtype
+        return _Inputs(
+            ids=torch.zeros((rows, 1), dtype=torch.long, device=device),
+            positions=torch.zeros((rows, 1), dtype=torch.long, device=device),
+            mask=torch.zeros((rows, 1, 1, columns), dtype=dtype, device=device),
+            at=torch.zeros(1, dtype=torch.long, device=device),
+        )
+
+    def _fill(self, inputs: _Inputs, last: torch.Tensor, lengths: torch.Tensor, end: int) -> None:
+        """Write this step's values into the bucket's input tensors, in place."""
+        count = last.shape[0]
+        rows = inputs.ids.shape[0]
+        inputs.ids.zero_()
+        inputs.ids[:count, 0] = last
+        inputs.positions.zero_()
+        inputs.positions[:count, 0] = lengths
+        # Row r owns columns end - lengths[r] .. end; padding rows own only `end`.
+        owned = torch.zeros(rows, dtype=torch.long, device=last.device)
+        owned[:count] = lengths
+        columns = torch.arange(inputs.mask.shape[-1], device=last.device)
+        first = end - owned
+        if self.window is not None:  # a key at distance >= window is out of sight
+            first = torch.clamp(first, min=end - self.window + 1)
+        seen = (columns[None, :] >= first[:, None]) & (columns[None, :] <= end)
+        minimum = torch.finfo(inputs.mask.dtype).min
+        inputs.mask.copy_(torch.where(seen, 0.0, minimum)[:, None, None, :])
+        inputs.at.fill_(end)
+
+    def _run(self, inputs: _Inputs) -> torch.Tensor:
+        self.kv.static_at = inputs.at
+        self.kv.static_rows = inputs.ids.shape[0]
+        try:
+            output = self.model(
+                input_ids=inputs.ids,
+                attention_mask=inputs.mask,
+                position_ids=inputs.positions,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        finally:
+            self.kv.static_at = None
+        logits: torch.Tensor = output.logits[:, -1, :]
+        return logits
+
+    def _record(self, inputs: _Inputs) -> None:
+        """Run the step on a side stream (warm-up), then record it; the step's results stand.
+
+        Recording launches nothing: the warm-up runs compute this step's real outputs
+        (writing the same keys and values at the same column each time).
+        """
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                inputs.logits = self._run(inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            inputs.logits = self._run(inputs)
+        inputs.graph = graph
+        self.recordings += 1
+        graph.replay()  # the recorded output tensor is only written by a replay
+        LOGGER.info("recorded a CUDA graph for %d rows, %d columns",
+                    inputs.ids.shape[0], inputs.mask.shape[-1])
