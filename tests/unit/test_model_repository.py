@@ -109,3 +109,17 @@ def test_write_repository_removes_stale_models_only(tmp_path):
     (tmp_path / "README.md").write_text("keep me")
     write_repository({"m/config.pbtxt": b"name: 'm'"}, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "m"]
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_llm_engine_settings_reach_the_parameters(graphs):
+    body = {"apiVersion": "serving.tritonop.dev/v1alpha1", "kind": "LLMService",
+            "metadata": {"name": "chat"},
+            "spec": {"model": {"source": "/models/mistral", "dtype": "bfloat16"},
+                     "engine": {"maxSequences": 32, "maxWaiting": 5, "cudaGraphs": graphs}}}
+    params = {k: v.string_value
+              for k, v in configs(render_repository([parse_resource(body)]))["chat"]
+              .parameters.items()}
+    assert (params["max_sequences"], params["max_waiting"]) == ("32", "5")
+    assert params["dtype"] == "bfloat16" and params["threads"] == "auto"
+    assert params["cuda_graphs"] == ("true" if graphs else "false")

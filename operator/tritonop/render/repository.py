@@ -142,6 +142,7 @@ def llm_models(resource: Resource, artifacts_root: str) -> list[ConfigDict]:
         "max_sequences": str(spec.engine.max_sequences),
         "max_waiting": str(spec.engine.max_waiting),
         "threads": _auto(spec.engine.threads),
+        "cuda_graphs": _auto(spec.engine.cuda_graphs),
         "chat_template": _auto(generation.chat_template),
         "streaming": _auto(generation.streaming),
         "max_tokens_limit": str(generation.limits.max_tokens),

@@ -88,6 +88,11 @@ class EngineSpec(SpecModel):
         None, ge=1, le=1024,
         description="CPU threads for the model's math. Default: one per core.",
     )
+    cuda_graphs: bool = Field(
+        True,
+        description="On a GPU, replay decode steps as CUDA graphs (one per batch-size "
+        "bucket); false decodes eagerly, like vLLM's --enforce-eager. No effect on CPU.",
+    )
 
 
 class LLMServiceSpec(DeploymentSpec):

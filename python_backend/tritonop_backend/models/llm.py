@@ -87,9 +87,12 @@ class TritonPythonModel:
                                 _device(args, params.get("device", "auto")))
         if loaded.note:
             pb_utils.Logger.log_warn(loaded.note)
+        # None lets the engine decide: CUDA graphs where the model is on a GPU.
+        graphs = params.get("cuda_graphs", "true") == "true"
         self.engine = LLMEngine(loaded.model, loaded.tokenizer, self.policy,
                                 max_sequences=int(params["max_sequences"]),
-                                max_waiting=int(params["max_waiting"]))
+                                max_waiting=int(params["max_waiting"]),
+                                static_decode=None if graphs else False)
         self.metrics = _Metrics(args["model_name"], args["model_instance_name"])
         self.deliveries = Deliveries()
         self.requests: dict[int, tuple[Any, Any]] = {}  # id -> (request, response sender)
