@@ -230,66 +230,75 @@ def _search_inputs(module: Any, text: str, num_results: int) -> list[Any]:
     return [query, k]
 
 
-class HttpInferClient:
+class _InferClient:
+    """Triton's KServe v2 infer call through a ``tritonclient`` aio client.
+
+    Subclasses name the protocol's client module and how its errors map to a status.
+    """
+
+    name = ""
+
+    def __init__(self, url: str, model: str, num_results: int) -> None:
+        self.url, self.model, self.num_results = url, model, num_results
+        self._client: Any = None
+        self._module: Any = None
+
+    def _connect(self) -> tuple[Any, Any]:
+        """The protocol's aio module and a client connected to ``self.url``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _status(err: Any) -> int:
+        """An HTTP-like status for a ``tritonclient`` error."""
+        raise NotImplementedError
+
+    async def __aenter__(self) -> _InferClient:
+        self._module, self._client = self._connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._client.close()
+
+    async def send(self, text: str) -> int:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            result = await self._client.infer(
+                self.model, _search_inputs(self._module, text, self.num_results))
+        except InferenceServerException as err:
+            return self._status(err)
+        ids = result.as_numpy("ids")
+        return OK if ids is not None and ids.shape == (1, self.num_results) else BAD_PAYLOAD
+
+
+class HttpInferClient(_InferClient):
     """Triton's KServe v2 ``/infer`` over HTTP, with ``tritonclient.http.aio``."""
 
     name = "http-infer"
 
-    def __init__(self, url: str, model: str, num_results: int) -> None:
-        self.url, self.model, self.num_results = url, model, num_results
-        self._client: Any = None
-
-    async def __aenter__(self) -> HttpInferClient:
+    def _connect(self) -> tuple[Any, Any]:
         import tritonclient.http.aio as httpaio
 
-        self._module = httpaio
-        self._client = httpaio.InferenceServerClient(self.url, conn_limit=1000)
-        return self
+        return httpaio, httpaio.InferenceServerClient(self.url, conn_limit=1000)
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self._client.close()
-
-    async def send(self, text: str) -> int:
-        from tritonclient.utils import InferenceServerException
-
-        try:
-            result = await self._client.infer(
-                self.model, _search_inputs(self._module, text, self.num_results))
-        except InferenceServerException as err:
-            return int(err.status()) if str(err.status()).isdigit() else OTHER_ERROR
-        ids = result.as_numpy("ids")
-        return OK if ids is not None and ids.shape == (1, self.num_results) else BAD_PAYLOAD
+    @staticmethod
+    def _status(err: Any) -> int:
+        return int(err.status()) if str(err.status()).isdigit() else OTHER_ERROR
 
 
-class GrpcInferClient:
+class GrpcInferClient(_InferClient):
     """Triton's gRPC ``ModelInfer``, with ``tritonclient.grpc.aio``."""
 
     name = "grpc-infer"
 
-    def __init__(self, url: str, model: str, num_results: int) -> None:
-        self.url, self.model, self.num_results = url, model, num_results
-        self._client: Any = None
-
-    async def __aenter__(self) -> GrpcInferClient:
+    def _connect(self) -> tuple[Any, Any]:
         import tritonclient.grpc.aio as grpcaio
 
-        self._module = grpcaio
-        self._client = grpcaio.InferenceServerClient(self.url)
-        return self
+        return grpcaio, grpcaio.InferenceServerClient(self.url)
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self._client.close()
-
-    async def send(self, text: str) -> int:
-        from tritonclient.utils import InferenceServerException
-
-        try:
-            result = await self._client.infer(
-                self.model, _search_inputs(self._module, text, self.num_results))
-        except InferenceServerException as err:
-            return _GRPC_STATUS.get(str(err.status()), OTHER_ERROR)
-        ids = result.as_numpy("ids")
-        return OK if ids is not None and ids.shape == (1, self.num_results) else BAD_PAYLOAD
+    @staticmethod
+    def _status(err: Any) -> int:
+        return _GRPC_STATUS.get(str(err.status()), OTHER_ERROR)
 
 
 # --- streamed generation (S4) ------------------------------------------------------------
