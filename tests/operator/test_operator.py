@@ -231,6 +231,35 @@ async def test_invalid_resource_fails_with_a_message_and_no_children(kube, kubec
 
 
 @pytest.mark.asyncio
+async def test_a_name_taken_by_someone_else_is_reported_and_left_alone(kube, kubeconfig):
+    """Server-side apply with force would take the object over; the operator must not."""
+    theirs = {"apiVersion": "v1", "kind": "ConfigMap",
+              "metadata": {"name": "news-triton", "namespace": NS}, "data": {"owner": "them"}}
+    await create(kube, CONFIG_MAP, theirs)
+    async with running_operator(OPERATOR, kubeconfig=kubeconfig):
+        await create(kube, EMBEDDING_SEARCH, search_body())
+        failed = await wait_for(lambda: status_where(kube, EMBEDDING_SEARCH, "news",
+                                                     phase="Failed"), what="phase Failed")
+        await asyncio.sleep(2.5)  # resyncs (every second here) come and go: still left alone
+        assert live(kube, CONFIG_MAP, "news-triton")["data"] == {"owner": "them"}
+        assert live(kube, DEPLOYMENT, "news-triton") is None
+        # Once they delete theirs, the next resync serves the resource.
+        response = await kube.delete(resource_path(CONFIG_MAP, NS, "news-triton"))
+        assert response.status == 200
+        served = await wait_for(lambda: status_where(kube, EMBEDDING_SEARCH, "news",
+                                                     phase="Pending"), what="phase Pending")
+        ours = live(kube, CONFIG_MAP, "news-triton")
+    message = failed["status"]["message"]
+    assert "ConfigMap 'news-triton' already exists in namespace 'ml'" in message
+    assert "not owned by this EmbeddingSearch" in message
+    rendered = {c["type"]: c for c in failed["status"]["conditions"]}["ConfigRendered"]
+    assert (rendered["status"], rendered["reason"]) == ("False", "NameConflict")
+    [owner] = ours["metadata"]["ownerReferences"]
+    assert owner["uid"] == served["metadata"]["uid"]
+    assert "news__config.pbtxt" in ours["data"]
+
+
+@pytest.mark.asyncio
 async def test_deleting_the_resource_leaves_no_finalizer(kube, kubeconfig):
     async with running_operator(OPERATOR, kubeconfig=kubeconfig):
         await create(kube, EMBEDDING_SEARCH, search_body())

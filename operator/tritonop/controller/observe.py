@@ -61,10 +61,11 @@ def _condition(previous: list[Condition], kind: str, status: ConditionStatus, re
 
 
 def failed_status(
-    message: str, generation: int, previous: ResourceStatus, now: str
+    message: str, generation: int, previous: ResourceStatus, now: str,
+    reason: str = "InvalidSpec",
 ) -> ResourceStatus:
-    """The status of a resource whose spec cannot be served."""
-    condition = _condition(previous.conditions, "ConfigRendered", "False", "InvalidSpec",
+    """The status of a resource that cannot be served: its spec, or a name already taken."""
+    condition = _condition(previous.conditions, "ConfigRendered", "False", reason,
                            message, generation, now)
     others = [c for c in previous.conditions if c.type != "ConfigRendered"]
     return previous.model_copy(update={

@@ -61,22 +61,41 @@ def owner_reference(body: Mapping[str, Any]) -> Obj:
             "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}
 
 
+def invalid(body: Mapping[str, Any], message: str, reason: str = "InvalidSpec"
+            ) -> InvalidResource:
+    generation = int(body["metadata"].get("generation") or 1)
+    return InvalidResource(message, failed_status(message, generation, previous_status(body),
+                                                  now(), reason))
+
+
 def parse(body: Mapping[str, Any]) -> Resource:
     """The resource, or :class:`InvalidResource` with a Failed status."""
     try:
         return parse_resource({k: body.get(k) for k in ("apiVersion", "kind", "metadata", "spec")})
     except ResourceError as err:
-        generation = int(body["metadata"].get("generation") or 1)
-        raise InvalidResource(str(err), failed_status(str(err), generation,
-                                                      previous_status(body), now())) from None
+        raise invalid(body, str(err)) from None
 
 
 def apply_children(kube: Kube, body: Mapping[str, Any], resource: Resource, images: Images
                    ) -> None:
-    """Apply every child with an owner reference; delete optional ones no longer wanted."""
+    """Apply every child with an owner reference; delete optional ones no longer wanted.
+
+    Server-side apply with ``force`` would take over an object of the same name that
+    someone else made (a hand-written Deployment, another resource's child). So children
+    that exist but are not this resource's are reported, and nothing is applied until
+    they are gone: the timer's next run picks it up from there.
+    """
     owner = owner_reference(body)
+    children = render_children(resource, images)
+    taken = [child for child in children if _taken(kube, child, owner["uid"])]
+    if taken:
+        listed = "; ".join(f"{c['kind']} {c['metadata']['name']!r} already exists in namespace "
+                           f"{resource.namespace!r} and is not owned by this {resource.kind}"
+                           for c in taken)
+        raise invalid(body, f"{listed}: delete or rename it, or give this resource another "
+                      "name", reason="NameConflict")
     applied = set()
-    for child in render_children(resource, images):
+    for child in children:
         child["metadata"]["ownerReferences"] = [owner]
         kube.apply(child)
         applied.add(child["kind"])
@@ -86,6 +105,13 @@ def apply_children(kube: Kube, body: Mapping[str, Any], resource: Resource, imag
         existing = kube.get(api_version, kind, resource.namespace, names(resource)[role])
         if existing is not None and owned_by(existing, owner["uid"]):
             kube.delete(api_version, kind, resource.namespace, names(resource)[role])
+
+
+def _taken(kube: Kube, child: Mapping[str, Any], uid: str) -> bool:
+    """Whether an object with ``child``'s name exists and belongs to someone else."""
+    meta = child["metadata"]
+    existing = kube.get(child["apiVersion"], child["kind"], meta["namespace"], meta["name"])
+    return existing is not None and not owned_by(existing, uid)
 
 
 def owned_by(child: Mapping[str, Any], uid: str) -> bool:
