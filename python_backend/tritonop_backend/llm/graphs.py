@@ -184,7 +184,8 @@ class StaticDecoder:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: Triton's threads may use CUDA while the engine's thread records.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             inputs.logits = self._run(inputs)
         inputs.graph = graph
         self.recordings += 1
