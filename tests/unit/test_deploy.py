@@ -140,15 +140,23 @@ def api_group(api_version: str) -> str:
 
 
 class RecordingKube(Kube):
-    """A Kube whose HTTP calls are recorded instead of sent; every answer is empty."""
+    """A Kube whose HTTP calls are recorded instead of sent.
+
+    Every object asked for exists and belongs to the resource being reconciled
+    (``owner_uid``), as on a resync; lists are empty. So every call a reconcile can make
+    is made, deleting an optional child included.
+    """
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, str]] = []
+        self.owner_uid = ""
 
     def _call(self, method: str, url: str, body: Any = None,
               query: list[tuple[str, str]] | None = None,
               content_type: str = "application/json") -> Obj:
         self.calls.append((method, url, content_type))
+        if method == "GET" and not query:
+            return {"metadata": {"ownerReferences": [{"uid": self.owner_uid}]}}
         return {}
 
 
@@ -194,6 +202,7 @@ def code_permissions() -> set[Permission]:
     """Every permission the reconciler's calls and kopf's handlers need."""
     kube = RecordingKube()
     for body in resource_bodies():
+        kube.owner_uid = body["metadata"]["uid"]
         reconcile(kube, body, Images())
         refresh(kube, body)
         kube.patch_status(body, {"phase": "Ready"})
