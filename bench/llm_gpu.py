@@ -105,14 +105,19 @@ def build_model(shape: dict[str, int], dtype: Any, device: str) -> Any:
     return model.eval()
 
 
-def measure(engine: Any, prompts: list[str], max_tokens: int, temperature: float,
-            sync: Any) -> dict[str, Any]:
-    """All ``prompts`` at once: prefill time, then decode tokens/s until every one is done."""
+def add_streams(engine: Any, prompts: list[str], max_tokens: int, temperature: float) -> None:
+    """One request per prompt, each with its own seed, all queued before the next step."""
     from tritonop_backend.llm.params import parse_request
 
     for i, prompt in enumerate(prompts):
         engine.add(i, parse_request({"text_input": prompt, "max_tokens": max_tokens,
                                      "temperature": temperature, "seed": i}, engine.policy))
+
+
+def measure(engine: Any, prompts: list[str], max_tokens: int, temperature: float,
+            sync: Any) -> dict[str, Any]:
+    """All ``prompts`` at once: prefill time, then decode tokens/s until every one is done."""
+    add_streams(engine, prompts, max_tokens, temperature)
     started = time.perf_counter()
     first = engine.step()  # prefill of every prompt, and the first token of each
     sync()
@@ -142,11 +147,7 @@ def kernel_time(engine: Any, prompts: list[str], steps: int, temperature: float)
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from tritonop_backend.llm.params import parse_request
-
-    for i, prompt in enumerate(prompts):
-        engine.add(i, parse_request({"text_input": prompt, "max_tokens": steps + 2,
-                                     "temperature": temperature, "seed": i}, engine.policy))
+    add_streams(engine, prompts, steps + 2, temperature)
     engine.step()  # prefill, not profiled
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as profiler:
@@ -265,9 +266,9 @@ def main(argv: list[str] | None = None) -> int:
                            static_decode=static)
         measure(engine, prompts[:widest], 4, args.temperature, sync)  # kernels, cache storage
         for streams in args.streams:
-            runs.append(measure_streams(engine, prompts[:streams], args, baseline, sync, cuda))
-            runs[-1]["mode"] = mode
-            best = runs[-1]
+            best = measure_streams(engine, prompts[:streams], args, baseline, sync, cuda)
+            best["mode"] = mode
+            runs.append(best)
             busy = (f", GPU kernels {best['kernel_ms_per_step']:.1f} ms per step"
                     if cuda else "")
             print(f"{mode:>12} {streams:4d} streams: decode {best['decode_tokens_per_s']:9.1f} "

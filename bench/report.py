@@ -307,6 +307,11 @@ def plot_s1(result: dict[str, Any], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_title("S1: one client, one query at a time")
     ax.legend(fontsize=8)
+    _save(plt, fig, path)
+
+
+def _save(plt: Any, fig: Any, path: Path) -> None:
+    """Lay out, write and release one figure."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -333,9 +338,7 @@ def plot_s2(result: dict[str, Any], throughput: Path, latency: Path) -> None:
     ax.set_ylabel("queries / s")
     ax.set_title("S2: throughput against concurrency")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(throughput, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, throughput)
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for i, (name, points) in enumerate(series.items()):
         levels = sorted(int(c) for c in points)
@@ -348,9 +351,7 @@ def plot_s2(result: dict[str, Any], throughput: Path, latency: Path) -> None:
     ax.set_ylabel("latency (ms)")
     ax.set_title("S2: latency against concurrency")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(latency, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, latency)
 
 
 def plot_s3(result: dict[str, Any], path: Path) -> None:
@@ -369,9 +370,7 @@ def plot_s3(result: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("latency (ms)")
     ax.set_title("S3: search latency against corpus size")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_s4(result: dict[str, Any], path: Path) -> None:
@@ -411,9 +410,7 @@ def plot_s4(result: dict[str, Any], path: Path) -> None:
         ax.set_xticks(levels, [str(c) for c in levels])
         ax.set_xlabel("concurrent streams")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 # --- sections ------------------------------------------------------------------------------
@@ -675,9 +672,9 @@ def gpu_narrative(gpu: dict[str, Any]) -> str:
                  f"a device copy takes {floor_ms:.1f} ms): the rest is the host, Python and "
                  "the kernel launches of an eager `transformers` forward pass.")
     if graphs:
-        by_streams = {r["streams"]: r for r in eager}
-        gains = [f"{r['streams']}: {r['decode_tokens_per_s'] / by_streams[r['streams']]['decode_tokens_per_s']:.1f}x"  # noqa: E501
-                 for r in graphs if r["streams"] in by_streams]
+        eager_rate = {r["streams"]: r["decode_tokens_per_s"] for r in eager}
+        gains = [f"{r['streams']}: {r['decode_tokens_per_s'] / eager_rate[r['streams']]:.1f}x"
+                 for r in graphs if r["streams"] in eager_rate]
         graph_steps = [r["step_ms"] for r in graphs]
         text += (" Replayed as CUDA graphs (the engine's default on a GPU: fixed-shape steps, "
                  "one graph per batch-size bucket), a step takes "

@@ -89,9 +89,10 @@ def _lowest_ids_among_ties(scores: np.ndarray, candidates: np.ndarray) -> np.nda
     ``argpartition`` picks arbitrary members of a tie at the cut; fixing the rare rows
     where that happens keeps results independent of the selection algorithm.
     """
-    cut = np.take_along_axis(scores, candidates, axis=1).min(axis=1)
+    taken = np.take_along_axis(scores, candidates, axis=1)
+    cut = taken.min(axis=1)
     tied_total = (scores == cut[:, None]).sum(axis=1)
-    tied_taken = (np.take_along_axis(scores, candidates, axis=1) == cut[:, None]).sum(axis=1)
+    tied_taken = (taken == cut[:, None]).sum(axis=1)
     for row in np.flatnonzero(tied_total > tied_taken):
         above = np.flatnonzero(scores[row] > cut[row])
         tied = np.flatnonzero(scores[row] == cut[row])[: candidates.shape[1] - len(above)]

@@ -47,6 +47,7 @@ class _Inputs:
     positions: torch.Tensor  # [rows, 1] its position
     mask: torch.Tensor  # [rows, 1, 1, columns] 0 where attended, dtype minimum elsewhere
     at: torch.Tensor  # [1] column the new keys and values go to
+    columns: torch.Tensor  # [columns] 0, 1, ... for building the mask
     logits: torch.Tensor | None = None  # [rows, vocab], written by the step
     graph: Any = None  # torch.cuda.CUDAGraph once recorded
 
@@ -130,6 +131,7 @@ class StaticDecoder:
             positions=torch.zeros((rows, 1), dtype=torch.long, device=device),
             mask=torch.zeros((rows, 1, 1, columns), dtype=dtype, device=device),
             at=torch.zeros(1, dtype=torch.long, device=device),
+            columns=torch.arange(columns, device=device),
         )
 
     def _fill(self, inputs: _Inputs, last: torch.Tensor, lengths: torch.Tensor, end: int) -> None:
@@ -143,7 +145,7 @@ class StaticDecoder:
         # Row r owns columns end - lengths[r] .. end; padding rows own only `end`.
         owned = torch.zeros(rows, dtype=torch.long, device=last.device)
         owned[:count] = lengths
-        columns = torch.arange(inputs.mask.shape[-1], device=last.device)
+        columns = inputs.columns
         first = end - owned
         if self.window is not None:  # a key at distance >= window is out of sight
             first = torch.clamp(first, min=end - self.window + 1)
