@@ -120,6 +120,8 @@ LLM_INPUTS = [
     ("seed", "UINT64", [1]),
     ("stop", "STRING", [-1]),
     ("stream", "BOOL", [1]),
+    # text | raw | messages: how text_input is tokenized (the gateway's chat and completions).
+    ("prompt_format", "STRING", [1]),
 ]
 
 

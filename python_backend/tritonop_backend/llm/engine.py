@@ -171,7 +171,7 @@ class LLMEngine:
             QueueFullError: when all slots and queue places are taken.
             ValueError: when ``request_id`` is already queued or running.
         """
-        prompt_ids = self.encode_prompt(request.prompt)
+        prompt_ids = self.encode_request(request)
         limit = self.policy.max_context_tokens - 1
         if len(prompt_ids) > limit:
             raise RequestError(
@@ -224,6 +224,20 @@ class LLMEngine:
         """Block the driving thread until there is something to do, or the timeout passes."""
         with self._lock:
             return self._lock.wait_for(lambda: bool(self._known), timeout)
+
+    def encode_request(self, request: GenerationRequest) -> list[int]:
+        """Token ids of a request's prompt in its format; the chat template is applied once."""
+        if request.messages is not None:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise RequestError("messages", "this model's tokenizer has no chat template")
+            turns = [{"role": role, "content": content} for role, content in request.messages]
+            text = self.tokenizer.apply_chat_template(
+                turns, add_generation_prompt=True, tokenize=False
+            )
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if request.raw:
+            return list(self.tokenizer(request.prompt)["input_ids"])
+        return self.encode_prompt(request.prompt)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """Token ids of a prompt, as one user turn of the chat template when the policy says so."""

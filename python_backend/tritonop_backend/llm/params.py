@@ -8,6 +8,7 @@ answered with a 400 naming the parameter instead of failing inside a batch.
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from collections.abc import Mapping
@@ -23,6 +24,15 @@ MAX_STOP_STRINGS = 16
 
 MAX_SEED = 2**64 - 1
 """``torch.Generator.manual_seed`` takes unsigned 64-bit seeds (Triton's UINT64)."""
+
+PROMPT_FORMATS = ("text", "raw", "messages")
+"""How ``text_input`` becomes tokens: ``text`` is one user turn of the chat template when the
+policy applies one (what ``/generate`` clients send); ``raw`` is tokenized verbatim (OpenAI's
+``/v1/completions``); ``messages`` is a JSON list of chat messages that the model's own
+tokenizer templates (``/v1/chat/completions``), so the template is applied exactly once, here.
+"""
+
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -115,11 +125,19 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One validated request: its prompt text, sampling settings and delivery mode."""
+    """One validated request: its prompt text, sampling settings and delivery mode.
+
+    Attributes:
+        messages: the chat turns when the prompt came as ``messages``; then ``prompt`` is
+            their JSON text.
+        raw: tokenize ``prompt`` verbatim, without the chat template.
+    """
 
     prompt: str
     params: SamplingParams
     stream: bool = False
+    messages: tuple[tuple[str, str], ...] | None = None
+    raw: bool = False
 
 
 def parse_request(values: Mapping[str, object], policy: GenerationPolicy) -> GenerationRequest:
@@ -160,9 +178,36 @@ def parse_request(values: Mapping[str, object], policy: GenerationPolicy) -> Gen
         stop=_parse_stop(given.get("stop")),
     )
     _check_sampling(params.__dict__)
+    prompt_format = _as_text("prompt_format", given.get("prompt_format", "text"))
+    if prompt_format not in PROMPT_FORMATS:
+        raise RequestError(
+            "prompt_format", f"must be one of {PROMPT_FORMATS}, got {prompt_format!r}"
+        )
     return GenerationRequest(
-        prompt=prompt, params=params, stream=_as_bool("stream", given.get("stream", False))
+        prompt=prompt, params=params, stream=_as_bool("stream", given.get("stream", False)),
+        messages=_parse_messages(prompt) if prompt_format == "messages" else None,
+        raw=prompt_format == "raw",
     )
+
+
+def _parse_messages(text: str) -> tuple[tuple[str, str], ...]:
+    """A JSON list of ``{"role", "content"}`` objects, as the gateway forwards chat turns."""
+    try:
+        items = json.loads(text)
+    except ValueError:
+        raise RequestError("text_input", "with prompt_format messages must be JSON") from None
+    if not isinstance(items, list) or not items:
+        raise RequestError("text_input", "with prompt_format messages must be a non-empty list")
+    turns = []
+    for index, item in enumerate(items):
+        role = item.get("role") if isinstance(item, dict) else None
+        content = item.get("content") if isinstance(item, dict) else None
+        if role not in CHAT_ROLES or not isinstance(content, str):
+            raise RequestError(
+                f"messages[{index}]", f"needs a role in {CHAT_ROLES} and a string content"
+            )
+        turns.append((role, content))
+    return tuple(turns)
 
 
 def _check_sampling(values: Mapping[str, Any]) -> None:

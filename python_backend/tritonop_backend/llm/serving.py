@@ -26,6 +26,7 @@ INPUTS = (
     "seed",
     "stop",
     "stream",
+    "prompt_format",
 )
 
 
