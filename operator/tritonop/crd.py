@@ -25,7 +25,8 @@ from tritonop.status import ResourceStatus
 
 Schema = dict[str, Any]
 _KEPT = ("description", "minimum", "maximum", "minLength", "maxLength", "pattern", "enum",
-         "minItems", "maxItems", "x-kubernetes-validations")
+         "minItems", "maxItems", "format", "x-kubernetes-validations", "x-kubernetes-list-type",
+         "x-kubernetes-list-map-keys")
 
 
 def _resolve(node: Schema, defs: dict[str, Schema]) -> Schema:

@@ -24,7 +24,8 @@ class Condition(_StatusModel):
     reason: str = Field(..., pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
     message: str = ""
     observed_generation: Optional[int] = None
-    last_transition_time: str = Field(..., description="RFC 3339 time of the last change.")
+    last_transition_time: str = Field(..., description="RFC 3339 time of the last change.",
+                                      json_schema_extra={"format": "date-time"})
 
 
 class Endpoints(_StatusModel):
@@ -47,4 +48,7 @@ class ResourceStatus(_StatusModel):
     selector: str = Field("", description="Label selector of the pods (scale subresource).")
     endpoints: Optional[Endpoints] = None
     config_hash: str = ""
-    conditions: list[Condition] = Field(default_factory=list)
+    # A map keyed by type, as metav1.Condition lists are: server-side apply and strategic
+    # merges then treat each condition as one entry instead of replacing the whole list.
+    conditions: list[Condition] = Field(default_factory=list, json_schema_extra={
+        "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
