@@ -269,6 +269,14 @@ class TestParseRequest:
         assert caught.value.field == field
         assert str(caught.value).startswith(f"{field}: ")
 
+    def test_long_stop_strings_are_refused_naming_the_limit(self) -> None:
+        allowed = parse_request({"text_input": "x", "stop": ["a" * 200, "b" * 56]}, POLICY)
+        assert len("".join(allowed.params.stop)) == 256
+        with pytest.raises(RequestError) as caught:
+            parse_request({"text_input": "x", "stop": ["s" * 1000] * 16}, POLICY)
+        assert str(caught.value) == (
+            "stop: stop strings may hold at most 256 characters in all, got 16000")
+
     def test_limits_are_inclusive(self) -> None:
         request = parse_request(
             {"text_input": "x", "max_tokens": 64, "top_p": 1.0, "top_k": 0}, POLICY

@@ -32,8 +32,21 @@ STOP, LENGTH, CANCELLED, CONTEXT, ERROR = "stop", "length", "cancelled", "contex
 """Finish reasons: eos or a stop string; max_tokens; cancel(); the context is full; a failure."""
 
 
+MAX_FAILED_STEPS = 3
+"""Model passes failing in a row, with none succeeding between, after which the engine
+gives up: a fault that survives new inputs is the device's, not a request's."""
+
+
 class QueueFullError(RuntimeError):
     """Every slot and every queue place is taken; the adapter answers 503 / UNAVAILABLE."""
+
+
+class EngineFailedError(RuntimeError):
+    """The engine hit a fault it cannot recover from (a sticky CUDA error, say).
+
+    It takes no more requests and reports not ready, so that the orchestrator replaces
+    the process; only a new process gets a fresh device context.
+    """
 
 
 class GenerationEvent(NamedTuple):
@@ -160,6 +173,9 @@ class LLMEngine:
         self._cancelled: set[Hashable] = set()
         self._known: set[Hashable] = set()
         self._lock = threading.Condition()
+        self._failed_steps = 0
+        self.failure: str | None = None
+        """Why the engine stopped for good; None while it is healthy."""
 
     # Called from any thread -------------------------------------------------------------
 
@@ -169,8 +185,11 @@ class LLMEngine:
         Raises:
             RequestError: on ``text_input`` when the prompt leaves no room to generate.
             QueueFullError: when all slots and queue places are taken.
+            EngineFailedError: when the engine has failed for good (see :attr:`ready`).
             ValueError: when ``request_id`` is already queued or running.
         """
+        if self.failure is not None:
+            raise EngineFailedError(self.failure)
         prompt_ids = self.encode_request(request)
         limit = self.policy.max_context_tokens - 1
         if len(prompt_ids) > limit:
@@ -193,6 +212,7 @@ class LLMEngine:
                     f"{self.max_sequences} sequences running and {self.max_waiting} waiting"
                 )
             self._known.add(request_id)
+            self._cancelled.discard(request_id)  # a cancel for an earlier use of the id
             self._waiting.append(sequence)
             self._lock.notify_all()
 
@@ -250,6 +270,11 @@ class LLMEngine:
         return list(self.tokenizer(prompt)["input_ids"])
 
     @property
+    def ready(self) -> bool:
+        """Whether the engine can serve; False for good once a fault proved sticky."""
+        return self.failure is None
+
+    @property
     def running(self) -> int:
         """Sequences in the batch now."""
         return len(self._running)
@@ -268,9 +293,11 @@ class LLMEngine:
         Returns:
             One event per request that produced text or finished in this step.
         """
-        events = self._apply_cancellations()
-        admitted = self._admit()
+        # Everything that touches the cache runs in inference mode, cancellations included:
+        # the buffer's rows are inference tensors, which may not be changed outside it.
         with torch.inference_mode():
+            events = self._apply_cancellations()
+            admitted = self._admit()
             if admitted:
                 events += self._guarded(admitted, self._prefill, admitted)
             if self._running:
@@ -306,18 +333,54 @@ class LLMEngine:
     ) -> list[GenerationEvent]:
         """Run a model pass; if it fails, end the sequences in it with an "error" event.
 
-        A pass that raises has not advanced the cache, so the failure is confined to the
-        sequences it was working on; the engine stays usable for the next requests.
+        A pass may fail midway, after some layers wrote their keys and values: those
+        writes land in columns (decode) or rows (prefill) that no live sequence reads
+        before they are written again, and ``end`` only moves after the model returns,
+        so the sequences outside the pass keep a consistent cache and carry on. When
+        the fault is the device's (a sticky CUDA error, or passes failing again and
+        again whatever they hold), the engine fails for good: see :attr:`ready`.
         """
         try:
-            return action(*args)
+            events = action(*args)
         except Exception as error:  # reported to each affected request, not swallowed
             LOGGER.exception("generation step failed for %d sequences", len(sequences))
             running = [seq for seq in sequences if seq in self._running]
             self._release(running)
             self._forget([seq for seq in sequences if seq not in running])
             message = f"{type(error).__name__}: {error}"
-            return [_final(seq, ERROR, error=message) for seq in sequences]
+            events = [_final(seq, ERROR, error=message) for seq in sequences]
+            self._failed_steps += 1
+            sticky = not self._device_works()
+            if sticky or self._failed_steps >= MAX_FAILED_STEPS:
+                events += self._fail(
+                    f"the device failed ({message})" if sticky else
+                    f"{self._failed_steps} model passes failed in a row; last: {message}"
+                )
+            return events
+        self._failed_steps = 0
+        return events
+
+    def _device_works(self) -> bool:
+        """Whether the device still runs work: a sticky CUDA error fails every later call."""
+        if self.device.type != "cuda":
+            return True
+        try:
+            torch.cuda.synchronize(self.device)
+            return bool((torch.ones(1, device=self.device) + 1).item() == 2)
+        except Exception:
+            return False
+
+    def _fail(self, reason: str) -> list[GenerationEvent]:
+        """Stop for good: end every request still queued or running, refuse new ones."""
+        LOGGER.error("LLM engine failed; it reports not ready from now on: %s", reason)
+        self.failure = reason
+        with self._lock:
+            leaving = [*self._running, *self._waiting]
+            self._waiting.clear()
+        self._running = []
+        self._rows = None
+        self._forget(leaving)
+        return [_final(seq, ERROR, error=f"the engine failed: {reason}") for seq in leaving]
 
     def _prefill(self, admitted: list[_Sequence]) -> list[GenerationEvent]:
         """Run the new prompts as one left-padded batch into fresh rows; sample a first token."""
@@ -419,7 +482,11 @@ class LLMEngine:
         events: list[GenerationEvent] = []
         finished: list[_Sequence] = []
         for seq, token in zip(sequences, tokens, strict=True):
-            event = self._advance(seq, int(token))
+            try:
+                event = self._advance(seq, int(token))
+            except Exception as error:  # this sequence's text handling, not the batch's
+                LOGGER.exception("request %r failed after its token", seq.request_id)
+                event = _final(seq, ERROR, error=f"{type(error).__name__}: {error}")
             if event is not None:
                 events.append(event)
                 if event.finish_reason is not None:

@@ -22,6 +22,11 @@ from tritonop_backend.errors import RequestError
 MAX_STOP_STRINGS = 16
 """Stop strings are matched against the text after every token; a bound keeps that cheap."""
 
+MAX_STOP_CHARACTERS = 256
+"""Characters in all stop strings together: each token's check scans the held-back tail for
+every stop string, so the cost per token grows with their total length (16 strings of 1,000
+characters cost about 2 ms per token per sequence on the engine thread)."""
+
 MAX_SEED = 2**64 - 1
 """``torch.Generator.manual_seed`` takes unsigned 64-bit seeds (Triton's UINT64)."""
 
@@ -311,4 +316,10 @@ def _parse_stop(value: object) -> tuple[str, ...]:
         raise RequestError("stop", "stop strings must not be empty")
     if len(stops) > MAX_STOP_STRINGS:
         raise RequestError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+    total = sum(len(stop) for stop in stops)
+    if total > MAX_STOP_CHARACTERS:
+        raise RequestError(
+            "stop", f"stop strings may hold at most {MAX_STOP_CHARACTERS} characters in all, "
+            f"got {total}"
+        )
     return tuple(dict.fromkeys(stops))
