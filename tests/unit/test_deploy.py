@@ -52,8 +52,9 @@ def manifests() -> Iterator[tuple[str, Obj]]:
             yield f"{path.relative_to(ROOT)}:{doc['kind']}/{doc['metadata']['name']}", doc
 
 
-def one(path: Path, kind: str) -> Obj:
-    (found,) = [doc for doc in documents(path) if doc["kind"] == kind]
+def one(path: Path, kind: str, name: str = "tritonop") -> Obj:
+    (found,) = [doc for doc in documents(path)
+                if doc["kind"] == kind and doc["metadata"]["name"] == name]
     return found
 
 
@@ -115,7 +116,7 @@ def test_cluster_install_builds_and_validates():
     kinds = sorted(obj["kind"] for obj in objects)
     assert kinds == sorted(["Namespace", "CustomResourceDefinition", "CustomResourceDefinition",
                             "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
-                            "Deployment"])
+                            "ClusterRole", "ClusterRoleBinding", "Deployment"])
     for obj in objects:
         kubernetes_validate.validate(obj, "1.30", strict=True)
 
@@ -283,6 +284,15 @@ def test_rbac_grants_nothing_the_operator_does_not_use(role):
 
 def test_role_and_cluster_role_grant_the_same():
     assert ROLE["rules"] == CLUSTER_ROLE["rules"]
+
+
+def test_cluster_install_may_watch_crds_to_serve_those_installed_later():
+    observer = one(DEPLOY / "rbac.yaml", "ClusterRole", "tritonop-crd-observer")
+    assert granted(observer) == {("apiextensions.k8s.io", "customresourcedefinitions", verb)
+                                 for verb in ("list", "watch")}
+    binding = one(DEPLOY / "rbac.yaml", "ClusterRoleBinding", "tritonop-crd-observer")
+    assert binding["roleRef"]["name"] == "tritonop-crd-observer"
+    assert binding["subjects"] == one(DEPLOY / "rbac.yaml", "ClusterRoleBinding")["subjects"]
 
 
 def test_bindings_give_the_roles_to_the_operators_service_account():

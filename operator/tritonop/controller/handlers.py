@@ -6,6 +6,8 @@ a namespaced install); the operator image does that.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping
@@ -15,21 +17,35 @@ import kopf
 
 from tritonop import API_GROUP, API_VERSION
 from tritonop.controller import kube as kube_api
+from tritonop.controller.cache import ChildCache
 from tritonop.controller.reconcile import (
     InvalidResource,
+    RetryLater,
     get_owner,
     previous_status,
     reconcile,
     refresh,
+    rejected,
     status_dict,
 )
+from tritonop.controller.serial import PerObject
 from tritonop.render.kubernetes import Images
 from tritonop.status import ResourceStatus
 
 RESYNC_SECONDS = float(os.environ.get("TRITONOP_RESYNC_SECONDS", "30"))
+# A resync still applies every child at least this often, whatever the watches showed.
+FULL_RESYNC_SECONDS = float(os.environ.get("TRITONOP_FULL_RESYNC_SECONDS", "600"))
 PLURALS = ("embeddingsearches", "llmservices")
 MANAGED_BY = "app.kubernetes.io/managed-by=tritonop"
+# The children kopf watches into the cache: (group, version, plural).
+CHILD_KINDS = (("", "v1", "configmaps"), ("", "v1", "services"), ("", "v1", "serviceaccounts"),
+               ("apps", "v1", "deployments"), ("policy", "v1", "poddisruptionbudgets"),
+               ("autoscaling", "v2", "horizontalpodautoscalers"),
+               ("networking.k8s.io", "v1", "networkpolicies"))
+MAX_RETRY_DELAY = 60.0
 _state: dict[str, Any] = {}
+_objects = PerObject()
+_children = ChildCache(max_age=FULL_RESYNC_SECONDS)
 
 
 def _kube() -> kube_api.Kube:
@@ -48,22 +64,29 @@ def _images() -> Images:
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     """Keep kopf's bookkeeping in our own annotations, out of the status we publish."""
+    # No handler needs a finalizer (children go by garbage collection); kopf removes
+    # this one, which older versions added, from every resource it sees.
     settings.persistence.finalizer = f"{API_GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=API_GROUP, key="last-handled-configuration")
     # Our own Events say what happened; kopf's per-log-line events would drown them.
     settings.posting.level = logging.WARNING
-    settings.scanning.disabled = os.environ.get("TRITONOP_SCAN_NAMESPACES", "") != "true"
+    # Watch CustomResourceDefinitions, so that CRDs installed after the operator started
+    # are served. Without the RBAC to (namespaced install), kopf warns and serves what
+    # it found at start.
+    settings.scanning.disabled = False
     settings.watching.server_timeout = 300
-    # Only our Deployments: filtered by the API server, not after listing them all.
-    settings.watching.label_selectors["apps", "deployments"] = MANAGED_BY
+    # Only our children: filtered by the API server, not after listing them all.
+    for group, _version, plural in CHILD_KINDS:
+        settings.watching.label_selectors[group, plural] = MANAGED_BY
 
 
 def announce(body: Mapping[str, Any], before: ResourceStatus, after: ResourceStatus) -> None:
-    """An Event on the resource for every phase change."""
-    if before.phase != after.phase or (after.phase == "Failed" and
-                                       before.observed_generation != after.observed_generation):
+    """An Event on the resource for every phase change, and for every new failure."""
+    if before.phase != after.phase or (after.phase == "Failed" and (
+            before.observed_generation != after.observed_generation
+            or before.message != after.message)):
         kind = "Warning" if after.phase in ("Degraded", "Failed") else "Normal"
         kopf.event(dict(body), type=kind, reason=after.phase, message=after.message)
 
@@ -75,18 +98,43 @@ def publish(kube: kube_api.Kube, body: Mapping[str, Any], before: ResourceStatus
         announce(body, before, after)
 
 
-def _run(body: kopf.Body, *, retry_invalid: bool) -> None:
+def retry_delay(retry: int, server_says: float | None = None) -> float:
+    """Exponential backoff for requests the API server could not take (1 s, 2 s, ... 60 s)."""
+    if server_says is not None:
+        return min(max(server_says, 1.0), MAX_RETRY_DELAY)
+    return min(2.0 ** min(retry, 16), MAX_RETRY_DELAY)
+
+
+def _run(live_body: Mapping[str, Any], *, resync: bool, retry: int) -> None:
+    """One reconcile of one resource, under its lock, from one reading of its body.
+
+    Args:
+        resync: from the timer: children unchanged since the last apply are skipped, and
+            a generation the API server refused is not applied again.
+    """
     kube = _kube()
-    before = previous_status(body)
-    try:
-        after = reconcile(kube, body, _images())
-    except InvalidResource as err:
-        if after_failure(before, err.status):
-            publish(kube, body, before, err.status)
-        if retry_invalid:
-            raise kopf.PermanentError(str(err)) from None
-        return
-    publish(kube, body, before, after)
+    uid = live_body["metadata"]["uid"]
+    with _objects.hold(uid):
+        body = copy.deepcopy(dict(live_body))  # kopf updates a timer's body as events come
+        generation = int(body["metadata"].get("generation") or 1)
+        if body["metadata"].get("deletionTimestamp"):
+            _objects.forget(uid)
+            return  # the garbage collector removes the children
+        before = previous_status(body)
+        if _objects.stale(uid, generation) or (resync and rejected(before, generation)):
+            return
+        try:
+            after = reconcile(kube, body, _images(), _children if resync else None)
+        except InvalidResource as err:
+            if after_failure(before, err.status):
+                publish(kube, body, before, err.status)
+            if not resync:
+                raise kopf.PermanentError(str(err)) from None
+            return
+        except RetryLater as err:
+            raise kopf.TemporaryError(str(err), delay=retry_delay(retry, err.delay)) from None
+        _objects.record(uid, generation)
+        publish(kube, body, before, after)
 
 
 def after_failure(before: ResourceStatus, failed: ResourceStatus) -> bool:
@@ -100,25 +148,55 @@ for _plural in PLURALS:
     @kopf.on.create(API_GROUP, API_VERSION, _plural)
     @kopf.on.update(API_GROUP, API_VERSION, _plural)
     @kopf.on.resume(API_GROUP, API_VERSION, _plural)
-    def reconcile_handler(body: kopf.Body, **_: Any) -> None:
+    def reconcile_handler(body: kopf.Body, retry: int = 0, **_: Any) -> None:
         """Create, update and resume all run the same level-based reconcile."""
-        _run(body, retry_invalid=True)
+        _run(body, resync=False, retry=retry)
 
     @kopf.timer(API_GROUP, API_VERSION, _plural, interval=RESYNC_SECONDS,
                 initial_delay=RESYNC_SECONDS)
-    def resync(body: kopf.Body, **_: Any) -> None:
+    def resync(body: kopf.Body, retry: int = 0, **_: Any) -> None:
         """Put back children deleted or edited by hand; refresh the status."""
-        _run(body, retry_invalid=False)
+        _run(body, resync=True, retry=retry)
 
 
-@kopf.on.event("apps", "v1", "deployments",
-               labels={"app.kubernetes.io/managed-by": "tritonop"})  # MANAGED_BY
-def deployment_changed(body: kopf.Body, **_: Any) -> None:
+def _timers_without_finalizer(registry: kopf.OperatorRegistry) -> None:
+    """kopf 1.45 blocks deletion with a finalizer for every object that has a timer.
+
+    Nothing needs to happen before a resource goes: its children are owned through
+    ownerReferences and the API server's garbage collector removes them. A finalizer
+    only makes deletion wait for the operator, forever while it is down, and
+    ``kubectl delete -k deploy/`` can then deadlock (the operator goes first, its
+    resources never). kopf stops a timer when its object is gone anyway. There is no
+    public switch for this; the handler records are kopf's (pinned, see pyproject.toml).
+    """
+    spawning = registry._spawning
+    spawning._handlers[:] = [dataclasses.replace(handler, requires_finalizer=False)
+                             for handler in spawning._handlers]
+
+
+_timers_without_finalizer(kopf.get_default_registry())
+
+
+def _follow_children(group: str, version: str, plural: str) -> None:
+    @kopf.on.event(group, version, plural, labels={"app.kubernetes.io/managed-by": "tritonop"})
+    def child_seen(body: kopf.Body, type: str | None, **_: Any) -> None:
+        """Keep the last-seen state of every child, so that a resync reads nothing."""
+        _children.seen(type, body)
+        if plural == "deployments":
+            deployment_changed(body)
+
+
+def deployment_changed(body: Mapping[str, Any]) -> None:
     """A Triton Deployment changed (pods became ready, a rollout stalled): update its owner."""
     kube = _kube()
     owner = get_owner(kube, body)
     if owner is None:
         return
-    after = refresh(kube, owner)
-    if after is not None:
-        publish(kube, owner, previous_status(owner), after)
+    with _objects.hold(owner["metadata"]["uid"]):
+        after = refresh(kube, owner, dict(body))
+        if after is not None:
+            publish(kube, owner, previous_status(owner), after)
+
+
+for _group, _version, _child_plural in CHILD_KINDS:
+    _follow_children(_group, _version, _child_plural)

@@ -2,11 +2,15 @@
 
 Children are written with server-side apply (``fieldManager=tritonop``, ``force``), so a
 repeated apply is harmless and a field edited by hand is put back by the next one.
+
+Every request has a timeout: a connection the API server never answers must not hang a
+handler thread (and with it every later event of that object) forever.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from kubernetes import client, config
@@ -15,6 +19,11 @@ from kubernetes.client.exceptions import ApiException
 from tritonop import API_GROUP, API_VERSION
 
 FIELD_MANAGER = "tritonop"
+# Seconds to connect, and to wait for the answer (TRITONOP_API_TIMEOUT_SECONDS).
+REQUEST_TIMEOUT = (5.0, float(os.environ.get("TRITONOP_API_TIMEOUT_SECONDS", "30")))
+# Answers worth retrying: conflicts, throttling, timeouts and the server's own errors.
+# Every other 4xx says that the request itself is refused, and will be again.
+RETRIED_STATUSES = frozenset({401, 408, 409, 425, 429})
 MERGE_PATCH = "application/merge-patch+json"
 Obj = dict[str, Any]
 
@@ -50,8 +59,10 @@ def path(api_version: str, kind: str, namespace: str, name: str | None = None) -
 class Kube:
     """A thin, synchronous client: apply, get, delete, list, and patch a status."""
 
-    def __init__(self, api: client.ApiClient | None = None) -> None:
+    def __init__(self, api: client.ApiClient | None = None,
+                 timeout: tuple[float, float] = REQUEST_TIMEOUT) -> None:
         self.api = api or client.ApiClient()
+        self.timeout = timeout
 
     def _call(self, method: str, url: str, body: Any = None,
               query: list[tuple[str, str]] | None = None,
@@ -60,17 +71,20 @@ class Kube:
             method, url, query_params=query or [], body=body, auth_settings=["BearerToken"],
             header_params={"Content-Type": content_type, "Accept": "application/json"},
         )
-        response = self.api.call_api(*serialized)
+        response = self.api.call_api(*serialized, _request_timeout=self.timeout)
         data = response.read()
         if not 200 <= response.status < 300:
-            raise ApiException(status=response.status, reason=response.reason, body=data)
+            error = ApiException(status=response.status, reason=response.reason, body=data)
+            error.headers = response.getheaders()
+            raise error
         return json.loads(data) if data else {}
 
-    def apply(self, manifest: Obj) -> Obj:
+    def apply(self, manifest: Obj, field_manager: str = FIELD_MANAGER) -> Obj:
+        """Server-side apply; the object as the server stored it."""
         meta = manifest["metadata"]
         url = path(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
         return self._call("PATCH", url, manifest,
-                          [("fieldManager", FIELD_MANAGER), ("force", "true")],
+                          [("fieldManager", field_manager), ("force", "true")],
                           "application/apply-patch+yaml")
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> Obj | None:
@@ -118,3 +132,31 @@ class Kube:
                 return False
             raise
         return True
+
+
+def is_permanent(err: ApiException) -> bool:
+    """Whether the API server refused a request for good (422 invalid, 403, 400, a webhook).
+
+    Sending the same request again gets the same answer, so it is reported, not retried.
+    """
+    status = int(err.status or 0)
+    return 400 <= status < 500 and status not in RETRIED_STATUSES
+
+
+def server_message(err: ApiException) -> str:
+    """The API server's own message from a ``Status`` body, else the HTTP reason."""
+    try:
+        body = json.loads(err.body or b"{}")
+    except (TypeError, ValueError):
+        body = {}
+    message = body.get("message") if isinstance(body, dict) else None
+    return str(message or err.reason or f"HTTP {err.status}")
+
+
+def retry_after(err: ApiException) -> float | None:
+    """The server's ``Retry-After`` (429, 503) in seconds, if it sent one."""
+    value = (getattr(err, "headers", None) or {}).get("Retry-After")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None

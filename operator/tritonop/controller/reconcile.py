@@ -11,8 +11,18 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+
 from tritonop import API_GROUP, API_VERSION
-from tritonop.controller.kube import Kube, Obj
+from tritonop.controller.cache import ChildCache, key_of
+from tritonop.controller.kube import (
+    FIELD_MANAGER,
+    Kube,
+    Obj,
+    is_permanent,
+    retry_after,
+    server_message,
+)
 from tritonop.controller.observe import Observed, failed_status, observed_status
 from tritonop.render.kubernetes import (
     CONFIG_HASH_ANNOTATION,
@@ -33,6 +43,9 @@ OPTIONAL_CHILDREN = (
     ("networking.k8s.io/v1", "NetworkPolicy", "policy"),
 )
 KINDS = ("EmbeddingSearch", "LLMService")
+# The field manager that holds Deployment.spec.replicas while it passes to the HPA.
+HANDOVER_MANAGER = "tritonop-handover-to-hpa"
+APPLY_REJECTED = "ApplyRejected"
 
 
 class InvalidResource(Exception):
@@ -41,6 +54,17 @@ class InvalidResource(Exception):
     def __init__(self, message: str, status: ResourceStatus) -> None:
         super().__init__(message)
         self.status = status
+
+
+class RetryLater(Exception):
+    """The API server could not take a request now (409, 429, 5xx, a timeout): try again.
+
+    ``delay`` is the server's ``Retry-After`` where it sent one.
+    """
+
+    def __init__(self, message: str, delay: float | None = None) -> None:
+        super().__init__(message)
+        self.delay = delay
 
 
 def now() -> str:
@@ -76,39 +100,142 @@ def parse(body: Mapping[str, Any]) -> Resource:
         raise invalid(body, str(err)) from None
 
 
-def apply_children(kube: Kube, body: Mapping[str, Any], resource: Resource, images: Images
-                   ) -> None:
+def apply_children(kube: Kube, body: Mapping[str, Any], resource: Resource, images: Images,
+                   cache: ChildCache | None = None) -> dict[str, Obj]:
     """Apply every child with an owner reference; delete optional ones no longer wanted.
 
     Server-side apply with ``force`` would take over an object of the same name that
     someone else made (a hand-written Deployment, another resource's child). So children
     that exist but are not this resource's are reported, and nothing is applied until
     they are gone: the timer's next run picks it up from there.
+
+    With a ``cache`` (a resync), children that the watches show as this process left
+    them are neither read nor applied again.
+
+    Returns:
+        The children as the server stored them, by kind, for those applied now.
     """
     owner = owner_reference(body)
     children = render_children(resource, images)
-    taken = [child for child in children if _taken(kube, child, owner["uid"])]
+    for child in children:
+        child["metadata"]["ownerReferences"] = [owner]
+    deployment_name = names(resource)["deployment"]
+    live_deployment = _known(kube, cache, "apps/v1", "Deployment", resource.namespace,
+                             deployment_name)
+    pending = [child for child in children if cache is None or not cache.unchanged(child)
+               or (child["kind"] == "Deployment"
+                   and needs_handover(resource, live_deployment))]
+    taken = [child for child in pending if _taken(kube, cache, child, owner["uid"])]
     if taken:
         listed = "; ".join(f"{c['kind']} {c['metadata']['name']!r} already exists in namespace "
                            f"{resource.namespace!r} and is not owned by this {resource.kind}"
                            for c in taken)
         raise invalid(body, f"{listed}: delete or rename it, or give this resource another "
                       "name", reason="NameConflict")
-    applied = set()
-    for child in children:
-        child["metadata"]["ownerReferences"] = [owner]
-        kube.apply(child)
-        applied.add(child["kind"])
+    stored = {}
+    for child in pending:
+        if child["kind"] == "Deployment" and resource.spec.autoscaling is not None:
+            _hand_replicas_to_hpa(kube, body, resource, child, live_deployment)
+        stored[child["kind"]] = _apply(kube, body, child, cache)
+    wanted = {child["kind"] for child in children}
     for api_version, kind, role in OPTIONAL_CHILDREN:
-        if kind in applied:
+        if kind in wanted:
             continue
-        existing = kube.get(api_version, kind, resource.namespace, names(resource)[role])
+        name = names(resource)[role]
+        existing = _known(kube, cache, api_version, kind, resource.namespace, name)
         if existing is not None and owned_by(existing, owner["uid"]):
-            kube.delete(api_version, kind, resource.namespace, names(resource)[role])
+            kube.delete(api_version, kind, resource.namespace, name)
+            if cache is not None:
+                cache.forget((api_version, kind, resource.namespace, name))
+    return stored
 
 
-def _taken(kube: Kube, child: Mapping[str, Any], uid: str) -> bool:
+def _known(kube: Kube, cache: ChildCache | None, api_version: str, kind: str, namespace: str,
+           name: str) -> Obj | None:
+    """A child as the watches last saw it (a resync), else as the API server has it now."""
+    if cache is not None:
+        return cache.live((api_version, kind, namespace, name))
+    return kube.get(api_version, kind, namespace, name)
+
+
+def _apply(kube: Kube, body: Mapping[str, Any], child: Obj, cache: ChildCache | None,
+           field_manager: str = FIELD_MANAGER) -> Obj:
+    """Apply one child; a refusal is this generation's failure, anything else a retry."""
+    try:
+        stored = kube.apply(child, field_manager)
+    except ApiException as err:
+        what = f"{child['kind']} {child['metadata']['name']!r}"
+        message = f"the API server refused {what} ({err.status}): {server_message(err)}"
+        if is_permanent(err):
+            raise invalid(body, message, reason=APPLY_REJECTED) from None
+        raise RetryLater(message, retry_after(err)) from None
+    if cache is not None and field_manager == FIELD_MANAGER:
+        cache.applied(child, stored)
+    return stored
+
+
+def owns_replicas(deployment: Mapping[str, Any] | None, manager: str = FIELD_MANAGER) -> bool:
+    """Whether ``manager`` applied ``spec.replicas`` of ``deployment`` (managedFields)."""
+    for entry in ((deployment or {}).get("metadata") or {}).get("managedFields") or []:
+        if entry.get("manager") == manager and entry.get("operation") == "Apply":
+            spec = (entry.get("fieldsV1") or {}).get("f:spec") or {}
+            if "f:replicas" in spec:
+                return True
+    return False
+
+
+def needs_handover(resource: Resource, deployment: Mapping[str, Any] | None) -> bool:
+    """Autoscaling is on, but the operator's apply still owns the replica count."""
+    return resource.spec.autoscaling is not None and (
+        deployment is None or owns_replicas(deployment))
+
+
+def handover_manifest(resource: Resource, deployment: Mapping[str, Any] | None) -> Obj:
+    """The replicas-only configuration that keeps the count while the HPA takes it over.
+
+    Server-side apply resets a field to its default (1 for replicas) when its only
+    manager stops sending it. The Kubernetes docs ("Transferring ownership") hand a
+    field to the HPA this way: apply the current value with a second field manager
+    first, so that the field keeps an owner; the HPA's first scale then takes it from
+    that manager. A new Deployment starts at the spec's count, kept within the HPA's
+    bounds.
+    """
+    scaling = resource.spec.autoscaling
+    assert scaling is not None
+    if deployment is not None:
+        replicas = int((deployment.get("spec") or {}).get("replicas") or 1)
+    else:
+        replicas = min(max(resource.spec.replicas, scaling.min_replicas), scaling.max_replicas)
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": names(resource)["deployment"],
+                         "namespace": resource.namespace},
+            "spec": {"replicas": replicas}}
+
+
+def _hand_replicas_to_hpa(kube: Kube, body: Mapping[str, Any], resource: Resource,
+                          deployment: Obj, live: Obj | None) -> None:
+    """Before the operator's apply drops ``spec.replicas``, give it a second owner.
+
+    A new Deployment is created with the count first (it cannot be created from a
+    replicas-only configuration), then handed over like an existing one. Where no
+    managedFields are reported, the handover is done anyway: it only repeats the count.
+    """
+    meta = deployment["metadata"]
+    live = live or kube.get("apps/v1", "Deployment", meta["namespace"], meta["name"])
+    if live is None:
+        first = {**deployment, "spec": {**deployment["spec"],
+                                        **handover_manifest(resource, None)["spec"]}}
+        live = _apply(kube, body, first, None)
+    if owns_replicas(live) or not (live.get("metadata") or {}).get("managedFields"):
+        _apply(kube, body, handover_manifest(resource, live), None, HANDOVER_MANAGER)
+
+
+def _taken(kube: Kube, cache: ChildCache | None, child: Mapping[str, Any], uid: str) -> bool:
     """Whether an object with ``child``'s name exists and belongs to someone else."""
+    if cache is not None:
+        seen = cache.live(key_of(child))
+        if seen is not None and owned_by(seen, uid):
+            return False  # ours, as the watch saw it: no need to read it back
     meta = child["metadata"]
     existing = kube.get(child["apiVersion"], child["kind"], meta["namespace"], meta["name"])
     return existing is not None and not owned_by(existing, uid)
@@ -120,10 +247,17 @@ def owned_by(child: Mapping[str, Any], uid: str) -> bool:
     return any(ref.get("uid") == uid for ref in refs)
 
 
-def observe(kube: Kube, body: Mapping[str, Any], resource: Resource) -> ResourceStatus:
-    """Read the Deployment (and its pods while not all are ready) into a status."""
-    deployment = kube.get("apps/v1", "Deployment", resource.namespace,
-                          names(resource)["deployment"])
+def observe(kube: Kube, body: Mapping[str, Any], resource: Resource,
+            deployment: Obj | None = None, generation: int | None = None) -> ResourceStatus:
+    """The Deployment (and its pods while not all are ready) as a status.
+
+    Args:
+        deployment: the Deployment as just applied or watched; read when not given.
+        generation: the generation whose children are out there (the one applied).
+    """
+    if deployment is None:
+        deployment = kube.get("apps/v1", "Deployment", resource.namespace,
+                              names(resource)["deployment"])
     desired = resource.spec.replicas
     if resource.spec.autoscaling is not None and deployment is not None:
         desired = int((deployment.get("spec") or {}).get("replicas") or 0)
@@ -134,25 +268,52 @@ def observe(kube: Kube, body: Mapping[str, Any], resource: Resource) -> Resource
     template = ((deployment or {}).get("spec") or {}).get("template") or {}
     config_hash = ((template.get("metadata") or {}).get("annotations") or {}).get(
         CONFIG_HASH_ANNOTATION, "")
-    observed = Observed(int(body["metadata"].get("generation") or 1), desired, deployment, pods)
+    if generation is None:
+        generation = int(body["metadata"].get("generation") or 1)
+    observed = Observed(generation, desired, deployment, pods)
     return observed_status(observed, previous_status(body), selector=selector_string(resource),
                            endpoints=endpoints(resource), config_hash=config_hash, now=now())
 
 
-def reconcile(kube: Kube, body: Mapping[str, Any], images: Images) -> ResourceStatus:
-    """Make the cluster match the resource, and say how far it got."""
+def reconcile(kube: Kube, body: Mapping[str, Any], images: Images,
+              cache: ChildCache | None = None) -> ResourceStatus:
+    """Make the cluster match the resource, and say how far it got.
+
+    Args:
+        cache: on a resync, the children as watched: only what changed is applied.
+    """
     resource = parse(body)
-    apply_children(kube, body, resource, images)
-    return observe(kube, body, resource)
+    stored = apply_children(kube, body, resource, images, cache)
+    deployment = stored.get("Deployment")
+    if deployment is None and cache is not None:
+        deployment = cache.live(("apps/v1", "Deployment", resource.namespace,
+                                 names(resource)["deployment"]))
+    return observe(kube, body, resource, deployment)
 
 
-def refresh(kube: Kube, body: Mapping[str, Any]) -> ResourceStatus | None:
-    """Status only, without applying (when a child changed); None for an invalid spec."""
+def refresh(kube: Kube, body: Mapping[str, Any], deployment: Obj | None = None
+            ) -> ResourceStatus | None:
+    """Status only, without applying (a child changed), for the generation last applied.
+
+    The status says which generation its children come from. A child's event may come
+    before the handlers applied a new spec: then the generation in the body was never
+    applied, and ``kubectl wait --for=condition=Available`` must not pass on the old
+    pods. So nothing is refreshed until the status is of the body's own generation,
+    nor while it reports a failure (a refused apply, a name taken): that stands until
+    a reconcile clears it.
+
+    Returns:
+        None when there is nothing to refresh.
+    """
+    previous = previous_status(body)
+    generation = int(body["metadata"].get("generation") or 1)
+    if previous.observed_generation != generation or previous.phase == "Failed":
+        return None
     try:
         resource = parse(body)
     except InvalidResource:
         return None
-    return observe(kube, body, resource)
+    return observe(kube, body, resource, deployment, generation)
 
 
 def get_owner(kube: Kube, child: Mapping[str, Any]) -> Obj | None:
@@ -166,3 +327,10 @@ def get_owner(kube: Kube, child: Mapping[str, Any]) -> Obj | None:
 
 def status_dict(status: ResourceStatus) -> Obj:
     return status.model_dump(by_alias=True, exclude_none=True)
+
+
+def rejected(status: ResourceStatus, generation: int) -> bool:
+    """Whether the API server refused this generation's children (no use re-applying)."""
+    rendered = next((c for c in status.conditions if c.type == "ConfigRendered"), None)
+    return (status.phase == "Failed" and status.observed_generation == generation
+            and rendered is not None and rendered.reason == APPLY_REJECTED)
