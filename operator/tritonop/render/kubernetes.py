@@ -29,6 +29,20 @@ CONFIG_HASH_ANNOTATION = f"{API_GROUP}/config-hash"
 RESOURCE_LABEL = f"{API_GROUP}/resource"
 RESOURCE_FILE = "resource.yaml"
 UID = 1000  # the non-root user both images run as
+TMP_PATH = "/tmp"
+# Kubernetes names and label values stop at 63 characters; see max_name_length.
+NAME_LIMIT = 63
+# Requests a pod gets unless spec.resources.requests names them: a pod with no request is
+# BestEffort (evicted first), and a CPU HorizontalPodAutoscaler needs a CPU request to
+# compute utilisation. Sized for the examples (all-MiniLM-L6-v2 with 20,000 texts peaks
+# below 1.5 GiB; SmolLM2-135M in float32 below 2 GiB).
+DEFAULT_REQUESTS = {"EmbeddingSearch": {"cpu": "1", "memory": "2Gi"},
+                    "LLMService": {"cpu": "1", "memory": "4Gi"}}
+PREPARE_REQUESTS = {"cpu": "1", "memory": "2Gi"}
+# How long the prepare init container may take on a cold volume (an encoder export plus a
+# large corpus, or a large GGUF conversion): Kubernetes has no init-container timeout, but
+# the Deployment's progress deadline has to leave room for it.
+PREPARE_BUDGET_SECONDS = 1800
 
 
 @dataclass(frozen=True)
@@ -41,10 +55,25 @@ class Images:
 
 def names(resource: Resource) -> dict[str, str]:
     """Deterministic child names (no generateName: a repeated apply is harmless)."""
-    base = resource.name
+    return child_names(resource.name)
+
+
+def child_names(base: str) -> dict[str, str]:
+    """The child names of a resource called ``base``."""
     return {"deployment": f"{base}-triton", "service": base, "config": f"{base}-triton",
             "account": f"{base}-triton", "budget": f"{base}-triton",
             "autoscaler": f"{base}-triton", "policy": f"{base}-triton"}
+
+
+def max_name_length(kind: str) -> int:
+    """The longest ``metadata.name`` whose child names and labels stay within 63 characters.
+
+    The binding ones are the ``-triton`` suffix of child names and the resource label
+    value ``<kind>.<name>``; the CRD schema rejects longer names (CEL on
+    ``metadata.name``), so the API server refuses the resource instead of a child later.
+    """
+    suffix = max(len(child) for child in child_names("").values())
+    return NAME_LIMIT - max(suffix, len(f"{kind.lower()}."))
 
 
 def selector_labels(resource: Resource) -> dict[str, str]:
@@ -138,20 +167,70 @@ def _cache_bytes(resource: Resource) -> int:
     return 0
 
 
-def _triton_container(resource: Resource, images: Images) -> Manifest:
+def gpus(resource: Resource) -> int:
+    """``nvidia.com/gpu`` per pod: an LLMService's ``gpus``, one for a GPU encoder."""
     spec = resource.spec
-    args = [f"--model-repository={REPOSITORY_PATH}", f"--http-port={HTTP_PORT}",
-            f"--grpc-port={GRPC_PORT}", f"--metrics-port={METRICS_PORT}",
+    if isinstance(spec, LLMServiceSpec):
+        return spec.gpus
+    return 1 if spec.model.device == "gpu" else 0  # type: ignore[union-attr]
+
+
+def model_names(config: Manifest) -> list[str]:
+    """The Triton models in the rendered repository (ConfigMap keys ``<model>__config.pbtxt``)."""
+    return sorted(key.removesuffix("__config.pbtxt") for key in config["data"]
+                  if key.endswith("__config.pbtxt"))
+
+
+def _environment(resource: Resource) -> list[Manifest]:
+    """Variables both containers need on a read-only root filesystem.
+
+    Everything that caches (Hugging Face, torch's compilers, XDG users) is pointed at
+    the /tmp emptyDir: with ``readOnlyRootFilesystem`` a default under the image's home
+    would fail at the first write. Without a GPU request, ``NVIDIA_VISIBLE_DEVICES=void``
+    keeps the NVIDIA container runtime from exposing a node's GPUs that the scheduler
+    did not give this pod (the NGC images set it to ``all``).
+    """
+    env = {"HOME": TMP_PATH, "XDG_CACHE_HOME": f"{TMP_PATH}/.cache",
+           "HF_HOME": f"{TMP_PATH}/.cache/huggingface", "HF_HUB_OFFLINE": "1",
+           "TORCHINDUCTOR_CACHE_DIR": f"{TMP_PATH}/.cache/torchinductor",
+           "TRITONOP_ARTIFACTS": ARTIFACTS_PATH}
+    if not gpus(resource):
+        env["NVIDIA_VISIBLE_DEVICES"] = "void"
+    return [{"name": name, "value": value} for name, value in env.items()]
+
+
+def _triton_resources(resource: Resource) -> Manifest:
+    """The spec's resources over the default requests, plus the GPUs the model needs."""
+    spec = resource.spec
+    requests = {**DEFAULT_REQUESTS[resource.kind], **spec.resources.requests}
+    limits = dict(spec.resources.limits)
+    if gpus(resource):
+        limits.setdefault("nvidia.com/gpu", gpus(resource))
+    return {"requests": requests, **({"limits": limits} if limits else {})}
+
+
+def startup_seconds(resource: Resource) -> int:
+    """How long the startup probe lets Triton load (an LLM can take minutes)."""
+    return 1800 if isinstance(resource.spec, LLMServiceSpec) else 600
+
+
+def _triton_container(resource: Resource, config: Manifest, images: Images) -> Manifest:
+    spec = resource.spec
+    # Explicit model control, each rendered model named: the kubelet's ConfigMap volume
+    # holds "..data" and "..<timestamp>" folders beside the models, and Triton's default
+    # mode loads every folder of the repository (and, with --exit-on-error, exits on
+    # them). Naming the models keeps the repository read-only and the pod start free of a
+    # copy step; it also means Triton never polls, so a ConfigMap update reaches a pod
+    # only through the rollout that the config-hash annotation triggers.
+    args = [f"--model-repository={REPOSITORY_PATH}", "--model-control-mode=explicit",
+            *(f"--load-model={model}" for model in model_names(config)),
+            f"--http-port={HTTP_PORT}", f"--grpc-port={GRPC_PORT}",
+            f"--metrics-port={METRICS_PORT}",
             "--disable-auto-complete-config", "--exit-on-error=true", "--log-verbose=0"]
     if _cache_bytes(resource):
         args.append(f"--cache-config=local,size={_cache_bytes(resource)}")
-    resources: dict[str, Any] = {k: dict(v) for k, v in
-                                 spec.resources.model_dump(exclude_defaults=False).items() if v}
-    if isinstance(spec, LLMServiceSpec) and spec.gpus:
-        resources.setdefault("limits", {})["nvidia.com/gpu"] = spec.gpus
-    # Loading is slow (an LLM can take minutes), so a startup probe holds off the
-    # liveness probe until Triton first reports ready.
-    startup_seconds = 1800 if isinstance(spec, LLMServiceSpec) else 600
+    # Loading is slow, so a startup probe holds off the liveness probe until Triton
+    # first reports ready.
     probe = {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 10,
              "timeoutSeconds": 5}
     return {
@@ -162,19 +241,19 @@ def _triton_container(resource: Resource, images: Images) -> Manifest:
         "ports": [{"name": n, "containerPort": p, "protocol": "TCP"}
                   for n, p in (("http", HTTP_PORT), ("grpc", GRPC_PORT),
                                ("metrics", METRICS_PORT))],
-        "env": [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HUB_OFFLINE", "value": "1"}],
+        "env": _environment(resource),
         "readinessProbe": {**probe, "failureThreshold": 3},
         "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"},
                           "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6},
-        "startupProbe": {**probe, "failureThreshold": startup_seconds // 10},
-        "resources": resources,
+        "startupProbe": {**probe, "failureThreshold": startup_seconds(resource) // 10},
+        "resources": _triton_resources(resource),
         "securityContext": _RESTRICTED,
         "volumeMounts": [
             {"name": "model-repository", "mountPath": REPOSITORY_PATH, "readOnly": True},
             {"name": "artifacts", "mountPath": ARTIFACTS_PATH, "readOnly": True,
              **({"subPath": spec.artifacts.sub_path} if spec.artifacts.sub_path else {})},
             {"name": "shm", "mountPath": "/dev/shm"},
-            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "tmp", "mountPath": TMP_PATH},
         ],
     }
 
@@ -187,15 +266,32 @@ def _prepare_container(resource: Resource, images: Images) -> Manifest:
         "command": ["tritonop"],
         "args": ["prepare", "-f", f"/config/{RESOURCE_FILE}", "--artifacts-root", ARTIFACTS_PATH,
                  "--base-dir", "/opt/tritonop/examples"],
-        "env": [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HUB_OFFLINE", "value": "1"}],
+        "env": _environment(resource),
+        "resources": {"requests": dict(PREPARE_REQUESTS)},
         "securityContext": _RESTRICTED,
         "volumeMounts": [
             {"name": "model-repository", "mountPath": "/config", "readOnly": True},
             {"name": "artifacts", "mountPath": ARTIFACTS_PATH,
              **({"subPath": artifacts.sub_path} if artifacts.sub_path else {})},
-            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "tmp", "mountPath": TMP_PATH},
         ],
     }
+
+
+def _strategy(resource: Resource) -> Manifest:
+    """No surge for GPU pods: a new pod could never schedule beside the old one on a node
+    whose GPUs the old one holds, and the rollout would stall."""
+    if gpus(resource):
+        return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%",
+                                                       "maxUnavailable": "25%"}}
+
+
+def progress_deadline_seconds(resource: Resource) -> int:
+    """Longer than a cold start (prepare, then the startup probe's budget) plus a margin,
+    so that a normal cold start is not reported as a failed rollout (Degraded)."""
+    prepare = PREPARE_BUDGET_SECONDS if resource.spec.artifacts.prepare else 0
+    return prepare + startup_seconds(resource) + 300
 
 
 def _artifacts_volume(resource: Resource) -> Manifest:
@@ -219,7 +315,7 @@ def _volumes(resource: Resource, config: Manifest) -> list[Manifest]:
          "configMap": {"name": config["metadata"]["name"], "items": items}},
         _artifacts_volume(resource),
         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": resource.spec.shm_size}},
-        {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}},  # HOME and caches too
     ]
 
 
@@ -231,7 +327,7 @@ def deployment(resource: Resource, config: Manifest, images: Images) -> Manifest
         "automountServiceAccountToken": False,
         "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID,
                             "fsGroup": UID, "seccompProfile": {"type": "RuntimeDefault"}},
-        "containers": [_triton_container(resource, images)],
+        "containers": [_triton_container(resource, config, images)],
         "volumes": _volumes(resource, config),
         "terminationGracePeriodSeconds": 60,
     }
@@ -248,6 +344,8 @@ def deployment(resource: Resource, config: Manifest, images: Images) -> Manifest
                    CONFIG_HASH_ANNOTATION: config_hash(config)}
     body: Manifest = {
         "selector": {"matchLabels": selector_labels(resource)},
+        "strategy": _strategy(resource),
+        "progressDeadlineSeconds": progress_deadline_seconds(resource),
         "template": {"metadata": {"labels": _labels(resource), "annotations": annotations},
                      "spec": pod_spec},
     }

@@ -13,6 +13,7 @@ from typing import Any
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
+from tritonop import __version__
 from tritonop.spec.common import StageSettings
 
 ConfigDict = dict[str, Any]
@@ -41,7 +42,13 @@ def python_model(
     *,
     gpu: bool = False,
 ) -> ConfigDict:
-    """A Python-backend model with dynamic batching and a bounded queue."""
+    """A Python-backend model with dynamic batching and a bounded queue.
+
+    ``tritonop_version`` tells the adapter which release rendered it: the adapters come
+    from the operator (in the ConfigMap), the library they import from the Triton image,
+    and a mismatch fails the load naming both (``tritonop_backend.check_release``).
+    """
+    parameters = {**parameters, "tritonop_version": __version__}
     return {
         "name": name,
         "backend": "python",

@@ -86,7 +86,8 @@ class EngineSpec(SpecModel):
     )
     threads: Optional[int] = Field(
         None, ge=1, le=1024,
-        description="CPU threads for the model's math. Default: one per core.",
+        description="CPU threads for the model's math. Default: the container's CPU limit "
+        "(its cgroup quota, rounded up), or one per core without a limit.",
     )
     cuda_graphs: bool = Field(
         True,

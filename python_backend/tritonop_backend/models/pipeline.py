@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from tritonop_backend import check_release
 from tritonop_backend.errors import RequestError
 from tritonop_backend.stages import STAGES, Stage
 
@@ -56,6 +57,7 @@ class TritonPythonModel:
 
     def initialize(self, args: dict[str, Any]) -> None:
         params = parameters(args)
+        check_release(params.get("tritonop_version"))
         self.stage = STAGES[params["stage"]](params, device(args))
 
     def execute(self, requests: list[Any]) -> list[Any]:

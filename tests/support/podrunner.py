@@ -1,0 +1,692 @@
+"""Running a rendered pod on this machine the way a kubelet would, without containers.
+
+The operator's pods have to start on a kubelet, whose details the local runtime never
+shows: a ConfigMap volume is a tree of timestamped folders and links, the root
+filesystem is read-only, the process runs as uid 1000 with no capabilities, and the
+probes decide when the pod is Ready. :class:`PodRunner` reproduces those parts as root:
+
+* **Volumes** are laid out under the runner's work folder as the kubelet lays them out:
+  a ConfigMap by its atomic writer (``..<timestamp>/`` holding the files by ``items``
+  path, ``..data`` linking to it, one link per top-level entry), an emptyDir as a
+  folder (``medium: Memory`` on its own tmpfs), a hostPath as the named folder, a
+  PersistentVolumeClaim as the folder the test maps its claim name to. emptyDirs and
+  claims get the pod's ``fsGroup`` (group-writable, setgid), as the kubelet's volume
+  ownership step does; hostPaths keep their owner, as on a node.
+* **Containers** (init containers one at a time to completion, then the others) each
+  run in a private mount namespace (``unshare -m``) in which every volume is bound at
+  its ``mountPath`` (``readOnly`` ones read-only, ``subPath`` honoured), the image's
+  files are bound where the image keeps them, the root is remounted read-only for
+  ``readOnlyRootFilesystem``, and the process drops to ``runAsUser``/``runAsGroup``
+  with the ``fsGroup`` as a supplementary group and no capabilities (``setpriv``).
+  ``command``, ``args``, ``env`` and ``workingDir`` are the container's; the image's
+  environment and working directory are read from ``deploy/Dockerfile.*``.
+* **Images** are stood in for by this machine: ``tritonop`` from the project's venv
+  at ``/opt/tritonop`` (with the examples at ``/opt/tritonop/examples``, as
+  ``Dockerfile.operator`` copies them) for the operator image; the pinned
+  ``nvidia-pytriton`` wheel's ``tritonserver``, backends and caches at
+  ``/opt/tritonserver`` (where NGC images keep them) for the Triton image, whose
+  ``python3`` is the venv's.
+* **Network**: each pod gets its own network namespace with a veth pair (pod IP
+  ``10.x.y.2``, host side ``.1``), so the rendered fixed ports 8000-8002 never clash
+  with another pod or with a server on the host, and probes reach the pod IP as a
+  kubelet's do. Nothing outside the machine is reachable from it.
+* **Probes** are the rendered ``startupProbe``, ``readinessProbe`` and ``livenessProbe``
+  (``httpGet``, ``tcpSocket`` or ``exec``), with their periods and thresholds; a failed
+  liveness or startup probe, or an exit, restarts the container (``restartPolicy:
+  Always``) with the kubelet's doubling back-off.
+
+What it cannot show: image contents (it runs this machine's Python and Triton 2.51),
+scheduling, resource limits and cgroups, GPUs, Services and DNS, and how fast a node
+pulls images. Mount points such as ``/models`` and ``/artifacts`` are created (empty)
+on the host's root, since the containers share it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import os
+import shlex
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tritonop.render.kubernetes import Images
+from tritonop.runtime.local import make_backend_dir, server_environment, triton_home
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+Manifest = dict[str, Any]
+_POD_NUMBERS = itertools.count(1)
+
+
+class PodFailed(RuntimeError):
+    """A container of the pod failed in a way a kubelet would report (with its log)."""
+
+
+def can_run_pods() -> str | None:
+    """Why pods cannot run here, or None when they can."""
+    if os.geteuid() != 0:
+        return "the pod runner needs root (mount namespaces, bind mounts, setpriv)"
+    for tool in ("unshare", "nsenter", "setpriv", "ip", "mount"):
+        if shutil.which(tool) is None:
+            return f"the pod runner needs {tool}, which is not installed"
+    return None
+
+
+# --- volumes --------------------------------------------------------------------------------
+
+
+def _timestamp() -> str:
+    """The atomic writer's folder name: ``..2026_11_26_12_00_00.123456789``."""
+    now = time.time_ns()
+    stamp = datetime.datetime.fromtimestamp(now / 1e9, datetime.timezone.utc)
+    return f"..{stamp:%Y_%m_%d_%H_%M_%S}.{now % 1_000_000_000:09d}"
+
+
+def write_config_map(directory: Path, data: Mapping[str, str],
+                     items: list[Mapping[str, str]] | None = None) -> None:
+    """Write (or update) a ConfigMap volume as the kubelet's atomic writer does.
+
+    The payload goes into a new ``..<timestamp>`` folder; ``..data`` is swapped to it by
+    renaming a fresh link over the old one (atomic), then the top-level links are added
+    or removed, and the previous timestamped folder is deleted. Readers that follow
+    ``..data`` see either the old files or the new ones, never a mix.
+    """
+    paths = {item["path"]: data[item["key"]] for item in items} if items else dict(data)
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o777)  # the kubelet makes the volume folder world-traversable
+    old = os.readlink(directory / "..data") if (directory / "..data").is_symlink() else None
+    payload = directory / _timestamp()
+    payload.mkdir(mode=0o755)
+    for relative, content in paths.items():
+        target = payload / relative
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        target.write_text(content)
+        os.chmod(target, 0o644)  # defaultMode
+    staging = directory / "..data_tmp"
+    staging.unlink(missing_ok=True)
+    staging.symlink_to(payload.name)
+    os.replace(staging, directory / "..data")
+    top = {relative.split("/", 1)[0] for relative in paths}
+    for entry in directory.iterdir():
+        if not entry.name.startswith("..") and entry.name not in top:
+            entry.unlink()
+    for name in top:
+        link = directory / name
+        if not link.is_symlink():
+            link.symlink_to(f"..data/{name}")
+    if old:
+        shutil.rmtree(directory / old)
+
+
+def _own_for_fs_group(directory: Path, fs_group: int | None) -> None:
+    """What the kubelet does to emptyDirs and claims for a pod's ``fsGroup``."""
+    if fs_group is None:
+        return
+    for root, dirs, files in os.walk(directory):
+        for name in [*dirs, *files, "."]:
+            path = Path(root) / name
+            if path.is_symlink():
+                continue
+            os.chown(path, -1, fs_group)
+            mode = path.stat().st_mode
+            extra = stat.S_IRGRP | stat.S_IWGRP
+            if path.is_dir():
+                extra |= stat.S_IXGRP | stat.S_ISGID
+            os.chmod(path, mode | extra)
+
+
+# --- images --------------------------------------------------------------------------------
+
+
+def dockerfile_environment(path: Path) -> tuple[dict[str, str], str | None, str | None]:
+    """``ENV``, ``WORKDIR`` and ``USER`` of a Dockerfile's last stage.
+
+    The stand-in images take their environment from the Dockerfiles, so a variable the
+    pods rely on has to be set where the real image sets it.
+    """
+    lines, current = [], ""
+    for raw in path.read_text().splitlines():
+        stripped = raw.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        current += stripped.removesuffix("\\").strip() + " "
+        if not stripped.endswith("\\"):
+            lines.append(current.strip())
+            current = ""
+    last = max(i for i, line in enumerate(lines) if line.upper().startswith("FROM "))
+    env: dict[str, str] = {}
+    workdir = user = None
+    for line in lines[last + 1:]:
+        word, _, rest = line.partition(" ")
+        if word.upper() == "ENV":
+            for pair in shlex.split(rest):
+                key, _, value = pair.partition("=")
+                env[key] = value.replace("$PATH", env.get("PATH", BASE_PATH))
+        elif word.upper() == "WORKDIR":
+            workdir = rest.strip()
+        elif word.upper() == "USER":
+            user = rest.strip()
+    return env, workdir, user
+
+
+@dataclass(frozen=True)
+class StandIn:
+    """What an image contributes to a container: files bound in place, env, workdir."""
+
+    binds: dict[str, Path]  # mount path in the container -> folder on this machine
+    env: dict[str, str]
+    workdir: str
+
+
+def stand_in_images(workdir: Path, images: Images | None = None) -> dict[str, StandIn]:
+    """This machine's stand-ins for the operator and Triton images, by image name."""
+    images = images or Images()
+    venv_bin = Path(sys.executable).parent
+    operator_root = workdir / "images" / "operator"
+    operator_root.mkdir(parents=True, exist_ok=True)
+    for name, target in (("bin", venv_bin), ("examples", ROOT / "examples")):
+        link = operator_root / name
+        if not link.is_symlink():
+            link.symlink_to(target)
+    env, wd, _ = dockerfile_environment(ROOT / "deploy" / "Dockerfile.operator")
+    operator = StandIn({"/opt/tritonop": operator_root}, env, wd or "/")
+
+    home = triton_home()
+    triton_root = workdir / "images" / "triton"
+    (triton_root / "bin").mkdir(parents=True, exist_ok=True)
+    for name, target in (("bin/tritonserver", home / "bin" / "tritonserver"),
+                         ("caches", home / "caches")):
+        link = triton_root / name
+        if not link.is_symlink():
+            link.symlink_to(target)
+    make_backend_dir(triton_root / "backends", home)
+    # The NGC image's own environment (PATH with /opt/tritonserver/bin, its libraries),
+    # with this venv's python3 standing in for the image's, then Dockerfile.triton's ENV.
+    local = server_environment(home)
+    env = {"PATH": f"/opt/tritonserver/bin:{venv_bin}:{BASE_PATH}",
+           "LD_LIBRARY_PATH": local["LD_LIBRARY_PATH"]}
+    extra, wd, _ = dockerfile_environment(ROOT / "deploy" / "Dockerfile.triton")
+    env.update({k: v.replace(BASE_PATH, env["PATH"]) for k, v in extra.items()})
+    triton = StandIn({"/opt/tritonserver": triton_root}, env, wd or "/opt/tritonserver")
+    return {images.operator: operator, images.triton: triton}
+
+
+def _hidden_interpreter_dirs() -> list[Path]:
+    """Folders on the way to this Python that a non-root user cannot traverse.
+
+    A pyenv interpreter under ``/root`` (mode 0700) cannot be run by uid 1000; inside the
+    container's mount namespace such a folder is covered by a traversable tmpfs with the
+    interpreter's tree bound back into it (an image's interpreter sits in /usr).
+    """
+    hidden = []
+    prefix = Path(sys.base_prefix).resolve()
+    for parent in reversed(prefix.parents):
+        if parent != Path("/") and not parent.stat().st_mode & stat.S_IXOTH:
+            hidden.append(parent)
+    return hidden
+
+
+# --- probes --------------------------------------------------------------------------------
+
+
+@dataclass
+class Probe:
+    """One rendered probe with the kubelet's defaults."""
+
+    spec: Manifest
+    kind: str  # startup, readiness, liveness
+
+    @property
+    def period(self) -> float:
+        return float(self.spec.get("periodSeconds", 10))
+
+    @property
+    def timeout(self) -> float:
+        return float(self.spec.get("timeoutSeconds", 1))
+
+    @property
+    def failure_threshold(self) -> int:
+        return int(self.spec.get("failureThreshold", 3))
+
+    @property
+    def initial_delay(self) -> float:
+        return float(self.spec.get("initialDelaySeconds", 0))
+
+
+# --- the pod -------------------------------------------------------------------------------
+
+
+@dataclass
+class Container:
+    """One container of the pod and its running process."""
+
+    spec: Manifest
+    init: bool
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started: bool = False
+    ready: bool = False
+    exit_codes: list[int] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return str(self.spec["name"])
+
+
+class PodRunner:
+    """A rendered pod, run here the way a kubelet runs it (see the module docstring).
+
+    Args:
+        manifest: a Deployment (its pod template is run) or a pod template.
+        config_maps: ConfigMap ``data`` by name, for the pod's configMap volumes.
+        claims: folder on this machine per PersistentVolumeClaim name.
+        workdir: where the volumes, image stand-ins and logs are kept.
+        name: the pod's name (its hostname, and part of its network namespace's name).
+    """
+
+    def __init__(self, manifest: Manifest, config_maps: Mapping[str, Mapping[str, str]],
+                 workdir: Path, *, claims: Mapping[str, Path] | None = None,
+                 name: str = "pod") -> None:
+        template = manifest["spec"]["template"] if manifest.get("kind") == "Deployment" \
+            else manifest
+        self.pod: Manifest = template["spec"]
+        self.name = name
+        self.workdir = Path(workdir)
+        self.config_maps = {k: dict(v) for k, v in config_maps.items()}
+        self.claims = dict(claims or {})
+        self.images = stand_in_images(self.workdir)
+        self.volumes: dict[str, Path] = {}
+        self._tmpfs: list[Path] = []
+        number = next(_POD_NUMBERS)
+        self.netns = f"tpod{os.getpid() % 100000}n{number}"
+        self._host_if = f"tph{os.getpid() % 100000}n{number}"[:15]
+        self.ip = f"10.{200 + os.getpid() % 50}.{number % 250}.2"
+        self._host_ip = self.ip.rsplit(".", 1)[0] + ".1"
+        self.containers = [Container(c, init=True) for c in self.pod.get("initContainers", [])]
+        self.containers += [Container(c, init=False) for c in self.pod["containers"]]
+        self._stop = threading.Event()
+        self._monitors: list[threading.Thread] = []
+        self.started_at: float | None = None
+        self.ready_at: float | None = None
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    @property
+    def fs_group(self) -> int | None:
+        value = self.pod.get("securityContext", {}).get("fsGroup")
+        return None if value is None else int(value)
+
+    def _make_volumes(self) -> None:
+        for volume in self.pod.get("volumes", []):
+            name = volume["name"]
+            folder = self.workdir / "volumes" / name
+            if "configMap" in volume:
+                source = volume["configMap"]
+                write_config_map(folder, self.config_maps[source["name"]], source.get("items"))
+            elif "emptyDir" in volume:
+                folder.mkdir(parents=True, exist_ok=True)
+                if volume["emptyDir"].get("medium") == "Memory":
+                    size = volume["emptyDir"].get("sizeLimit", "64Mi")
+                    size = size.replace("Gi", "g").replace("Mi", "m").replace("Ki", "k")
+                    _run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=1777", "tmpfs",
+                          str(folder)])
+                    self._tmpfs.append(folder)
+                os.chmod(folder, 0o777)
+                _own_for_fs_group(folder, self.fs_group)
+            elif "hostPath" in volume:
+                folder = Path(volume["hostPath"]["path"])
+                if volume["hostPath"].get("type") == "DirectoryOrCreate":
+                    folder.mkdir(mode=0o755, parents=True, exist_ok=True)
+            elif "persistentVolumeClaim" in volume:
+                folder = self.claims[volume["persistentVolumeClaim"]["claimName"]]
+                folder.mkdir(parents=True, exist_ok=True)
+                _own_for_fs_group(folder, self.fs_group)
+            else:
+                raise NotImplementedError(f"volume {name}: type not supported by the runner")
+            self.volumes[name] = folder
+
+    def _make_network(self) -> None:
+        ns = self.netns
+        _run(["ip", "netns", "add", ns])
+        _run(["ip", "link", "add", self._host_if, "type", "veth", "peer", "name", "eth0",
+              "netns", ns])
+        _run(["ip", "addr", "add", f"{self._host_ip}/30", "dev", self._host_if])
+        _run(["ip", "link", "set", self._host_if, "up"])
+        _run(["ip", "-n", ns, "addr", "add", f"{self.ip}/30", "dev", "eth0"])
+        _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+        _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+
+    def _script(self, container: Container) -> Path:
+        """The shell script that makes a container's mount namespace and starts it."""
+        spec = container.spec
+        stand_in = self.images.get(spec["image"])
+        if stand_in is None:
+            raise PodFailed(f"{spec['name']}: no stand-in for image {spec['image']}")
+        pod_security = self.pod.get("securityContext", {})
+        security = {**pod_security, **spec.get("securityContext", {})}
+        uid, gid = int(security.get("runAsUser", 0)), int(security.get("runAsGroup", 0))
+        if security.get("runAsNonRoot") and uid == 0:
+            raise PodFailed(f"{spec['name']}: runAsNonRoot with uid 0 "
+                            "(the kubelet refuses to start it)")
+        mounts: list[tuple[Path, str, bool]] = [
+            (path, target, True) for target, path in stand_in.binds.items()]
+        for mount in spec.get("volumeMounts", []):
+            source = self.volumes[mount["name"]]
+            if mount.get("subPath"):
+                source = source / mount["subPath"]
+                source.mkdir(parents=True, exist_ok=True)
+            mounts.append((source, mount["mountPath"], bool(mount.get("readOnly"))))
+        # A target that hides another mount's source (/tmp over a source under /tmp) last.
+        mounts.sort(key=lambda m: any(str(s).startswith(m[1].rstrip("/") + "/")
+                                      for s, _, _ in mounts))
+        lines = ["set -e"]
+        # Mount points on the shared root (created once, empty, on the host).
+        lines += [f"mkdir -p {shlex.quote(target)}" for _, target, _ in mounts]
+        for index, hidden in enumerate(_hidden_interpreter_dirs()):
+            keep = self.workdir / "images" / f"hidden{index}"
+            keep.mkdir(parents=True, exist_ok=True)
+            inner = Path(sys.base_prefix).resolve().relative_to(hidden).parts[0]
+            lines += [f"mount --bind {hidden / inner} {keep}",
+                      f"mount -t tmpfs -o mode=755,size=1m tmpfs {hidden}",
+                      f"mkdir -p {hidden / inner}", f"mount --bind {keep} {hidden / inner}"]
+        for source, target, read_only in mounts:
+            lines.append(f"mount --bind {shlex.quote(str(source))} {shlex.quote(target)}")
+            if read_only:
+                lines.append(f"mount -o remount,bind,ro {shlex.quote(target)}")
+        if security.get("readOnlyRootFilesystem"):
+            lines.append("mount -o remount,bind,ro /")
+        env = {**stand_in.env, "HOSTNAME": self.name}
+        env.setdefault("PATH", BASE_PATH)
+        for item in spec.get("env", []):
+            env[item["name"]] = item.get("value", "")
+        command = [*spec.get("command", []), *spec.get("args", [])]
+        workdir = spec.get("workingDir") or stand_in.workdir
+        privileges = ["setpriv", f"--reuid={uid}", f"--regid={gid}"]
+        groups = [str(g) for g in {self.fs_group, *pod_security.get("supplementalGroups", [])}
+                  if g is not None]
+        privileges += [f"--groups={','.join(groups)}"] if groups else ["--clear-groups"]
+        dropped = spec.get("securityContext", {}).get("capabilities", {}).get("drop", [])
+        if "ALL" in dropped:
+            privileges += ["--inh-caps=-all", "--bounding-set=-all"]
+        if security.get("allowPrivilegeEscalation") is False:
+            privileges.append("--no-new-privs")
+        lines.append(f"cd {shlex.quote(workdir)}")
+        lines.append("exec " + shlex.join([*privileges, "env", "-i",
+                                           *(f"{k}={v}" for k, v in env.items()), *command]))
+        script = self.workdir / f"{spec['name']}.sh"
+        script.write_text("\n".join(lines) + "\n")
+        return script
+
+    def _launch(self, container: Container) -> None:
+        script = self._script(container)
+        log = open(self.workdir / "logs" / f"{container.name}.log", "ab")
+        container.process = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{self.netns}", "unshare", "--mount",
+             "--propagation", "private", "sh", str(script)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        container.started = container.ready = False
+
+    # -- running --------------------------------------------------------------------------
+
+    def start(self, init_timeout: float = 1800) -> PodRunner:
+        """Lay out the volumes, run the init containers to completion, start the rest."""
+        self.started_at = time.monotonic()
+        try:
+            self._make_volumes()
+            self._make_network()
+            for container in self.containers:
+                if container.init:
+                    self._run_init(container, init_timeout)
+            for container in self.containers:
+                if not container.init:
+                    self._launch(container)
+                    monitor = threading.Thread(target=self._monitor, args=(container,),
+                                               name=f"probe-{container.name}", daemon=True)
+                    monitor.start()
+                    self._monitors.append(monitor)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _run_init(self, container: Container, timeout: float) -> None:
+        self._launch(container)
+        assert container.process is not None
+        try:
+            code = container.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._kill(container)
+            raise PodFailed(f"init container {container.name} still running after "
+                            f"{timeout:.0f} s:\n{self.log_tail(container.name)}") from None
+        container.exit_codes.append(code)
+        if code != 0:
+            # A kubelet would retry it with back-off; a test wants to see why at once.
+            raise PodFailed(f"init container {container.name} exited with {code}:\n"
+                            f"{self.log_tail(container.name)}")
+
+    def _monitor(self, container: Container) -> None:
+        """The kubelet's probe loop for one container, restarting it when it must."""
+        spec = container.spec
+        probes = [Probe(spec[f"{kind}Probe"], kind) for kind in ("startup", "readiness",
+                                                                  "liveness")
+                  if f"{kind}Probe" in spec]
+        backoff = 10.0
+        while not self._stop.is_set():
+            launched = time.monotonic()
+            due = {p.kind: launched + p.initial_delay for p in probes}
+            failures = dict.fromkeys(due, 0)
+            container.started = "startup" not in due
+            restart_reason = None
+            while not self._stop.is_set() and restart_reason is None:
+                assert container.process is not None
+                code = container.process.poll()
+                if code is not None:
+                    container.exit_codes.append(code)
+                    restart_reason = f"exited with {code}"
+                    break
+                now = time.monotonic()
+                for probe in probes:
+                    if now < due[probe.kind] or (probe.kind != "startup"
+                                                 and not container.started):
+                        continue
+                    if probe.kind == "startup" and container.started:
+                        continue
+                    due[probe.kind] = now + probe.period
+                    ok = self._probe(container, probe)
+                    failures[probe.kind] = 0 if ok else failures[probe.kind] + 1
+                    failed = failures[probe.kind] >= probe.failure_threshold
+                    if probe.kind == "startup":
+                        container.started = ok
+                        if failed:
+                            restart_reason = "startup probe failed"
+                    elif probe.kind == "readiness":
+                        if ok and not container.ready:
+                            container.ready = True
+                            self._note_ready()
+                        elif failed:
+                            container.ready = False
+                    elif failed:
+                        restart_reason = "liveness probe failed"
+                if not any(p.kind == "readiness" for p in probes) and container.started:
+                    if not container.ready:
+                        container.ready = True
+                        self._note_ready()
+                time.sleep(0.1)
+            container.ready = False
+            if self._stop.is_set():
+                return
+            self._kill(container)
+            self._log(container, f"[podrunner] restarting: {restart_reason}")
+            container.restarts += 1
+            if self._stop.wait(backoff):
+                return
+            backoff = min(backoff * 2, 300.0)
+            self._launch(container)
+
+    def _note_ready(self) -> None:
+        if self.ready and self.ready_at is None:
+            self.ready_at = time.monotonic()
+
+    def _probe(self, container: Container, probe: Probe) -> bool:
+        spec = probe.spec
+        try:
+            if "httpGet" in spec:
+                get = spec["httpGet"]
+                port = self.port(get["port"], container)
+                url = f"http://{get.get('host', self.ip)}:{port}{get.get('path', '/')}"
+                with urllib.request.urlopen(url, timeout=probe.timeout) as response:
+                    return 200 <= response.status < 400
+            if "tcpSocket" in spec:
+                port = self.port(spec["tcpSocket"]["port"], container)
+                with socket.create_connection((self.ip, port), timeout=probe.timeout):
+                    return True
+            if "exec" in spec:
+                return self.exec(container.name, spec["exec"]["command"],
+                                 timeout=probe.timeout).returncode == 0
+        except (urllib.error.URLError, OSError, subprocess.TimeoutExpired):
+            return False
+        raise PodFailed(f"{container.name}: unsupported {probe.kind} probe {spec}")
+
+    def port(self, port: int | str, container: Container | None = None) -> int:
+        """A container port by number or by name, as probes and Services name it."""
+        if isinstance(port, int) or str(port).isdigit():
+            return int(port)
+        for candidate in ([container] if container else self.containers):
+            for declared in candidate.spec.get("ports", []):
+                if declared.get("name") == port:
+                    return int(declared["containerPort"])
+        raise PodFailed(f"no container port named {port!r}")
+
+    def url(self, port: int | str = "http") -> str:
+        return f"http://{self.ip}:{self.port(port)}"
+
+    def exec(self, name: str, command: list[str], timeout: float = 30
+             ) -> subprocess.CompletedProcess[str]:
+        """``kubectl exec``: a command in a running container's namespaces, as its user."""
+        container = self.container(name)
+        assert container.process is not None
+        security = {**self.pod.get("securityContext", {}),
+                    **container.spec.get("securityContext", {})}
+        user = [f"--reuid={security.get('runAsUser', 0)}",
+                f"--regid={security.get('runAsGroup', 0)}", "--clear-groups"]
+        return subprocess.run(
+            ["nsenter", f"--target={container.process.pid}", "--mount", "--net",
+             "setpriv", *user, *command],
+            capture_output=True, text=True, timeout=timeout, check=False)
+
+    def container(self, name: str) -> Container:
+        (found,) = [c for c in self.containers if c.name == name]
+        return found
+
+    @property
+    def ready(self) -> bool:
+        return all(c.ready for c in self.containers if not c.init)
+
+    def wait_ready(self, timeout: float = 900) -> float:
+        """Wait until every container is Ready; returns seconds since :meth:`start`.
+
+        Raises:
+            PodFailed: a container exited or was restarted (crash loop), or the pod was
+                not Ready in time; the message carries the container's log.
+        """
+        assert self.started_at is not None, "start() first"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready:
+                assert self.ready_at is not None
+                return self.ready_at - self.started_at
+            for container in self.containers:
+                if not container.init and (container.restarts or container.exit_codes):
+                    raise PodFailed(
+                        f"container {container.name} exited {container.exit_codes} "
+                        f"(restarts: {container.restarts}):\n{self.log_tail(container.name)}")
+            time.sleep(0.2)
+        raise PodFailed(f"pod not Ready after {timeout:.0f} s:\n"
+                        + "\n".join(self.log_tail(c.name) for c in self.containers))
+
+    def update_config_map(self, name: str, data: Mapping[str, str]) -> None:
+        """Apply a new ConfigMap version to the running pod, as the kubelet syncs it."""
+        self.config_maps[name] = dict(data)
+        for volume in self.pod.get("volumes", []):
+            if volume.get("configMap", {}).get("name") == name:
+                write_config_map(self.volumes[volume["name"]], data,
+                                 volume["configMap"].get("items"))
+
+    def log_tail(self, name: str, lines: int = 60) -> str:
+        path = self.workdir / "logs" / f"{name}.log"
+        text = path.read_text(errors="replace").splitlines() if path.exists() else []
+        return f"--- {name} ---\n" + "\n".join(text[-lines:])
+
+    def _log(self, container: Container, message: str) -> None:
+        with open(self.workdir / "logs" / f"{container.name}.log", "a") as log:
+            log.write(message + "\n")
+
+    # -- teardown -------------------------------------------------------------------------
+
+    def _kill(self, container: Container, grace: float = 10.0) -> None:
+        """SIGTERM to the container's process group, SIGKILL after the grace period."""
+        process = container.process
+        if process is None or process.poll() is not None:
+            return
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        except ProcessLookupError:
+            pass
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop every container, then remove the network namespace and tmpfs mounts.
+
+        The grace period is the pod's ``terminationGracePeriodSeconds`` capped at 20 s,
+        so that a test's teardown stays short; Triton exits within seconds of SIGTERM.
+        """
+        self._stop.set()
+        if grace is None:
+            grace = min(float(self.pod.get("terminationGracePeriodSeconds", 30)), 20.0)
+        for container in self.containers:
+            self._kill(container, grace)
+        for monitor in self._monitors:
+            monitor.join(timeout=5)
+        # Anything left in the namespace (a process that left its group) goes too.
+        pids = subprocess.run(["ip", "netns", "pids", self.netns], capture_output=True,
+                              text=True, check=False).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        subprocess.run(["ip", "netns", "delete", self.netns], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "delete", self._host_if], capture_output=True, check=False)
+        for folder in self._tmpfs:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True, check=False)
+        self._tmpfs.clear()
+
+    def __enter__(self) -> PodRunner:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _run(command: list[str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise PodFailed(f"{shlex.join(command)}: {result.stderr.strip()}")
