@@ -10,12 +10,13 @@ in :mod:`tritonop_backend.llm`; this file only moves tensors and responses.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import torch
 import triton_python_backend_utils as pb_utils
 
+from tritonop_backend import check_release
+from tritonop_backend.cpus import available_cpus
 from tritonop_backend.llm.engine import LLMEngine
 from tritonop_backend.llm.loading import load_causal_lm
 from tritonop_backend.llm.serving import (
@@ -109,10 +110,11 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        check_release(params.get("tritonop_version"))
         self.policy = policy_from_parameters(params)
         # Set deliberately: the server starts stubs with OMP_NUM_THREADS=1.
         threads = params.get("threads", "auto")
-        torch.set_num_threads((os.cpu_count() or 1) if threads == "auto" else int(threads))
+        torch.set_num_threads(available_cpus() if threads == "auto" else int(threads))
         loaded = load_causal_lm(params["model_dir"], params.get("dtype", "auto"),
                                 _device(args, params.get("device", "auto")))
         if loaded.note:
