@@ -116,8 +116,9 @@ def test_greedy_equals_generate_alone_and_in_a_batch(
         assert engine._static.recordings >= 3  # buckets of 1, 2 and 4 rows at least
 
 
-def test_graphs_are_recorded_again_when_the_cache_grows(fp32: LoadedModel) -> None:
-    """300 tokens outgrow the buffer's first 256 columns; the step must follow the move."""
+def test_a_graph_per_width_bucket_as_the_sequence_grows(fp32: LoadedModel) -> None:
+    """300 tokens cross the width buckets 64, 128, 256 and the whole 500-column buffer:
+    the step reads the columns in use, one recorded graph per bucket."""
     policy = GenerationPolicy(default_max_tokens=300, max_tokens_limit=300,
                               default_temperature=0.0, max_context_tokens=400,
                               apply_chat_template=False)
@@ -125,8 +126,9 @@ def test_graphs_are_recorded_again_when_the_cache_grows(fp32: LoadedModel) -> No
     prompt = PROMPTS[2]
     outcome = run(engine, {"a": parse_request({"text_input": prompt}, policy)})["a"]
     assert outcome.tokens == generate_greedy(fp32, engine, prompt, 300)
-    assert engine._kv.capacity > 256
-    assert engine._static is not None and engine._static.recordings >= 2
+    assert engine._kv.capacity == 500
+    assert engine._static is not None and engine._static.recordings == 4
+    assert sorted(width for _, width in engine._static._inputs) == [64, 128, 256, 500]
 
 
 def test_seeded_sampling_is_the_same_alone_and_in_a_crowd(fp32: LoadedModel) -> None:

@@ -54,11 +54,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
-def smol(smol_dir: Path) -> LoadedModel:
-    return load_causal_lm(smol_dir, "float32", "cpu")
-
-
 @pytest.fixture
 def engine(smol: LoadedModel) -> LLMEngine:
     return LLMEngine(smol.model, smol.tokenizer, POLICY, max_sequences=4, max_waiting=4)
@@ -169,19 +164,59 @@ class TestCacheLayout:
             prompt = prompts[(int(request_id) // 10) % 2]
             assert outcome.tokens == reference(smol, engine, prompt, 25), request_id
 
-    def test_a_long_prompt_grows_the_buffer(self, smol: LoadedModel) -> None:
+    def test_the_whole_buffer_is_allocated_at_load_and_stays(self, smol: LoadedModel) -> None:
+        """A long prompt joining a running batch: no growth, no reallocation."""
         policy = GenerationPolicy(default_temperature=0.0, max_context_tokens=400)
         engine = LLMEngine(smol.model, smol.tokenizer, policy, max_sequences=2)
+        kv = engine._kv
+        assert kv.capacity == 500  # context 400 plus a quarter of headroom
+        config = smol.model.config
+        assert kv.keys[0].shape == (2, config.num_key_value_heads, 500, config.head_dim)
+        pointers = [storage.data_ptr() for storage in (*kv.keys, *kv.values)]
         long_prompt = "Summarise: " + "the cat sat on the mat. " * 45
-        assert len(engine.encode_prompt(long_prompt)) > 256  # beyond the first allocation
+        assert len(engine.encode_prompt(long_prompt)) > 256
         outcomes = run(
             engine,
             {"short": request(PROMPTS[0], policy, max_tokens=12)},
             joining={3: {"long": request(long_prompt, policy, max_tokens=4)}},
         )
-        assert engine._kv.capacity > 256
+        assert [storage.data_ptr() for storage in (*kv.keys, *kv.values)] == pointers
         assert outcomes["long"].tokens == reference(smol, engine, long_prompt, 4)
         assert outcomes["short"].tokens == reference(smol, engine, PROMPTS[0], 12)
+
+    def test_fixed_shape_steps_read_only_the_width_bucket_in_use(
+        self, smol: LoadedModel, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Not the whole preallocated context: 64 columns for a short sequence, wider while
+        a long prompt runs beside it, and back to 64 once it has left."""
+        policy = GenerationPolicy(default_temperature=0.0, max_context_tokens=400)
+        engine = LLMEngine(smol.model, smol.tokenizer, policy, max_sequences=2,
+                           static_decode=True)
+        assert engine._static is not None
+        widths: list[int] = []
+        fill = engine._static._fill
+        monkeypatch.setattr(engine._static, "_fill", lambda inputs, *args: (
+            widths.append(inputs.mask.shape[-1]), fill(inputs, *args))[1])
+        long_prompt = "Summarise: " + "the cat sat on the mat. " * 45
+        outcomes = run(
+            engine,
+            {"short": request(PROMPTS[0], policy, max_tokens=24)},
+            joining={3: {"long": request(long_prompt, policy, max_tokens=4)}},
+        )
+        assert widths[0] == 64 and max(widths) == 500 and widths[-1] == 64, widths
+        assert outcomes["long"].tokens == reference(smol, engine, long_prompt, 4)
+        assert outcomes["short"].tokens == reference(smol, engine, PROMPTS[0], 24)
+
+    def test_a_cache_that_cannot_fit_fails_at_load_naming_both_numbers(
+        self, smol: LoadedModel
+    ) -> None:
+        """SmolLM2 in float32 keeps 45 KiB per token: 4,096 x (8,192 + headroom) need 1.8 TiB."""
+        policy = GenerationPolicy(default_temperature=0.0, max_context_tokens=8192)
+        with pytest.raises(ValueError) as caught:
+            LLMEngine(smol.model, smol.tokenizer, policy, max_sequences=4096)
+        message = str(caught.value)
+        assert "maxSequences=4096 x maxContextLength=8192 does not fit" in message
+        assert "needs 1800.00 GiB but" in message and "is free on cpu" in message
 
 
 class TestScheduling:

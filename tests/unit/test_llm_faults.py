@@ -8,19 +8,14 @@ produce exactly what ``transformers``' ``generate`` produces alone.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 
 from tests.support.llm import Outcome, run
-from tests.unit.test_llm_engine import (  # noqa: F401 (fixtures)
-    POLICY,
-    one_thread,
-    reference,
-    request,
-    smol,
-)
+from tests.unit.test_llm_engine import POLICY, reference, request
 from tritonop_backend.llm.engine import (
     MAX_FAILED_STEPS,
     EngineFailedError,
@@ -36,6 +31,15 @@ PROMPTS = [
     "Count from 1 to 10.",
 ]
 TOKENS = 14
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread, as in test_llm_engine: two threads on two shared cores wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def start(smol: LoadedModel, count: int = 4, **engine: Any) -> LLMEngine:

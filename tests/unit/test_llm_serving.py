@@ -13,13 +13,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import torch
 
-from tests.unit.test_llm_engine import (  # noqa: F401 (fixtures)
-    POLICY,
-    one_thread,
-    reference,
-    smol,
-)
+from tests.unit.test_llm_engine import POLICY, reference
 from tritonop_backend.llm.engine import LLMEngine
 from tritonop_backend.llm.loading import LoadedModel
 from tritonop_backend.llm.serving import INTERNAL, INVALID, UNAVAILABLE, Outputs, Refusal, Server
@@ -27,6 +23,15 @@ from tritonop_backend.llm.serving import INTERNAL, INVALID, UNAVAILABLE, Outputs
 PROMPTS = ["What is the capital of France?", "Name three colors.",
            "Write one sentence about the sea.", "Count from 1 to 10."]
 TOKENS = 12
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread, as in test_llm_engine: two threads on two shared cores wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class Client:
@@ -163,10 +168,10 @@ def test_requests_that_cannot_be_read_or_queued_fail_alone(
 
 def test_shutdown_gives_every_request_in_flight_its_final_response(server: Server) -> None:
     """Three decoding, two queued: each is cancelled and told so, then the loop stops."""
-    server.start()
     clients = [Client() for _ in range(5)]
     for index, client in enumerate(clients):
         server.accept(lambda index=index: body(PROMPTS[index % 4], max_tokens=200), client)
+    server.start()
     deadline = time.monotonic() + 60
     while not clients[0].responses and time.monotonic() < deadline:
         time.sleep(0.01)

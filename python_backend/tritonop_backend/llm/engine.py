@@ -20,8 +20,8 @@ from typing import Any, NamedTuple
 import torch
 
 from tritonop_backend.errors import RequestError
-from tritonop_backend.llm.graphs import StaticDecoder
-from tritonop_backend.llm.kv import KVBuffer, Window
+from tritonop_backend.llm.graphs import StaticDecoder, width_bucket
+from tritonop_backend.llm.kv import KVBuffer, KVShape, Window
 from tritonop_backend.llm.params import GenerationPolicy, GenerationRequest
 from tritonop_backend.llm.sampling import RowParams, make_generator, select_next_tokens
 from tritonop_backend.llm.text import TextStream
@@ -156,9 +156,7 @@ class LLMEngine:
         self.device = torch.device(device) if device is not None else _model_device(model)
         self._check_model(model, tokenizer, policy)
         self._eos = _eos_ids(model, tokenizer)
-        context = policy.max_context_tokens
-        num_layers = model.config.get_text_config().num_hidden_layers
-        self._kv = KVBuffer(num_layers, max_sequences, context + max(64, context // 4), self.device)
+        self._kv = _allocate_cache(model, policy, max_sequences, self.device)
         self._cache = self._kv.cache()
         if static_decode is None:
             static_decode = self.device.type == "cuda"
@@ -409,6 +407,8 @@ class LLMEngine:
         """One token for every running sequence, in one forward pass."""
         count = len(self._running)
         self._kv.make_room(count, 0)
+        if self._static is not None:
+            self._pack_for_static(count)
         end = self._kv.end
         last = torch.tensor([seq.generated[-1] for seq in self._running], device=self.device)
         self._kv.tokens[:count, end] = last
@@ -426,6 +426,18 @@ class LLMEngine:
         if self._rows is None:
             self._rows = _row_params(self._running, self.device)
         return self._sample_and_emit(logits, (0, count), self._rows)
+
+    def _pack_for_static(self, count: int) -> None:
+        """Move the live window to column 0 when that lets the step read a narrower bucket.
+
+        The fixed-shape step reads columns 0..end; once the longest sequences have left,
+        ``start`` moves right and those columns are dead. One copy of the window puts the
+        step back into the width bucket of the sequences still running.
+        """
+        kv = self._kv
+        if width_bucket(kv.end + 1, kv.capacity) > width_bucket(kv.end - kv.start + 1,
+                                                                  kv.capacity):
+            kv.pack_left(count)
 
     def _static_forward(
         self, last: torch.Tensor, lengths: torch.Tensor, end: int
@@ -567,6 +579,32 @@ class LLMEngine:
             )
         if policy.apply_chat_template and not getattr(tokenizer, "chat_template", None):
             raise ValueError("the policy applies a chat template but the tokenizer has none")
+
+
+def _allocate_cache(
+    model: Any, policy: GenerationPolicy, max_sequences: int, device: torch.device
+) -> KVBuffer:
+    """The whole key/value cache, allocated at load so that what fits is known then.
+
+    Raises:
+        ValueError: naming maxSequences and maxContextLength when the cache does not fit.
+    """
+    config = model.config.get_text_config()
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dtype = getattr(model, "dtype", None)
+    if not isinstance(dtype, torch.dtype):
+        dtype = next(model.parameters()).dtype
+    shape = KVShape(config.num_hidden_layers, heads, head_dim, dtype)
+    context = policy.max_context_tokens
+    try:
+        return KVBuffer(shape, max_sequences, context + max(64, context // 4), device)
+    except MemoryError as error:
+        raise ValueError(
+            f"the key/value cache for maxSequences={max_sequences} x "
+            f"maxContextLength={context} does not fit: it {error}; lower maxSequences "
+            "or maxContextLength, or give the pod more memory"
+        ) from None
 
 
 def _final(seq: _Sequence, reason: str, error: str | None = None) -> GenerationEvent:

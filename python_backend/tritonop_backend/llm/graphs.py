@@ -7,15 +7,18 @@ them with one call. Graphs need fixed shapes and fixed memory, so a static step:
 
 - pads the batch to a *bucket* (1, 2, 4, 8, ... up to ``max_sequences``); padding rows
   attend to one column only, so they stay finite, and their outputs are dropped;
-- reads every column of the key/value buffer and masks the ones a row does not own,
-  instead of slicing the live window (the slice's width changes every step);
+- reads the buffer's columns from 0 to a *width bucket* (64, 128, 256, ... up to the
+  capacity) just past the newest token, and masks the ones a row does not own, instead
+  of slicing the live window (whose start and width change every step); so a step
+  attends over about the columns in use, not the whole preallocated context, and the
+  graphs stay few (rows buckets x width buckets, each recorded on first use);
 - writes the new keys and values with ``index_copy_`` at a column held in a device
   tensor, instead of a Python slice baked into the recording;
 - passes a ready 4D additive mask, so ``transformers`` builds none.
 
-Graphs are recorded per bucket on first use and recorded again when the buffer is
-reallocated (it grows by doubling, so rarely). Without CUDA, or with graphs off, the same
-fixed-shape step runs eagerly: the CPU tests check it against ``generate`` that way.
+The engine keeps the live window packed toward column 0 (see ``LLMEngine._decode``) so
+that the width bucket follows the longest running sequence. Without CUDA, or with graphs
+off, the same fixed-shape step runs eagerly: the CPU tests check it against ``generate`` that way.
 """
 
 from __future__ import annotations
@@ -39,15 +42,32 @@ def buckets(max_rows: int) -> list[int]:
     return sorted({*sizes, max_rows})
 
 
+MIN_WIDTH = 64
+"""The narrowest width bucket: below it, a step's cost hardly depends on the width."""
+
+
+def width_buckets(capacity: int) -> list[int]:
+    """Column widths a static step reads: powers of two from ``MIN_WIDTH``, and ``capacity``."""
+    sizes = [min(MIN_WIDTH, capacity)]
+    while sizes[-1] * 2 < capacity:
+        sizes.append(sizes[-1] * 2)
+    return sorted({*sizes, capacity})
+
+
+def width_bucket(columns: int, capacity: int) -> int:
+    """The narrowest width bucket holding ``columns`` columns."""
+    return next(size for size in width_buckets(capacity) if size >= columns)
+
+
 @dataclass
 class _Inputs:
     """The tensors one bucket's recorded step reads from and writes to."""
 
     ids: torch.Tensor  # [rows, 1] last token of each row
     positions: torch.Tensor  # [rows, 1] its position
-    mask: torch.Tensor  # [rows, 1, 1, columns] 0 where attended, dtype minimum elsewhere
+    mask: torch.Tensor  # [rows, 1, 1, width] 0 where attended, dtype minimum elsewhere
     at: torch.Tensor  # [1] column the new keys and values go to
-    columns: torch.Tensor  # [columns] 0, 1, ... for building the mask
+    columns: torch.Tensor  # [width] 0, 1, ... for building the mask
     logits: torch.Tensor | None = None  # [rows, vocab], written by the step
     graph: Any = None  # torch.cuda.CUDAGraph once recorded
 
@@ -62,8 +82,7 @@ class StaticDecoder:
 
         Args:
             model: the causal LM.
-            kv: the engine's key/value buffer; its storage must not be replaced behind
-                this object's back except by growing, which is detected.
+            kv: the engine's key/value buffer, allocated once.
             cache: the ``transformers`` cache view of ``kv``.
             max_rows: the engine's ``max_sequences``.
             graphs: record and replay CUDA graphs (needs a CUDA device); otherwise run
@@ -78,11 +97,10 @@ class StaticDecoder:
         window = getattr(config, "sliding_window", None)
         use_window = getattr(config, "use_sliding_window", True)
         self.window: int | None = window if window and use_window is not False else None
-        self._inputs: dict[int, _Inputs] = {}
-        self._storage: tuple[int, int] | None = None
+        self._inputs: dict[tuple[int, int], _Inputs] = {}
         self._pool: Any = None
         self.recordings = 0
-        """CUDA graphs recorded so far (one per bucket, again after the buffer grows)."""
+        """CUDA graphs recorded so far (one per rows bucket and width bucket in use)."""
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -106,13 +124,10 @@ class StaticDecoder:
         """
         count = int(last.shape[0])
         size = next(b for b in self.buckets if b >= count)
-        storage = (self.kv.capacity, self.kv.keys[0].data_ptr())
-        if storage != self._storage:  # reallocated: recordings point at the old memory
-            self._inputs.clear()
-            self._storage = storage
-        inputs = self._inputs.get(size)
+        width = width_bucket(end + 1, self.kv.capacity)
+        inputs = self._inputs.get((size, width))
         if inputs is None:
-            inputs = self._inputs[size] = self._allocate(size)
+            inputs = self._inputs[(size, width)] = self._allocate(size, width)
         self._fill(inputs, last, lengths, end)
         if not self.graphs:
             inputs.logits = self._run(inputs)
@@ -123,8 +138,8 @@ class StaticDecoder:
         assert inputs.logits is not None
         return inputs.logits[:count]
 
-    def _allocate(self, rows: int) -> _Inputs:
-        device, columns = self.kv.device, self.kv.capacity
+    def _allocate(self, rows: int, columns: int) -> _Inputs:
+        device = self.kv.device
         dtype = self.kv.keys[0].dtype
         return _Inputs(
             ids=torch.zeros((rows, 1), dtype=torch.long, device=device),
@@ -157,6 +172,7 @@ class StaticDecoder:
     def _run(self, inputs: _Inputs) -> torch.Tensor:
         self.kv.static_at = inputs.at
         self.kv.static_rows = inputs.ids.shape[0]
+        self.kv.static_columns = inputs.mask.shape[-1]
         try:
             output = self.model(
                 input_ids=inputs.ids,

@@ -7,10 +7,16 @@ padded on the left and masked. Compared with Hugging Face's ``DynamicCache``, wh
 concatenates a new tensor every step, writing into preallocated storage makes a decode
 step cost what the attention costs, and dropping padding that no row needs any more
 is just moving ``start``.
+
+All storage is allocated when the engine is built, for ``max_sequences`` rows of the whole
+context plus some headroom: a service that cannot hold that many sequences fails at load,
+naming both numbers, instead of running out of memory under traffic; and the memory in
+use stays the same while serving.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -37,43 +43,76 @@ class Window:
         return self.write_at - self.read_from
 
 
+@dataclass(frozen=True)
+class KVShape:
+    """What one layer stores per token: key/value heads, their size and the dtype."""
+
+    num_layers: int
+    heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    def nbytes(self, rows: int, columns: int) -> int:
+        """Bytes of keys and values for ``rows`` x ``columns`` tokens over all layers."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * rows * self.heads * columns * self.head_dim * itemsize
+
+
 class KVBuffer:
     """Preallocated keys and values for every layer, plus the token ids at each position.
 
-    Storage is allocated on the first write, when the key shape and dtype are known, and
-    grows by doubling up to ``max_columns``. Columns that hold no live token keep
-    finite stale values; the attention mask hides them.
+    Columns that hold no live token keep finite stale values; the attention mask hides
+    them.
     """
 
     def __init__(
-        self, num_layers: int, max_rows: int, max_columns: int, device: torch.device
+        self, shape: KVShape, max_rows: int, max_columns: int, device: torch.device
     ) -> None:
-        """Describe the storage; nothing is allocated yet except the token ids."""
-        self.num_layers = num_layers
+        """Allocate everything now (zeros, so the memory is touched and counted).
+
+        Raises:
+            MemoryError: when the buffer does not fit in the memory that is free.
+        """
+        self.shape = shape
+        self.num_layers = shape.num_layers
         self.max_rows = max_rows
         self.max_columns = max_columns
         self.device = device
-        self.capacity = min(256, max_columns)
+        self.capacity = max_columns
+        self.nbytes = shape.nbytes(max_rows, max_columns)
+        free = free_memory(device)
+        if free is not None and self.nbytes > free:
+            raise MemoryError(f"needs {_gib(self.nbytes)} but {_gib(free)} is free on {device}")
+        size = (max_rows, shape.heads, max_columns, shape.head_dim)
+        try:
+            self.keys = [_zeros(size, shape.dtype, device) for _ in range(shape.num_layers)]
+            self.values = [_zeros(size, shape.dtype, device) for _ in range(shape.num_layers)]
+        except torch.OutOfMemoryError as error:
+            raise MemoryError(f"needs {_gib(self.nbytes)}: {error}") from None
+        self.tokens = _zeros((max_rows, max_columns), torch.long, device)
         self.start = 0
         self.end = 0
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        self.tokens = torch.zeros((max_rows, self.capacity), dtype=torch.long, device=device)
         self.window = Window(rows=(0, 0), read_from=0, write_at=0)
         self.static_at: torch.Tensor | None = None
         """Set by a fixed-shape step (``graphs.StaticDecoder``): the write column, on the device."""
         self.static_rows = 0
         """Rows of that step (a batch-size bucket)."""
+        self.static_columns = 0
+        """Columns that step reads, from column 0 (a width bucket)."""
 
     def write(
         self, layer: int, key: torch.Tensor, value: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one layer's new keys and values; return the layer's whole window."""
-        if not self.keys:
-            self._allocate(key)
-        if self.static_at is not None:  # fixed shapes: every column, written by index
-            keys = self.keys[layer][: self.static_rows]
-            values = self.values[layer][: self.static_rows]
+        shape = self.shape
+        if (key.shape[1], key.shape[3], key.dtype) != (shape.heads, shape.head_dim, shape.dtype):
+            raise RuntimeError(
+                f"layer {layer} produced {key.dtype} keys of shape {list(key.shape)}; the "
+                f"cache holds {shape.dtype} for {shape.heads} heads of {shape.head_dim}"
+            )
+        if self.static_at is not None:  # fixed shapes: columns 0..width, written by index
+            keys = self.keys[layer][: self.static_rows, :, : self.static_columns]
+            values = self.values[layer][: self.static_rows, :, : self.static_columns]
             keys.index_copy_(2, self.static_at, key)
             values.index_copy_(2, self.static_at, value)
             return keys, values
@@ -87,6 +126,9 @@ class KVBuffer:
     def make_room(self, rows: int, left: int) -> None:
         """Ensure ``left`` columns before ``end`` and one after it, relocating if needed.
 
+        The live window moves back to column 0; the headroom beyond the context keeps
+        such moves rare (one per headroom's worth of steps at most).
+
         Args:
             rows: rows in use, whose window must survive the move.
             left: columns that the next pass needs to the left of ``end``.
@@ -94,15 +136,16 @@ class KVBuffer:
         if self.end - left >= 0 and self.end + 1 <= self.capacity:
             return
         width = max(self.end - self.start, left)
-        # Leave a quarter of headroom to the right so that moves stay rare (amortised O(1)).
-        wanted = width + 1 + max(16, width // 4)
-        if wanted > self.capacity and self.capacity < self.max_columns:
-            self._grow(min(max(2 * self.capacity, wanted), self.max_columns))
         if width + 1 > self.capacity:
             raise RuntimeError(f"KV buffer needs {width + 1} columns, limit is {self.max_columns}")
         shift = width - self.end
         if shift != 0:
             self._move_columns(rows, shift)
+
+    def pack_left(self, rows: int) -> None:
+        """Move the live window of the first ``rows`` rows to column 0."""
+        if self.start > 0:
+            self._move_columns(rows, -self.start)
 
     def move_rows(self, sources: list[int], targets: list[int]) -> None:
         """Copy live rows into freed ones so that the rows in use stay contiguous."""
@@ -126,18 +169,6 @@ class KVBuffer:
     def cache(self) -> Cache:
         """A Hugging Face ``Cache`` whose layers read and write this buffer."""
         return Cache(layers=[BufferLayer(self, index) for index in range(self.num_layers)])
-
-    def _allocate(self, key: torch.Tensor) -> None:
-        shape = (self.max_rows, key.shape[1], self.capacity, key.shape[3])
-        for _ in range(self.num_layers):
-            self.keys.append(torch.zeros(shape, dtype=key.dtype, device=self.device))
-            self.values.append(torch.zeros(shape, dtype=key.dtype, device=self.device))
-
-    def _grow(self, capacity: int) -> None:
-        self.keys = [_widen(storage, capacity) for storage in self.keys]
-        self.values = [_widen(storage, capacity) for storage in self.values]
-        self.tokens = _widen(self.tokens, capacity)
-        self.capacity = capacity
 
     def _move_columns(self, rows: int, shift: int) -> None:
         """Shift the live window of the first ``rows`` rows by ``shift`` columns."""
@@ -163,7 +194,7 @@ class BufferLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Nothing to do: the buffer allocates itself on the first write."""
+        """Nothing to do: the buffer is allocated when the engine is built."""
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
@@ -180,15 +211,28 @@ class BufferLayer(CacheLayerMixin):
         return self.buffer.window.past
 
     def get_max_length(self) -> int:
-        """The buffer grows on demand, so there is no fixed maximum."""
+        """The engine bounds each sequence by the context itself; no maximum here."""
         return -1
 
 
-def _widen(storage: torch.Tensor, capacity: int) -> torch.Tensor:
-    """A copy of ``storage`` with more columns (dimension 2 for KV, 1 for token ids)."""
-    dim = 2 if storage.dim() == 4 else 1
-    shape = list(storage.shape)
-    shape[dim] = capacity
-    wider = torch.zeros(shape, dtype=storage.dtype, device=storage.device)
-    wider.narrow(dim, 0, storage.shape[dim]).copy_(storage)
-    return wider
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that an allocation on ``device`` may still take; None when unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "cpu" and os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return None
+
+
+def _zeros(size: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Created in inference mode, like everything the engine's steps write into it.
+    with torch.inference_mode():
+        return torch.zeros(size, dtype=dtype, device=device)
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
