@@ -4,9 +4,8 @@
 #
 #   deploy/kind-e2e.sh [--chat] [--skip-build] [--delete-cluster]
 #
-#   --chat            also apply examples/chat.yaml and ask it one question. Needs a Triton
-#                     base image whose torch is >= 2.6 (see deploy/Dockerfile.triton), e.g.
-#                     TRITON_BASE_IMAGE=nvcr.io/nvidia/tritonserver:<yy.mm>-pyt-python-py3
+#   --chat            also apply examples/chat.yaml and ask it one question (the default
+#                     Triton base of deploy/Dockerfile.triton installs torch 2.9.1, >= 2.6)
 #   --skip-build      use the images already in the local Docker engine
 #   --delete-cluster  delete the kind cluster at the end (by default it is kept and reused)
 #

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from tritonop import API_GROUP, API_VERSION
 from tritonop.render.yamltext import dump
+from tritonop.resources import max_name_length
 from tritonop.spec import EmbeddingSearchSpec, LLMServiceSpec
 from tritonop.status import ResourceStatus
 
@@ -123,6 +124,16 @@ KINDS: dict[str, tuple[type[BaseModel], str, str, str]] = {
 }
 
 
+def _name_rule(kind: str) -> Schema:
+    """CEL at the root: names whose child names or labels would pass 63 characters."""
+    limit = max_name_length(kind)
+    return {"x-kubernetes-validations": [{
+        "rule": f"self.metadata.name.size() <= {limit}",
+        "message": f"metadata.name: at most {limit} characters for a {kind} (its child "
+                   "objects' names and labels are derived from it and stop at 63)",
+    }]}
+
+
 def custom_resource_definition(kind: str) -> Schema:
     """The full CRD of one kind."""
     spec_model, plural, singular, short = KINDS[kind]
@@ -145,6 +156,7 @@ def custom_resource_definition(kind: str) -> Schema:
                 "storage": True,
                 "schema": {"openAPIV3Schema": {
                     "type": "object",
+                    **_name_rule(kind),
                     "description": spec_model.__doc__.strip().splitlines()[0]
                     if spec_model.__doc__ else kind,
                     "required": ["spec"],

@@ -22,6 +22,18 @@ SPECS: dict[str, type[EmbeddingSearchSpec] | type[LLMServiceSpec]] = {
 # Children get suffixes ("-triton", "_tokenizer"), and Service names must be DNS-1035
 # labels of at most 63 characters: leave them room.
 MAX_NAME_LENGTH = 50
+NAME_LIMIT = 63  # Kubernetes names (DNS-1035 labels) and label values
+
+
+def max_name_length(kind: str) -> int:
+    """The longest ``metadata.name`` of ``kind`` whose derived names and labels fit in 63.
+
+    The binding ones are the pod label ``<kind>.<name>`` (render/kubernetes.py's
+    ``selector_labels``) and the ``<name>-triton`` child names. The CRD schema checks it
+    with CEL on ``metadata.name``, so the API server refuses the resource at once, rather
+    than a child later with a 422 the user never sees.
+    """
+    return min(MAX_NAME_LENGTH, NAME_LIMIT - max(len("-triton"), len(kind) + 1))
 _NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 Spec = Union[EmbeddingSearchSpec, LLMServiceSpec]
@@ -73,11 +85,11 @@ def parse_resource(body: Mapping[str, Any], base_dir: Path | None = None) -> Res
         raise ResourceError(f"kind: must be one of {sorted(SPECS)}, got {kind!r}")
     metadata = body.get("metadata") or {}
     name = metadata.get("name")
-    if not isinstance(name, str) or not _NAME.match(name) or len(name) > MAX_NAME_LENGTH:
+    if not isinstance(name, str) or not _NAME.match(name) or len(name) > max_name_length(kind):
         raise ResourceError(
             f"metadata.name: {name!r} must be lowercase letters, digits and '-', start "
             f"with a letter, end with a letter or digit, and be at most "
-            f"{MAX_NAME_LENGTH} characters"
+            f"{max_name_length(kind)} characters"
         )
     try:
         spec = SPECS[kind].model_validate(body.get("spec") or {})

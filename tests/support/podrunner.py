@@ -140,12 +140,15 @@ def _own_for_fs_group(directory: Path, fs_group: int | None) -> None:
             path = Path(root) / name
             if path.is_symlink():
                 continue
-            os.chown(path, -1, fs_group)
-            mode = path.stat().st_mode
-            extra = stat.S_IRGRP | stat.S_IWGRP
-            if path.is_dir():
-                extra |= stat.S_IXGRP | stat.S_ISGID
-            os.chmod(path, mode | extra)
+            try:  # another pod of a shared claim may be renaming files meanwhile
+                os.chown(path, -1, fs_group)
+                mode = path.stat().st_mode
+                extra = stat.S_IRGRP | stat.S_IWGRP
+                if path.is_dir():
+                    extra |= stat.S_IXGRP | stat.S_ISGID
+                os.chmod(path, mode | extra)
+            except FileNotFoundError:
+                pass
 
 
 # --- images --------------------------------------------------------------------------------
@@ -376,12 +379,7 @@ class PodRunner:
         stand_in = self.images.get(spec["image"])
         if stand_in is None:
             raise PodFailed(f"{spec['name']}: no stand-in for image {spec['image']}")
-        pod_security = self.pod.get("securityContext", {})
-        security = {**pod_security, **spec.get("securityContext", {})}
-        uid, gid = int(security.get("runAsUser", 0)), int(security.get("runAsGroup", 0))
-        if security.get("runAsNonRoot") and uid == 0:
-            raise PodFailed(f"{spec['name']}: runAsNonRoot with uid 0 "
-                            "(the kubelet refuses to start it)")
+        privileges = self._privileges(container)
         mounts: list[tuple[Path, str, bool]] = [
             (path, target, True) for target, path in stand_in.binds.items()]
         for mount in spec.get("volumeMounts", []):
@@ -407,7 +405,7 @@ class PodRunner:
             lines.append(f"mount --bind {shlex.quote(str(source))} {shlex.quote(target)}")
             if read_only:
                 lines.append(f"mount -o remount,bind,ro {shlex.quote(target)}")
-        if security.get("readOnlyRootFilesystem"):
+        if spec.get("securityContext", {}).get("readOnlyRootFilesystem"):
             lines.append("mount -o remount,bind,ro /")
         env = {**stand_in.env, "HOSTNAME": self.name}
         env.setdefault("PATH", BASE_PATH)
@@ -415,6 +413,22 @@ class PodRunner:
             env[item["name"]] = item.get("value", "")
         command = [*spec.get("command", []), *spec.get("args", [])]
         workdir = spec.get("workingDir") or stand_in.workdir
+        lines.append(f"cd {shlex.quote(workdir)}")
+        lines.append("exec " + shlex.join([*privileges, "env", "-i",
+                                           *(f"{k}={v}" for k, v in env.items()), *command]))
+        script = self.workdir / f"{spec['name']}.sh"
+        script.write_text("\n".join(lines) + "\n")
+        return script
+
+    def _privileges(self, container: Container) -> list[str]:
+        """``setpriv`` arguments for the container's security context (exec uses them too)."""
+        spec = container.spec
+        pod_security = self.pod.get("securityContext", {})
+        security = {**pod_security, **spec.get("securityContext", {})}
+        uid, gid = int(security.get("runAsUser", 0)), int(security.get("runAsGroup", 0))
+        if security.get("runAsNonRoot") and uid == 0:
+            raise PodFailed(f"{spec['name']}: runAsNonRoot with uid 0 "
+                            "(the kubelet refuses to start it)")
         privileges = ["setpriv", f"--reuid={uid}", f"--regid={gid}"]
         groups = [str(g) for g in {self.fs_group, *pod_security.get("supplementalGroups", [])}
                   if g is not None]
@@ -424,12 +438,7 @@ class PodRunner:
             privileges += ["--inh-caps=-all", "--bounding-set=-all"]
         if security.get("allowPrivilegeEscalation") is False:
             privileges.append("--no-new-privs")
-        lines.append(f"cd {shlex.quote(workdir)}")
-        lines.append("exec " + shlex.join([*privileges, "env", "-i",
-                                           *(f"{k}={v}" for k, v in env.items()), *command]))
-        script = self.workdir / f"{spec['name']}.sh"
-        script.write_text("\n".join(lines) + "\n")
-        return script
+        return privileges
 
     def _launch(self, container: Container) -> None:
         script = self._script(container)
@@ -580,13 +589,9 @@ class PodRunner:
         """``kubectl exec``: a command in a running container's namespaces, as its user."""
         container = self.container(name)
         assert container.process is not None
-        security = {**self.pod.get("securityContext", {}),
-                    **container.spec.get("securityContext", {})}
-        user = [f"--reuid={security.get('runAsUser', 0)}",
-                f"--regid={security.get('runAsGroup', 0)}", "--clear-groups"]
         return subprocess.run(
             ["nsenter", f"--target={container.process.pid}", "--mount", "--net",
-             "setpriv", *user, *command],
+             *self._privileges(container), *command],
             capture_output=True, text=True, timeout=timeout, check=False)
 
     def container(self, name: str) -> Container:
@@ -627,10 +632,13 @@ class PodRunner:
                 write_config_map(self.volumes[volume["name"]], data,
                                  volume["configMap"].get("items"))
 
-    def log_tail(self, name: str, lines: int = 60) -> str:
+    def logs(self, name: str) -> str:
+        """A container's output, every restart included (``kubectl logs``, roughly)."""
         path = self.workdir / "logs" / f"{name}.log"
-        text = path.read_text(errors="replace").splitlines() if path.exists() else []
-        return f"--- {name} ---\n" + "\n".join(text[-lines:])
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def log_tail(self, name: str, lines: int = 60) -> str:
+        return f"--- {name} ---\n" + "\n".join(self.logs(name).splitlines()[-lines:])
 
     def _log(self, container: Container, message: str) -> None:
         with open(self.workdir / "logs" / f"{container.name}.log", "a") as log:

@@ -73,7 +73,7 @@ def test_bad_spec_names_field_and_problem(spec, message):
         ({**resource({}), "apiVersion": "v1"}, "apiVersion: must be serving.tritonop.dev"),
         (resource({}, kind="Search"), "kind: must be one of"),
         (resource({"corpus": {"source": "c"}}, name="News"), "metadata.name: 'News' must be"),
-        (resource({"corpus": {"source": "c"}}, name="a" * 51), "at most 50 characters"),
+        (resource({"corpus": {"source": "c"}}, name="a" * 48), "at most 47 characters"),
     ],
 )
 def test_bad_resource_envelope(body, message):

@@ -30,8 +30,6 @@ RESOURCE_LABEL = f"{API_GROUP}/resource"
 RESOURCE_FILE = "resource.yaml"
 UID = 1000  # the non-root user both images run as
 TMP_PATH = "/tmp"
-# Kubernetes names and label values stop at 63 characters; see max_name_length.
-NAME_LIMIT = 63
 # Requests a pod gets unless spec.resources.requests names them: a pod with no request is
 # BestEffort (evicted first), and a CPU HorizontalPodAutoscaler needs a CPU request to
 # compute utilisation. Sized for the examples (all-MiniLM-L6-v2 with 20,000 texts peaks
@@ -63,17 +61,6 @@ def child_names(base: str) -> dict[str, str]:
     return {"deployment": f"{base}-triton", "service": base, "config": f"{base}-triton",
             "account": f"{base}-triton", "budget": f"{base}-triton",
             "autoscaler": f"{base}-triton", "policy": f"{base}-triton"}
-
-
-def max_name_length(kind: str) -> int:
-    """The longest ``metadata.name`` whose child names and labels stay within 63 characters.
-
-    The binding ones are the ``-triton`` suffix of child names and the resource label
-    value ``<kind>.<name>``; the CRD schema rejects longer names (CEL on
-    ``metadata.name``), so the API server refuses the resource instead of a child later.
-    """
-    suffix = max(len(child) for child in child_names("").values())
-    return NAME_LIMIT - max(suffix, len(f"{kind.lower()}."))
 
 
 def selector_labels(resource: Resource) -> dict[str, str]:

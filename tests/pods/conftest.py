@@ -1,0 +1,70 @@
+"""The pod tier: rendered pods run as a kubelet would run them (tests/support/podrunner.py).
+
+Needs root, ``unshare``, ``nsenter``, ``setpriv`` and ``ip``; without them every test here
+is skipped with the reason. Pods run one test at a time, each in its own network
+namespace. Start-to-Ready times are written to ``<pytest tmp>/pod-timings.txt`` and
+printed at the end of the session (``-rA`` or ``-s`` shows them).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.podrunner import PodRunner, can_run_pods
+from tritonop.render.kubernetes import render_children
+from tritonop.resources import Resource, parse_resource
+
+REASON = can_run_pods()
+TIMINGS: dict[str, float] = {}
+
+
+def pytest_collection_modifyitems(config, items):
+    if REASON:
+        for item in items:
+            if "tests/pods/" in str(item.fspath):
+                item.add_marker(pytest.mark.skip(reason=REASON))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if TIMINGS:
+        terminalreporter.write_sep("-", "pods: start to Ready under the pod runner")
+        for name, seconds in TIMINGS.items():
+            terminalreporter.write_line(f"{name}: {seconds:.1f} s")
+
+
+@pytest.fixture
+def run_pod(tmp_path) -> Iterator[Any]:
+    """Start a resource's rendered pod; every pod is stopped at teardown, pass or fail."""
+    pods: list[PodRunner] = []
+
+    def start(resource: Resource, *, claims: dict[str, Path] | None = None,
+              name: str = "pod", patch: Any = None) -> PodRunner:
+        children = render_children(resource)
+        deployment = next(c for c in children if c["kind"] == "Deployment")
+        config_maps = {c["metadata"]["name"]: c["data"] for c in children
+                       if c["kind"] == "ConfigMap"}
+        if patch is not None:
+            patch(deployment, config_maps)
+        pod = PodRunner(deployment, config_maps, tmp_path / f"{name}-{len(pods)}",
+                        claims=claims, name=name)
+        pods.append(pod)
+        return pod.start()
+
+    try:
+        yield start
+    finally:
+        for pod in pods:
+            pod.stop()
+
+
+def record(name: str, seconds: float) -> None:
+    TIMINGS[name] = seconds
+
+
+def resource(body: dict[str, Any]) -> Resource:
+    return parse_resource(json.loads(json.dumps(body)))
