@@ -9,28 +9,60 @@ in :mod:`tritonop_backend.llm`; this file only moves tensors and responses.
 
 from __future__ import annotations
 
-import itertools
 import json
-import os
-import threading
-import time
 from typing import Any
 
 import torch
 import triton_python_backend_utils as pb_utils
 
-from tritonop_backend.errors import RequestError
-from tritonop_backend.llm.engine import ERROR, LLMEngine, QueueFullError
+from tritonop_backend import check_release
+from tritonop_backend.cpus import available_cpus
+from tritonop_backend.llm.engine import LLMEngine
 from tritonop_backend.llm.loading import load_causal_lm
-from tritonop_backend.llm.params import parse_request
-from tritonop_backend.llm.serving import INPUTS, Deliveries, policy_from_parameters
+from tritonop_backend.llm.serving import (
+    INPUTS,
+    INTERNAL,
+    INVALID,
+    UNAVAILABLE,
+    Outputs,
+    Refusal,
+    Server,
+    policy_from_parameters,
+)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-CANCEL_CHECK_SECONDS = 0.1
+CODES = {INVALID: pb_utils.TritonError.INVALID_ARG,
+         UNAVAILABLE: pb_utils.TritonError.UNAVAILABLE,
+         INTERNAL: pb_utils.TritonError.INTERNAL}
+SHUTDOWN_SECONDS = 30.0
 
 
-def _error(message: str, code: Any) -> Any:
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+class _Request:
+    """One Triton request as the server sees it: its inputs, its sender, its cancellation."""
+
+    def __init__(self, request: Any) -> None:
+        self.request = request
+        self.sender = request.get_response_sender()
+
+    def read(self) -> dict[str, Any]:
+        values = {}
+        for name in INPUTS:
+            tensor = pb_utils.get_input_tensor_by_name(self.request, name)
+            values[name] = None if tensor is None else tensor.as_numpy()
+        return values
+
+    def send(self, outputs: Outputs | None, final: bool, error: Refusal | None = None) -> None:
+        if error is not None:
+            response = pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(error.message, CODES[error.kind]))
+        else:
+            assert outputs is not None
+            response = pb_utils.InferenceResponse(
+                output_tensors=[pb_utils.Tensor(name, value) for name, value in outputs.items()])
+        self.sender.send(response, flags=FINAL if final else 0)
+
+    def is_cancelled(self) -> bool:
+        return bool(self.request.is_cancelled())
 
 
 def _device(args: dict[str, Any], wanted: str) -> str:
@@ -78,107 +110,42 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        check_release(params.get("tritonop_version"))
         self.policy = policy_from_parameters(params)
         # Set deliberately: the server starts stubs with OMP_NUM_THREADS=1.
         threads = params.get("threads", "auto")
-        torch.set_num_threads((os.cpu_count() or 1) if threads == "auto" else int(threads))
-        self.streaming = params.get("streaming", "true") == "true"
+        torch.set_num_threads(available_cpus() if threads == "auto" else int(threads))
         loaded = load_causal_lm(params["model_dir"], params.get("dtype", "auto"),
                                 _device(args, params.get("device", "auto")))
         if loaded.note:
             pb_utils.Logger.log_warn(loaded.note)
         # None lets the engine decide: CUDA graphs where the model is on a GPU.
         graphs = params.get("cuda_graphs", "true") == "true"
-        self.engine = LLMEngine(loaded.model, loaded.tokenizer, self.policy,
-                                max_sequences=int(params["max_sequences"]),
-                                max_waiting=int(params["max_waiting"]),
-                                static_decode=None if graphs else False)
+        engine = LLMEngine(loaded.model, loaded.tokenizer, self.policy,
+                           max_sequences=int(params["max_sequences"]),
+                           max_waiting=int(params["max_waiting"]),
+                           static_decode=None if graphs else False)
         self.metrics = _Metrics(args["model_name"], args["model_instance_name"])
-        self.deliveries = Deliveries()
-        self.requests: dict[int, tuple[Any, Any]] = {}  # id -> (request, response sender)
-        self.ids = itertools.count()
-        self.lock = threading.Lock()
-        self.stopping = threading.Event()
-        self.loop = threading.Thread(target=self._run, name="llm-engine", daemon=True)
-        self.loop.start()
+        self.server = Server(engine, streaming=params.get("streaming", "true") == "true",
+                             on_step=self.metrics.step)
+        self.server.start()
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
-            self._accept(request)
+            try:
+                handle = _Request(request)
+            except Exception as err:  # no sender, no way to answer: Triton logs the rest
+                pb_utils.Logger.log_error(f"LLM request without a sender: {err}")
+                continue
+            self.server.accept(handle.read, handle)
         return None
 
-    def _accept(self, request: Any) -> None:
-        sender = request.get_response_sender()
-        values = {}
-        for name in INPUTS:
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            values[name] = None if tensor is None else tensor.as_numpy()
-        try:
-            generation = parse_request(values, self.policy)
-            if generation.stream and not self.streaming:
-                raise RequestError("stream", "streaming is turned off for this service")
-            request_id = next(self.ids)
-            with self.lock:
-                self.deliveries.add(request_id, generation.stream)
-                self.requests[request_id] = (request, sender)
-            try:
-                self.engine.add(request_id, generation)
-            except BaseException:
-                with self.lock:
-                    self.deliveries.open.pop(request_id, None)
-                    self.requests.pop(request_id, None)
-                raise
-        except RequestError as err:
-            sender.send(_error(str(err), pb_utils.TritonError.INVALID_ARG), flags=FINAL)
-        except QueueFullError as err:
-            sender.send(_error(f"the service is at capacity: {err}",
-                               pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
-
-    def _run(self) -> None:
-        checked = time.monotonic()
-        while not self.stopping.is_set():
-            if not self.engine.wait_for_work(timeout=0.1):
-                continue
-            if time.monotonic() - checked > CANCEL_CHECK_SECONDS:
-                self._cancel_disconnected()
-                checked = time.monotonic()
-            try:
-                events = self.engine.step()
-                self.metrics.step(self.engine, events)
-                for event in events:
-                    self._deliver(event)
-            except Exception as err:
-                pb_utils.Logger.log_error(f"LLM engine loop: {type(err).__name__}: {err}")
-
-    def _cancel_disconnected(self) -> None:
-        with self.lock:
-            open_requests = list(self.requests.items())
-        for request_id, (request, _) in open_requests:
-            if request.is_cancelled():
-                self.engine.cancel(request_id)
-
-    def _deliver(self, event: Any) -> None:
-        with self.lock:
-            responses = self.deliveries.route(event)
-            _, sender = self.requests.get(event.request_id, (None, None))
-            if event.finish_reason is not None:
-                self.requests.pop(event.request_id, None)
-        if sender is None:
-            return
-        if event.finish_reason == ERROR:
-            sender.send(_error(event.error or "generation failed", pb_utils.TritonError.INTERNAL),
-                        flags=FINAL)
-            return
-        for tensors, final in responses:
-            response = pb_utils.InferenceResponse(
-                output_tensors=[pb_utils.Tensor(name, value) for name, value in tensors.items()])
-            try:
-                sender.send(response, flags=FINAL if final else 0)
-            except Exception:  # the client went away; the engine is told at the next check
-                self.engine.cancel(event.request_id)
-                return
+    def is_ready(self) -> bool:
+        """Triton's readiness hook (python_backend r26.03 and later call it on
+        /v2/models/<m>/ready): false once the engine has failed for good, so that the
+        pod is taken out of service and restarted instead of failing every request."""
+        return self.server.ready
 
     def finalize(self) -> None:
-        self.stopping.set()
-        self.loop.join(timeout=10)
-        self.engine.cancel_all()
+        # In-flight requests are cancelled and each gets its final response first.
+        self.server.shutdown(timeout=SHUTDOWN_SECONDS)
