@@ -30,14 +30,14 @@ SERVER_SAYS = {
                        "should match",
     "spec.shards: unknown field": 'unknown field "spec.shards"',
     "spec.search: defaultTopK must be <= maxTopK":
-        "spec.search: Invalid value: \"object\": defaultTopK must be <= maxTopK",
+        "spec.search: Invalid value: defaultTopK must be <= maxTopK",
     "spec.autoscaling: minReplicas must be <= maxReplicas":
-        "spec.autoscaling: Invalid value: \"object\": minReplicas must be <= maxReplicas",
+        "spec.autoscaling: Invalid value: minReplicas must be <= maxReplicas",
     "spec.artifacts: set at most one of":
-        "spec.artifacts: Invalid value: \"object\": set at most one of persistentVolumeClaim, "
+        "spec.artifacts: Invalid value: set at most one of persistentVolumeClaim, "
         "hostPath, emptyDir",
     "spec.artifacts: an emptyDir starts empty":
-        "spec.artifacts: Invalid value: \"object\": an emptyDir starts empty: it needs "
+        "spec.artifacts: Invalid value: an emptyDir starts empty: it needs "
         "prepare: true",
     "spec.artifacts.hostPath.path": 'spec.artifacts.hostPath.path: Invalid value: "relative": '
                                     "spec.artifacts.hostPath.path in body should match '^/'",
@@ -45,10 +45,10 @@ SERVER_SAYS = {
     "spec.generation.defaults.topP": "spec.generation.defaults.topP in body should be greater "
                                      "than 0",
     "spec.generation: defaults.maxTokens must be <= limits.maxTokens":
-        "spec.generation: Invalid value: \"object\": defaults.maxTokens must be <= "
+        "spec.generation: Invalid value: defaults.maxTokens must be <= "
         "limits.maxTokens",
     "spec: generation.defaults.maxTokens must be < model.maxContextLength":
-        "spec: Invalid value: \"object\": generation.defaults.maxTokens must be < "
+        "spec: Invalid value: generation.defaults.maxTokens must be < "
         "model.maxContextLength",
     "spec.gpus": "spec.gpus: Invalid value: 17: spec.gpus in body should be less than or "
                  "equal to 16",
@@ -85,11 +85,21 @@ def schema_defaults(schema: dict[str, Any], value: Any, path: str = "") -> dict[
     if not isinstance(value, dict):
         return found
     for key, sub in (schema.get("properties") or {}).items():
-        if "default" in sub:
-            found[f"{path}.{key}"] = sub["default"]
         if key in value:
             found.update(schema_defaults(sub, value[key], f"{path}.{key}"))
+        # The object's own default is applied first when it is missing; what it sets wins
+        # over its fields' defaults (the resources here leave every defaulted object out).
+        if "default" in sub:
+            found.update(leaves(sub["default"], f"{path}.{key}"))
     return found
+
+
+def leaves(value: Any, path: str) -> dict[str, Any]:
+    """An object default as the scalar values it sets, by path (``{}`` sets nothing)."""
+    if not isinstance(value, dict):
+        return {path: value}
+    return {leaf: v for key, sub in value.items()
+            for leaf, v in leaves(sub, f"{path}.{key}").items()}
 
 
 def lookup(obj: Any, path: str) -> Any:
