@@ -54,7 +54,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     resources = list(iter_resources(args.file))
     ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
-    return serve(resources, args.artifacts_root, ports, args.workdir)
+    return serve(resources, args.artifacts_root, ports, args.workdir,
+                 openai_port=args.openai_port if args.openai else None)
+
+
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    from tritonop.gateway.config import GatewayConfig, gateway_config
+    from tritonop.gateway.server import run
+
+    if bool(args.config) == bool(args.file):
+        print("error: give either resource files (-f) or --config", file=sys.stderr)
+        return 2
+    config = (GatewayConfig.load(args.config) if args.config
+              else gateway_config(list(iter_resources(args.file))))
+    return run(config, args.triton, args.host, args.port)
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -111,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--openai-port", type=int, default=8080,
+                       help="the OpenAI-compatible gateway's port (default: %(default)s)")
+    serve.add_argument("--no-openai", dest="openai", action="store_false",
+                       help="do not start the OpenAI-compatible gateway")
     serve.add_argument("--workdir", type=Path, help="keep the rendered repository and log here")
     with_artifacts(serve)
     serve.set_defaults(run=_cmd_serve)
@@ -124,6 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--artifacts-root", default="/artifacts",
                         help="artifacts path as the server sees it (default: %(default)s)")
     render.set_defaults(run=_cmd_render)
+
+    gateway = commands.add_parser(
+        "gateway", help="serve the OpenAI-compatible API in front of a running Triton")
+    gateway.add_argument("-f", "--file", type=Path, nargs="+", help="resource YAML files")
+    gateway.add_argument("--config", type=Path,
+                         help="gateway.json as the operator renders it (instead of -f)")
+    gateway.add_argument("--triton", default="localhost:8001",
+                         help="Triton's gRPC endpoint (default: %(default)s)")
+    gateway.add_argument("--host", default="0.0.0.0")
+    gateway.add_argument("--port", type=int, default=8080)
+    gateway.set_defaults(run=_cmd_gateway)
 
     prepare = commands.add_parser("prepare", help="export models and build indexes")
     prepare.add_argument("-f", "--file", type=Path, nargs="+", required=True)

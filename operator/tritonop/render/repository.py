@@ -4,7 +4,7 @@ An ``EmbeddingSearch`` named ``news`` becomes six models:
 
 * ``news``: ensemble ``text`` [+ ``num_results``] -> ``ids``, ``scores``, ``texts``
   (the model clients call, also through ``/v2/models/news/generate``);
-* ``news_embedding``: ensemble ``text`` -> ``embedding``;
+* ``news_embedding``: ensemble ``text`` -> ``embedding``, ``attention_mask``;
 * ``news_tokenizer``, ``news_encoder``, ``news_pooling``, ``news_search``: the
   Python-backend steps the ensembles share.
 
@@ -85,7 +85,9 @@ def embedding_search_models(resource: Resource, artifacts_root: str) -> list[Con
     return [
         ensemble(name, batch, [text, num_results], results,
                  [tokenize, encode, pool, search], response_cache=spec.cache.enabled),
-        ensemble(f"{name}_embedding", batch, [text], [embedding], [tokenize, encode, pool]),
+        # attention_mask too: its row sums are the token counts the gateway reports as usage.
+        ensemble(f"{name}_embedding", batch, [text], [embedding, mask],
+                 [tokenize, encode, pool]),
         python_model(f"{name}_tokenizer", stages.tokenizer, [text], [ids, mask],
                      {"stage": "tokenizer", **shared}),
         python_model(

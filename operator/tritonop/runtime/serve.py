@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 from tritonop.artifacts.prepare import prepare
+from tritonop.gateway.config import gateway_config
+from tritonop.gateway.server import GatewayThread
 from tritonop.render.repository import render_repository, write_repository
 from tritonop.resources import Resource
 from tritonop.runtime.local import Ports, TritonServer
@@ -44,7 +46,41 @@ def start_local(
     return server.start()
 
 
-def usage(resources: list[Resource], ports: Ports) -> str:
+def openai_usage(resources: list[Resource], port: int) -> list[str]:
+    """Working ``curl`` and ``openai`` client calls through the gateway."""
+    base = f"http://localhost:{port}/v1"
+    lines = [f"OpenAI-compatible API  {base}  (GET {base}/models)", ""]
+    for resource in resources:
+        name = resource.name
+        if isinstance(resource.spec, EmbeddingSearchSpec):
+            search = json.dumps({"model": name, "text": "europe climate change storm",
+                                 "num_results": 5})
+            embed = json.dumps({"model": name, "input": ["hello world", "bonjour"]})
+            lines += [
+                f"{resource.kind} {name} through the gateway:",
+                f"  curl -s {base}/search -H 'Content-Type: application/json' -d '{search}'",
+                f"  curl -s {base}/embeddings -H 'Content-Type: application/json' -d '{embed}'",
+                "",
+            ]
+        elif isinstance(resource.spec, LLMServiceSpec):
+            chat = json.dumps({"model": name, "max_tokens": 32, "temperature": 0,
+                               "messages": [{"role": "user",
+                                             "content": "What is the capital of France?"}]})
+            lines += [
+                f"{resource.kind} {name} through the gateway:",
+                f"  curl -s {base}/chat/completions -H 'Content-Type: application/json' \\",
+                f"    -d '{chat}'",
+                "  python -c \"from openai import OpenAI; "
+                f"c = OpenAI(base_url='{base}', api_key='none'); "
+                f"r = c.chat.completions.create(model='{name}', max_tokens=32, temperature=0, "
+                "messages=[{'role': 'user', 'content': 'What is the capital of France?'}]); "
+                "print(r.choices[0].message.content)\"",
+                "",
+            ]
+    return lines
+
+
+def usage(resources: list[Resource], ports: Ports, openai_port: int | None = None) -> str:
     """Endpoints and one working request per resource, for a person at a terminal."""
     lines = [
         "Triton is ready.",
@@ -80,6 +116,8 @@ def usage(resources: list[Resource], ports: Ports) -> str:
                 f"    -d '{stream}'",
                 "",
             ]
+    if openai_port is not None:
+        lines += openai_usage(resources, openai_port)
     lines.append("Press Ctrl-C to stop.")
     return "\n".join(lines)
 
@@ -89,16 +127,25 @@ def serve(
     artifacts_root: Path,
     ports: Ports,
     workdir: Path | None = None,
+    openai_port: int | None = 8080,
 ) -> int:
-    """Serve until SIGINT or SIGTERM; returns tritonserver's exit code."""
+    """Serve until SIGINT or SIGTERM; returns tritonserver's exit code.
+
+    With ``openai_port``, the OpenAI-compatible gateway runs on a thread of this process
+    beside tritonserver, as it runs in a container beside Triton in a cluster.
+    """
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tritonop-serve-") as scratch:
         server = start_local(resources, artifacts_root, workdir or Path(scratch), ports)
+        gateway = None
         try:
-            print(usage(resources, ports), flush=True)
+            if openai_port is not None:
+                gateway = GatewayThread(gateway_config(resources), f"localhost:{ports.grpc}",
+                                        openai_port, host="0.0.0.0").start()
+            print(usage(resources, ports, openai_port), flush=True)
             log.info("ready in %.1f s; server log: %s", time.monotonic() - started,
                      server.log_path)
             while not stop.wait(0.5):
@@ -107,5 +154,7 @@ def serve(
                     return 1
             print("\nStopping Triton (finishing in-flight requests)...", flush=True)
         finally:
+            if gateway is not None:
+                gateway.stop()
             code = server.stop()
     return code or 0

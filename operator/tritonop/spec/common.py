@@ -127,8 +127,34 @@ class NetworkPolicySpec(SpecModel):
     )
 
 
+class OpenAISpec(SpecModel):
+    """The OpenAI-compatible gateway, a second container in each Triton pod."""
+
+    enabled: bool = Field(True, description="Serve /v1 (port 8080, named openai).")
+
+
+class ApiSpec(SpecModel):
+    """The gateway's API and its admission bound in front of the whole Triton pipeline.
+
+    Unset bounds are derived from batching: an LLM takes ``engine.maxSequences`` in flight
+    and ``engine.maxWaiting`` waiting; a search takes one encoder batch per encoder
+    instance in flight and as many waiting. Beyond them the gateway answers 429 at once.
+    """
+
+    openai: OpenAISpec = OpenAISpec()
+    max_in_flight: Optional[int] = Field(
+        None, ge=1, le=100_000, description="Requests forwarded to Triton at once, per pod."
+    )
+    max_waiting: Optional[int] = Field(
+        None, ge=0, le=100_000,
+        description="Requests waiting in the gateway beyond those; more get 429.",
+    )
+
+
 class DeploymentSpec(SpecModel):
     """How the Triton deployment that serves a resource runs in a cluster."""
+
+    api: ApiSpec = ApiSpec()
 
     replicas: int = Field(1, ge=0, le=1000, description="Triton pods (ignored with autoscaling).")
     image: Optional[str] = Field(

@@ -1,0 +1,78 @@
+"""One admission bound per model: a fixed number of requests in flight, a bounded queue.
+
+Triton queues a request in front of every step of a pipeline; under overload each of
+those queues fills and an accepted request waits in all of them (S5: 32x the unloaded
+p99). One bound in front of the whole pipeline keeps Triton's queues short and turns the
+excess into an immediate 429, which a client or load balancer can retry elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+
+class Overloaded(Exception):
+    """Every in-flight place and every waiting place of the model is taken."""
+
+
+class AdmissionBound:
+    """First come, first served places for one model (one event loop, no threads).
+
+    Args:
+        max_in_flight: requests that may run at once.
+        max_waiting: requests that may wait for a place; one more is refused at once.
+    """
+
+    def __init__(self, max_in_flight: int, max_waiting: int) -> None:
+        self.max_in_flight = max_in_flight
+        self.max_waiting = max_waiting
+        self.in_flight = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self) -> None:
+        """Take a place, waiting in line if needed.
+
+        Raises:
+            Overloaded: when the line is full too.
+        """
+        if self.in_flight < self.max_in_flight and not self._waiters:
+            self.in_flight += 1
+            return
+        if len(self._waiters) >= self.max_waiting:
+            raise Overloaded(f"{self.in_flight} requests in flight and {len(self._waiters)} "
+                             "waiting, the most this model takes")
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed a place just as the client left: pass it on
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        """Give a place back: to the first in line, or free it."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the place moves over; in_flight is unchanged
+                return
+        self.in_flight -= 1
+
+    @asynccontextmanager
+    async def place(self) -> AsyncIterator[None]:
+        """``async with bound.place():`` holds a place for the block."""
+        await self.acquire()
+        try:
+            yield
+        finally:
+            self.release()

@@ -1,0 +1,419 @@
+"""The ASGI application: OpenAI routes over Triton, one admission bound per model.
+
+Each route runs the same steps: parse and validate the body (400 before anything else),
+check that Triton serves the model (503), take an admission place (429 with Retry-After
+when the model's bound is full), ask Triton, answer. A streamed answer keeps its place
+until the stream ends; a client that leaves cancels its Triton request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from tritonop.gateway import protocol
+from tritonop.gateway.admission import AdmissionBound, Overloaded
+from tritonop.gateway.backend import Piece, TritonBackend
+from tritonop.gateway.config import GatewayConfig
+from tritonop.gateway.errors import APIError
+from tritonop.gateway.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+READY_INTERVAL_SECONDS = 1.0
+FINISH_REASONS = {"stop": "stop", "length": "length", "context": "length"}
+# Triton input names as each route's clients know them, for error messages.
+CHAT_FIELDS = {"text_input": "messages", "max_tokens": "max_tokens", "stop": "stop"}
+COMPLETION_FIELDS = {"text_input": "prompt", "max_tokens": "max_tokens", "stop": "stop"}
+
+
+def error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A streamed answer that runs ``on_close`` however it ends, sent or not."""
+
+    def __init__(self, content: AsyncIterator[str],
+                 on_close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.on_close()
+
+
+class Gateway:
+    """State shared by the routes: models, their bounds, Triton, metrics."""
+
+    def __init__(self, config: GatewayConfig, triton_url: str) -> None:
+        self.config = config
+        self.models = config.models
+        self.triton_url = triton_url
+        self.backend: TritonBackend | None = None
+        self.bounds = {name: AdmissionBound(m.admission.max_in_flight, m.admission.max_waiting)
+                       for name, m in self.models.items()}
+        self.metrics = GatewayMetrics()
+        self.ready: dict[str, bool] = dict.fromkeys(self.models, False)
+        self.created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
+        self.backend = TritonBackend(self.triton_url)
+        poller = asyncio.create_task(self._poll_ready())
+        try:
+            yield
+        finally:
+            poller.cancel()
+            await self.backend.close()
+
+    async def _poll_ready(self) -> None:
+        while True:
+            await self._refresh_ready()
+            await asyncio.sleep(READY_INTERVAL_SECONDS)
+
+    async def _refresh_ready(self) -> None:
+        assert self.backend is not None
+        self.ready = await self.backend.ready(list(self.models))
+
+    async def _check_ready(self, model: str) -> None:
+        if not self.ready.get(model):
+            await self._refresh_ready()  # cheap, and a restarted Triton is served at once
+        if not self.ready.get(model):
+            raise APIError(503, f"model '{model}' is not ready in Triton yet; retry shortly",
+                           code="model_not_ready", retry_after=1)
+
+    async def _admit(self, model: str) -> AdmissionBound:
+        bound = self.bounds[model]
+        waiting = self.metrics.waiting.labels(model)
+        waiting.inc()
+        try:
+            await bound.acquire()
+        except Overloaded as err:
+            raise APIError(429, f"model '{model}' is at its admission bound ({err}); retry "
+                           "shortly", code="too_many_requests", retry_after=1) from None
+        finally:
+            waiting.dec()
+        self.metrics.in_flight.labels(model).inc()
+        return bound
+
+    def _leave(self, model: str, bound: AdmissionBound) -> None:
+        bound.release()
+        self.metrics.in_flight.labels(model).dec()
+
+    # Routes ---------------------------------------------------------------------------
+
+    async def list_models(self, _: Request) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [
+            self._model_card(name) for name in self.models]})
+
+    async def get_model(self, request: Request) -> JSONResponse:
+        name = request.path_params["name"]
+        if name not in self.models:
+            return error_response(APIError(404, f"model: '{name}' does not exist",
+                                           param="model", code="model_not_found"))
+        return JSONResponse(self._model_card(name))
+
+    def _model_card(self, name: str) -> dict[str, Any]:
+        entry = self.models[name]
+        return {"id": name, "object": "model", "created": self.created,
+                "owned_by": "tritonop", "kind": entry.kind}
+
+    async def live(self, _: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def readiness(self, _: Request) -> JSONResponse:
+        await self._refresh_ready()
+        ok = all(self.ready.values())
+        return JSONResponse({"ready": self.ready}, status_code=200 if ok else 503)
+
+    async def prometheus(self, _: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def chat(self, request: Request) -> Response:
+        return await self._measured(request, "/v1/chat/completions", self._chat)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._measured(request, "/v1/completions", self._completions)
+
+    async def embeddings(self, request: Request) -> Response:
+        return await self._measured(request, "/v1/embeddings", self._embeddings)
+
+    async def search(self, request: Request) -> Response:
+        return await self._measured(request, "/v1/search", self._search)
+
+    async def _measured(self, request: Request, route: str,
+                        handler: Callable[[Request, dict[str, Any]], Awaitable[Response]]
+                        ) -> Response:
+        """Parse the body, run ``handler``, count and time the answer, map errors."""
+        started = time.perf_counter()
+        model = "-"
+        try:
+            body = protocol.parse_json(await request.body())
+            named = body.get("model")
+            model = named if isinstance(named, str) and named in self.models else "-"
+            response = await handler(request, body)
+        except APIError as err:
+            response = error_response(err)
+        status = str(response.status_code)
+        if isinstance(response, ClosingStreamingResponse):
+            on_close = response.on_close
+
+            async def finished() -> None:
+                await on_close()
+                self._record(route, model, status, started)
+
+            response.on_close = finished
+        else:
+            self._record(route, model, status, started)
+        return response
+
+    def _record(self, route: str, model: str, status: str, started: float) -> None:
+        self.metrics.requests.labels(route, model, status).inc()
+        self.metrics.latency.labels(route, model).observe(time.perf_counter() - started)
+
+    async def _chat(self, request: Request, body: dict[str, Any]) -> Response:
+        args = protocol.parse_chat(body, self.models)
+        return await self._generate(request, args, "chat.completion", CHAT_FIELDS)
+
+    async def _completions(self, request: Request, body: dict[str, Any]) -> Response:
+        args = protocol.parse_completion(body, self.models)
+        return await self._generate(request, args, "text_completion", COMPLETION_FIELDS)
+
+    async def _generate(self, request: Request, args: protocol.GenerationArgs, kind: str,
+                        fields: dict[str, str]) -> Response:
+        await self._check_ready(args.model)
+        bound = await self._admit(args.model)
+        started = time.perf_counter()
+        assert self.backend is not None
+        pieces = FirstAwareIterator(self.backend.generate(args, fields))
+
+        async def close() -> None:
+            await pieces.aclose()  # cancels the Triton request if it is still running
+            self._leave(args.model, bound)
+
+        handed_over = False
+        try:
+            if not args.stream:
+                result = await until_disconnected(request, _collect(pieces))
+                if result is None:
+                    return Response(status_code=499)  # nobody is listening any more
+                return JSONResponse(_completion_body(kind, args.model, *result))
+            # The first response before the headers: a prompt Triton refuses is still a 400.
+            first = await until_disconnected(request, pieces.next())
+            if first is None:
+                return Response(status_code=499)
+            events = self._sse(kind, args, first, pieces, started)
+            handed_over = True
+            return ClosingStreamingResponse(events, close)
+        finally:
+            if not handed_over:
+                await close()
+
+    async def _sse(self, kind: str, args: protocol.GenerationArgs, first: Piece | None,
+                   pieces: FirstAwareIterator, started: float) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
+        ident, created = _ident(kind), int(time.time())
+        chunk = "chat.completion.chunk" if kind == "chat.completion" else kind
+
+        def event(choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> str:
+            body: dict[str, Any] = {"id": ident, "object": chunk, "created": created,
+                                    "model": args.model,
+                                    "choices": [] if choice is None else [choice]}
+            if args.include_usage:
+                body["usage"] = usage
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        def choice(text: str | None, reason: str | None) -> dict[str, Any]:
+            if kind == "chat.completion":
+                delta = {} if text is None else {"content": text}
+                if text is not None and role_pending:
+                    delta["role"] = "assistant"
+                return {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+            return {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
+
+        role_pending = True
+        last = time.perf_counter()
+        ttft = self.metrics.ttft.labels(args.model)
+        itl = self.metrics.itl.labels(args.model)
+        try:
+            if kind == "chat.completion":
+                yield event(choice("", None))
+                role_pending = False
+            piece = first
+            seen_text = False
+            while piece is not None:
+                now = time.perf_counter()
+                if piece.text:
+                    (itl if seen_text else ttft).observe(
+                        now - (last if seen_text else started))
+                    seen_text, last = True, now
+                    yield event(choice(piece.text, None))
+                if piece.finish_reason is not None:
+                    reason = FINISH_REASONS.get(piece.finish_reason, piece.finish_reason)
+                    yield event(choice(None if kind == "chat.completion" else "", reason))
+                    if args.include_usage:
+                        yield event(None, _usage(piece))
+                    break
+                piece = await pieces.next()
+        except APIError as err:
+            yield f"data: {json.dumps(err.body())}\n\n"
+        finally:
+            await pieces.aclose()
+        yield "data: [DONE]\n\n"
+
+    async def _embeddings(self, _: Request, body: dict[str, Any]) -> Response:
+        args = protocol.parse_embeddings(body, self.models)
+        await self._check_ready(args.model)
+        batch = self.models[args.model].max_batch
+        chunks = [args.texts[i:i + batch] for i in range(0, len(args.texts), batch)]
+        assert self.backend is not None
+        async with self._placed(args.model):
+            results = await asyncio.gather(
+                *(self.backend.embed(args.model, chunk) for chunk in chunks))
+        vectors = np.concatenate([r[0] for r in results]).astype("<f4")
+        tokens = sum(sum(r[1]) for r in results)
+        data = [{"object": "embedding", "index": i,
+                 "embedding": (base64.b64encode(v.tobytes()).decode() if args.base64
+                               else v.tolist())} for i, v in enumerate(vectors)]
+        return JSONResponse({"object": "list", "data": data, "model": args.model,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    async def _search(self, _: Request, body: dict[str, Any]) -> Response:
+        args = protocol.parse_search(body, self.models)
+        await self._check_ready(args.model)
+        assert self.backend is not None
+        async with self._placed(args.model):
+            hits = await self.backend.search(args.model, args.text, args.num_results)
+        return JSONResponse({"object": "list", "model": args.model, "data": [
+            {"id": h.id, "score": h.score, "text": h.text} for h in hits]})
+
+    @asynccontextmanager
+    async def _placed(self, model: str) -> AsyncIterator[None]:
+        bound = await self._admit(model)
+        try:
+            yield
+        finally:
+            self._leave(model, bound)
+
+
+class FirstAwareIterator:
+    """Pieces taken one at a time, so that the first is awaited before any header is sent."""
+
+    def __init__(self, source: AsyncIterator[Piece]) -> None:
+        self.source = source
+
+    async def next(self) -> Piece | None:
+        try:
+            return await self.source.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    async def aclose(self) -> None:
+        close = getattr(self.source, "aclose", None)
+        if close is not None:
+            await close()
+
+
+async def _collect(pieces: FirstAwareIterator) -> tuple[str, Piece]:
+    parts = []
+    while (piece := await pieces.next()) is not None:
+        parts.append(piece.text)
+        if piece.finish_reason is not None:
+            return "".join(parts), piece
+    raise APIError(502, "Triton ended the stream without a final response",
+                   code="upstream_error")
+
+
+async def until_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """``work``'s result, or None (``work`` cancelled) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    return None if task.cancelled() else task.result()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _ident(kind: str) -> str:
+    prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _usage(piece: Piece) -> dict[str, int]:
+    return {"prompt_tokens": piece.prompt_tokens, "completion_tokens": piece.completion_tokens,
+            "total_tokens": piece.prompt_tokens + piece.completion_tokens}
+
+
+def _completion_body(kind: str, model: str, text: str, last: Piece) -> dict[str, Any]:
+    reason = FINISH_REASONS.get(last.finish_reason or "", last.finish_reason)
+    if kind == "chat.completion":
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "finish_reason": reason, "logprobs": None}
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+    return {"id": _ident(kind), "object": kind, "created": int(time.time()), "model": model,
+            "choices": [choice], "usage": _usage(last)}
+
+
+async def _http_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = {404: "no such route; the API is under /v1 (GET /v1/models lists the models)",
+               405: "method not allowed on this route"}.get(exc.status_code, str(exc.detail))
+    return error_response(APIError(exc.status_code, message, code="invalid_route"))
+
+
+async def _server_error(_: Request, exc: Exception) -> Response:
+    log.exception("gateway fault", exc_info=exc)
+    return JSONResponse({"error": {"message": f"internal error: {type(exc).__name__}",
+                                   "type": "server_error", "param": None, "code": None}},
+                        status_code=500)
+
+
+def create_app(config: GatewayConfig, triton_url: str) -> Starlette:
+    """The gateway for ``config``'s models in front of Triton's gRPC endpoint."""
+    gateway = Gateway(config, triton_url)
+    routes = [
+        Route("/v1/models", gateway.list_models, methods=["GET"]),
+        Route("/v1/models/{name:path}", gateway.get_model, methods=["GET"]),
+        Route("/v1/chat/completions", gateway.chat, methods=["POST"]),
+        Route("/v1/completions", gateway.completions, methods=["POST"]),
+        Route("/v1/embeddings", gateway.embeddings, methods=["POST"]),
+        Route("/v1/search", gateway.search, methods=["POST"]),
+        Route("/health/live", gateway.live, methods=["GET"]),
+        Route("/health/ready", gateway.readiness, methods=["GET"]),
+        Route("/metrics", gateway.prometheus, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=gateway.lifespan,
+                    exception_handlers={HTTPException: _http_error, Exception: _server_error})
+    app.state.gateway = gateway
+    return app

@@ -1,0 +1,380 @@
+"""Validating OpenAI request bodies into what Triton needs (pure: no I/O, no framework).
+
+Everything a client can get wrong is caught here, before a request takes an admission
+place or reaches Triton, and answered with a 400 naming the field. Range checks mirror
+the LLM model's own (``tritonop_backend.llm.params``), so that Triton never has to refuse
+a request the gateway let through.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tritonop.gateway.config import ModelEntry
+from tritonop.gateway.errors import APIError, invalid
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+MAX_STOP_STRINGS = 16
+MAX_SEED = 2**64 - 1
+MAX_EMBEDDING_INPUTS = 2048
+ROLES = ("system", "user", "assistant")
+
+# Fields that OpenAI clients send and that change nothing here when left at their neutral
+# value; any other value is refused rather than silently ignored.
+NEUTRAL: dict[str, Callable[[Any], bool]] = {
+    "user": lambda v: v is None or isinstance(v, str),
+    "presence_penalty": lambda v: v in (None, 0),
+    "frequency_penalty": lambda v: v in (None, 0),
+    "logprobs": lambda v: v in (None, False),
+    "top_logprobs": lambda v: v in (None, 0),
+    "logit_bias": lambda v: v is None or v == {},
+    "echo": lambda v: v in (None, False),
+    "best_of": lambda v: v in (None, 1),
+    "suffix": lambda v: v is None,
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "tools": lambda v: v is None or v == [],
+    "tool_choice": lambda v: v in (None, "none"),
+    "parallel_tool_calls": lambda v: v is None or isinstance(v, bool),
+    "service_tier": lambda v: v is None or isinstance(v, str),
+    "store": lambda v: v in (None, False),
+    "metadata": lambda v: v is None or isinstance(v, dict),
+    "dimensions": lambda v: v is None,
+}
+
+
+@dataclass(frozen=True)
+class GenerationArgs:
+    """A validated chat or text completion, as inputs of the LLM model.
+
+    Attributes:
+        prompt: the text input: the messages' JSON for chat, the prompt for completions.
+        prompt_format: ``messages`` (the model templates them) or ``raw``.
+        sampling: optional model inputs by name; absent ones take the resource's defaults.
+        stop: stop strings.
+        stream: answer with server-sent events.
+        include_usage: a last streamed chunk carries ``usage``.
+    """
+
+    model: str
+    prompt: str
+    prompt_format: str
+    sampling: dict[str, int | float]
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+
+
+@dataclass(frozen=True)
+class EmbeddingArgs:
+    model: str
+    texts: list[str]
+    base64: bool
+
+
+@dataclass(frozen=True)
+class SearchArgs:
+    model: str
+    text: str
+    num_results: int
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object; strict about encoding, NaN and nesting.
+
+    Raises:
+        APIError: 413 for a body over :data:`MAX_BODY_BYTES`, 400 for anything not a
+            UTF-8 JSON object.
+    """
+    if len(body) > MAX_BODY_BYTES:
+        raise APIError(413, f"body: {len(body)} bytes is above the limit of "
+                       f"{MAX_BODY_BYTES}", param="body", code="body_too_large")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise invalid("body", f"is not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except APIError:
+        raise
+    except (ValueError, RecursionError) as err:
+        raise invalid("body", f"is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise invalid("body", f"must be a JSON object, got {_kind(value)}")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise invalid("body", f"{name} is not a JSON number")
+
+
+class Fields:
+    """A request body whose fields are taken one by one; leftovers are refused by name."""
+
+    def __init__(self, body: Mapping[str, Any]) -> None:
+        self.body = dict(body)
+        self.taken: set[str] = set()
+
+    def get(self, name: str) -> Any:
+        self.taken.add(name)
+        value = self.body.get(name)
+        return value
+
+    def finish(self) -> None:
+        """Refuse unknown fields, and known ones set to values this server cannot honour."""
+        for name in sorted(self.body):
+            if name in self.taken:
+                continue
+            if name not in NEUTRAL:
+                raise invalid(name, "is not a recognised field")
+            if not NEUTRAL[name](self.body[name]):
+                raise invalid(name, f"is not supported with the value {_short(self.body[name])}")
+
+
+def model_name(fields: Fields, models: Mapping[str, ModelEntry], kind: str,
+               route: str) -> ModelEntry:
+    """The entry of the model the body names; 404 when there is no such model."""
+    name = fields.get("model")
+    if name is None:
+        raise invalid("model", "is required")
+    name = text(name, "model")
+    entry = models.get(name)
+    if entry is None:
+        raise APIError(404, f"model: '{_short(name)}' does not exist; GET /v1/models lists "
+                       "the models", param="model", code="model_not_found")
+    if entry.kind != kind:
+        raise invalid("model", f"'{name}' is not a {kind} model, it does not serve {route}")
+    return entry
+
+
+def parse_chat(body: Mapping[str, Any], models: Mapping[str, ModelEntry]) -> GenerationArgs:
+    """A ``/v1/chat/completions`` body."""
+    fields = Fields(body)
+    entry = model_name(fields, models, "chat", "/v1/chat/completions")
+    messages = fields.get("messages")
+    if messages is None:
+        raise invalid("messages", "is required")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("messages", "must be a non-empty list of messages")
+    turns = [_message(item, index) for index, item in enumerate(messages)]
+    prompt = json.dumps(turns, ensure_ascii=False)
+    args = _generation(fields, entry, prompt, "messages", "max_completion_tokens")
+    fields.finish()
+    return args
+
+
+def parse_completion(body: Mapping[str, Any],
+                     models: Mapping[str, ModelEntry]) -> GenerationArgs:
+    """A ``/v1/completions`` body: one prompt, tokenized as it is."""
+    fields = Fields(body)
+    entry = model_name(fields, models, "chat", "/v1/completions")
+    prompt = fields.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if prompt is None:
+        raise invalid("prompt", "is required")
+    if isinstance(prompt, list):
+        raise invalid("prompt", "must be one string (lists of prompts or of token ids are "
+                      "not supported)")
+    prompt = text(prompt, "prompt")
+    if not prompt.strip():
+        raise invalid("prompt", "must not be empty")
+    args = _generation(fields, entry, prompt, "raw", None)
+    fields.finish()
+    return args
+
+
+def _message(item: Any, index: int) -> dict[str, str]:
+    where = f"messages[{index}]"
+    if not isinstance(item, dict):
+        raise invalid(where, f"must be an object with role and content, got {_kind(item)}")
+    role = item.get("role")
+    if role == "developer":
+        role = "system"
+    if role not in ROLES:
+        raise invalid(f"{where}.role", f"must be one of {', '.join(ROLES)}, got "
+                      f"{_short(role)}")
+    content = item.get("content")
+    if isinstance(content, list):
+        content = _text_parts(content, f"{where}.content")
+    content = text(content, f"{where}.content")
+    for key in item:
+        if key not in ("role", "content", "name"):
+            raise invalid(f"{where}.{_short(key)}", "is not supported")
+    return {"role": role, "content": content}
+
+
+def _text_parts(parts: list[Any], where: str) -> str:
+    """Content given as a list of ``{"type": "text", "text": ...}`` parts, joined."""
+    pieces = []
+    for index, part in enumerate(parts):
+        if not isinstance(part, dict) or part.get("type") != "text":
+            raise invalid(f"{where}[{index}]", "only text parts are supported")
+        pieces.append(text(part.get("text"), f"{where}[{index}].text"))
+    return "".join(pieces)
+
+
+def _generation(fields: Fields, entry: ModelEntry, prompt: str, prompt_format: str,
+                alias: str | None) -> GenerationArgs:
+    sampling: dict[str, int | float] = {}
+    max_tokens = fields.get("max_tokens")
+    if alias is not None:
+        other = fields.get(alias)
+        if max_tokens is not None and other is not None and other != max_tokens:
+            raise invalid(alias, "differs from max_tokens; send one of them")
+        max_tokens = other if other is not None else max_tokens
+    name = alias if alias and fields.body.get(alias) is not None else "max_tokens"
+    if max_tokens is not None:
+        sampling["max_tokens"] = integer(max_tokens, name, 1, entry.max_tokens_limit)
+    checks: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {
+        "temperature": (number, (0.0, 2.0, True)),
+        "top_p": (number, (0.0, 1.0, False)),
+        "top_k": (integer, (0, 1_000_000)),
+        "repetition_penalty": (number, (0.0, 100.0, False)),
+        "repeat_last_n": (integer, (0, 1_000_000)),
+        "seed": (integer, (0, MAX_SEED)),
+    }
+    for key, (check, bounds) in checks.items():
+        value = fields.get(key)
+        if value is not None:
+            sampling[key] = check(value, key, *bounds)
+    n = fields.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise invalid("n", f"only n=1 is supported, got {_short(n)}")
+    stream = fields.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise invalid("stream", f"must be a boolean, got {_kind(stream)}")
+    stream = bool(stream)
+    if stream and not entry.streaming:
+        raise invalid("stream", f"streaming is turned off for model '{entry.name}'")
+    options = fields.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise invalid("stream_options", "is only allowed with stream: true")
+        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+            raise invalid("stream_options", "must be an object with include_usage only")
+        include_usage = options.get("include_usage", False)
+        if not isinstance(include_usage, bool):
+            raise invalid("stream_options.include_usage", "must be a boolean")
+    return GenerationArgs(entry.name, prompt, prompt_format, sampling,
+                          _stop(fields.get("stop")), stream, include_usage)
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = value if isinstance(value, list) else [value]
+    if len(items) > MAX_STOP_STRINGS:
+        raise invalid("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(items)}")
+    stops = tuple(text(item, "stop") for item in items)
+    if any(stop == "" for stop in stops):
+        raise invalid("stop", "stop strings must not be empty")
+    return stops
+
+
+def parse_embeddings(body: Mapping[str, Any],
+                     models: Mapping[str, ModelEntry]) -> EmbeddingArgs:
+    """A ``/v1/embeddings`` body: ``input`` a string or a list of strings."""
+    fields = Fields(body)
+    entry = model_name(fields, models, "embedding", "/v1/embeddings")
+    value = fields.get("input")
+    if value is None:
+        raise invalid("input", "is required")
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise invalid("input", "must not be an empty list")
+    if len(items) > MAX_EMBEDDING_INPUTS:
+        raise invalid("input", f"at most {MAX_EMBEDDING_INPUTS} texts, got {len(items)}")
+    texts = []
+    for index, item in enumerate(items):
+        where = f"input[{index}]" if isinstance(value, list) else "input"
+        if isinstance(item, (int, list)) and not isinstance(item, bool):
+            raise invalid(where, "token ids are not supported; send text")
+        texts.append(text(item, where))
+    encoding = fields.get("encoding_format")
+    if encoding not in (None, "float", "base64"):
+        raise invalid("encoding_format", f"must be float or base64, got {_short(encoding)}")
+    fields.finish()
+    return EmbeddingArgs(entry.name, texts, encoding == "base64")
+
+
+def parse_search(body: Mapping[str, Any], models: Mapping[str, ModelEntry]) -> SearchArgs:
+    """A ``/v1/search`` body: ``text`` (or ``query``) and ``num_results`` (or ``top_k``)."""
+    fields = Fields(body)
+    entry = model_name(fields, models, "embedding", "/v1/search")
+    query = _alias(fields, "text", "query")
+    if query is None:
+        raise invalid("text", "is required (or query)")
+    name = "text" if fields.body.get("text") is not None else "query"
+    query = text(query, name)
+    if not query.strip():
+        raise invalid(name, "must not be empty")
+    count = _alias(fields, "num_results", "top_k")
+    count_name = "num_results" if fields.body.get("num_results") is not None else "top_k"
+    num_results = (entry.default_top_k if count is None
+                   else integer(count, count_name, 1, entry.max_top_k))
+    fields.finish()
+    return SearchArgs(entry.name, query, num_results)
+
+
+def _alias(fields: Fields, name: str, alias: str) -> Any:
+    first, second = fields.get(name), fields.get(alias)
+    if first is not None and second is not None:
+        raise invalid(alias, f"is another name for {name}; send one of them")
+    return first if first is not None else second
+
+
+def text(value: Any, name: str) -> str:
+    """A string that encodes to UTF-8 (JSON may carry unpaired surrogates)."""
+    if not isinstance(value, str):
+        raise invalid(name, f"must be a string, got {_kind(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid(name, "contains an unpaired surrogate (not valid Unicode)") from None
+    return value
+
+
+def integer(value: Any, name: str, low: int, high: int) -> int:
+    """An integer (or an integral float, JSON having one number type) within bounds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise invalid(name, f"must be an integer, got {_kind(value)}")
+    if isinstance(value, float):
+        if not (math.isfinite(value) and value.is_integer()):
+            raise invalid(name, f"must be an integer, got {_short(value)}")
+        value = int(value)
+    if not low <= value <= high:
+        raise invalid(name, f"must lie in [{low}, {high}], got {_short(value)}")
+    return value
+
+
+def number(value: Any, name: str, low: float, high: float, low_included: bool) -> float:
+    """A finite number within ``[low, high]`` (or ``(low, high]``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise invalid(name, f"must be a number, got {_kind(value)}")
+    number_ = float(value)
+    above = number_ >= low if low_included else number_ > low
+    if not (math.isfinite(number_) and above and number_ <= high):
+        bracket = "[" if low_included else "("
+        raise invalid(name, f"must lie in {bracket}{low:g}, {high:g}], got {_short(value)}")
+    return number_
+
+
+def _kind(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A value quoted for an error message, cut so that a huge body gives a short answer."""
+    shown = repr(value) if not isinstance(value, str) else value
+    try:
+        shown.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = shown.encode("utf-8", "backslashreplace").decode("utf-8")
+    return shown if len(shown) <= limit else shown[:limit] + "..."
