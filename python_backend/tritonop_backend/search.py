@@ -20,7 +20,23 @@ from tritonop_backend.artifacts import (
     ArtifactError,
     IndexManifest,
 )
+from tritonop_backend.errors import RequestError
 from tritonop_backend.pooling import l2_normalize
+
+
+def check_finite(queries: np.ndarray, field: str = "embedding") -> None:
+    """Refuse query vectors holding NaN or infinity.
+
+    Their cosine with every corpus row is NaN, so the search would return arbitrary ids
+    with NaN scores; a client that sends its own embeddings must hear that instead.
+
+    Raises:
+        RequestError: naming the first such row.
+    """
+    finite = np.isfinite(queries).all(axis=tuple(range(1, queries.ndim)))
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise RequestError(field, f"row {row} holds NaN or infinite values")
 
 
 @dataclass(frozen=True)

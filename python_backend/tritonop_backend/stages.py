@@ -22,7 +22,7 @@ from tritonop_backend.batching import pad_and_stack, split_rows
 from tritonop_backend.encoder import encode_ragged, load_encoder
 from tritonop_backend.errors import RequestError
 from tritonop_backend.pooling import POOLING_MODES, l2_normalize, pool
-from tritonop_backend.search import CorpusIndex, load_index
+from tritonop_backend.search import CorpusIndex, check_finite, load_index
 from tritonop_backend.text import decode_texts
 from tritonop_backend.tokenizer import TextTokenizer
 
@@ -191,6 +191,7 @@ class SearchStage:
         if embeddings.ndim != 2 or embeddings.shape[1] != self.index.dimension:
             raise RequestError("embedding", f"expected [rows, {self.index.dimension}], "
                                f"got {list(embeddings.shape)}")
+        check_finite(embeddings)
         return _Query(embeddings, self._top_k(inputs.get("num_results"), len(embeddings)))
 
     def _top_k(self, requested: np.ndarray | None, rows: int) -> int:

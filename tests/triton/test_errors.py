@@ -102,3 +102,20 @@ def test_bad_requests_do_not_fail_their_batch_mates(triton):
             assert status == 200 and len(answer["ids"]) == 3, answer
         else:
             assert status == 400 and "empty or only whitespace" in answer["error"]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
+def test_nan_or_infinite_embedding_sent_to_the_search_model_is_a_400(triton, bad):
+    client = httpclient.InferenceServerClient(triton.server.http_url)
+    vector = np.full((1, 384), 0.05, np.float32)
+    vector[0, 3] = bad
+    embedding = httpclient.InferInput("embedding", [1, 384], "FP32")
+    embedding.set_data_from_numpy(vector)
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("ts_search", [embedding])
+    assert err.value.status() == "400"
+    assert "embedding: row 0 holds NaN or infinite values" in err.value.message()
+    vector[0, 3] = 0.05
+    embedding.set_data_from_numpy(vector)
+    assert client.infer("ts_search", [embedding]).as_numpy("ids").shape == (1, 10)
+    assert_still_serving(triton)

@@ -92,6 +92,20 @@ def test_decode_texts_strips_and_keeps_unicode():
     assert decode_texts(["  Zürich ".encode(), "北京"]) == ["Zürich", "北京"]
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_infinite_embeddings_are_refused_alone(index, bad):
+    stage = SearchStage.from_index(index, default_k=3, max_k=10)
+    good = rng.standard_normal((3, 48)).astype(np.float32)
+    broken = good.copy()
+    broken[2, 7] = bad
+    results = stage.run([{"embedding": broken, "num_results": None},
+                         {"embedding": good, "num_results": None}])
+    assert isinstance(results[0], RequestError)
+    assert str(results[0]) == "embedding: row 2 holds NaN or infinite values"
+    np.testing.assert_array_equal(results[1]["ids"][2],
+                                  brute_force_top_k(index.embeddings, good[2], 3))
+
+
 def test_bad_request_does_not_fail_its_batch_mates(index):
     stage = SearchStage.from_index(index, default_k=3, max_k=10)
     good = rng.standard_normal((2, 48)).astype(np.float32)
