@@ -43,6 +43,7 @@ on the host's root, since the containers share it.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import itertools
 import os
@@ -455,6 +456,7 @@ class PodRunner:
     def start(self, init_timeout: float = 1800) -> PodRunner:
         """Lay out the volumes, run the init containers to completion, start the rest."""
         self.started_at = time.monotonic()
+        atexit.register(self.stop)  # a test run that is killed still cleans up
         try:
             self._make_volumes()
             self._make_network()
@@ -673,19 +675,39 @@ class PodRunner:
             self._kill(container, grace)
         for monitor in self._monitors:
             monitor.join(timeout=5)
-        # Anything left in the namespace (a process that left its group) goes too.
-        pids = subprocess.run(["ip", "netns", "pids", self.netns], capture_output=True,
-                              text=True, check=False).stdout.split()
-        for pid in pids:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        # Wait for every process in the namespace to be gone (children of the main
+        # process die of the group's signal, asynchronously); SIGKILL what lingers, such
+        # as a process that left the group.
+        deadline = time.monotonic() + 5
+        while pids := self._pids():
+            if time.monotonic() > deadline - 3:
+                for pid in pids:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         subprocess.run(["ip", "netns", "delete", self.netns], capture_output=True, check=False)
         subprocess.run(["ip", "link", "delete", self._host_if], capture_output=True, check=False)
         for folder in self._tmpfs:
             subprocess.run(["umount", "-l", str(folder)], capture_output=True, check=False)
         self._tmpfs.clear()
+
+    def _pids(self) -> list[int]:
+        """Live processes in the pod's network namespace (zombies excluded)."""
+        found = subprocess.run(["ip", "netns", "pids", self.netns], capture_output=True,
+                               text=True, check=False).stdout.split()
+        alive = []
+        for pid in found:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state != "Z":
+                alive.append(int(pid))
+        return alive
 
     def __enter__(self) -> PodRunner:
         return self.start()
