@@ -27,7 +27,8 @@ def test_serve_answers_the_seed_request_and_stops_cleanly(tmp_path, exported):
     http = free_port()
     command = [sys.executable, "-m", "tritonop.cli", "serve", str(tmp_path / "search.yaml"),
                "--artifacts-root", str(tmp_path / "artifacts"), "--http-port", str(http),
-               "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+               "--grpc-port", str(free_port()), "--metrics-port", str(free_port()),
+               "--openai-port", str(free_port())]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
