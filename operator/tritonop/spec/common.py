@@ -31,10 +31,22 @@ class StageSettings(SpecModel):
 
 
 class ResourceRequirements(SpecModel):
-    """Kubernetes container resources, passed through to the Triton container."""
+    """Kubernetes container resources of the Triton container.
 
-    requests: dict[str, Union[str, int]] = Field(default_factory=dict)
-    limits: dict[str, Union[str, int]] = Field(default_factory=dict)
+    Requests default to ``cpu: 1`` and ``memory: 2Gi`` (an LLMService ``4Gi``): a pod
+    without requests is BestEffort, evicted first, and invisible to a CPU autoscaler.
+    A key given here replaces that default; the others stay.
+    """
+
+    requests: dict[str, Union[str, int]] = Field(
+        default_factory=dict,
+        description="Requests; cpu and memory default to 1 and 2Gi (LLMService: 4Gi).",
+    )
+    limits: dict[str, Union[str, int]] = Field(
+        default_factory=dict,
+        description="Limits; nvidia.com/gpu is added for GPU models. threads: auto and "
+        "prepare size their thread pools by the CPU limit.",
+    )
 
 
 class PersistentVolumeClaimVolume(SpecModel):
