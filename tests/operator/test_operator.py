@@ -126,7 +126,7 @@ async def test_llm_service_gets_a_gpu_deployment(kube, kubeconfig):
         deployment = live(kube, DEPLOYMENT, "chat-triton")
         config = live(kube, CONFIG_MAP, "chat-triton")
 
-    [triton] = deployment["spec"]["template"]["spec"]["containers"]
+    triton = deployment["spec"]["template"]["spec"]["containers"][0]
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "decoupled: true" in config["data"]["chat__config.pbtxt"]
     assert 'string_value: "bfloat16"' in config["data"]["chat__config.pbtxt"]

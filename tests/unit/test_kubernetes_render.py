@@ -104,7 +104,7 @@ def test_pods_meet_the_restricted_pod_security_standard(name):
 def test_triton_container_probes_ports_and_scrape_annotations():
     deployment = by_kind(render_children(SPREAD["defaults"]))["Deployment"]
     template = deployment["spec"]["template"]
-    [triton] = template["spec"]["containers"]
+    triton, _gateway = template["spec"]["containers"]
     assert {p["name"]: p["containerPort"] for p in triton["ports"]} == {
         "http": 8000, "grpc": 8001, "metrics": 8002}
     assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
@@ -122,7 +122,7 @@ def test_triton_container_probes_ports_and_scrape_annotations():
 
 def test_gpu_llm_requests_gpus_and_uses_the_image_given():
     children = by_kind(render_children(SPREAD["llm-gpu"]))
-    [triton] = children["Deployment"]["spec"]["template"]["spec"]["containers"]
+    triton = children["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == 2
     assert triton["image"] == "registry.local/triton:custom"
     assert "KIND_GPU" in children["ConfigMap"]["data"]["r__config.pbtxt"]
@@ -183,8 +183,8 @@ def test_config_hash_follows_the_model_repository_not_the_replica_count():
 
 
 def test_cache_size_reaches_the_server_flags():
-    [triton] = by_kind(render_children(SPREAD["cache-gpu"]))["Deployment"]["spec"]["template"][
-        "spec"]["containers"]
+    triton = by_kind(render_children(SPREAD["cache-gpu"]))["Deployment"]["spec"]["template"][
+        "spec"]["containers"][0]
     assert f"--cache-config=local,size={1 << 30}" in triton["args"]
 
 

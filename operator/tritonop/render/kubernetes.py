@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from tritonop import API_GROUP, __version__
+from tritonop.gateway.config import gateway_config, openai_enabled
 from tritonop.render.repository import render_repository
 from tritonop.resources import Resource
 from tritonop.spec import EmbeddingSearchSpec, LLMServiceSpec, quantity_bytes
@@ -23,6 +24,9 @@ from tritonop.spec.common import DeploymentSpec
 Manifest = dict[str, Any]
 
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
+OPENAI_PORT = 8080
+GATEWAY_FILE = "gateway.json"
+GATEWAY_REQUESTS = {"cpu": "250m", "memory": "256Mi"}
 REPOSITORY_PATH = "/models"
 ARTIFACTS_PATH = "/artifacts"
 CONFIG_HASH_ANNOTATION = f"{API_GROUP}/config-hash"
@@ -108,6 +112,8 @@ def config_map(resource: Resource) -> Manifest:
     files = render_repository([resource], ARTIFACTS_PATH)
     data = {config_key(path): content.decode() for path, content in sorted(files.items())}
     data[RESOURCE_FILE] = resource_document(resource)
+    if openai_enabled(resource):
+        data[GATEWAY_FILE] = gateway_config([resource]).to_json()
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": _metadata(resource, names(resource)["config"]), "data": data}
 
@@ -124,10 +130,15 @@ def service_account(resource: Resource) -> Manifest:
             "automountServiceAccountToken": False}
 
 
+def _ports(resource: Resource) -> list[tuple[str, int]]:
+    """Named ports of a Triton pod: Triton's three, and the gateway's when it runs."""
+    ports = [("http", HTTP_PORT), ("grpc", GRPC_PORT), ("metrics", METRICS_PORT)]
+    return [*ports, ("openai", OPENAI_PORT)] if openai_enabled(resource) else ports
+
+
 def service(resource: Resource) -> Manifest:
     ports = [{"name": name, "port": port, "targetPort": name, "protocol": "TCP"}
-             for name, port in (("http", HTTP_PORT), ("grpc", GRPC_PORT),
-                                ("metrics", METRICS_PORT))]
+             for name, port in _ports(resource)]
     return {"apiVersion": "v1", "kind": "Service",
             "metadata": _metadata(resource, names(resource)["service"]),
             "spec": {"type": "ClusterIP", "selector": selector_labels(resource), "ports": ports}}
@@ -245,6 +256,31 @@ def _triton_container(resource: Resource, config: Manifest, images: Images) -> M
     }
 
 
+def _gateway_container(resource: Resource, images: Images) -> Manifest:
+    """The OpenAI-compatible gateway beside Triton, reaching it over gRPC on localhost.
+
+    Its readiness follows Triton's (``/health/ready`` asks Triton), so a pod whose models
+    are loading gets no OpenAI traffic; liveness checks only the gateway's own loop.
+    """
+    return {
+        "name": "gateway",
+        "image": images.operator,
+        "command": ["tritonop"],
+        "args": ["gateway", "--config", f"/config/{GATEWAY_FILE}",
+                 "--triton", f"localhost:{GRPC_PORT}", "--port", str(OPENAI_PORT)],
+        "ports": [{"name": "openai", "containerPort": OPENAI_PORT, "protocol": "TCP"}],
+        "env": [{"name": "HOME", "value": TMP_PATH}],
+        "readinessProbe": {"httpGet": {"path": "/health/ready", "port": "openai"},
+                           "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {"httpGet": {"path": "/health/live", "port": "openai"},
+                          "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6},
+        "resources": {"requests": dict(GATEWAY_REQUESTS)},
+        "securityContext": _RESTRICTED,
+        "volumeMounts": [{"name": "model-repository", "mountPath": "/config", "readOnly": True},
+                         {"name": "tmp", "mountPath": TMP_PATH}],
+    }
+
+
 def _prepare_container(resource: Resource, images: Images) -> Manifest:
     artifacts = resource.spec.artifacts
     return {
@@ -295,8 +331,10 @@ def _artifacts_volume(resource: Resource) -> Manifest:
 
 def _volumes(resource: Resource, config: Manifest) -> list[Manifest]:
     items = [{"key": key, "path": key.replace("__", "/")} for key in sorted(config["data"])
-             if key != RESOURCE_FILE]
+             if key not in (RESOURCE_FILE, GATEWAY_FILE)]
     items.append({"key": RESOURCE_FILE, "path": RESOURCE_FILE})
+    if GATEWAY_FILE in config["data"]:
+        items.append({"key": GATEWAY_FILE, "path": GATEWAY_FILE})
     return [
         {"name": "model-repository",
          "configMap": {"name": config["metadata"]["name"], "items": items}},
@@ -318,6 +356,8 @@ def deployment(resource: Resource, config: Manifest, images: Images) -> Manifest
         "volumes": _volumes(resource, config),
         "terminationGracePeriodSeconds": 60,
     }
+    if openai_enabled(resource):
+        pod_spec["containers"].append(_gateway_container(resource, images))
     if spec.artifacts.prepare:
         pod_spec["initContainers"] = [_prepare_container(resource, images)]
     if spec.node_selector:
@@ -372,7 +412,7 @@ def horizontal_pod_autoscaler(resource: Resource) -> Manifest:
 
 def network_policy(resource: Resource) -> Manifest:
     peers = [dict(p) for p in resource.spec.network_policy.from_] or [{"podSelector": {}}]
-    ports = [{"protocol": "TCP", "port": port} for port in (HTTP_PORT, GRPC_PORT, METRICS_PORT)]
+    ports = [{"protocol": "TCP", "port": port} for _, port in _ports(resource)]
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": _metadata(resource, names(resource)["policy"]),
             "spec": {"podSelector": {"matchLabels": selector_labels(resource)},
