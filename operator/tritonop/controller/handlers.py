@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
+import urllib3.exceptions
+from kubernetes.client.exceptions import ApiException
 
 from tritonop import API_GROUP, API_VERSION
 from tritonop.controller import kube as kube_api
@@ -133,6 +135,10 @@ def _run(live_body: Mapping[str, Any], *, resync: bool, retry: int) -> None:
             return
         except RetryLater as err:
             raise kopf.TemporaryError(str(err), delay=retry_delay(retry, err.delay)) from None
+        except (ApiException, urllib3.exceptions.HTTPError) as err:
+            # A read failed or timed out: nothing was refused, so try again, backing off.
+            raise kopf.TemporaryError(f"API request failed: {err}",
+                                      delay=retry_delay(retry)) from None
         _objects.record(uid, generation)
         publish(kube, body, before, after)
 
