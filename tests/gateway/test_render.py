@@ -51,3 +51,16 @@ def test_openai_disabled_renders_no_gateway():
     assert "openai" not in {p["name"] for p in rendered["Service"]["spec"]["ports"]}
     policy_ports = {p["port"] for p in rendered["NetworkPolicy"]["spec"]["ingress"][0]["ports"]}
     assert 8080 not in policy_ports
+
+
+def test_hpa_scales_on_gateway_requests_in_flight_or_leaves_scaling_to_keda():
+    scaling = {"minReplicas": 2, "maxReplicas": 6, "targetRequestsInFlight": 12}
+    rendered = children(autoscaling=scaling)
+    metrics = rendered["HorizontalPodAutoscaler"]["spec"]["metrics"]
+    assert {"type": "Pods", "pods": {
+        "metric": {"name": "tritonop_gateway_requests_in_flight"},
+        "target": {"type": "AverageValue", "averageValue": "12"}}} in metrics
+    external = children(autoscaling={**scaling, "external": True})
+    assert "HorizontalPodAutoscaler" not in external
+    assert "replicas" not in external["Deployment"]["spec"]
+    assert "PodDisruptionBudget" in external

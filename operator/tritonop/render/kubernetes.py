@@ -402,6 +402,12 @@ def horizontal_pod_autoscaler(resource: Resource) -> Manifest:
             "target": {"type": "AverageValue",
                        "averageValue": str(scaling.target_queue_time_microseconds)},
         }})
+    if scaling.target_requests_in_flight:
+        metrics.append({"type": "Pods", "pods": {
+            "metric": {"name": "tritonop_gateway_requests_in_flight"},
+            "target": {"type": "AverageValue",
+                       "averageValue": str(scaling.target_requests_in_flight)},
+        }})
     return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
             "metadata": _metadata(resource, names(resource)["autoscaler"]),
             "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment",
@@ -432,7 +438,7 @@ def render_children(resource: Resource, images: Images = Images()) -> list[Manif
                 deployment(resource, config, images)]
     if wants_budget(resource):
         children.append(pod_disruption_budget(resource))
-    if resource.spec.autoscaling is not None:
+    if resource.spec.autoscaling is not None and not resource.spec.autoscaling.external:
         children.append(horizontal_pod_autoscaler(resource))
     if resource.spec.network_policy.enabled:
         children.append(network_policy(resource))

@@ -121,6 +121,16 @@ class AutoscalingSpec(SpecModel):
     max_replicas: int = Field(..., ge=1, le=1000)
     target_cpu_utilization_percentage: int = Field(70, ge=1, le=100)
     target_queue_time_microseconds: Optional[int] = Field(None, ge=1)
+    target_requests_in_flight: Optional[int] = Field(
+        None, ge=1,
+        description="Average gateway requests in flight per pod "
+        "(tritonop_gateway_requests_in_flight, through a Prometheus adapter).",
+    )
+    external: bool = Field(
+        False,
+        description="Another controller scales the Deployment (a KEDA ScaledObject): no HPA "
+        "is rendered and the replica count is left to it.",
+    )
 
     @model_validator(mode="after")
     def _min_le_max(self) -> AutoscalingSpec:
