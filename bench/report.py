@@ -694,8 +694,32 @@ def stage_table(stages: dict[str, dict[str, Any]]) -> list[str]:
                   for n, b in sorted(stages.items())])
 
 
+def section_s6(result: dict[str, Any], img: Path) -> list[str]:
+    """The gateway against Triton direct: the same client, the same queries, taking turns."""
+    rows = []
+    for name, run in result["single"].items():
+        lat = run["latency_ms"] or {}
+        rows.append([name, fmt(lat.get("p50")), fmt(lat.get("p90")), fmt(lat.get("p99"))])
+    lines = [f"Client: {result['client']}; top {result['num_results']}.", "",
+             "One query at a time:", ""]
+    lines += table(["endpoint", "p50 ms", "p90 ms", "p99 ms"], rows)
+    series = result["series"]
+    levels = sorted({int(c) for points in series.values() for c in points})
+    lines += ["Closed loop, queries/s (p50 / p99 ms):", ""]
+    lines += table(["endpoint", *(f"c={c}" for c in levels)], [
+        [name, *(f"{points[str(c)]['throughput_qps']:.1f} "
+                 f"({fmt((points[str(c)]['latency_ms'] or {}).get('p50'))} / "
+                 f"{fmt((points[str(c)]['latency_ms'] or {}).get('p99'))})" for c in levels)]
+        for name, points in series.items()])
+    statuses = result.get("gateway_metrics", {}).get("requests_by_status", {})
+    if statuses:
+        lines += ["The gateway's own count of answers by status: "
+                  + ", ".join(f"{k}: {v:g}" for k, v in sorted(statuses.items())) + ".", ""]
+    return lines
+
+
 SECTIONS = {"S1": section_s1, "S2": section_s2, "S3": section_s3, "S4": section_s4,
-            "S5": section_s5}
+            "S5": section_s5, "S6": section_s6}
 
 
 def settings_line(result: dict[str, Any], run: dict[str, Any]) -> str:

@@ -67,13 +67,13 @@ def test_results_file_describes_the_machine_and_run(quick_run):
     assert machine["packages"]["torch"] and machine["packages"]["numpy"]
     assert "commit" in machine["git"]
     assert body["settings"]["cache"]["enabled"] is False
-    assert set(body["scenarios"]) == {"S1", "S2", "S3", "S4", "S5"}
+    assert set(body["scenarios"]) == {"S1", "S2", "S3", "S4", "S5", "S6"}
     assert body["llm_example"] == "examples/chat.yaml"
 
 
 def test_every_target_has_a_figure_and_a_verdict(quick_run):
     body, _ = quick_run
-    for key in ("S1", "S2", "S3", "S4", "S5"):
+    for key in ("S1", "S2", "S3", "S4", "S5", "S6"):
         targets = body["scenarios"][key]["targets"]
         assert targets, key
         for target in targets:
@@ -117,6 +117,18 @@ def test_s5_accounts_for_every_request(quick_run):
     assert overload["offered_rate_qps"] > 0
 
 
+def test_s6_measures_the_gateway_against_triton_direct(quick_run):
+    s6 = quick_run[0]["scenarios"]["S6"]
+    assert set(s6["single"]) == set(s6["series"]) == {"triton", "gateway"}
+    for summary in s6["single"].values():
+        assert set(summary["statuses"]) == {"200"}
+        check_latency(summary["latency_ms"])
+    for points in s6["series"].values():
+        assert all(set(p["statuses"]) == {"200"} for p in points.values())
+    assert set(s6["gateway_metrics"]["requests_by_status"]) == {"200"}
+    assert [t["id"] for t in s6["targets"]] == ["S6.p50_ratio", "S6.throughput_ratio"]
+
+
 def test_s4_streams_tokens_at_every_level_against_generate(quick_run):
     body = quick_run[0]
     s4 = body["scenarios"]["S4"]
@@ -145,7 +157,7 @@ def test_s4_streams_tokens_at_every_level_against_generate(quick_run):
 def test_report_page_and_plots_are_written(quick_run):
     _, docs = quick_run
     page = (docs / "benchmarks.md").read_text()
-    for key in ("S1", "S2", "S3", "S4", "S5"):
+    for key in ("S1", "S2", "S3", "S4", "S5", "S6"):
         assert f"## {key}:" in page
     assert "PASS" in page or "MISS" in page
     for image in ("s1_latency.png", "s2_throughput.png", "s2_latency.png", "s3_search.png",

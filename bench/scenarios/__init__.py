@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.context import Context
-from bench.scenarios import s1, s2, s3, s4, s5
+from bench.scenarios import s1, s2, s3, s4, s5, s6
 
 
 @dataclass(frozen=True)
@@ -40,4 +40,8 @@ SCENARIOS: dict[str, Scenario] = {s.key: s for s in (
     Scenario("S5", "overload",
              "3x measured capacity offered against a bounded queue: 503 answer time, "
              "accepted latency, lost requests", s5.run),
+    Scenario("S6", "gateway overhead",
+             "search through the OpenAI-compatible gateway (/v1/search) against Triton "
+             "direct (HTTP generate), same run: single-query p50 and peak throughput at "
+             "concurrency 4, 16, 64", s6.run),
 )}
