@@ -9,13 +9,14 @@ runs as a local process with that Deployment's command, environment and ServiceA
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.cluster import ROOT, ControlPlane, Operator, build_binaries
+from tests.support.cluster import ROOT, ControlPlane, Operator, build_binaries, wait_for
 
 NAMESPACE = "tritonop-test"
 UNREADY_NAMESPACE = "tritonop-unready"  # kwok never makes pods here ready (kwok-stages.yaml)
@@ -50,6 +51,27 @@ def install(cluster: ControlPlane) -> None:
     cluster.kubectl("scale", "deployment/tritonop", "-n", "tritonop-system", "--replicas=0")
     cluster.create_namespace(NAMESPACE)
     cluster.create_namespace(UNREADY_NAMESPACE)
+    wait_owner_references(cluster)
+
+
+def wait_owner_references(cluster: ControlPlane, timeout: float = 90) -> None:
+    """Wait until admission can resolve owner references to the new kinds.
+
+    OwnerReferencesPermissionEnforcement looks an owner's kind up in kube-apiserver's
+    discovery RESTMapper, which is refreshed every 30 s: until then, a child with
+    blockOwnerDeletion pointing at a just-installed kind gets a 403 ("cannot find RESTMapping").
+    test_crds_installed_after_the_operator_started covers that window; the others start after.
+    """
+    for kind in ("EmbeddingSearch", "LLMService"):
+        probe = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
+            "name": "owner-probe", "namespace": NAMESPACE, "ownerReferences": [{
+                "apiVersion": "serving.tritonop.dev/v1alpha1", "kind": kind, "name": "probe",
+                "uid": "00000000-0000-0000-0000-000000000000", "blockOwnerDeletion": True}]}}
+        # As the operator: the plugin skips the lookup for users who may finalize anything.
+        wait_for(lambda probe=probe: cluster.kubectl(
+            "create", "--dry-run=server", "-f", "-", "--as=system:serviceaccount:"
+            "tritonop-system:tritonop", input=json.dumps(probe), check=False).returncode == 0,
+            timeout, f"admission to resolve {kind} owners", interval=1)
 
 
 @pytest.fixture(scope="session")
