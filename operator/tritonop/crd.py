@@ -83,8 +83,18 @@ def to_structural(node: Schema, defs: dict[str, Schema]) -> Schema:
     if kind == "object":
         _object(node, defs, out)
     if "default" in node and node["default"] is not None:
-        out["default"] = _minimal_default(node["default"], out)
+        # The API server checks an object's CEL rules against its default as written,
+        # before the fields' own defaults fill it in: such a default must be complete.
+        out["default"] = _without_nulls(node["default"]) if "x-kubernetes-validations" in out \
+            else _minimal_default(node["default"], out)
     return out
+
+
+def _without_nulls(value: Any) -> Any:
+    """A default without ``None`` values, which a structural schema cannot hold."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    return value
 
 
 def _object(node: Schema, defs: dict[str, Schema], out: Schema) -> None:
