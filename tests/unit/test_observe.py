@@ -89,3 +89,30 @@ def test_invalid_spec_keeps_other_conditions_and_says_what_to_fix():
 
 def test_scaled_to_zero_is_pending_not_ready():
     assert status(Observed(1, 0, deployment(0, 0))).phase == "Pending"
+
+
+def pod(started: bool, ready: bool = False) -> dict:
+    conditions = [] if ready else [{
+        "type": "Ready", "status": "False", "reason": "ContainersNotReady",
+        "message": "containers with unready status: [triton]"}]
+    return {"metadata": {"name": "news-triton-abc"},
+            "status": {"conditions": conditions, "containerStatuses": [
+                {"name": "triton", "started": started, "ready": ready}]}}
+
+
+def test_a_started_pod_failing_readiness_is_degraded_naming_its_condition():
+    result = status(Observed(1, 1, deployment(1, 0), [pod(started=True)]))
+    assert result.phase == "Degraded"
+    assert "pod news-triton-abc: ContainersNotReady: containers with unready status: [triton]" \
+        in result.message
+    assert conditions(result)["Available"] == ("False", "NotAllReplicasReady")
+
+
+def test_a_pod_still_starting_is_pending():
+    assert status(Observed(1, 1, deployment(1, 0), [pod(started=False)])).phase == "Pending"
+
+
+def test_losing_a_pod_names_the_pod_and_its_condition():
+    ready = status(Observed(1, 2, deployment(2, 2)))
+    degraded = status(Observed(1, 2, deployment(2, 1), [pod(started=True)]), ready)
+    assert degraded.message.startswith("only 1/2 Triton pods report ready; pod news-triton-abc")

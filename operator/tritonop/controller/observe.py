@@ -51,6 +51,26 @@ def _prepare_state(pods: list[Obj]) -> tuple[ConditionStatus, str, str]:
     return "Unknown", "Preparing", "waiting for a pod to prepare or mount the artifacts"
 
 
+def _unready_pod(pods: list[Obj]) -> str | None:
+    """A pod whose Triton started but fails its readiness probe, as its kubelet says.
+
+    ``started`` turns true once the startup probe (Triton loaded every model) passed; a
+    container that is started and still not ready is failing its readiness probe, not
+    loading. Returns the pod's name and its Ready condition's reason and message.
+    """
+    for pod in pods:
+        statuses = (pod.get("status") or {}).get("containerStatuses") or []
+        if not any(s.get("started") and not s.get("ready") for s in statuses):
+            continue
+        ready = next((c for c in (pod.get("status") or {}).get("conditions") or []
+                      if c.get("type") == "Ready"), {})
+        name = (pod.get("metadata") or {}).get("name", "?")
+        detail = ": ".join(str(part) for part in (ready.get("reason"), ready.get("message"))
+                           if part)
+        return f"pod {name}: {detail or 'not ready'}"
+    return None
+
+
 def _condition(previous: list[Condition], kind: str, status: ConditionStatus, reason: str,
                message: str, generation: int, now: str) -> Condition:
     """A condition whose transition time only moves when its status changes."""
@@ -108,8 +128,10 @@ def observed_status(
         was_serving = previous.phase in ("Ready", "Degraded", "Progressing")
         phase = "Progressing" if was_serving else "Pending"
         message = f"rolling out: {updated}/{desired} pods updated, {ready} ready"
-    elif previous.phase in ("Ready", "Degraded", "Progressing"):
+    elif previous.phase in ("Ready", "Degraded", "Progressing") or _unready_pod(observed.pods):
         phase, message = "Degraded", f"only {ready}/{desired} Triton pods report ready"
+        if unready := _unready_pod(observed.pods):
+            message = f"{message}; {unready}"
     else:
         phase, message = "Pending", f"waiting for Triton: {ready}/{desired} pods ready"
 
