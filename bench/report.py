@@ -718,8 +718,27 @@ def section_s6(result: dict[str, Any], img: Path) -> list[str]:
     return lines
 
 
+def section_s7(result: dict[str, Any], img: Path) -> list[str]:
+    """S5's phases through the gateway, as a table."""
+    rows = []
+    for name, phase in result["phases"].items():
+        lat = phase["latency_ms"] or {}
+        rejected = phase.get("reject_latency_ms") or {}
+        rows.append([name, phase["requests"], f"{phase['throughput_qps']:.1f}",
+                     fmt(lat.get("p50")), fmt(lat.get("p99")), fmt(rejected.get("p99")),
+                     json.dumps(phase["statuses"])])
+    lines = [f"Admission bound `{json.dumps(result['admission'])}` in the gateway; Triton's "
+             f"queues as in the example. Overload offered "
+             f"{result['overload_factor']:g}x the capacity; 429s are counted as refusals "
+             f"(shown as 503). Accepted {result['accepted']}, refused {result['rejected']}, "
+             f"lost {result['lost']}.", ""]
+    lines += table(["phase", "requests", "q/s", "p50 ms", "p99 ms", "refusal p99 ms",
+                    "statuses"], rows)
+    return lines
+
+
 SECTIONS = {"S1": section_s1, "S2": section_s2, "S3": section_s3, "S4": section_s4,
-            "S5": section_s5, "S6": section_s6}
+            "S5": section_s5, "S6": section_s6, "S7": section_s7}
 
 
 def settings_line(result: dict[str, Any], run: dict[str, Any]) -> str:

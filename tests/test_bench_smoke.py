@@ -67,13 +67,13 @@ def test_results_file_describes_the_machine_and_run(quick_run):
     assert machine["packages"]["torch"] and machine["packages"]["numpy"]
     assert "commit" in machine["git"]
     assert body["settings"]["cache"]["enabled"] is False
-    assert set(body["scenarios"]) == {"S1", "S2", "S3", "S4", "S5", "S6"}
+    assert set(body["scenarios"]) == {"S1", "S2", "S3", "S4", "S5", "S6", "S7"}
     assert body["llm_example"] == "examples/chat.yaml"
 
 
 def test_every_target_has_a_figure_and_a_verdict(quick_run):
     body, _ = quick_run
-    for key in ("S1", "S2", "S3", "S4", "S5", "S6"):
+    for key in ("S1", "S2", "S3", "S4", "S5", "S6", "S7"):
         targets = body["scenarios"][key]["targets"]
         assert targets, key
         for target in targets:
@@ -129,6 +129,13 @@ def test_s6_measures_the_gateway_against_triton_direct(quick_run):
     assert [t["id"] for t in s6["targets"]] == ["S6.p50_ratio", "S6.throughput_ratio"]
 
 
+def test_s7_accounts_for_every_request_through_the_gateway(quick_run):
+    s7 = quick_run[0]["scenarios"]["S7"]
+    overload = s7["phases"]["overload"]
+    assert s7["accepted"] + s7["rejected"] + s7["lost"] == overload["requests"]
+    assert s7["accepted"] > 0 and s7["rejected"] > 0  # 3x capacity overflows the bound
+
+
 def test_s4_streams_tokens_at_every_level_against_generate(quick_run):
     body = quick_run[0]
     s4 = body["scenarios"]["S4"]
@@ -157,7 +164,7 @@ def test_s4_streams_tokens_at_every_level_against_generate(quick_run):
 def test_report_page_and_plots_are_written(quick_run):
     _, docs = quick_run
     page = (docs / "benchmarks.md").read_text()
-    for key in ("S1", "S2", "S3", "S4", "S5", "S6"):
+    for key in ("S1", "S2", "S3", "S4", "S5", "S6", "S7"):
         assert f"## {key}:" in page
     assert "PASS" in page or "MISS" in page
     for image in ("s1_latency.png", "s2_throughput.png", "s2_latency.png", "s3_search.png",

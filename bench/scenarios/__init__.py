@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.context import Context
-from bench.scenarios import s1, s2, s3, s4, s5, s6
+from bench.scenarios import s1, s2, s3, s4, s5, s6, s7
 
 
 @dataclass(frozen=True)
@@ -44,4 +44,7 @@ SCENARIOS: dict[str, Scenario] = {s.key: s for s in (
              "search through the OpenAI-compatible gateway (/v1/search) against Triton "
              "direct (HTTP generate), same run: single-query p50 and peak throughput at "
              "concurrency 4, 16, 64", s6.run),
+    Scenario("S7", "overload through the gateway",
+             "S5 sent through the gateway's one admission bound per model: 429 answer time, "
+             "accepted latency, lost requests", s7.run),
 )}
