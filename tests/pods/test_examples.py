@@ -109,10 +109,11 @@ def test_pods_run_as_rendered_user_on_a_read_only_root(run_pod, tmp_path):
         patch(deployment, config_maps)
         spec = deployment["spec"]["template"]["spec"]
         spec.pop("initContainers")
-        # A shell in place of Triton: the point is the container around it.
-        spec["containers"][0].update(command=["sleep", "600"], args=[])
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            spec["containers"][0].pop(probe)
+        # sleep in place of each program: the point is the container around it.
+        for container in spec["containers"]:
+            container.update(command=["sleep", "600"], args=[])
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                container.pop(probe, None)
 
     pod = run_pod(resource, name="security", claims=claims, patch=no_prepare)
     pod.wait_ready(30)
