@@ -281,6 +281,8 @@ BAD = [
     ({"text_input": "hi", "top_p": 1.5}, "top_p: must lie in (0, 1]"),
     ({"text_input": "hi", "top_k": -1}, "top_k: must be >= 0"),
     ({"text_input": "hi", "repetition_penalty": 0}, "repetition_penalty: must be > 0"),
+    ({"text_input": "hi", "stop": ["s" * 1000] * 16},
+     "stop: stop strings may hold at most 256 characters in all, got 16000"),
 ]
 
 

@@ -232,13 +232,13 @@ class Server:
     def run_once(self) -> list[GenerationEvent]:
         """One engine step and its deliveries (the loop's body; tests call it directly)."""
         events = self.engine.step()
-        for event in events:
-            self._deliver(event)
-        if self.on_step is not None:
+        if self.on_step is not None:  # first, so that a client seeing its text sees the gauges
             try:
                 self.on_step(self.engine, events)
             except Exception:
                 LOGGER.exception("engine metrics update failed")
+        for event in events:
+            self._deliver(event)
         return events
 
     def _running(self) -> bool:
