@@ -31,9 +31,8 @@ from tritonop_backend.llm.serving import (
 )
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-CODES = {INVALID: pb_utils.TritonError.INVALID_ARG,
-         UNAVAILABLE: pb_utils.TritonError.UNAVAILABLE,
-         INTERNAL: pb_utils.TritonError.INTERNAL}
+CODES = {INVALID: "INVALID_ARG", UNAVAILABLE: "UNAVAILABLE", INTERNAL: "INTERNAL"}
+"""Our error kinds as ``TritonError`` codes (looked up late: the stub binds them after import)."""
 SHUTDOWN_SECONDS = 30.0
 
 
@@ -54,7 +53,8 @@ class _Request:
     def send(self, outputs: Outputs | None, final: bool, error: Refusal | None = None) -> None:
         if error is not None:
             response = pb_utils.InferenceResponse(
-                error=pb_utils.TritonError(error.message, CODES[error.kind]))
+                error=pb_utils.TritonError(error.message,
+                                           getattr(pb_utils.TritonError, CODES[error.kind])))
         else:
             assert outputs is not None
             response = pb_utils.InferenceResponse(
