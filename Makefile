@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 SERVE_FILES ?= examples/news-search.yaml examples/chat.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint render bench clean kind-e2e
+.PHONY: install serve test test-cluster cluster lint render bench clean kind-e2e
 
 install: $(STAMP)
 
@@ -26,8 +26,18 @@ $(STAMP): pyproject.toml
 serve: install
 	$(BIN)/tritonop serve $(SERVE_FILES)
 
-test: install
+test: install cluster
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The real control plane of the cluster tier (etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler, kubectl, kwok), built from the Go modules pinned in tests/cluster/ into a
+# cache outside the repository; does nothing when the binaries are already there.
+cluster:
+	bash tests/cluster/build.sh
+
+# The cluster tier alone.
+test-cluster: install cluster
+	$(BIN)/python -m pytest tests/cluster $(PYTEST_ARGS)
 
 # Benchmarks against the alternatives, in the same run; rewrites docs/benchmarks.md.
 # BENCH_ARGS="--scenario S1 S3" runs some; "--quick" a tiny smoke run.
