@@ -14,6 +14,18 @@ replayed as a CUDA graph. Prompts are random token ids; end-of-sequence is off.
 
     python bench/llm_columns.py --device cpu --rows 8 64
     python bench/llm_columns.py --device cuda --shape 7b --dtype bfloat16 --rows 8 64
+
+Measured (context 2,048: 2,560 columns with headroom; 96-token prompts; ms per step):
+
+    device, model                    rows   columns in use   all columns   before*
+    CPU (2 cores, 1 thread), small      8        15.0            28.4        19.8
+    CPU (2 cores, 1 thread), small     64        50.7           156.2        96.5
+    H200, 7B shape, bf16, graphs        8         8.6            21.9         9.3
+    H200, 7B shape, bf16, graphs       64        15.3           115.6        20.3
+
+    * the engine before the cache was allocated at load: the buffer grew on demand
+      (256 columns here) and the step read all of it. "all columns" is what reading the
+      whole preallocated context would cost; "columns in use" reads 128 here.
 """
 
 from __future__ import annotations
