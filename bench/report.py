@@ -103,6 +103,36 @@ EXPLANATIONS: dict[str, str] = {
         "queue on an ensemble; a concurrency limit in front of Triton, or the three "
         "embedding steps fused into one model with one bounded queue, would give one)."
     ),
+    "S6.p50_ratio": (
+        "The gateway adds one HTTP exchange in Python (Starlette under uvicorn with httptools "
+        "and uvloop) and one gRPC call to Triton: 1.4 ms at p50 in this run (8.1 against 6.7 "
+        "ms), on a machine shared with other test runs (load average 4.5 at the start, 10.5 "
+        "at the end, on 2 cores). The gateway's own CPU time is 0.53 ms per search (1,500 "
+        "queries at concurrency 8, read from /proc); the rest is the second loopback hop "
+        "and waiting for a core, not separated further. Rerun S6 on a quiet machine (`python -m bench --scenario S6`) before reading "
+        "more into it."
+    ),
+    "S6.throughput_ratio": (
+        "At peak Triton's pipeline already uses both cores; the gateway's 0.53 ms of CPU per "
+        "query (against ~6 ms for the pipeline) comes out of the same two cores, which puts "
+        "the ceiling near 0.91x here, and this run shared them with other test runs (load "
+        "average up to 10.5). In a cluster the gateway is its own container with its own CPU "
+        "request (250m), so it does not take the pipeline's cores."
+    ),
+    "S7.reject_p99": (
+        "Refusals need no Triton (p50 2.6 ms), but the gateway answers them on the same 2 "
+        "cores as Triton and a load generator offering 3x capacity, and this run shared them "
+        "with other test runs (load average up to 10.5). Not profiled further; the likely "
+        "cause is the gateway's event loop waiting for a core. Rerun S7 on a quiet machine."
+    ),
+    "S7.accepted_p99": (
+        "The bound (4 in flight, 4 waiting) keeps at most 8 requests inside, but at 8 the "
+        "pipeline itself answers in 50 ms at p50 and 136 ms at p99 here (the capacity phase, "
+        "no refusals), against 28 ms p99 alone: on 2 shared cores, 8 requests inside is "
+        "already too many for 5x. A smaller bound trades throughput for the tail; the "
+        "setting is `spec.api` (maxInFlight, maxWaiting), measured here only once, under a "
+        "load average of 4.5-10.5 from other work."
+    ),
 }
 
 SETTINGS_NOTE = """\
