@@ -109,8 +109,8 @@ EXPLANATIONS: dict[str, str] = {
         "ms), on a machine shared with other test runs (load average 4.5 at the start, 10.5 "
         "at the end, on 2 cores). The gateway's own CPU time is 0.53 ms per search (1,500 "
         "queries at concurrency 8, read from /proc); the rest is the second loopback hop "
-        "and waiting for a core, not separated further. Rerun S6 on a quiet machine (`python -m bench --scenario S6`) before reading "
-        "more into it."
+        "and waiting for a core, not separated further. Rerun S6 on a quiet machine "
+        "(`python -m bench --scenario S6`) before reading more into it."
     ),
     "S6.throughput_ratio": (
         "At peak Triton's pipeline already uses both cores; the gateway's 0.53 ms of CPU per "
