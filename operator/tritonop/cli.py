@@ -8,7 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from tritonop.resources import ResourceError, iter_resources
+import yaml
+
+from tritonop.resources import ResourceError, iter_resources, parse_resource
 from tritonop.runtime.local import ServerError
 from tritonop_backend.artifacts import ArtifactError
 
@@ -75,10 +77,18 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
     from tritonop.artifacts.prepare import prepare
 
-    resources = list(iter_resources(args.file))
+    if bool(args.file) == bool(args.resource_env):
+        print("error: give either resource files (-f) or --resource-env", file=sys.stderr)
+        return 2
+    if args.resource_env:
+        text = os.environ.get(args.resource_env, "")
+        resources = [parse_resource(yaml.safe_load(text) or {}, args.base_dir)]
+    else:
+        resources = list(iter_resources(args.file))
     if args.base_dir:
         resources = [dataclasses.replace(r, base_dir=args.base_dir) for r in resources]
-    prepare(resources, args.artifacts_root)
+    prepare(resources, args.artifacts_root, expect=args.expect_fingerprint,
+            keep_only=args.keep_only)
     return 0
 
 
@@ -154,10 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.set_defaults(run=_cmd_gateway)
 
     prepare = commands.add_parser("prepare", help="export models and build indexes")
-    prepare.add_argument("-f", "--file", type=Path, nargs="+", required=True)
+    prepare.add_argument("-f", "--file", type=Path, nargs="+")
+    prepare.add_argument("--resource-env", metavar="NAME",
+                         help="read the one resource from this environment variable (YAML); "
+                         "the operator's prepare Job passes it so")
     prepare.add_argument("--base-dir", type=Path,
                          help="resolve relative paths in the spec against this directory "
                          "instead of the file's own")
+    prepare.add_argument("--expect-fingerprint", metavar="FP",
+                         help="fail unless the spec's artifacts fingerprint is FP (the one the "
+                         "operator rendered into the pods)")
+    prepare.add_argument("--keep-only", action="store_true",
+                         help="then remove the resource's other artifacts versions")
     with_artifacts(prepare)
     prepare.set_defaults(run=_cmd_prepare)
 

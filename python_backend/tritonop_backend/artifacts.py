@@ -164,3 +164,76 @@ def resolve_setting(value: str, default: int | str) -> Any:
     if value in ("", "auto"):
         return default
     return type(default)(value)
+
+
+VERSION_FILE = "version.json"
+VERSION_MANIFEST_KIND = "tritonop-artifacts-version"
+
+
+@dataclass(frozen=True)
+class VersionManifest(_Manifest):
+    """The marker of a complete artifacts version folder, written last.
+
+    A version folder (``<root>/<resource>/<fingerprint>/``) is built in a staging folder
+    and renamed into place, with this file written before the rename, so a folder that
+    has it is complete. Pods compare its fingerprint with the one rendered into their
+    model config and refuse to start on a mismatch: an index built from another corpus
+    or model returns plausible nonsense instead of failing.
+
+    Attributes:
+        fingerprint: what the folder was built for (``tritonop.artifacts.versions``).
+        inputs: the settings the fingerprint hashes, for a reader of the volume.
+        corpus_sha256: the content hash of the corpus that was embedded.
+    """
+
+    fingerprint: str
+    inputs: dict[str, str]
+    corpus_sha256: str
+
+    @classmethod
+    def read(cls, directory: Path) -> VersionManifest:  # type: ignore[override]
+        path = Path(directory) / VERSION_FILE
+        try:
+            body: dict[str, Any] = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError) as err:
+            raise ArtifactError(f"{path}: {err}") from None
+        if body.get("kind") != VERSION_MANIFEST_KIND:
+            raise ArtifactError(f"{path} is not a {VERSION_MANIFEST_KIND} manifest")
+        return cls(fingerprint=body["fingerprint"], inputs=body.get("inputs", {}),
+                   corpus_sha256=body.get("corpus_sha256", ""))
+
+    def write(self, directory: Path) -> None:
+        body = {"kind": VERSION_MANIFEST_KIND, "version": MANIFEST_VERSION,
+                **dataclasses.asdict(self)}
+        (Path(directory) / VERSION_FILE).write_text(
+            json.dumps(body, indent=2, sort_keys=True) + "\n")
+
+
+def check_version(version_dir: Path, expected: str) -> None:
+    """Fail unless ``version_dir`` is a complete artifacts version built for ``expected``.
+
+    Called by every model that reads artifacts, before loading anything, so that a pod
+    whose volume lacks its version (the prepare Job has not run, or was for another
+    spec) fails its startup with both fingerprints named, instead of serving a stale index.
+
+    Raises:
+        ArtifactError: naming the expected fingerprint and the one(s) found.
+    """
+    version_dir = Path(version_dir)
+    try:
+        found = VersionManifest.read(version_dir)
+    except ArtifactError:
+        parent = version_dir.parent
+        others = sorted(p.name for p in parent.iterdir()
+                        if (p / VERSION_FILE).is_file()) if parent.is_dir() else []
+        raise ArtifactError(
+            f"artifacts version {expected} is missing: {version_dir} holds no complete "
+            f"version (complete versions found on the volume: {', '.join(others) or 'none'}); "
+            f"this pod's config expects fingerprint {expected}: let the prepare Job finish, "
+            "or run `tritonop prepare` for this spec"
+        ) from None
+    if found.fingerprint != expected:
+        raise ArtifactError(
+            f"artifacts in {version_dir} were built for fingerprint {found.fingerprint}, but "
+            f"this pod's config expects fingerprint {expected}: prepare this spec's artifacts"
+        )

@@ -17,7 +17,12 @@ from typing import Protocol, Union
 
 import numpy as np
 
-from tritonop_backend.artifacts import TOKENIZER_FILE, ModelManifest, resolve_setting
+from tritonop_backend.artifacts import (
+    TOKENIZER_FILE,
+    ModelManifest,
+    check_version,
+    resolve_setting,
+)
 from tritonop_backend.batching import pad_and_stack, split_rows
 from tritonop_backend.encoder import encode_ragged, load_encoder
 from tritonop_backend.errors import RequestError
@@ -67,6 +72,7 @@ def _required(inputs: Inputs, name: str) -> np.ndarray:
 
 def _model_settings(parameters: Parameters) -> tuple[Path, ModelManifest, int, str]:
     """Model directory, its manifest, and the max length and pooling with "auto" resolved."""
+    check_artifacts(parameters)
     model_dir = Path(parameters["model_dir"])
     manifest = ModelManifest.read(model_dir)
     max_length = resolve_setting(parameters.get("max_sequence_length", "auto"),
@@ -75,6 +81,15 @@ def _model_settings(parameters: Parameters) -> tuple[Path, ModelManifest, int, s
     if pooling not in POOLING_MODES:
         raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
     return model_dir, manifest, max_length, pooling
+
+
+def check_artifacts(parameters: Parameters) -> None:
+    """Refuse to load from an artifacts version other than the rendered one.
+
+    Configs rendered before artifacts were versioned carry no fingerprint: nothing to check.
+    """
+    if "artifacts_fingerprint" in parameters:
+        check_version(Path(parameters["artifacts_dir"]), parameters["artifacts_fingerprint"])
 
 
 class TokenizerStage:
@@ -103,6 +118,7 @@ class EncoderStage:
     inputs = ("input_ids", "attention_mask")
 
     def __init__(self, parameters: Parameters, device: str = "cpu") -> None:
+        check_artifacts(parameters)
         model_dir = Path(parameters["model_dir"])
         self.vocab_size = _vocab_size(model_dir / TOKENIZER_FILE)
         self.encoder = load_encoder(model_dir, int(parameters.get("threads", "1")), device)

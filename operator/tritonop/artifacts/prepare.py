@@ -16,25 +16,35 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
 
 from tritonop.artifacts.export import export_model
 from tritonop.artifacts.index import build_index
 from tritonop.artifacts.llm import prepare_llm
 from tritonop.artifacts.sources import inspect
-from tritonop.render.repository import artifact_dirs
+from tritonop.artifacts.versions import (
+    STAGING_PREFIX,
+    complete_versions,
+    fingerprint_inputs,
+    remove_versions,
+    resource_fingerprint,
+    version_dir,
+)
 from tritonop.resources import Resource
 from tritonop.spec import EmbeddingSearchSpec
-from tritonop_backend.artifacts import MANIFEST_FILE, ArtifactError
+from tritonop_backend.artifacts import (
+    ArtifactError,
+    ModelManifest,
+    VersionManifest,
+)
 from tritonop_backend.cpus import available_cpus
 
 log = logging.getLogger(__name__)
-Result = TypeVar("Result")
 
 
 @contextmanager
@@ -53,73 +63,129 @@ def locked(artifacts_root: Path, name: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def staged(target: Path, build: Callable[[Path], Result]) -> Result:
-    """Run ``build`` on a staging folder beside ``target`` and rename the result into place.
+def _reusable_model(resource_dir: Path, source: str, fmt: str) -> Path | None:
+    """A complete export of the same model in another version of this resource.
 
-    The staging folder starts with ``target``'s manifest, so that a build which finds the
-    result current returns at once (and the staging folder is dropped). Stale staging
-    folders of killed pods are removed first (they are only ever left by a dead holder
-    of the lock that the caller now holds).
+    A version whose corpus or pooling changed needs the same encoder: copying it (hard
+    links where the volume allows) saves the export.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.staging-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    for fingerprint in reversed(complete_versions(resource_dir)):
+        candidate = resource_dir / fingerprint / "model"
+        try:
+            manifest = ModelManifest.read(candidate)
+        except ArtifactError:
+            continue
+        if manifest.source == source and manifest.format == fmt:
+            return candidate
+    return None
+
+
+def _copy_tree(source: Path, target: Path) -> None:
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, target, copy_function=link)
+
+
+def prepare_embedding_search(
+    resource: Resource, artifacts_root: Path, *, progress: bool = True,
+    expect: str | None = None,
+) -> Path:
+    """Build the resource's artifacts version (encoder and corpus index) unless it exists.
+
+    The version folder is built whole in a staging folder beside it and renamed into
+    place with ``version.json`` already inside, so a reader sees a complete version or
+    none; a finished version is never touched again. Call under :func:`locked`.
+
+    Args:
+        expect: the fingerprint the operator rendered; preparing fails at once, naming
+            both, when this spec hashes to another (the operator and this image read
+            different corpora), instead of building a version no pod will load.
+    """
+    spec = resource.spec
+    assert isinstance(spec, EmbeddingSearchSpec)
+    fingerprint = resource_fingerprint(resource)
+    if expect and expect != fingerprint:
+        raise ArtifactError(
+            f"{resource.name}: this spec's artifacts fingerprint is {fingerprint}, but the "
+            f"operator rendered {expect} (inputs here: {fingerprint_inputs(resource)}); "
+            "the operator and prepare images must ship the same corpus"
+        )
+    target = Path(version_dir(resource, str(artifacts_root)))
     try:
-        if (target / MANIFEST_FILE).is_file():
-            shutil.copyfile(target / MANIFEST_FILE, staging / MANIFEST_FILE)
-        result = build(staging)
-        if getattr(result, "skipped", False):
-            return result
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-old-",
-                                            dir=target.parent))
+        if VersionManifest.read(target).fingerprint == fingerprint:
+            log.info("%s: artifacts version %s already complete in %s", resource.name,
+                     fingerprint, target)
+            return target
+    except ArtifactError:
+        pass
+    corpus = resource.resolve_path(spec.corpus.source)
+    if not corpus.is_file():  # say so before minutes of export, not after
+        raise ArtifactError(f"{resource.name}: spec.corpus.source: {corpus} does not exist")
+    source = inspect(spec.model.source, resource.base_dir)
+    resource_dir = target.parent
+    resource_dir.mkdir(parents=True, exist_ok=True)
+    # Only a dead holder of the lock (which the caller now holds) leaves staging folders.
+    for stale in resource_dir.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{fingerprint}-", dir=resource_dir))
+    try:
+        reusable = _reusable_model(resource_dir, source.source, spec.model.format)
+        if reusable is None and (target / "model").is_dir():  # seeded, or a torn version
+            reusable = target / "model"
+        if reusable is not None:
+            _copy_tree(reusable, staging / "model")
+        exported = export_model(source, spec.model.format, staging / "model")
+        log.info("%s: %s encoder %s", resource.name, spec.model.format,
+                 "reused" if exported.skipped else
+                 f"exported (max |difference| to the source model: "
+                 f"{exported.manifest.max_abs_diff:.2e})")
+        built = build_index(
+            corpus, staging / "model", staging / "index",
+            text_field=spec.corpus.text_field, pooling=spec.model.pooling,
+            max_length=spec.model.max_sequence_length,
+            # Before the server starts: every CPU the container may use (its cgroup quota).
+            threads=available_cpus(), progress=progress,
+        )
+        VersionManifest(fingerprint, fingerprint_inputs(resource),
+                        built.manifest.corpus_sha256).write(staging)
+        if target.exists():  # a torn or seeded folder without version.json: replace it
+            retired = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}old-", dir=resource_dir))
             target.rename(retired / target.name)
             staging.rename(target)
             shutil.rmtree(retired, ignore_errors=True)
         else:
             staging.rename(target)
-        return result
+        log.info("%s: artifacts version %s complete in %s (%d texts, %s pooling)",
+                 resource.name, fingerprint, target, built.manifest.count,
+                 built.manifest.pooling)
+        return target
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def prepare_embedding_search(
-    resource: Resource, artifacts_root: Path, *, progress: bool = True
-) -> None:
-    """Export the encoder and build the corpus index of an EmbeddingSearch."""
-    spec = resource.spec
-    assert isinstance(spec, EmbeddingSearchSpec)
-    model_dir, index_dir = (Path(d) for d in artifact_dirs(resource, str(artifacts_root)))
-    corpus = resource.resolve_path(spec.corpus.source)
-    if not corpus.is_file():  # say so before minutes of export, not after
-        raise ArtifactError(f"{resource.name}: spec.corpus.source: {corpus} does not exist")
-    source = inspect(spec.model.source, resource.base_dir)
-    exported = staged(model_dir, lambda into: export_model(source, spec.model.format, into))
-    if exported.skipped:
-        log.info("%s: %s encoder already exported in %s", resource.name, spec.model.format,
-                 model_dir)
-    else:
-        log.info("%s: exported %s to %s in %s (max |difference| to the source model: %.2e)",
-                 resource.name, source.source, spec.model.format, model_dir,
-                 exported.manifest.max_abs_diff)
-    built = staged(index_dir, lambda into: build_index(
-        corpus, model_dir, into,
-        text_field=spec.corpus.text_field, pooling=spec.model.pooling,
-        max_length=spec.model.max_sequence_length,
-        # Before the server starts: every CPU the container may use (its cgroup quota).
-        threads=available_cpus(), progress=progress,
-    ))
-    verb = "index already built" if built.skipped else "built index"
-    log.info("%s: %s in %s (%d texts, %s pooling)", resource.name, verb, index_dir,
-             built.manifest.count, built.manifest.pooling)
+def prepare(resources: list[Resource], artifacts_root: Path, *, progress: bool = True,
+            expect: str | None = None, keep_only: bool = False) -> None:
+    """Prepare the artifacts of every resource.
 
-
-def prepare(resources: list[Resource], artifacts_root: Path, *, progress: bool = True) -> None:
-    """Prepare the artifacts of every resource."""
+    Args:
+        expect: the artifacts fingerprint the operator rendered (one resource only).
+        keep_only: afterwards, remove the resource's other versions (the operator's
+            clean-up step after a rollout, which passes the version its pods now use).
+    """
+    if expect and len(resources) != 1:
+        raise ArtifactError("an expected fingerprint needs exactly one resource")
     for resource in resources:
         with locked(Path(artifacts_root), resource.name):
             if isinstance(resource.spec, EmbeddingSearchSpec):
-                prepare_embedding_search(resource, artifacts_root, progress=progress)
+                target = prepare_embedding_search(resource, artifacts_root,
+                                                  progress=progress, expect=expect)
+                if keep_only:
+                    removed = remove_versions(target.parent, {target.name})
+                    log.info("%s: removed old artifacts versions %s", resource.name,
+                             removed or "(none)")
             else:
                 prepare_llm(resource, artifacts_root)

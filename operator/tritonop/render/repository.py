@@ -20,6 +20,7 @@ from importlib import resources as package_files
 from pathlib import Path, PurePosixPath
 
 from tritonop.artifacts.llm import llm_model_dir
+from tritonop.artifacts.versions import resource_fingerprint, version_dir
 from tritonop.render.modelconfig import ConfigDict, ensemble, python_model, tensor, to_pbtxt
 from tritonop.resources import Resource
 from tritonop.spec import EmbeddingSearchSpec, LLMServiceSpec
@@ -29,8 +30,8 @@ RepositoryFiles = dict[str, bytes]
 
 
 def artifact_dirs(resource: Resource, artifacts_root: str) -> tuple[str, str]:
-    """Model and index directories of a resource under an artifacts root."""
-    base = PurePosixPath(artifacts_root) / resource.name
+    """Model and index directories of an EmbeddingSearch's current artifacts version."""
+    base = PurePosixPath(version_dir(resource, artifacts_root))
     return str(base / "model"), str(base / "index")
 
 
@@ -54,7 +55,12 @@ def embedding_search_models(resource: Resource, artifacts_root: str) -> list[Con
     assert isinstance(spec, EmbeddingSearchSpec)
     name, stages = resource.name, spec.stages
     model_dir, index_dir = artifact_dirs(resource, artifacts_root)
+    # Every step that reads artifacts checks, before loading, that its version folder is
+    # complete and was built for this fingerprint (tritonop_backend.artifacts.check_version).
+    version = {"artifacts_dir": version_dir(resource, artifacts_root),
+               "artifacts_fingerprint": resource_fingerprint(resource)}
     shared = {
+        **version,
         "model_dir": model_dir,
         "max_sequence_length": _auto(spec.model.max_sequence_length),
         "pooling": _auto(spec.model.pooling),
@@ -93,7 +99,8 @@ def embedding_search_models(resource: Resource, artifacts_root: str) -> list[Con
         python_model(
             f"{name}_encoder", stages.encoder,
             [tensor("input_ids", "INT64", [-1], ragged=True), ragged_mask], [hidden],
-            {"stage": "encoder", "model_dir": model_dir, "threads": str(stages.encoder.threads)},
+            {"stage": "encoder", **version, "model_dir": model_dir,
+             "threads": str(stages.encoder.threads)},
             gpu=spec.model.device == "gpu",
         ),
         python_model(
