@@ -131,6 +131,10 @@ def test_namespaced_install_builds_to_namespaced_objects_watching_their_namespac
     (deployment,) = [obj for obj in objects if obj["kind"] == "Deployment"]
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[0] == "--namespace=$(POD_NAMESPACE)" and "--all-namespaces" not in args
+    # Its Role cannot grant the cluster-scoped CRD watch: kopf would retry 403s instead.
+    env = {e["name"]: e.get("value") for e in
+           deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["TRITONOP_WATCH_CRDS"] == "false"
 
 
 # (c) RBAC: no wildcards, and exactly what the code needs plus the extras explained

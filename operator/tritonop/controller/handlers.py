@@ -75,9 +75,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Our own Events say what happened; kopf's per-log-line events would drown them.
     settings.posting.level = logging.WARNING
     # Watch CustomResourceDefinitions, so that CRDs installed after the operator started
-    # are served. Without the RBAC to (namespaced install), kopf warns and serves what
-    # it found at start.
-    settings.scanning.disabled = False
+    # are served. A namespaced install may not (its Role cannot grant cluster-scoped
+    # reads; kopf would retry the 403s for minutes), so deploy/namespaced/ sets
+    # TRITONOP_WATCH_CRDS=false: it serves the CRDs present at its start.
+    settings.scanning.disabled = os.environ.get("TRITONOP_WATCH_CRDS", "true") != "true"
     settings.watching.server_timeout = 300
     # Only our children: filtered by the API server, not after listing them all.
     for group, _version, plural in CHILD_KINDS:
