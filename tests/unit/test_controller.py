@@ -311,3 +311,29 @@ def test_an_api_server_that_never_answers_times_out():
     server.close()
     assert not reader.is_alive(), "the request never timed out"
     assert len(errors) == 1 and isinstance(errors[0], urllib3.exceptions.HTTPError), errors
+
+
+class StatusAnswering(Applying):
+    """Applies work; the status write answers ``status``."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__()
+        self.status = status
+
+    def _call(self, method: str, url: str, body: Any = None,
+              query: list[tuple[str, str]] | None = None,
+              content_type: str = "application/json") -> Obj:
+        if url.endswith("/status"):
+            raise ApiException(status=self.status, reason="Reason", body=b"{}")
+        return super()._call(method, url, body, query, content_type)
+
+
+def test_a_status_write_to_a_resource_gone_meanwhile_is_no_error():
+    assert StatusAnswering(404).patch_status(body(), {"phase": "Ready"}) is False
+
+
+def test_a_status_write_the_server_cannot_take_is_retried_with_backoff(fake_kube, monkeypatch):
+    monkeypatch.setitem(handlers._state, "kube", StatusAnswering(503))
+    with pytest.raises(handlers.kopf.TemporaryError) as raised:
+        handlers._run(body(1), resync=False, retry=3)
+    assert raised.value.delay == 8

@@ -115,7 +115,6 @@ def _run(live_body: Mapping[str, Any], *, resync: bool, retry: int) -> None:
         resync: from the timer: children unchanged since the last apply are skipped, and
             a generation the API server refused is not applied again.
     """
-    kube = _kube()
     uid = live_body["metadata"]["uid"]
     with _objects.hold(uid):
         body = copy.deepcopy(dict(live_body))  # kopf updates a timer's body as events come
@@ -127,21 +126,30 @@ def _run(live_body: Mapping[str, Any], *, resync: bool, retry: int) -> None:
         if _objects.stale(uid, generation) or (resync and rejected(before, generation)):
             return
         try:
-            after = reconcile(kube, body, _images(), _children if resync else None)
-        except InvalidResource as err:
-            if after_failure(before, err.status):
-                publish(kube, body, before, err.status)
-            if not resync:
-                raise kopf.PermanentError(str(err)) from None
-            return
+            _reconcile_and_publish(body, before, resync=resync)
         except RetryLater as err:
             raise kopf.TemporaryError(str(err), delay=retry_delay(retry, err.delay)) from None
         except (ApiException, urllib3.exceptions.HTTPError) as err:
-            # A read failed or timed out: nothing was refused, so try again, backing off.
+            # A read or a status write failed or timed out: nothing was refused, so try
+            # again, backing off.
             raise kopf.TemporaryError(f"API request failed: {err}",
                                       delay=retry_delay(retry)) from None
-        _objects.record(uid, generation)
-        publish(kube, body, before, after)
+
+
+def _reconcile_and_publish(body: Mapping[str, Any], before: ResourceStatus, *,
+                           resync: bool) -> None:
+    kube = _kube()
+    uid = body["metadata"]["uid"]
+    try:
+        after = reconcile(kube, body, _images(), _children if resync else None)
+    except InvalidResource as err:
+        if after_failure(before, err.status):
+            publish(kube, body, before, err.status)
+        if not resync:
+            raise kopf.PermanentError(str(err)) from None
+        return
+    _objects.record(uid, int(body["metadata"].get("generation") or 1))
+    publish(kube, body, before, after)
 
 
 def after_failure(before: ResourceStatus, failed: ResourceStatus) -> bool:

@@ -120,7 +120,8 @@ class Kube:
         same change (a timer and a Deployment event): only the winner announces it.
 
         Returns:
-            False when the object changed since ``body`` was read (409).
+            False when the object changed since ``body`` was read (409), or is gone (404:
+            a timer can fire once more while its resource is being deleted).
         """
         meta = body["metadata"]
         url = path(body["apiVersion"], body["kind"], meta["namespace"], meta["name"]) + "/status"
@@ -128,7 +129,7 @@ class Kube:
         try:
             self._call("PATCH", url, patch, content_type=MERGE_PATCH)
         except ApiException as err:
-            if err.status == 409:
+            if err.status in (404, 409):
                 return False
             raise
         return True
