@@ -15,6 +15,7 @@ from tritonop import API_GROUP, API_VERSION
 from tritonop.spec import EmbeddingSearchSpec, LLMServiceSpec, describe_errors
 
 API = f"{API_GROUP}/{API_VERSION}"
+CORPUS_SHA256_ANNOTATION = f"{API_GROUP}/corpus-sha256"
 SPECS: dict[str, type[EmbeddingSearchSpec] | type[LLMServiceSpec]] = {
     "EmbeddingSearch": EmbeddingSearchSpec,
     "LLMService": LLMServiceSpec,
@@ -54,6 +55,10 @@ class Resource:
         spec: the validated spec.
         base_dir: directory that relative paths in the spec are resolved against
             (the YAML file's directory); ``None`` for resources read from a cluster.
+        corpus_sha256: the corpus content hash the operator rendered with (the
+            ``serving.tritonop.dev/corpus-sha256`` annotation of the resource document it
+            hands to prepare), so that prepare names the very version the pods expect;
+            ``None``: hash the corpus here (see ``tritonop.artifacts.versions``).
     """
 
     kind: str
@@ -61,6 +66,7 @@ class Resource:
     namespace: str
     spec: Spec
     base_dir: Path | None = None
+    corpus_sha256: str | None = None
 
     def resolve_path(self, value: str) -> Path:
         """A path from the spec, made absolute against :attr:`base_dir`."""
@@ -95,7 +101,9 @@ def parse_resource(body: Mapping[str, Any], base_dir: Path | None = None) -> Res
         spec = SPECS[kind].model_validate(body.get("spec") or {})
     except ValidationError as err:
         raise ResourceError(f"{kind} {name}:\n{describe_errors(err)}") from None
-    return Resource(kind, name, metadata.get("namespace") or "default", spec, base_dir)
+    pinned = (metadata.get("annotations") or {}).get(CORPUS_SHA256_ANNOTATION)
+    return Resource(kind, name, metadata.get("namespace") or "default", spec, base_dir,
+                    pinned if isinstance(pinned, str) else None)
 
 
 def load_resources(path: Path) -> list[Resource]:

@@ -196,10 +196,10 @@ def test_prepare_waits_for_the_lock(folder, tmp_path):
 def test_a_pod_refuses_a_missing_or_another_version_naming_both(tmp_path):
     (tmp_path / "1111").mkdir()
     VersionManifest("1111", {}, "").write(tmp_path / "1111")
-    with pytest.raises(ArtifactError, match="2222 is missing.*found on the volume: 1111"):
+    with pytest.raises(ArtifactError, match=r"2222 is missing.*found on the volume: 1111"):
         check_version(tmp_path / "2222", "2222")
     shutil.copytree(tmp_path / "1111", tmp_path / "3333")
-    with pytest.raises(ArtifactError, match="built for fingerprint 1111.*expects fingerprint "
+    with pytest.raises(ArtifactError, match=r"built for fingerprint 1111.*expects fingerprint "
                                             "3333"):
         check_version(tmp_path / "3333", "3333")
     assert json.loads((tmp_path / "1111" / VERSION_FILE).read_text())["fingerprint"] == "1111"

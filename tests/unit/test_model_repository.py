@@ -91,7 +91,9 @@ def test_model_settings_reach_the_parameters():
     search_params = {k: v.string_value for k, v in models["s_search"].parameters.items()}
     assert search_params["pooling"] == "max" and search_params["max_sequence_length"] == "64"
     assert (search_params["default_top_k"], search_params["max_top_k"]) == ("3", "7")
-    assert search_params["index_dir"] == "/artifacts/s/index"
+    version = search_params["artifacts_fingerprint"]
+    assert search_params["index_dir"] == f"/artifacts/s/{version}/index"
+    assert search_params["artifacts_dir"] == f"/artifacts/s/{version}"
     assert models["s_pooling"].parameters["normalize"].string_value == "false"
     gpu = model_config_pb2.ModelInstanceGroup.KIND_GPU
     assert models["s_encoder"].instance_group[0].kind == gpu

@@ -31,6 +31,7 @@ from tritonop.artifacts.versions import (
     STAGING_PREFIX,
     complete_versions,
     fingerprint_inputs,
+    read_corpus_sha256,
     remove_versions,
     resource_fingerprint,
     version_dir,
@@ -125,6 +126,13 @@ def prepare_embedding_search(
     corpus = resource.resolve_path(spec.corpus.source)
     if not corpus.is_file():  # say so before minutes of export, not after
         raise ArtifactError(f"{resource.name}: spec.corpus.source: {corpus} does not exist")
+    actual = read_corpus_sha256(resource)
+    if resource.corpus_sha256 and actual and actual != resource.corpus_sha256:
+        raise ArtifactError(
+            f"{resource.name}: the corpus {corpus} has sha256 {actual} here, but the operator "
+            f"rendered this version from one with sha256 {resource.corpus_sha256}: the "
+            "operator and prepare images must ship the same corpus"
+        )
     source = inspect(spec.model.source, resource.base_dir)
     resource_dir = target.parent
     resource_dir.mkdir(parents=True, exist_ok=True)

@@ -50,8 +50,18 @@ def corpus_sha256(resource: Resource) -> str:
     so both hash the same bytes. An absolute path names a file on the artifacts volume,
     which the operator does not mount: such a corpus is identified by its path alone (a
     changed corpus needs a new file name). Cached by size and modification time, since
-    the operator renders on every resync.
+    the operator renders on every resync. A resource document the operator rendered
+    carries the hash it used (:attr:`Resource.corpus_sha256`): that one is the answer.
     """
+    spec = resource.spec
+    assert isinstance(spec, EmbeddingSearchSpec)
+    if resource.corpus_sha256 is not None:
+        return resource.corpus_sha256
+    return read_corpus_sha256(resource)
+
+
+def read_corpus_sha256(resource: Resource) -> str:
+    """The hash of the corpus file as this process reads it (``""`` where it cannot)."""
     spec = resource.spec
     assert isinstance(spec, EmbeddingSearchSpec)
     if Path(spec.corpus.source).is_absolute() or resource.base_dir is None:

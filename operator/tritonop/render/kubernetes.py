@@ -15,11 +15,12 @@ from typing import Any
 import yaml
 
 from tritonop import API_GROUP, __version__
+from tritonop.artifacts.versions import corpus_sha256, resource_fingerprint
 from tritonop.gateway.config import gateway_config, openai_enabled
 from tritonop.render.repository import render_repository
-from tritonop.resources import Resource
+from tritonop.resources import CORPUS_SHA256_ANNOTATION, Resource
 from tritonop.spec import EmbeddingSearchSpec, LLMServiceSpec, quantity_bytes
-from tritonop.spec.common import DeploymentSpec
+from tritonop.spec.common import DeploymentSpec, PrepareMode
 
 Manifest = dict[str, Any]
 
@@ -45,6 +46,17 @@ PREPARE_REQUESTS = {"cpu": "1", "memory": "2Gi"}
 # large corpus, or a large GGUF conversion): Kubernetes has no init-container timeout, but
 # the Deployment's progress deadline has to leave room for it.
 PREPARE_BUDGET_SECONDS = 1800
+# Who prepares artifacts when the spec does not say (ArtifactsSpec.mode).
+DEFAULT_PREPARE: dict[str, PrepareMode] = {"EmbeddingSearch": "perPod", "LLMService": "perPod"}
+# Pods that mount one ReadWriteOnce artifacts claim (the Job's and Triton's) carry this
+# label and a required affinity to it, so they land on the node the volume is attached to.
+ARTIFACTS_LABEL = f"{API_GROUP}/artifacts"
+FINGERPRINT_LABEL = f"{API_GROUP}/artifacts-fingerprint"
+JOB_BACKOFF_LIMIT = 2
+JOB_TTL_SECONDS = 3600  # the operator records a finished version in status; the Job may go
+# Probes poll every second while Triton starts (a cheap GET), so a pod with prepared
+# artifacts is Ready within a second of Triton, instead of at the next 10 s tick.
+STARTUP_PERIOD_SECONDS = 1
 
 
 @dataclass(frozen=True)
@@ -64,7 +76,31 @@ def child_names(base: str) -> dict[str, str]:
     """The child names of a resource called ``base``."""
     return {"deployment": f"{base}-triton", "service": base, "config": f"{base}-triton",
             "account": f"{base}-triton", "budget": f"{base}-triton",
-            "autoscaler": f"{base}-triton", "policy": f"{base}-triton"}
+            "autoscaler": f"{base}-triton", "policy": f"{base}-triton",
+            "claim": f"{base}-artifacts"}
+
+
+def prepare_mode(resource: Resource) -> PrepareMode:
+    """``job``, ``perPod`` or ``none``: the spec's choice, else the kind's default."""
+    return resource.spec.artifacts.mode(DEFAULT_PREPARE[resource.kind])
+
+
+def operator_claim(resource: Resource) -> bool:
+    """Whether the operator creates the artifacts claim (job mode with no volume named)."""
+    return resource.spec.artifacts.operator_claim(DEFAULT_PREPARE[resource.kind])
+
+
+def artifacts_fingerprint(resource: Resource) -> str | None:
+    """The artifacts version an EmbeddingSearch's pods load (None for an LLMService)."""
+    if isinstance(resource.spec, EmbeddingSearchSpec):
+        return resource_fingerprint(resource)
+    return None
+
+
+def job_name(resource: Resource, fingerprint: str, purpose: str = "prepare") -> str:
+    """``<name>-prepare-<fingerprint>`` cut to 63 characters: one Job per version."""
+    prefix = f"{resource.name}-{purpose}-"
+    return prefix + fingerprint[: max(6, 63 - len(prefix))]
 
 
 def selector_labels(resource: Resource) -> dict[str, str]:
@@ -101,9 +137,13 @@ def resource_document(resource: Resource) -> str:
     """
     spec = resource.spec.model_dump(by_alias=True, exclude_none=True,
                                      exclude=set(DeploymentSpec.model_fields))
+    metadata: Manifest = {"name": resource.name, "namespace": resource.namespace}
+    if isinstance(resource.spec, EmbeddingSearchSpec):
+        # The corpus hash this render used: prepare builds the version the pods expect
+        # even where the operator could not read the corpus (a file on the volume).
+        metadata["annotations"] = {CORPUS_SHA256_ANNOTATION: corpus_sha256(resource)}
     body = {"apiVersion": f"{API_GROUP}/v1alpha1", "kind": resource.kind,
-            "metadata": {"name": resource.name, "namespace": resource.namespace},
-            "spec": spec}
+            "metadata": metadata, "spec": spec}
     return yaml.safe_dump(body, sort_keys=True)
 
 
@@ -243,7 +283,8 @@ def _triton_container(resource: Resource, config: Manifest, images: Images) -> M
         "readinessProbe": {**probe, "failureThreshold": 3},
         "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"},
                           "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6},
-        "startupProbe": {**probe, "failureThreshold": startup_seconds(resource) // 10},
+        "startupProbe": {**probe, "periodSeconds": STARTUP_PERIOD_SECONDS,
+                         "failureThreshold": startup_seconds(resource) // STARTUP_PERIOD_SECONDS},
         "resources": _triton_resources(resource),
         "securityContext": _RESTRICTED,
         "volumeMounts": [
@@ -260,8 +301,12 @@ def _gateway_container(resource: Resource, images: Images) -> Manifest:
     """The OpenAI-compatible gateway beside Triton, reaching it over gRPC on localhost.
 
     Its readiness follows Triton's (``/health/ready`` asks Triton), so a pod whose models
-    are loading gets no OpenAI traffic; liveness checks only the gateway's own loop.
+    are loading gets no OpenAI traffic; liveness checks only the gateway's own loop. Its
+    startup probe polls every second like Triton's: a pod is Ready only when both
+    containers are, and a 10 s readiness tick would otherwise decide when a new pod
+    serves.
     """
+    ready = {"httpGet": {"path": "/health/ready", "port": "openai"}, "timeoutSeconds": 5}
     return {
         "name": "gateway",
         "image": images.operator,
@@ -270,8 +315,9 @@ def _gateway_container(resource: Resource, images: Images) -> Manifest:
                  "--triton", f"localhost:{GRPC_PORT}", "--port", str(OPENAI_PORT)],
         "ports": [{"name": "openai", "containerPort": OPENAI_PORT, "protocol": "TCP"}],
         "env": [{"name": "HOME", "value": TMP_PATH}],
-        "readinessProbe": {"httpGet": {"path": "/health/ready", "port": "openai"},
-                           "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3},
+        "readinessProbe": {**ready, "periodSeconds": 10, "failureThreshold": 3},
+        "startupProbe": {**ready, "periodSeconds": STARTUP_PERIOD_SECONDS,
+                         "failureThreshold": startup_seconds(resource) // STARTUP_PERIOD_SECONDS},
         "livenessProbe": {"httpGet": {"path": "/health/live", "port": "openai"},
                           "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6},
         "resources": {"requests": dict(GATEWAY_REQUESTS)},
@@ -281,14 +327,20 @@ def _gateway_container(resource: Resource, images: Images) -> Manifest:
     }
 
 
+def _prepare_args(resource: Resource, source: list[str]) -> list[str]:
+    args = ["prepare", *source, "--artifacts-root", ARTIFACTS_PATH,
+            "--base-dir", "/opt/tritonop/examples"]
+    fingerprint = artifacts_fingerprint(resource)
+    return [*args, "--expect-fingerprint", fingerprint] if fingerprint else args
+
+
 def _prepare_container(resource: Resource, images: Images) -> Manifest:
     artifacts = resource.spec.artifacts
     return {
         "name": "prepare",
         "image": artifacts.prepare_image or images.operator,
         "command": ["tritonop"],
-        "args": ["prepare", "-f", f"/config/{RESOURCE_FILE}", "--artifacts-root", ARTIFACTS_PATH,
-                 "--base-dir", "/opt/tritonop/examples"],
+        "args": _prepare_args(resource, ["-f", f"/config/{RESOURCE_FILE}"]),
         "env": _environment(resource),
         "resources": {"requests": dict(PREPARE_REQUESTS)},
         "securityContext": _RESTRICTED,
@@ -313,14 +365,15 @@ def _strategy(resource: Resource) -> Manifest:
 def progress_deadline_seconds(resource: Resource) -> int:
     """Longer than a cold start (prepare, then the startup probe's budget) plus a margin,
     so that a normal cold start is not reported as a failed rollout (Degraded)."""
-    prepare = PREPARE_BUDGET_SECONDS if resource.spec.artifacts.prepare else 0
+    prepare = PREPARE_BUDGET_SECONDS if prepare_mode(resource) == "perPod" else 0
     return prepare + startup_seconds(resource) + 300
 
 
 def _artifacts_volume(resource: Resource) -> Manifest:
     artifacts = resource.spec.artifacts
-    if artifacts.persistent_volume_claim is not None:
-        claim = artifacts.persistent_volume_claim.claim_name
+    if artifacts.persistent_volume_claim is not None or operator_claim(resource):
+        claim = (artifacts.persistent_volume_claim.claim_name
+                 if artifacts.persistent_volume_claim else names(resource)["claim"])
         return {"name": "artifacts", "persistentVolumeClaim": {"claimName": claim}}
     if artifacts.host_path is not None:
         return {"name": "artifacts",
@@ -358,14 +411,9 @@ def deployment(resource: Resource, config: Manifest, images: Images) -> Manifest
     }
     if openai_enabled(resource):
         pod_spec["containers"].append(_gateway_container(resource, images))
-    if spec.artifacts.prepare:
+    if prepare_mode(resource) == "perPod":
         pod_spec["initContainers"] = [_prepare_container(resource, images)]
-    if spec.node_selector:
-        pod_spec["nodeSelector"] = dict(spec.node_selector)
-    if spec.tolerations:
-        pod_spec["tolerations"] = [dict(t) for t in spec.tolerations]
-    if spec.affinity:
-        pod_spec["affinity"] = dict(spec.affinity)
+    pod_spec.update(_placement(resource))
     annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT),
                    "prometheus.io/path": "/metrics",
                    CONFIG_HASH_ANNOTATION: config_hash(config)}
@@ -373,13 +421,129 @@ def deployment(resource: Resource, config: Manifest, images: Images) -> Manifest
         "selector": {"matchLabels": selector_labels(resource)},
         "strategy": _strategy(resource),
         "progressDeadlineSeconds": progress_deadline_seconds(resource),
-        "template": {"metadata": {"labels": _labels(resource), "annotations": annotations},
+        "template": {"metadata": {"labels": {**_labels(resource), **_volume_label(resource)},
+                                  "annotations": annotations},
                      "spec": pod_spec},
     }
     if spec.autoscaling is None:
         body["replicas"] = spec.replicas  # with an HPA, the HPA owns the replica count
     return {"apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": _metadata(resource, names(resource)["deployment"]), "spec": body}
+
+
+def _volume_label(resource: Resource) -> dict[str, str]:
+    """The label that pods sharing the operator's ReadWriteOnce claim meet by."""
+    if not operator_claim(resource) or \
+            resource.spec.artifacts.claim.access_mode != "ReadWriteOnce":
+        return {}
+    return {ARTIFACTS_LABEL: f"{resource.kind.lower()}.{resource.name}"}
+
+
+def _placement(resource: Resource) -> Manifest:
+    """nodeSelector, tolerations and affinity of the spec, for Triton's and the Job's pods.
+
+    A ReadWriteOnce claim of the operator's attaches to one node at a time, so every pod
+    that mounts it gets a required affinity to the others (hostname topology); the first
+    one scheduled may go anywhere (a pod may match its own affinity term). An affinity
+    of the user's replaces it: they have chosen.
+    """
+    spec = resource.spec
+    placement: Manifest = {}
+    if spec.node_selector:
+        placement["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        placement["tolerations"] = [dict(t) for t in spec.tolerations]
+    if spec.affinity:
+        placement["affinity"] = dict(spec.affinity)
+    elif _volume_label(resource):
+        together = {"labelSelector": {"matchLabels": _volume_label(resource)},
+                    "topologyKey": "kubernetes.io/hostname"}
+        placement["affinity"] = {
+            "podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [together]}}
+    return placement
+
+
+def artifacts_claim(resource: Resource) -> Manifest:
+    """The PersistentVolumeClaim the artifacts versions live on (job mode, none named)."""
+    claim = resource.spec.artifacts.claim
+    spec: Manifest = {"accessModes": [claim.access_mode],
+                      "resources": {"requests": {"storage": claim.size}}}
+    if claim.storage_class_name:
+        spec["storageClassName"] = claim.storage_class_name
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": _metadata(resource, names(resource)["claim"]), "spec": spec}
+
+
+def prepare_job(resource: Resource, images: Images = Images(), *,
+                cleanup: bool = False) -> Manifest:
+    """The Job that builds this spec's artifacts version into the shared volume, once.
+
+    Named after the fingerprint, so one Job exists per version however many replicas
+    there are, and a spec change that keeps the fingerprint (replicas, batching) creates
+    no Job. The resource document travels in the Job's own environment, not through the
+    ConfigMap, which keeps describing the version the running pods serve until this one
+    is complete. With ``cleanup``, the same command runs after a rollout and removes the
+    resource's other versions (``--keep-only``): it finds its version complete at once.
+    """
+    fingerprint = artifacts_fingerprint(resource)
+    assert fingerprint is not None, "LLMService artifacts are prepared per pod"
+    artifacts = resource.spec.artifacts
+    args = _prepare_args(resource, ["--resource-env", "TRITONOP_RESOURCE"])
+    if cleanup:
+        args.append("--keep-only")
+    container = {
+        "name": "cleanup" if cleanup else "prepare",
+        "image": artifacts.prepare_image or images.operator,
+        "command": ["tritonop"],
+        "args": args,
+        "env": [*_environment(resource),
+                {"name": "TRITONOP_RESOURCE", "value": resource_document(resource)}],
+        "resources": {"requests": dict(PREPARE_REQUESTS)},
+        "securityContext": _RESTRICTED,
+        "volumeMounts": [
+            {"name": "artifacts", "mountPath": ARTIFACTS_PATH,
+             **({"subPath": artifacts.sub_path} if artifacts.sub_path else {})},
+            {"name": "tmp", "mountPath": TMP_PATH},
+        ],
+    }
+    labels = {**_labels(resource), FINGERPRINT_LABEL: fingerprint}
+    pod_spec: Manifest = {
+        "restartPolicy": "Never",
+        "serviceAccountName": names(resource)["account"],
+        "automountServiceAccountToken": False,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID,
+                            "fsGroup": UID, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": [_artifacts_volume(resource), {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}}],
+        **_placement(resource),
+    }
+    # The Triton pods' selector labels stay off: a Job pod is no serving replica.
+    pod_labels = {k: v for k, v in labels.items() if k not in selector_labels(resource)}
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": _metadata(resource, job_name(resource, fingerprint,
+                                                 "cleanup" if cleanup else "prepare"),
+                              labels=labels),
+        "spec": {
+            "backoffLimit": JOB_BACKOFF_LIMIT,
+            "activeDeadlineSeconds": PREPARE_BUDGET_SECONDS,
+            "ttlSecondsAfterFinished": JOB_TTL_SECONDS,
+            "template": {"metadata": {"labels": {**pod_labels, **_volume_label(resource)}},
+                         "spec": pod_spec},
+        },
+    }
+
+
+def artifacts_children(resource: Resource, images: Images = Images()) -> list[Manifest]:
+    """What job mode needs before the Triton pods: the operator's claim and the Job.
+
+    Kept out of :func:`render_children`: the reconciler applies them only while the
+    resource's artifacts version is not known to be complete.
+    """
+    if prepare_mode(resource) != "job":
+        return []
+    claim = [artifacts_claim(resource)] if operator_claim(resource) else []
+    return [*claim, prepare_job(resource, images)]
 
 
 def pod_disruption_budget(resource: Resource) -> Manifest:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from tritonop.spec.base import MemoryQuantity, SpecModel, cel_rules
 
@@ -63,43 +63,101 @@ class EmptyDirVolume(SpecModel):
 
 _ONE_VOLUME = ("[has(self.persistentVolumeClaim), has(self.hostPath), has(self.emptyDir)]"
                ".filter(x, x).size() <= 1")
-_EMPTY_DIR_NEEDS_PREPARE = "!has(self.emptyDir) || self.prepare"
+_EMPTY_DIR_NEEDS_PER_POD = "!has(self.emptyDir) || !has(self.prepare) || self.prepare == 'perPod'"
+_NONE_NEEDS_A_VOLUME = ("!has(self.prepare) || self.prepare != 'none' || "
+                        "has(self.persistentVolumeClaim) || has(self.hostPath)")
+PrepareMode = Literal["job", "perPod", "none"]
+
+
+class ArtifactsClaimSpec(SpecModel):
+    """The PersistentVolumeClaim the operator creates for ``prepare: job`` when none is named.
+
+    ``ReadWriteOnce`` is the default because every storage class offers it; the pods that
+    mount it (the prepare Job and all Triton replicas) are then kept on one node by a
+    required pod affinity, since a ReadWriteOnce volume attaches to one node at a time.
+    Set ``ReadWriteMany`` (NFS, CephFS, EFS, Filestore...) to spread replicas over nodes.
+    """
+
+    storage_class_name: Optional[str] = Field(
+        None, min_length=1, description="Storage class. Default: the cluster's default class."
+    )
+    size: MemoryQuantity = Field("8Gi", description="Room for a few versions of the artifacts.")
+    access_mode: Literal["ReadWriteOnce", "ReadWriteMany"] = Field(
+        "ReadWriteOnce",
+        description="ReadWriteOnce keeps the resource's pods on one node; ReadWriteMany "
+        "lets them spread.",
+    )
 
 
 class ArtifactsSpec(SpecModel):
-    """Where the exported model, the index or the LLM weights live in the pod.
+    """Where the exported model, the index or the LLM weights live, and who prepares them.
 
-    The volume is mounted at ``/artifacts``; a resource's files sit under
-    ``/artifacts/<resource name>/``. With ``prepare`` (the default), an init container
-    runs ``tritonop prepare`` from the operator image to export the model and build the
-    index into the volume, skipping what is already there; without it, the volume must
-    already hold them (``tritonop prepare --artifacts-root`` on a machine that mounts it).
+    The volume is mounted at ``/artifacts``. ``prepare`` says who builds what the pods
+    read: ``job`` (an EmbeddingSearch's default) runs one Kubernetes Job per resource and
+    artifacts fingerprint into a shared volume (the claim named here, or one the operator
+    creates from ``claim``), and Triton pods mount the result read-only, with no prepare
+    step; ``perPod`` (an LLMService's default, and the choice for clusters without shared
+    storage) runs a prepare init container in every pod, into an emptyDir unless a volume
+    is named; ``none`` mounts a volume that something else filled
+    (``tritonop prepare --artifacts-root`` on a machine that mounts it).
     """
 
     model_config = ConfigDict(json_schema_extra=cel_rules(
         (_ONE_VOLUME, "set at most one of persistentVolumeClaim, hostPath, emptyDir"),
-        (_EMPTY_DIR_NEEDS_PREPARE, "an emptyDir starts empty: it needs prepare: true"),
+        (_EMPTY_DIR_NEEDS_PER_POD, "an emptyDir is per pod: it needs prepare: perPod"),
+        (_NONE_NEEDS_A_VOLUME,
+         "prepare: none needs a prepared persistentVolumeClaim or hostPath"),
     ))
 
     persistent_volume_claim: Optional[PersistentVolumeClaimVolume] = None
     host_path: Optional[HostPathVolume] = None
     empty_dir: Optional[EmptyDirVolume] = Field(
-        None, description="The default when no volume is named: artifacts are prepared per pod."
+        None, description="Per-pod storage: artifacts are prepared in every pod."
     )
     sub_path: str = Field("", pattern=r"^[^/].*$|^$", description="Folder inside the volume.")
-    prepare: bool = Field(True, description="Run the prepare init container.")
+    prepare: Optional[PrepareMode] = Field(
+        None,
+        description="job, perPod or none. Default: job for an EmbeddingSearch (perPod with "
+        "an emptyDir), perPod for an LLMService.",
+    )
+    claim: ArtifactsClaimSpec = Field(
+        ArtifactsClaimSpec(),
+        description="The claim the operator creates for prepare: job when no volume is named.",
+    )
     prepare_image: Optional[str] = Field(
         None, min_length=1, description="Image with the tritonop CLI. Default: the operator's."
     )
+
+    @field_validator("prepare", mode="before")
+    @classmethod
+    def _from_bool(cls, value: object) -> object:
+        """``prepare: true|false`` from before the modes existed: per pod, or nothing."""
+        if isinstance(value, bool):
+            return "perPod" if value else "none"
+        return value
 
     @model_validator(mode="after")
     def _one_volume(self) -> ArtifactsSpec:
         named = [self.persistent_volume_claim, self.host_path, self.empty_dir]
         if sum(volume is not None for volume in named) > 1:
             raise ValueError("set at most one of persistentVolumeClaim, hostPath, emptyDir")
-        if not self.prepare and self.persistent_volume_claim is None and self.host_path is None:
-            raise ValueError("an emptyDir starts empty: it needs prepare: true")
+        if self.empty_dir is not None and self.prepare not in (None, "perPod"):
+            raise ValueError("an emptyDir is per pod: it needs prepare: perPod")
+        if self.prepare == "none" and self.persistent_volume_claim is None \
+                and self.host_path is None:
+            raise ValueError("prepare: none needs a prepared persistentVolumeClaim or hostPath")
         return self
+
+    def mode(self, default: PrepareMode) -> PrepareMode:
+        """The prepare mode in effect, given the kind's ``default``."""
+        if self.prepare is not None:
+            return self.prepare
+        return "perPod" if self.empty_dir is not None else default
+
+    def operator_claim(self, default: PrepareMode) -> bool:
+        """Whether the operator creates the artifacts claim (job mode, no volume named)."""
+        return self.mode(default) == "job" and self.persistent_volume_claim is None \
+            and self.host_path is None
 
 
 _MIN_LE_MAX = "self.minReplicas <= self.maxReplicas"

@@ -96,12 +96,19 @@ class EngineSpec(SpecModel):
     )
 
 
+# The GGUF conversion is keyed by its source file and versioned in place (artifacts/llm.py);
+# the versioned folders and the prepare Job are the EmbeddingSearch's.
+_NO_JOB = "!has(self.artifacts) || !has(self.artifacts.prepare) || self.artifacts.prepare != 'job'"
+
+
 class LLMServiceSpec(DeploymentSpec):
     """A text-generation service over a Hugging Face causal LM."""
 
     model_config = ConfigDict(json_schema_extra=cel_rules(
         ("self.generation.defaults.maxTokens < self.model.maxContextLength",
          "generation.defaults.maxTokens must be < model.maxContextLength"),
+        (_NO_JOB, "an LLMService's artifacts are prepared per pod: artifacts.prepare must be "
+         "perPod or none"),
     ))
 
     model: LLMModelSpec = LLMModelSpec()
@@ -117,4 +124,7 @@ class LLMServiceSpec(DeploymentSpec):
     def _context_fits_generation(self) -> LLMServiceSpec:
         if self.generation.defaults.max_tokens >= self.model.max_context_length:
             raise ValueError("generation.defaults.maxTokens must be < model.maxContextLength")
+        if self.artifacts.prepare == "job":
+            raise ValueError("an LLMService's artifacts are prepared per pod: "
+                             "artifacts.prepare must be perPod or none")
         return self
