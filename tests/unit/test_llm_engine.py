@@ -23,6 +23,7 @@ from tests.support.llm import Outcome, decoded, run
 from tritonop.artifacts.llm import package_gguf
 from tritonop_backend.errors import RequestError
 from tritonop_backend.llm.engine import LLMEngine, QueueFullError
+from tritonop_backend.llm.kv import free_memory
 from tritonop_backend.llm.loading import MANIFEST, LoadedModel, load_causal_lm, prepare_gguf
 from tritonop_backend.llm.params import GenerationPolicy, GenerationRequest, parse_request
 
@@ -217,6 +218,15 @@ class TestCacheLayout:
         message = str(caught.value)
         assert "maxSequences=4096 x maxContextLength=8192 does not fit" in message
         assert "needs 1800.00 GiB but" in message and "is free on cpu" in message
+
+    def test_a_container_memory_limit_counts(self, tmp_path: Path) -> None:
+        """In a pod, /proc/meminfo shows the node; the cgroup limit is what an OOM kill obeys."""
+        (tmp_path / "memory.max").write_text(f"{3 * 2**30}\n")
+        (tmp_path / "memory.current").write_text(f"{2 * 2**30}\n")
+        assert free_memory(torch.device("cpu"), tmp_path) == 2**30
+        (tmp_path / "memory.max").write_text("max\n")
+        unlimited = free_memory(torch.device("cpu"), tmp_path)
+        assert unlimited is not None and unlimited > 2**20  # the machine's MemAvailable
 
 
 class TestScheduling:

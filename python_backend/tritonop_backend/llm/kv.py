@@ -16,8 +16,8 @@ use stays the same while serving.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -215,17 +215,45 @@ class BufferLayer(CacheLayerMixin):
         return -1
 
 
-def free_memory(device: torch.device) -> int | None:
-    """Bytes that an allocation on ``device`` may still take; None when unknown."""
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def free_memory(device: torch.device, cgroup: Path = CGROUP_ROOT) -> int | None:
+    """Bytes that an allocation on ``device`` may still take; None when unknown.
+
+    On the CPU that is the smaller of the machine's available memory and what the
+    container's memory limit leaves (cgroup v2 ``memory.max`` less ``memory.current``):
+    in a pod, ``/proc/meminfo`` describes the node, and going past the limit is an OOM
+    kill rather than an error.
+    """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    if device.type == "cpu" and os.path.exists("/proc/meminfo"):
+    if device.type != "cpu":
+        return None
+    sizes = [_mem_available(), _cgroup_room(cgroup)]
+    known = [size for size in sizes if size is not None]
+    return min(known) if known else None
+
+
+def _mem_available() -> int | None:
+    try:
         with open("/proc/meminfo", encoding="ascii") as meminfo:
             for line in meminfo:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return None
+
+
+def _cgroup_room(root: Path) -> int | None:
+    try:
+        limit = (root / "memory.max").read_text().strip()
+        used = int((root / "memory.current").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" else max(0, int(limit) - used)
 
 
 def _zeros(size: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
