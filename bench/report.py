@@ -105,19 +105,20 @@ EXPLANATIONS: dict[str, str] = {
     ),
     "S6.p50_ratio": (
         "The gateway adds one HTTP exchange in Python (Starlette under uvicorn with httptools "
-        "and uvloop) and one gRPC call to Triton: 1.4 ms at p50 in this run (8.1 against 6.7 "
-        "ms), on a machine shared with other test runs (load average 4.5 at the start, 10.5 "
-        "at the end, on 2 cores). The gateway's own CPU time is 0.53 ms per search (1,500 "
-        "queries at concurrency 8, read from /proc); the rest is the second loopback hop "
-        "and waiting for a core, not separated further. Rerun S6 on a quiet machine "
-        "(`python -m bench --scenario S6`) before reading more into it."
+        "and uvloop) and one gRPC call to Triton: +1.6 ms at p50 in this run (8.8 against "
+        "7.2 ms; the run before, +1.4 ms, 1.20x), on 2 cores shared with other test runs "
+        "(load average 5-7). The gateway's own CPU time is 0.53 ms per search (1,500 "
+        "queries at concurrency 8, read from /proc); the rest is the second loopback hop, "
+        "gRPC's completion-queue thread waking the event loop, and waiting for a core, not "
+        "separated further. Rerun S6 on a quiet machine (`python -m bench --scenario S6`) "
+        "before reading more into it."
     ),
     "S6.throughput_ratio": (
         "At peak Triton's pipeline already uses both cores; the gateway's 0.53 ms of CPU per "
-        "query (against ~6 ms for the pipeline) comes out of the same two cores, which puts "
-        "the ceiling near 0.91x here, and this run shared them with other test runs (load "
-        "average up to 10.5). In a cluster the gateway is its own container with its own CPU "
-        "request (250m), so it does not take the pipeline's cores."
+        "query (against ~5-6 ms for the pipeline) comes out of the same two cores, which puts "
+        "the ceiling near 0.9x here: 0.855x in one run under a load average of 4.5-10.5 from "
+        "other test runs, 0.92x in the next under 5-7. In a cluster the gateway is its own "
+        "container with its own CPU request (250m), so it does not take the pipeline's cores."
     ),
     "S7.reject_p99": (
         "Refusals need no Triton (p50 2.6 ms), but the gateway answers them on the same 2 "
