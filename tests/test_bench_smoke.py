@@ -67,7 +67,7 @@ def test_results_file_describes_the_machine_and_run(quick_run):
     assert machine["packages"]["torch"] and machine["packages"]["numpy"]
     assert "commit" in machine["git"]
     assert body["settings"]["cache"]["enabled"] is False
-    assert set(body["scenarios"]) == {"S1", "S2", "S3", "S4", "S5", "S6", "S7"}
+    assert set(body["scenarios"]) == {"S1", "S2", "S3", "S4", "S5", "S6", "S7", "S8"}
     assert body["llm_example"] == "examples/chat.yaml"
 
 

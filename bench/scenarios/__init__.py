@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.context import Context
-from bench.scenarios import s1, s2, s3, s4, s5, s6, s7
+from bench.scenarios import s1, s2, s3, s4, s5, s6, s7, s8
 
 
 @dataclass(frozen=True)
@@ -47,4 +47,8 @@ SCENARIOS: dict[str, Scenario] = {s.key: s for s in (
     Scenario("S7", "overload through the gateway",
              "S5 sent through the gateway's one admission bound per model: 429 answer time, "
              "accepted latency, lost requests", s7.run),
+    Scenario("S8", "scale-out start",
+             "start to Ready of a new search pod under the pod runner: artifacts prepared "
+             "once (warm and cold page cache, and with the probe periods of before) against "
+             "per-pod prepare", s8.run),
 )}

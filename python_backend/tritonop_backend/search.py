@@ -116,13 +116,32 @@ def _lowest_ids_among_ties(scores: np.ndarray, candidates: np.ndarray) -> np.nda
     return candidates
 
 
+def _mapped_tensor(path: Path, name: str) -> np.ndarray:
+    """One float32 tensor of a safetensors file, memory-mapped read-only (no copy).
+
+    The format is an 8-byte little-endian header length, a JSON header giving each
+    tensor's dtype, shape and byte range, then the raw data: a ``numpy.memmap`` at that
+    range reads pages from the page cache as they are touched, which replicas of a node
+    share, instead of reading the whole file into the process first.
+    """
+    with open(path, "rb") as data:
+        length = int.from_bytes(data.read(8), "little")
+        header = json.loads(data.read(length))
+    entry = header.get(name)
+    if entry is None or entry.get("dtype") != "F32":
+        raise ArtifactError(f"{path}: no float32 tensor {name!r}")
+    begin, end = entry["data_offsets"]
+    shape = tuple(entry["shape"])
+    if end - begin != 4 * int(np.prod(shape)):
+        raise ArtifactError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape}")
+    return np.memmap(path, dtype="<f4", mode="r", offset=8 + length + begin, shape=shape)
+
+
 def load_index(directory: Path) -> tuple[CorpusIndex, IndexManifest]:
     """Read an index directory written by ``tritonop index build``."""
-    from safetensors.numpy import load_file
-
     directory = Path(directory)
     manifest = IndexManifest.read(directory)
-    embeddings = load_file(str(directory / EMBEDDINGS_FILE))["embeddings"]
+    embeddings = _mapped_tensor(directory / EMBEDDINGS_FILE, "embeddings")
     with open(directory / TEXTS_FILE, encoding="utf-8") as lines:
         texts = [json.loads(line) for line in lines]
     if len(texts) != manifest.count:

@@ -61,8 +61,9 @@ def test_news_example_pod_serves_the_seed_request(run_pod):
     from sentence_transformers import SentenceTransformer
 
     from tritonop.artifacts.sources import locate
+    from tritonop.artifacts.versions import resource_fingerprint
 
-    index = pod.volumes["artifacts"] / "news" / "index"
+    index = pod.volumes["artifacts"] / "news" / resource_fingerprint(news) / "index"
     matrix = load_file(str(index / "embeddings.safetensors"))["embeddings"]
     assert matrix.shape == (20000, 384)
     query = SentenceTransformer(str(locate(news.spec.model.source)), device="cpu").encode(

@@ -46,8 +46,8 @@ def prepared_volume(shared_volume) -> Path:
     """The shared volume with docs' artifacts (already there after the claim test)."""
     from tritonop.artifacts.prepare import prepare
 
-    corpus = str(shared_volume / "corpus" / "texts.jsonl")  # the same file, seen from here
-    prepare([docs({}, corpus={"source": corpus})], shared_volume, progress=False)
+    # The pods' /artifacts/corpus/texts.jsonl, found under the volume's folder here.
+    prepare([docs({})], shared_volume, progress=False)
     for path in [shared_volume, *shared_volume.rglob("*")]:
         os.chown(path, 1000, 1000, follow_symlinks=False)
     return shared_volume
@@ -99,8 +99,8 @@ def test_two_pods_preparing_one_claim_at_once_share_one_good_copy(run_pod, share
     seconds = [pod.wait_ready() for pod in pods]
     record("docs on a claim, 2 pods at once, cold (400 texts)", max(seconds))
     logs = [pod.log_tail("prepare") for pod in pods]
-    assert sum("already exported" in log for log in logs) == 1, logs
-    assert sum("built index" in log for log in logs) == 1, logs
+    assert sum("already complete" in log for log in logs) == 1, logs
+    assert sum("encoder exported" in log for log in logs) == 1, logs
     answers = [search(pod) for pod in pods]
     assert answers[0]["ids"] == answers[1]["ids"] and len(answers[0]["ids"]) == 3
     assert not list(shared_volume.glob("docs/.*staging*"))

@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -203,3 +204,20 @@ def test_a_pod_refuses_a_missing_or_another_version_naming_both(tmp_path):
                                             "3333"):
         check_version(tmp_path / "3333", "3333")
     assert json.loads((tmp_path / "1111" / VERSION_FILE).read_text())["fingerprint"] == "1111"
+
+
+def test_the_index_is_memory_mapped_and_equal_to_what_safetensors_reads(tmp_path):
+    from safetensors.numpy import load_file
+
+    from tritonop_backend.search import _mapped_tensor, load_index, write_index
+
+    rng = np.random.default_rng(0)
+    matrix = rng.standard_normal((50, 8)).astype(np.float32)
+    manifest = IndexManifest("m", "f", "mean", 16, 8, 50, "sha")
+    write_index(tmp_path, matrix, [f"t{i}" for i in range(50)], manifest)
+    mapped = _mapped_tensor(tmp_path / "embeddings.safetensors", "embeddings")
+    assert isinstance(mapped, np.memmap)
+    np.testing.assert_array_equal(mapped, load_file(str(tmp_path / "embeddings.safetensors"))
+                                  ["embeddings"])
+    index, _ = load_index(tmp_path)
+    np.testing.assert_array_equal(index.embeddings, matrix)

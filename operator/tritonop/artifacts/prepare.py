@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from tritonop.artifacts.export import export_model
 from tritonop.artifacts.index import build_index
@@ -36,6 +36,7 @@ from tritonop.artifacts.versions import (
     resource_fingerprint,
     version_dir,
 )
+from tritonop.render.repository import DEFAULT_ARTIFACTS_ROOT as POD_ARTIFACTS_PATH
 from tritonop.resources import Resource
 from tritonop.spec import EmbeddingSearchSpec
 from tritonop_backend.artifacts import (
@@ -91,6 +92,18 @@ def _copy_tree(source: Path, target: Path) -> None:
     shutil.copytree(source, target, copy_function=link)
 
 
+def on_volume(path: Path, artifacts_root: Path) -> Path:
+    """A pod's ``/artifacts/...`` path as seen from a machine mounting the volume elsewhere.
+
+    A corpus on the artifacts volume is named by its path in the pods; ``tritonop prepare
+    --artifacts-root /mnt/volume`` run beside the cluster finds it under that root.
+    """
+    pod_root = PurePosixPath(POD_ARTIFACTS_PATH)
+    if Path(artifacts_root) == Path(pod_root) or not PurePosixPath(path).is_relative_to(pod_root):
+        return path
+    return Path(artifacts_root) / PurePosixPath(path).relative_to(pod_root)
+
+
 def prepare_embedding_search(
     resource: Resource, artifacts_root: Path, *, progress: bool = True,
     expect: str | None = None,
@@ -123,7 +136,7 @@ def prepare_embedding_search(
             return target
     except ArtifactError:
         pass
-    corpus = resource.resolve_path(spec.corpus.source)
+    corpus = on_volume(resource.resolve_path(spec.corpus.source), Path(artifacts_root))
     if not corpus.is_file():  # say so before minutes of export, not after
         raise ArtifactError(f"{resource.name}: spec.corpus.source: {corpus} does not exist")
     actual = read_corpus_sha256(resource)
@@ -160,6 +173,8 @@ def prepare_embedding_search(
         )
         VersionManifest(fingerprint, fingerprint_inputs(resource),
                         built.manifest.corpus_sha256).write(staging)
+        # mkdtemp makes it 0700: readable by the pods' uid only if it is the writer's.
+        staging.chmod(0o755)
         if target.exists():  # a torn or seeded folder without version.json: replace it
             retired = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}old-", dir=resource_dir))
             target.rename(retired / target.name)

@@ -57,6 +57,10 @@ JOB_TTL_SECONDS = 3600  # the operator records a finished version in status; the
 # Probes poll every second while Triton starts (a cheap GET), so a pod with prepared
 # artifacts is Ready within a second of Triton, instead of at the next 10 s tick.
 STARTUP_PERIOD_SECONDS = 1
+# Readiness every 2 s: the kubelet reports a container Ready at its first readiness probe
+# after the startup probe passes, so this period is added to a new pod's start; 15
+# failures keep the 30 s a pod may stay unresponsive before it leaves the Service.
+READINESS = {"periodSeconds": 2, "failureThreshold": 15}
 
 
 @dataclass(frozen=True)
@@ -280,7 +284,7 @@ def _triton_container(resource: Resource, config: Manifest, images: Images) -> M
                   for n, p in (("http", HTTP_PORT), ("grpc", GRPC_PORT),
                                ("metrics", METRICS_PORT))],
         "env": _environment(resource),
-        "readinessProbe": {**probe, "failureThreshold": 3},
+        "readinessProbe": {**probe, **READINESS},
         "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"},
                           "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6},
         "startupProbe": {**probe, "periodSeconds": STARTUP_PERIOD_SECONDS,
@@ -315,7 +319,7 @@ def _gateway_container(resource: Resource, images: Images) -> Manifest:
                  "--triton", f"localhost:{GRPC_PORT}", "--port", str(OPENAI_PORT)],
         "ports": [{"name": "openai", "containerPort": OPENAI_PORT, "protocol": "TCP"}],
         "env": [{"name": "HOME", "value": TMP_PATH}],
-        "readinessProbe": {**ready, "periodSeconds": 10, "failureThreshold": 3},
+        "readinessProbe": {**ready, **READINESS},
         "startupProbe": {**ready, "periodSeconds": STARTUP_PERIOD_SECONDS,
                          "failureThreshold": startup_seconds(resource) // STARTUP_PERIOD_SECONDS},
         "livenessProbe": {"httpGet": {"path": "/health/live", "port": "openai"},
