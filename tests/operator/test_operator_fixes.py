@@ -272,7 +272,7 @@ async def test_a_resync_of_a_settled_resource_sends_no_request(kube, kubeconfig)
         await wait_for(lambda: kube.live(DEPLOYMENT, NS, "news-triton"), what="the Deployment")
         await report_ready(kube, "news-triton", ready=1)
         await wait_for(lambda: status_where(kube, phase="Ready"), what="Ready")
-        await asyncio.sleep(1.5)  # the first resync applies once, through the cache
+        await asyncio.sleep(0.5)  # the Ready status write and its event settle
         before = len(api_requests(kube))
         await asyncio.sleep(4.0)  # four resyncs
         during = api_requests(kube)[before:]

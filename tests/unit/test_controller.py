@@ -228,6 +228,7 @@ def fake_kube(monkeypatch) -> Applying:
     kube = Applying()
     monkeypatch.setitem(handlers._state, "kube", kube)
     monkeypatch.setattr(handlers, "_objects", PerObject())
+    monkeypatch.setattr(handlers, "_children", ChildCache())
     monkeypatch.setattr(handlers, "announce", lambda *args: None)  # kopf's event queue
     return kube
 
@@ -263,12 +264,12 @@ def test_handlers_of_one_resource_take_turns(fake_kube, monkeypatch):
     original = handlers.reconcile
     order: list[str] = []
 
-    def slow(kube: Kube, resource_body: dict, *args: Any) -> Any:
+    def slow(kube: Kube, resource_body: dict, *args: Any, **kwargs: Any) -> Any:
         order.append(f"start {resource_body['metadata']['generation']}")
         if resource_body["metadata"]["generation"] == 1:
             inside.set()
             release.wait(5)
-        result = original(kube, resource_body, *args)
+        result = original(kube, resource_body, *args, **kwargs)
         order.append(f"end {resource_body['metadata']['generation']}")
         return result
 

@@ -141,7 +141,7 @@ def _reconcile_and_publish(body: Mapping[str, Any], before: ResourceStatus, *,
     kube = _kube()
     uid = body["metadata"]["uid"]
     try:
-        after = reconcile(kube, body, _images(), _children if resync else None)
+        after = reconcile(kube, body, _images(), _children, resync=resync)
     except InvalidResource as err:
         if after_failure(before, err.status):
             publish(kube, body, before, err.status)

@@ -101,7 +101,8 @@ def parse(body: Mapping[str, Any]) -> Resource:
 
 
 def apply_children(kube: Kube, body: Mapping[str, Any], resource: Resource, images: Images,
-                   cache: ChildCache | None = None) -> dict[str, Obj]:
+                   cache: ChildCache | None = None, *, resync: bool = False
+                   ) -> dict[str, Obj]:
     """Apply every child with an owner reference; delete optional ones no longer wanted.
 
     Server-side apply with ``force`` would take over an object of the same name that
@@ -109,23 +110,24 @@ def apply_children(kube: Kube, body: Mapping[str, Any], resource: Resource, imag
     that exist but are not this resource's are reported, and nothing is applied until
     they are gone: the timer's next run picks it up from there.
 
-    With a ``cache`` (a resync), children that the watches show as this process left
-    them are neither read nor applied again.
+    Every apply is recorded in ``cache``. On a resync, children that the watches show as
+    this process left them are neither read nor applied again.
 
     Returns:
         The children as the server stored them, by kind, for those applied now.
     """
     owner = owner_reference(body)
+    trusted = cache if resync else None
     children = render_children(resource, images)
     for child in children:
         child["metadata"]["ownerReferences"] = [owner]
     deployment_name = names(resource)["deployment"]
-    live_deployment = _known(kube, cache, "apps/v1", "Deployment", resource.namespace,
+    live_deployment = _known(kube, trusted, "apps/v1", "Deployment", resource.namespace,
                              deployment_name)
-    pending = [child for child in children if cache is None or not cache.unchanged(child)
+    pending = [child for child in children if trusted is None or not trusted.unchanged(child)
                or (child["kind"] == "Deployment"
                    and needs_handover(resource, live_deployment))]
-    taken = [child for child in pending if _taken(kube, cache, child, owner["uid"])]
+    taken = [child for child in pending if _taken(kube, trusted, child, owner["uid"])]
     if taken:
         listed = "; ".join(f"{c['kind']} {c['metadata']['name']!r} already exists in namespace "
                            f"{resource.namespace!r} and is not owned by this {resource.kind}"
@@ -142,7 +144,7 @@ def apply_children(kube: Kube, body: Mapping[str, Any], resource: Resource, imag
         if kind in wanted:
             continue
         name = names(resource)[role]
-        existing = _known(kube, cache, api_version, kind, resource.namespace, name)
+        existing = _known(kube, trusted, api_version, kind, resource.namespace, name)
         if existing is not None and owned_by(existing, owner["uid"]):
             kube.delete(api_version, kind, resource.namespace, name)
             if cache is not None:
@@ -276,16 +278,17 @@ def observe(kube: Kube, body: Mapping[str, Any], resource: Resource,
 
 
 def reconcile(kube: Kube, body: Mapping[str, Any], images: Images,
-              cache: ChildCache | None = None) -> ResourceStatus:
+              cache: ChildCache | None = None, *, resync: bool = False) -> ResourceStatus:
     """Make the cluster match the resource, and say how far it got.
 
     Args:
-        cache: on a resync, the children as watched: only what changed is applied.
+        cache: the children as watched, and what was applied to them.
+        resync: trust ``cache``: only what changed is read and applied.
     """
     resource = parse(body)
-    stored = apply_children(kube, body, resource, images, cache)
+    stored = apply_children(kube, body, resource, images, cache, resync=resync)
     deployment = stored.get("Deployment")
-    if deployment is None and cache is not None:
+    if deployment is None and cache is not None and resync:
         deployment = cache.live(("apps/v1", "Deployment", resource.namespace,
                                  names(resource)["deployment"]))
     return observe(kube, body, resource, deployment)
