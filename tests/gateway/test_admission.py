@@ -68,19 +68,50 @@ def test_burst_beyond_the_bound_gets_429_at_once_and_the_rest_complete(stack):
                  model="chat", status="429") >= 6
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_place_and_slot(stack):
-    body = {**BODY, "max_tokens": 200, "stream": True}
-    with httpx.stream("POST", f"{stack.base_url}/chat/completions", json=body,
-                      timeout=300) as response:
-        lines = response.iter_lines()
-        assert next(lines).startswith("data: ")
-    # Closed after the first event: the gateway cancels its Triton stream and the engine
-    # ends the sequence long before 200 tokens.
+def _generated_tokens(stack) -> float:
+    url = f"http://localhost:{stack.triton.server.ports.metrics}/metrics"
+    return gauge(httpx.get(url).text, "tritonop_llm_generated_tokens_total", model="chat")
+
+
+def _settled_after_leaving(stack) -> float:
+    """Tokens the engine generated until the request's slot and place were free again."""
     triton_metrics = f"http://localhost:{stack.triton.server.ports.metrics}/metrics"
     settle(lambda: gauge(httpx.get(triton_metrics).text, "tritonop_llm_running_sequences",
                          model="chat") == 0)
     settle(lambda: gauge(httpx.get(f"{stack.gateway.url}/metrics").text,
                          "tritonop_gateway_requests_in_flight", model="chat") == 0)
+    return _generated_tokens(stack)
+
+
+LONG = {**BODY, "max_tokens": 200,
+        "messages": [{"role": "user", "content": "Tell a long story about a dragon."}]}
+
+
+@pytest.fixture(scope="module")
+def long_alone(stack) -> int:
+    """Tokens the long request generates when nobody leaves."""
+    answer = httpx.post(f"{stack.base_url}/chat/completions", json=LONG, timeout=300).json()
+    assert answer["usage"]["completion_tokens"] >= 60, answer
+    return answer["usage"]["completion_tokens"]
+
+
+def test_a_client_that_leaves_mid_stream_cancels_its_triton_request(stack, long_alone):
+    before = _generated_tokens(stack)
+    with httpx.stream("POST", f"{stack.base_url}/chat/completions",
+                      json={**LONG, "stream": True}, timeout=300) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+    # Closed after the first event: the gateway cancels its Triton stream and the engine
+    # ends the sequence long before it would have finished.
+    assert _settled_after_leaving(stack) - before < long_alone / 2
+
+
+def test_a_client_that_leaves_before_the_answer_cancels_its_triton_request(stack, long_alone):
+    before = _generated_tokens(stack)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{stack.base_url}/chat/completions", json=LONG,
+                   timeout=httpx.Timeout(60, read=0.5))
+    assert _settled_after_leaving(stack) - before < long_alone / 2
 
 
 def test_503_while_triton_is_not_there():

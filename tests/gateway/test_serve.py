@@ -42,7 +42,8 @@ def test_serve_prints_gateway_calls_that_work(tmp_path, exported, smol_dir):
     command = [sys.executable, "-m", "tritonop.cli", "serve", str(tmp_path / "search.yaml"),
                str(tmp_path / "chat.yaml"), "--artifacts-root", str(root),
                "--http-port", str(free_port()), "--grpc-port", str(free_port()),
-               "--metrics-port", str(free_port()), "--openai-port", str(openai_port)]
+               "--metrics-port", str(free_port()), "--openai-port", str(openai_port),
+               "--workdir", str(tmp_path / "work")]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -67,7 +68,8 @@ def test_serve_prints_gateway_calls_that_work(tmp_path, exported, smol_dir):
         assert "Paris" in json.loads(chat)["choices"][0]["message"]["content"]
         assert "Paris" in snippet
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) == 0
+        log = tmp_path / "work" / "tritonserver.log"
+        assert process.wait(timeout=90) == 0, log.read_text()[-3000:]
     finally:
         if process.poll() is None:
             process.kill()
