@@ -48,6 +48,11 @@ class ResourceStatus(_StatusModel):
     selector: str = Field("", description="Label selector of the pods (scale subresource).")
     endpoints: Optional[Endpoints] = None
     config_hash: str = ""
+    artifacts_version: Optional[str] = Field(
+        None, description="The complete artifacts version (fingerprint) the pods load; "
+        "prepare: job switches the pods to a new one only once its Job has finished.")
+    artifacts_cleaned: Optional[str] = Field(
+        None, description="The version whose clean-up Job removed the older ones.")
     # A map keyed by type, as metav1.Condition lists are: server-side apply and strategic
     # merges then treat each condition as one entry instead of replacing the whole list.
     conditions: list[Condition] = Field(default_factory=list, json_schema_extra={

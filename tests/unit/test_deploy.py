@@ -190,6 +190,10 @@ def resource_bodies() -> list[Obj]:
     everything["spec"].update(replicas=2, autoscaling={"minReplicas": 2, "maxReplicas": 4},
                               networkPolicy={"enabled": True})
     bodies.append(everything)
+    by_job = copy.deepcopy(next(b for b in bodies if b["kind"] == "EmbeddingSearch"))
+    by_job["metadata"]["name"] = "prepared-by-a-job"
+    by_job["spec"]["artifacts"] = {"prepare": "job"}
+    bodies.append(by_job)
     for number, body in enumerate(bodies):
         body["metadata"].update(namespace="ml", uid=f"uid-{number}", resourceVersion="7",
                                 generation=1)

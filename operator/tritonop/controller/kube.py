@@ -37,6 +37,8 @@ PLURALS = {
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
     ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
     ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
+    ("v1", "PersistentVolumeClaim"): "persistentvolumeclaims",
+    ("batch/v1", "Job"): "jobs",
     (f"{API_GROUP}/{API_VERSION}", "EmbeddingSearch"): "embeddingsearches",
     (f"{API_GROUP}/{API_VERSION}", "LLMService"): "llmservices",
 }

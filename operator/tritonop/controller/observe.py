@@ -23,6 +23,9 @@ class Observed:
     desired_replicas: int
     deployment: Optional[Obj] = None
     pods: list[Obj] = field(default_factory=list)
+    # ArtifactsReady as the prepare Job says (prepare: job); None: from the pods' init
+    # containers (perPod), or from the last status.
+    artifacts: Optional[tuple[ConditionStatus, str, str]] = None
 
 
 def _deployment_conditions(deployment: Obj) -> dict[str, Obj]:
@@ -113,15 +116,22 @@ def observed_status(
         "observedGeneration")
     stuck = _deployment_conditions(deployment).get("Progressing", {})
     deadline_exceeded = stuck.get("reason") == "ProgressDeadlineExceeded"
-    artifacts = ("True", "Ready", "a Triton pod loaded them") if ready else \
-        _prepare_state(observed.pods)
+    if observed.artifacts is not None:
+        artifacts = observed.artifacts
+    else:
+        artifacts = ("True", "Ready", "a Triton pod loaded them") if ready else \
+            _prepare_state(observed.pods)
+    # A new version being prepared while the old pods serve is no fault.
+    preparing = observed.artifacts is not None and artifacts[1] == "Preparing"
 
     phase: Phase
     if desired == 0:
         phase, message = "Pending", "scaled to zero replicas"
     elif ready >= desired and updated >= desired and current:
         phase, message = "Ready", f"{ready}/{desired} Triton pods report ready"
-    elif artifacts[0] == "False" or deadline_exceeded:
+    elif preparing and not ready:
+        phase, message = "Pending", artifacts[2]
+    elif (artifacts[0] == "False" and not preparing) or deadline_exceeded:
         phase = "Degraded"
         message = artifacts[2] if artifacts[0] == "False" else stuck.get("message", "stuck")
     elif updated < desired or not current:
@@ -149,4 +159,5 @@ def observed_status(
         replicas=int(status.get("replicas") or 0),
         ready_replicas=ready, ready=f"{ready}/{desired}", selector=selector,
         endpoints=Endpoints(**endpoints), config_hash=config_hash, conditions=conditions,
+        artifacts_version=previous.artifacts_version, artifacts_cleaned=previous.artifacts_cleaned,
     )

@@ -7,13 +7,16 @@ costs at most one timer period.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
 from tritonop import API_GROUP, API_VERSION
+from tritonop.controller import artifacts
 from tritonop.controller.cache import ChildCache, key_of
 from tritonop.controller.kube import (
     FIELD_MANAGER,
@@ -29,6 +32,7 @@ from tritonop.render.kubernetes import (
     Images,
     endpoints,
     names,
+    prepare_mode,
     render_children,
     selector_labels,
     selector_string,
@@ -92,17 +96,28 @@ def invalid(body: Mapping[str, Any], message: str, reason: str = "InvalidSpec"
                                                   now(), reason))
 
 
+def examples_dir() -> Path | None:
+    """Where relative corpus paths resolve: the examples baked into the operator image.
+
+    The prepare step resolves them there too (``--base-dir``), so the operator can hash
+    such a corpus into the artifacts fingerprint; without the folder the path stands in.
+    """
+    folder = Path(os.environ.get("TRITONOP_EXAMPLES_DIR", "/opt/tritonop/examples"))
+    return folder if folder.is_dir() else None
+
+
 def parse(body: Mapping[str, Any]) -> Resource:
     """The resource, or :class:`InvalidResource` with a Failed status."""
     try:
-        return parse_resource({k: body.get(k) for k in ("apiVersion", "kind", "metadata", "spec")})
+        return parse_resource({k: body.get(k) for k in ("apiVersion", "kind", "metadata", "spec")},
+                              examples_dir())
     except ResourceError as err:
         raise invalid(body, str(err)) from None
 
 
 def apply_children(kube: Kube, body: Mapping[str, Any], resource: Resource, images: Images,
-                   cache: ChildCache | None = None, *, resync: bool = False
-                   ) -> dict[str, Obj]:
+                   cache: ChildCache | None = None, *, resync: bool = False,
+                   hold: frozenset[str] = frozenset()) -> dict[str, Obj]:
     """Apply every child with an owner reference; delete optional ones no longer wanted.
 
     Server-side apply with ``force`` would take over an object of the same name that
@@ -113,12 +128,16 @@ def apply_children(kube: Kube, body: Mapping[str, Any], resource: Resource, imag
     Every apply is recorded in ``cache``. On a resync, children that the watches show as
     this process left them are neither read nor applied again.
 
+    Args:
+        hold: kinds left as they are (the ConfigMap and Deployment while a new artifacts
+            version is prepared: the running pods keep theirs).
+
     Returns:
         The children as the server stored them, by kind, for those applied now.
     """
     owner = owner_reference(body)
     trusted = cache if resync else None
-    children = render_children(resource, images)
+    children = [c for c in render_children(resource, images) if c["kind"] not in hold]
     for child in children:
         child["metadata"]["ownerReferences"] = [owner]
     deployment_name = names(resource)["deployment"]
@@ -250,7 +269,8 @@ def owned_by(child: Mapping[str, Any], uid: str) -> bool:
 
 
 def observe(kube: Kube, body: Mapping[str, Any], resource: Resource,
-            deployment: Obj | None = None, generation: int | None = None) -> ResourceStatus:
+            deployment: Obj | None = None, generation: int | None = None,
+            artifacts_state: tuple[Any, str, str] | None = None) -> ResourceStatus:
     """The Deployment (and its pods while not all are ready) as a status.
 
     Args:
@@ -272,7 +292,13 @@ def observe(kube: Kube, body: Mapping[str, Any], resource: Resource,
         CONFIG_HASH_ANNOTATION, "")
     if generation is None:
         generation = int(body["metadata"].get("generation") or 1)
-    observed = Observed(generation, desired, deployment, pods)
+    if artifacts_state is None and prepare_mode(resource) == "job":
+        # A status-only refresh: the prepare Job's verdict stands until the next reconcile.
+        last = next((c for c in previous_status(body).conditions
+                     if c.type == "ArtifactsReady"), None)
+        if last is not None:
+            artifacts_state = (last.status, last.reason, last.message)
+    observed = Observed(generation, desired, deployment, pods, artifacts_state)
     return observed_status(observed, previous_status(body), selector=selector_string(resource),
                            endpoints=endpoints(resource), config_hash=config_hash, now=now())
 
@@ -286,12 +312,33 @@ def reconcile(kube: Kube, body: Mapping[str, Any], images: Images,
         resync: trust ``cache``: only what changed is read and applied.
     """
     resource = parse(body)
-    stored = apply_children(kube, body, resource, images, cache, resync=resync)
+    previous = previous_status(body)
+
+    def apply_owned(child: Obj) -> Obj:
+        child["metadata"]["ownerReferences"] = [owner_reference(body)]
+        return _apply(kube, body, child, None)
+
+    plan = artifacts.plan(resource, previous, apply_owned, images)
+    hold = plan.hold if plan else frozenset()
+    stored = apply_children(kube, body, resource, images, cache, resync=resync, hold=hold)
     deployment = stored.get("Deployment")
     if deployment is None and cache is not None and resync:
         deployment = cache.live(("apps/v1", "Deployment", resource.namespace,
                                  names(resource)["deployment"]))
-    return observe(kube, body, resource, deployment)
+    status = observe(kube, body, resource, deployment,
+                     artifacts_state=plan.condition if plan else None)
+    if plan is None:
+        return status
+    cleaned = artifacts.clean_up(resource, previous, plan.version,
+                                 lambda: deployment or status_deployment(kube, resource),
+                                 apply_owned, images) if not plan.hold else \
+        previous.artifacts_cleaned
+    return status.model_copy(update={"artifacts_version": plan.version,
+                                     "artifacts_cleaned": cleaned})
+
+
+def status_deployment(kube: Kube, resource: Resource) -> Obj | None:
+    return kube.get("apps/v1", "Deployment", resource.namespace, names(resource)["deployment"])
 
 
 def refresh(kube: Kube, body: Mapping[str, Any], deployment: Obj | None = None
