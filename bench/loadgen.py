@@ -222,6 +222,44 @@ class GenerateClient:
         return OK if complete else BAD_PAYLOAD
 
 
+class EmbeddingClient:
+    """One text's embedding over HTTP: Triton's ``<name>_embedding`` or Infinity's API.
+
+    ``model`` set: Infinity's OpenAI-style ``/embeddings`` (``{"model", "input": [text]}``);
+    unset: Triton's ``generate`` (``{"text"}``). Either way a 200 must carry one vector of
+    ``dim`` numbers, or it counts as a bad payload.
+    """
+
+    def __init__(self, url: str, dim: int, model: str | None = None,
+                 name: str = "http-embedding") -> None:
+        self.url, self.dim, self.model, self.name = url, dim, model, name
+        self._session: Any = None
+
+    async def __aenter__(self) -> EmbeddingClient:
+        import aiohttp
+
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._session.close()
+
+    async def send(self, text: str) -> int:
+        body: dict[str, Any] = ({"text": text} if self.model is None
+                                else {"model": self.model, "input": [text]})
+        async with self._session.post(self.url, json=body) as response:
+            if response.status != OK:
+                await response.read()
+                return response.status
+            answer = await response.json(content_type=None)
+        if self.model is None:
+            vector = answer.get("embedding", ())
+        else:
+            data = answer.get("data") or [{}]
+            vector = data[0].get("embedding", ()) if len(data) == 1 else ()
+        return OK if len(vector) == self.dim else BAD_PAYLOAD
+
+
 def _search_inputs(module: Any, text: str, num_results: int) -> list[Any]:
     query = module.InferInput("text", [1, 1], "BYTES")
     query.set_data_from_numpy(np.array([[text.encode()]], dtype=object))
@@ -380,6 +418,58 @@ class GenerateStreamClient:
                     record.status = OK
                     return
         record.status = BAD_PAYLOAD  # the stream ended without a last event
+
+
+class ChatStreamClient(GenerateStreamClient):
+    """An OpenAI server's ``/v1/chat/completions`` (vLLM), streamed, for the same bodies.
+
+    Takes the Triton ``generate_stream`` body S4 sends (``text_input``, ``max_tokens``,
+    sampling parameters, ``seed``) and sends it as one user message, so that the server
+    applies the model's chat template as ours does; token counts come from the usage
+    chunk at the end.
+    """
+
+    name = "openai-chat-stream"
+
+    def __init__(self, url: str, model: str, defaults: dict[str, Any] | None = None) -> None:
+        super().__init__(url.rstrip("/") + "/v1/chat/completions")
+        self.model = model
+        self.defaults = dict(defaults or {})
+        """Sampling parameters the body leaves out: our service's defaults, not vLLM's."""
+
+    async def stream(self, body: dict[str, Any], record: Stream, t0: float) -> None:
+        import json
+
+        request = {**self.defaults, "model": self.model, "stream": True,
+                   "stream_options": {"include_usage": True},
+                   "messages": [{"role": "user", "content": body["text_input"]}],
+                   **{k: body[k] for k in ("max_tokens", "temperature", "top_p", "top_k",
+                                           "seed") if k in body}}
+        async with self._session.post(self.url, json=request) as response:
+            if response.status != OK:
+                await response.read()
+                record.status = response.status
+                return
+            async for line in response.content:
+                if not line.startswith(b"data: "):
+                    continue
+                if line.startswith(b"data: [DONE]"):
+                    break
+                now = time.perf_counter() - t0
+                event = json.loads(line[6:])
+                if "error" in event:
+                    record.status = OTHER_ERROR
+                    return
+                for choice in event.get("choices") or ():
+                    if (choice.get("delta") or {}).get("content"):
+                        record.events.append(now)
+                    if choice.get("finish_reason"):
+                        record.finish_reason = str(choice["finish_reason"])
+                usage = event.get("usage")
+                if usage:
+                    record.completion_tokens = int(usage["completion_tokens"])
+                    record.prompt_tokens = int(usage["prompt_tokens"])
+        record.status = OK if record.completion_tokens is not None else BAD_PAYLOAD
 
 
 @dataclass

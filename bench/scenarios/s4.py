@@ -27,16 +27,19 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from bench import servers
+from bench import baselines, servers
 from bench.context import Context, log
 from bench.loadgen import (
     OK,
+    ChatStreamClient,
     GenerateStreamClient,
     Stream,
     StreamRun,
@@ -44,7 +47,7 @@ from bench.loadgen import (
     stream_closed_loop,
 )
 from bench.queries import PROMPT_TEMPLATE
-from bench.targets import at_least
+from bench.targets import at_least, at_most
 from tritonop.artifacts.llm import llm_model_dir, locate_llm
 from tritonop.artifacts.prepare import prepare
 from tritonop.resources import Resource
@@ -57,6 +60,8 @@ SEED = 1000  # request i carries seed SEED + i
 TARGET_LEVEL = 8
 TARGET_RATIO = 4.0
 IDLE_TIMEOUT_S = 120.0
+VS_VLLM_TOKENS_TARGET = 1.0  # aggregate tokens/s at 8 streams over vLLM-CPU's
+VS_VLLM_TTFT_TARGET = 1.5  # time to first token p50 at 8 streams, ours over vLLM-CPU's
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -80,8 +85,17 @@ def run(ctx: Context) -> dict[str, Any]:
     half = (len(requests) + 1) // 2
     baseline_runs = [_baseline(ctx, resource, threads, requests[:half], "before")]
     log.info("S4: sequential generate, first half: %.1f tok/s", _tokens_per_s(baseline_runs[0]))
-    with servers.triton([resource], ctx.artifacts_root, ctx.scratch("s4")) as server:
-        levels = asyncio.run(_measure(server, resource.name, body, ctx))
+    with ExitStack() as stack:
+        vllm: dict[str, Any]
+        try:
+            model_dir = Path(llm_model_dir(resource, str(ctx.artifacts_root)))
+            vllm = stack.enter_context(baselines.vllm(model_dir, ctx.scratch("s4")))
+        except baselines.BaselineUnavailable as err:
+            log.warning("S4: vLLM-CPU not measured: %s", err)
+            vllm = {"error": str(err)}
+        server = stack.enter_context(
+            servers.triton([resource], ctx.artifacts_root, ctx.scratch("s4")))
+        levels, vllm_levels = asyncio.run(_measure(server, resource.name, body, ctx, vllm))
         version = servers.triton_version(server)
     if requests[half:]:
         baseline_runs.append(_baseline(ctx, resource, threads, requests[half:], "after"))
@@ -90,6 +104,12 @@ def run(ctx: Context) -> dict[str, Any]:
         level["vs_generate"] = round(level["tokens_per_s"] / baseline["tokens_per_s"], 2)
     target_level = TARGET_LEVEL if str(TARGET_LEVEL) in levels else max(map(int, levels))
     ratio = levels[str(target_level)]["vs_generate"]
+    for c, level in levels.items():
+        theirs = vllm_levels.get(c)
+        if theirs:
+            level["vs_vllm"] = _ratio(level["tokens_per_s"], theirs["tokens_per_s"])
+            level["ttft_p50_vs_vllm"] = _ratio((level["ttft_ms"] or {}).get("p50"),
+                                               (theirs["ttft_ms"] or {}).get("p50"))
     log.info("S4: generate %.1f tok/s; %s", baseline["tokens_per_s"], ", ".join(
         f"c={c}: {v['tokens_per_s']:.1f} tok/s ({v['vs_generate']:.2f}x)"
         for c, v in levels.items()))
@@ -113,22 +133,47 @@ def run(ctx: Context) -> dict[str, Any]:
         "triton_version": version,
         "baseline": baseline,
         "levels": levels,
+        "vllm": {**vllm, "levels": vllm_levels},
         "target_ratio": TARGET_RATIO,
         "targets": [at_least(
             "S4.vs_generate",
             f"aggregate tokens/s at {target_level} streams / sequential generate",
-            ratio, TARGET_RATIO, "x")],
+            ratio, TARGET_RATIO, "x"),
+            at_least(
+            "S4.vs_vllm",
+            f"aggregate tokens/s at {target_level} streams / vLLM-CPU's",
+            levels[str(target_level)].get("vs_vllm"), VS_VLLM_TOKENS_TARGET, "x"),
+            at_most(
+            "S4.ttft_vs_vllm",
+            f"time to first token p50 at {target_level} streams / vLLM-CPU's",
+            levels[str(target_level)].get("ttft_p50_vs_vllm"), VS_VLLM_TTFT_TARGET, "x")],
     }
 
 
-async def _measure(server: Any, model: str, body: Any, ctx: Context) -> dict[str, Any]:
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+async def _measure(server: Any, model: str, body: Any, ctx: Context,
+                   vllm: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Each level on ours, then on vLLM-CPU when it runs: alternated, the same bodies."""
     sizes = ctx.sizes
     metrics_url = f"http://localhost:{server.ports.metrics}/metrics"
     server_cpu = servers.cpu_seconds(server)
     url = f"http://{server.http_url}/v2/models/{model}/generate_stream"
     levels: dict[str, Any] = {}
+    theirs: dict[str, Any] = {}
+    # Sampling parameters a body leaves out are our service's defaults; vLLM would use
+    # the model's generation_config.json instead, so they are sent explicitly.
+    defaults = ctx.llm_resource().spec.generation.defaults  # type: ignore[union-attr]
+    vllm_client = ChatStreamClient(str(vllm["url"]), str(vllm["model"]), {
+        "top_p": defaults.top_p, "top_k": defaults.top_k or -1,
+        "repetition_penalty": defaults.repetition_penalty}) if "url" in vllm else None
     async with GenerateStreamClient(url) as client:
         await _warm_up(client, body, max(sizes.s4_concurrency))
+        if vllm_client is not None:
+            async with vllm_client:
+                await _warm_up(vllm_client, body, max(sizes.s4_concurrency))
         for concurrency in sizes.s4_concurrency:
             wall, ours, theirs = (time.perf_counter(), servers.own_cpu_seconds(),
                                   server_cpu())
@@ -142,7 +187,41 @@ async def _measure(server: Any, model: str, body: Any, ctx: Context) -> dict[str
             levels[str(concurrency)] = {**_level_summary(run, model), "cpu_cores_used": cpu}
             log.info("S4 c=%d: %s", concurrency, {k: levels[str(concurrency)][k] for k in (
                 "tokens_per_s", "batching_factor", "ttft_ms", "itl_ms")})
-    return levels
+            if vllm_client is not None:
+                async with vllm_client:
+                    theirs[str(concurrency)] = await _measure_vllm(
+                        vllm_client, body, concurrency, ctx, str(vllm["url"]))
+    return levels, theirs
+
+
+async def _measure_vllm(client: ChatStreamClient, body: Any, concurrency: int, ctx: Context,
+                        base_url: str) -> dict[str, Any]:
+    """One level on vLLM-CPU, measured like ours (its own counters give the batching)."""
+    sizes = ctx.sizes
+    metrics_url = f"{base_url}/metrics"
+    wall, ours = time.perf_counter(), servers.own_cpu_seconds()
+    run = await stream_closed_loop(client, body, concurrency, duration=sizes.s4_seconds,
+                                   warmup=sizes.s4_warmup, metrics_url=metrics_url)
+    wall = time.perf_counter() - wall
+    deadline = time.monotonic() + IDLE_TIMEOUT_S
+    while time.monotonic() < deadline:  # until the cut streams are aborted
+        page = await client.get_text(metrics_url)
+        if _vllm_metric(page, "vllm:num_requests_running") == 0 \
+                and _vllm_metric(page, "vllm:num_requests_waiting") == 0:
+            break
+        await asyncio.sleep(0.2)
+    summary = {**run.summary(),
+               "cpu_cores_used": {"load_generator": round(
+                   (servers.own_cpu_seconds() - ours) / wall, 2)}}
+    log.info("S4 vLLM c=%d: %s", concurrency, {k: summary[k] for k in (
+        "tokens_per_s", "ttft_ms", "itl_ms")})
+    return summary
+
+
+def _vllm_metric(page: str, name: str) -> float:
+    """The sum of a Prometheus gauge over its label sets (0 when absent)."""
+    pattern = re.compile(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", re.M)
+    return sum(float(value) for value in pattern.findall(page))
 
 
 async def _warm_up(client: GenerateStreamClient, body: Any, count: int) -> None:
