@@ -31,11 +31,25 @@ class Server:
         return {**child, "status": self.job_status} if child["kind"] == "Job" else child
 
 
+def absent(child: dict[str, Any]) -> None:
+    return None
+
+
+def test_an_existing_job_is_read_not_applied_again():
+    """Its pod template is immutable: a placement change must not make the apply fail."""
+    server = Server()
+    existing = {"metadata": {"name": "x"}, "status": {"active": 1}}
+    running = plan(es(nodeSelector={"pool": "b"}), ResourceStatus(), server,
+                   lambda child: existing if child["kind"] == "Job" else None, Images())
+    assert [c["kind"] for c in server.applied] == ["PersistentVolumeClaim"]
+    assert running.condition[1] == "Preparing"
+
+
 def test_a_current_version_prepares_nothing():
     resource = es(replicas=5, stages={"encoder": {"maxBatchSize": 4}})
     server = Server()
     done = plan(resource, ResourceStatus(artifacts_version=resource_fingerprint(es())),
-                server, Images())
+                server, absent, Images())
     assert server.applied == [] and done.hold == frozenset()
     assert done.condition[0] == "True" and done.version == resource_fingerprint(resource)
 
@@ -44,7 +58,7 @@ def test_a_new_version_holds_the_pods_while_its_job_runs():
     old = resource_fingerprint(es())
     server = Server({"active": 1})
     new = es(model={"pooling": "cls"})
-    running = plan(new, ResourceStatus(artifacts_version=old), server, Images())
+    running = plan(new, ResourceStatus(artifacts_version=old), server, absent, Images())
     assert [c["kind"] for c in server.applied] == ["PersistentVolumeClaim", "Job"]
     assert running.hold == HELD_WHILE_PREPARING and running.version == old
     assert running.condition[:2] == ("False", "Preparing")
@@ -53,7 +67,7 @@ def test_a_new_version_holds_the_pods_while_its_job_runs():
 
 def test_a_complete_job_switches_to_its_version():
     server = Server({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]})
-    done = plan(es(), ResourceStatus(), server, Images())
+    done = plan(es(), ResourceStatus(), server, absent, Images())
     assert done.hold == frozenset() and done.version == resource_fingerprint(es())
     assert done.condition[:2] == ("True", "Prepared")
 
@@ -62,14 +76,15 @@ def test_a_failed_job_says_why_and_keeps_the_old_pods():
     server = Server({"failed": 3, "conditions": [
         {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
          "message": "Job has reached the specified backoff limit"}]})
-    failed = plan(es(), ResourceStatus(artifacts_version="0" * 16), server, Images())
+    failed = plan(es(), ResourceStatus(artifacts_version="0" * 16), server, absent,
+                  Images())
     assert failed.condition[:2] == ("False", "PrepareFailed")
     assert "BackoffLimitExceeded" in failed.condition[2] and failed.version == "0" * 16
     assert job_state({"status": {"active": 1}})[0] == "Running"
 
 
 def test_per_pod_and_llm_resources_have_no_plan():
-    assert plan(es(artifacts={"prepare": "perPod"}), ResourceStatus(), Server(),
+    assert plan(es(artifacts={"prepare": "perPod"}), ResourceStatus(), Server(), absent,
                 Images()) is None
 
 

@@ -20,6 +20,7 @@ import kopf.cli
 import kubernetes_validate
 import pytest
 import yaml
+from kubernetes.client.exceptions import ApiException
 from kubernetes_validate.utils import latest_version
 
 from tests.support.kube_emulator import load_operator
@@ -165,6 +166,19 @@ class RecordingKube(Kube):
         return {}
 
 
+class FreshKube(RecordingKube):
+    """A RecordingKube on which nothing exists yet: the first reconcile's calls (the
+    prepare Job is created, not read)."""
+
+    def _call(self, method: str, url: str, body: Any = None,
+              query: list[tuple[str, str]] | None = None,
+              content_type: str = "application/json") -> Obj:
+        result = super()._call(method, url, body, query, content_type)
+        if method == "GET" and not query:
+            raise ApiException(status=404)
+        return result
+
+
 def permissions_of(method: str, url: str, content_type: str) -> set[Permission]:
     """What RBAC checks for one request to a namespaced object's URL."""
     parts = url.strip("/").split("/")
@@ -219,6 +233,10 @@ def code_permissions() -> set[Permission]:
             {"apiVersion": body["apiVersion"], "kind": body["kind"],
              "name": body["metadata"]["name"]}]}}
         get_owner(kube, child)
+    fresh = FreshKube()
+    for body in resource_bodies():
+        reconcile(fresh, body, Images())
+    kube.calls += fresh.calls
     assert {content for method, _, content in kube.calls if method == "PATCH"} == {
         APPLY_PATCH, MERGE_PATCH}
     needed = set().union(*(permissions_of(*call) for call in kube.calls))

@@ -35,6 +35,7 @@ from tritonop.status import ConditionStatus, ResourceStatus
 # Children left as they are while a new version is prepared: the running pods' own.
 HELD_WHILE_PREPARING = frozenset({"ConfigMap", "Deployment"})
 Apply = Callable[[Obj], Obj]
+Get = Callable[[Obj], Optional[Obj]]
 
 
 @dataclass(frozen=True)
@@ -70,12 +71,16 @@ def job_state(job: Mapping[str, Any]) -> tuple[str, str]:
         f"{int(status.get('failed') or 0)} failed"
 
 
-def plan(resource: Resource, previous: ResourceStatus, apply: Apply,
+def plan(resource: Resource, previous: ResourceStatus, apply: Apply, get: Get,
          images: Images) -> ArtifactsPlan | None:
     """Apply the claim and the Job a job-mode resource needs; None for other modes.
 
+    A Job that exists is only read: its pod template is immutable, and one created for
+    this fingerprint does the work whatever placement the spec asks for since.
+
     Args:
         apply: applies one child (owner reference added) and returns it as stored.
+        get: reads a child as the server has it (None when absent).
     """
     if prepare_mode(resource) != "job":
         return None
@@ -86,7 +91,7 @@ def plan(resource: Resource, previous: ResourceStatus, apply: Apply,
     stored: Obj = {}
     for child in artifacts_children(resource, images):
         name = child["metadata"]["name"]
-        stored = apply(child)  # the Job comes last
+        stored = (get(child) if child["kind"] == "Job" else None) or apply(child)
     state, detail = job_state(stored)
     if state == "Complete":
         return ArtifactsPlan(frozenset(), ("True", "Prepared",

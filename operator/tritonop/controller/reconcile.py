@@ -318,7 +318,11 @@ def reconcile(kube: Kube, body: Mapping[str, Any], images: Images,
         child["metadata"]["ownerReferences"] = [owner_reference(body)]
         return _apply(kube, body, child, None)
 
-    plan = artifacts.plan(resource, previous, apply_owned, images)
+    def get_child(child: Obj) -> Obj | None:
+        meta = child["metadata"]
+        return kube.get(child["apiVersion"], child["kind"], meta["namespace"], meta["name"])
+
+    plan = artifacts.plan(resource, previous, apply_owned, get_child, images)
     hold = plan.hold if plan else frozenset()
     stored = apply_children(kube, body, resource, images, cache, resync=resync, hold=hold)
     deployment = stored.get("Deployment")

@@ -421,6 +421,9 @@ def deployment(resource: Resource, config: Manifest, images: Images) -> Manifest
     annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT),
                    "prometheus.io/path": "/metrics",
                    CONFIG_HASH_ANNOTATION: config_hash(config)}
+    if artifacts_fingerprint(resource):
+        # The artifacts version these pods load (their models refuse any other).
+        annotations[FINGERPRINT_LABEL] = str(artifacts_fingerprint(resource))
     body: Manifest = {
         "selector": {"matchLabels": selector_labels(resource)},
         "strategy": _strategy(resource),
