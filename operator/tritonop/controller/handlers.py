@@ -43,7 +43,7 @@ MANAGED_BY = "app.kubernetes.io/managed-by=tritonop"
 CHILD_KINDS = (("", "v1", "configmaps"), ("", "v1", "services"), ("", "v1", "serviceaccounts"),
                ("apps", "v1", "deployments"), ("policy", "v1", "poddisruptionbudgets"),
                ("autoscaling", "v2", "horizontalpodautoscalers"),
-               ("networking.k8s.io", "v1", "networkpolicies"))
+               ("networking.k8s.io", "v1", "networkpolicies"), ("batch", "v1", "jobs"))
 MAX_RETRY_DELAY = 60.0
 _state: dict[str, Any] = {}
 _objects = PerObject()
@@ -199,6 +199,8 @@ def _follow_children(group: str, version: str, plural: str) -> None:
         _children.seen(type, body)
         if plural == "deployments":
             deployment_changed(body)
+        elif plural == "jobs":
+            job_changed(body)
 
 
 def deployment_changed(body: Mapping[str, Any]) -> None:
@@ -211,6 +213,24 @@ def deployment_changed(body: Mapping[str, Any]) -> None:
         after = refresh(kube, owner, dict(body))
         if after is not None:
             publish(kube, owner, previous_status(owner), after)
+
+
+def job_changed(body: Mapping[str, Any]) -> None:
+    """A prepare Job finished or failed: reconcile its owner now, not at the next resync.
+
+    The owner's pods switch to the new artifacts version when the reconcile sees the Job
+    complete; waiting for the timer would add up to its period to every spec change.
+    """
+    conditions = (body.get("status") or {}).get("conditions") or []
+    if not any(c.get("status") == "True" and c.get("type") in ("Complete", "Failed")
+               for c in conditions):
+        return
+    owner = get_owner(_kube(), body)
+    if owner is not None:
+        try:
+            _run(owner, resync=False, retry=0)
+        except kopf.TemporaryError:
+            pass  # the timer's next run tries again
 
 
 for _group, _version, _child_plural in CHILD_KINDS:
