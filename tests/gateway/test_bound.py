@@ -96,3 +96,23 @@ def test_bodies_that_are_not_json_objects_are_400(raw):
     with pytest.raises(APIError) as caught:
         parse_json(raw)
     assert caught.value.status == 400 and caught.value.param == "body"
+
+
+def test_the_llm_model_reads_the_prompt_formats_the_gateway_sends():
+    from tritonop_backend.errors import RequestError
+    from tritonop_backend.llm.params import GenerationPolicy, parse_request
+
+    policy = GenerationPolicy()
+    turns = '[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]'
+    chat = parse_request({"text_input": turns, "prompt_format": b"messages"}, policy)
+    assert chat.messages == (("system", "Be brief."), ("user", "Hi")) and not chat.raw
+    raw = parse_request({"text_input": "Once upon", "prompt_format": "raw"}, policy)
+    assert raw.raw and raw.messages is None
+    plain = parse_request({"text_input": "Hi"}, policy)  # what /generate clients send
+    assert not plain.raw and plain.messages is None
+    for values, field in [({"text_input": "Hi", "prompt_format": "yaml"}, "prompt_format"),
+                          ({"text_input": "[1]", "prompt_format": "messages"}, "messages[0]"),
+                          ({"text_input": "{", "prompt_format": "messages"}, "text_input")]:
+        with pytest.raises(RequestError) as caught:
+            parse_request(values, policy)
+        assert caught.value.field == field
