@@ -51,9 +51,10 @@ def test_autoscaling_on_and_off_never_drops_the_replicas(cluster, live_operator)
     assert resource["status"]["readyReplicas"] == 3
 
 
-def test_prepare_false_removes_the_init_container(cluster, live_operator):
+def test_prepare_none_removes_the_init_container(cluster, live_operator):
+    """perPod -> none: the init container the operator stops sending is really released."""
     claim = {"persistentVolumeClaim": {"claimName": "artifacts"}}
-    cluster.apply(example(ES, "prepared", NAMESPACE, artifacts={**claim, "prepare": True}))
+    cluster.apply(example(ES, "prepared", NAMESPACE, artifacts={**claim, "prepare": "perPod"}))
 
     def init_containers() -> list[str]:
         deployment = cluster.get_json("deployment", "prepared-triton", "-n", NAMESPACE)
@@ -63,7 +64,7 @@ def test_prepare_false_removes_the_init_container(cluster, live_operator):
     wait_for(lambda: cluster.kubectl("get", "deployment", "prepared-triton", "-n", NAMESPACE,
                                      check=False).returncode == 0, 60, "the Deployment")
     assert init_containers()
-    cluster.apply(example(ES, "prepared", NAMESPACE, artifacts={**claim, "prepare": False}))
+    cluster.apply(example(ES, "prepared", NAMESPACE, artifacts={**claim, "prepare": "none"}))
     wait_status(cluster, ES, "prepared", NAMESPACE,
                 lambda r: (r.get("status") or {}).get("observedGeneration") == 2,
                 "generation 2 observed")

@@ -36,9 +36,13 @@ SERVER_SAYS = {
     "spec.artifacts: set at most one of":
         "spec.artifacts: Invalid value: set at most one of persistentVolumeClaim, "
         "hostPath, emptyDir",
-    "spec.artifacts: an emptyDir starts empty":
-        "spec.artifacts: Invalid value: an emptyDir starts empty: it needs "
-        "prepare: true",
+    "spec.artifacts: an emptyDir is per pod":
+        "spec.artifacts: Invalid value: an emptyDir is per pod: it needs prepare: perPod",
+    "spec.artifacts: prepare: none needs":
+        "spec.artifacts: Invalid value: prepare: none needs a prepared persistentVolumeClaim "
+        "or hostPath",
+    "spec: an LLMService's artifacts are prepared per pod":
+        "spec: Invalid value: an LLMService's artifacts are prepared per pod",
     "spec.artifacts.hostPath.path": 'spec.artifacts.hostPath.path: Invalid value: "relative": '
                                     "spec.artifacts.hostPath.path in body should match '^/'",
     "spec.model.dtype": 'spec.model.dtype: Unsupported value: "int4"',

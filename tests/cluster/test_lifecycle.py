@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-
 from tests.cluster.conftest import CRD_NAMES, NAMESPACE
 from tests.cluster.helpers import (
     children,
@@ -188,7 +186,7 @@ def test_crds_installed_after_the_operator_started_are_served(cluster, live_oper
         cluster.kubectl("apply", "-f", str(ROOT / "crds" / f"{llm_crd}.yaml"))
 
 
-def namespaced_install(cluster: ControlPlane, namespace: str, workdir: Path) -> None:
+def namespaced_install(cluster: ControlPlane, namespace: str, workdir: Path) -> Path:
     """deploy/namespaced/ moved to ``namespace`` by an overlay, as its comment says to."""
     overlay = workdir / f"overlay-{namespace}"
     overlay.mkdir(exist_ok=True)
@@ -201,15 +199,14 @@ def namespaced_install(cluster: ControlPlane, namespace: str, workdir: Path) -> 
     cluster.kubectl("rollout", "status", "deployment/tritonop", "-n", namespace,
                     "--timeout=120s")
     cluster.kubectl("scale", "deployment/tritonop", "-n", namespace, "--replicas=0")
+    return overlay
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: the namespaced operator lists CRDs and "
-                   "namespaces at cluster scope, which its Role does not allow (403s forever)")
 def test_namespaced_install_serves_its_own_namespace(cluster, live_operator, tmp_path):
     namespace = "tritonop-ns"
-    namespaced_install(cluster, namespace, tmp_path)
+    overlay = namespaced_install(cluster, namespace, tmp_path)
     live_operator.stop()  # only the namespaced operator may act now
-    confined = Operator(cluster, account_namespace=namespace, watch_namespace=namespace)
+    confined = Operator(cluster, account_namespace=namespace, kustomization=overlay)
     try:
         confined.start()
         cluster.apply(example(ES, "local", namespace))

@@ -19,8 +19,9 @@ NAMESPACE = "tritonop-scale"
 ES = "EmbeddingSearch"
 
 
-def deploy_resync_seconds() -> float:
-    env = {e["name"]: e.get("value") for e in operator_container()["env"]}
+def deploy_resync_seconds(cluster) -> float:
+    container = operator_container(kubectl=cluster.binary("kubectl"))
+    env = {e["name"]: e.get("value") for e in container["env"]}
     return float(env["TRITONOP_RESYNC_SECONDS"])
 
 
@@ -38,7 +39,7 @@ def requests_per_second(cluster, seconds: float) -> float:
 
 @pytest.mark.timeout(900)
 def test_many_resources_reconcile_to_ready(cluster, live_operator, record_property):
-    resync = deploy_resync_seconds()
+    resync = deploy_resync_seconds(cluster)
     live_operator.stop()
     cluster.create_namespace(NAMESPACE)
     # What the control plane costs by itself (kwok's node leases, controllers' resyncs).

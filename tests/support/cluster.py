@@ -15,6 +15,7 @@ import datetime
 import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -455,10 +456,15 @@ def request_count(metrics: str, match: Callable[[str], bool] = lambda labels: Tr
 # --- the operator -----------------------------------------------------------------------
 
 
-def operator_container() -> dict[str, Any]:
-    """The operator's container as deploy/base/operator.yaml declares it."""
-    deployment = yaml.safe_load((ROOT / "deploy" / "base" / "operator.yaml").read_text())
-    return deployment["spec"]["template"]["spec"]["containers"][0]
+def operator_container(kustomization: Path = ROOT / "deploy",
+                       kubectl: str = "kubectl") -> dict[str, Any]:
+    """The operator's container as an install renders it (``kubectl kustomize``)."""
+    rendered = subprocess.run([kubectl, "kustomize", str(kustomization)], capture_output=True,
+                              text=True, check=True).stdout
+    for doc in yaml.safe_load_all(rendered):
+        if doc and doc["kind"] == "Deployment" and doc["metadata"]["name"] == "tritonop":
+            return doc["spec"]["template"]["spec"]["containers"][0]
+    raise ClusterError(f"no tritonop Deployment in {kustomization}")
 
 
 @dataclass
@@ -472,30 +478,31 @@ class Operator:
 
     cluster: ControlPlane
     account_namespace: str = "tritonop-system"
-    watch_namespace: str | None = None  # None: --all-namespaces, as deploy/ runs it
+    kustomization: Path = ROOT / "deploy"  # the install whose Deployment it runs as
     resync_seconds: float = 5
     process: Process | None = None
-    starts: int = 0
 
     def start(self) -> Operator:
-        container = operator_container()
+        container = operator_container(self.kustomization, self.cluster.binary("kubectl"))
         command = list(container["command"])
         assert command[:2] == ["kopf", "run"], command
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
+        env.update({e["name"]: e["value"] for e in container["env"] if "value" in e})
+        env.update({"POD_NAMESPACE": self.account_namespace,
+                    "TRITONOP_RESYNC_SECONDS": str(self.resync_seconds)})
         port = free_port()
-        args = [f"--namespace={self.watch_namespace}" if self.watch_namespace
-                else "--all-namespaces", f"--liveness=http://127.0.0.1:{port}/healthz"]
+        # Kubernetes expands $(VAR) in args from the container's environment.
+        args = [re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), arg)
+                for arg in container.get("args") or []]
+        args = [a for a in args if not a.startswith("--liveness=")]
+        args.append(f"--liveness=http://127.0.0.1:{port}/healthz")
         workdir = self.cluster.workdir
-        kubeconfig = write_kubeconfig(
+        env["KUBECONFIG"] = str(write_kubeconfig(
             workdir / f"operator-{self.account_namespace}.kubeconfig", self.cluster.server,
             self.cluster.pki.ca,  # type: ignore[union-attr]
             token=self.cluster.token("tritonop", self.account_namespace),
-            namespace=self.account_namespace)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
-        env.update({e["name"]: e["value"] for e in container["env"] if "value" in e})
-        env.update({"KUBECONFIG": str(kubeconfig), "POD_NAMESPACE": self.account_namespace,
-                    "TRITONOP_RESYNC_SECONDS": str(self.resync_seconds)})
+            namespace=self.account_namespace))
         kopf = str(Path(sys.executable).with_name("kopf"))
-        self.starts += 1
         name = f"operator-{self.account_namespace}"
         self.process = Process(name, [kopf, *command[1:], *args],
                                workdir / "logs" / f"{name}.log", env=env).start()
