@@ -1,15 +1,17 @@
 """Making sure everything a resource serves exists under an artifacts root.
 
-Used by ``tritonop serve`` and ``tritonop prepare`` locally and by the "prepare" init
-container in a cluster. Every step is skipped when its manifest says the result is
-already there and current, so a warm start takes seconds.
+Used by ``tritonop serve`` and ``tritonop prepare`` locally, and in a cluster by the
+operator's prepare Job (``prepare: job``) or the "prepare" init container (``perPod``).
+An EmbeddingSearch is prepared into the version folder named by its artifacts
+fingerprint (:mod:`tritonop.artifacts.versions`); a complete version is never built
+again, so a warm start takes seconds.
 
-Several pods may prepare into one shared volume at once (replicas on a
-PersistentVolumeClaim or a hostPath). Each resource is prepared under an exclusive lock
-on ``<root>/.<name>.lock``, so one pod builds while the others wait and then find the
-result current; and each directory is built in a staging folder beside its final place
-and renamed into it, so a pod killed mid-way never leaves a half-written directory that
-a server (or the next prepare) could take for a finished one.
+Several prepares may meet on one shared volume (replicas on a PersistentVolumeClaim or
+a hostPath, a Job and its retry). Each resource is prepared under an exclusive lock on
+``<root>/.<name>.lock``, so one builds while the others wait and then find the version
+complete; and a version is built whole in a staging folder beside its final place and
+renamed into it with its ``version.json`` inside, so one killed mid-way never leaves a
+half-written version that a server (or the next prepare) could take for a finished one.
 """
 
 from __future__ import annotations
