@@ -338,3 +338,10 @@ def test_a_status_write_the_server_cannot_take_is_retried_with_backoff(fake_kube
     with pytest.raises(handlers.kopf.TemporaryError) as raised:
         handlers._run(body(1), resync=False, retry=3)
     assert raised.value.delay == 8
+
+
+def test_a_resync_puts_nothing_back_for_a_resource_deleted_since_its_body_was_read(fake_kube):
+    handlers._run(body(1), resync=True, retry=0)  # every GET answers 404: the owner too
+    assert fake_kube.applied == []
+    handlers._run(body(1), resync=False, retry=0)  # kopf's fresh body of a change
+    assert deployment_replicas(fake_kube) == [1]

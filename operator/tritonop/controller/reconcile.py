@@ -7,6 +7,7 @@ costs at most one timer period.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -38,6 +39,7 @@ from tritonop.render.kubernetes import (
     selector_string,
 )
 from tritonop.resources import Resource, ResourceError, parse_resource
+from tritonop.spec import EmbeddingSearchSpec
 from tritonop.status import ResourceStatus
 
 # Children that exist only when the spec asks for them: removed when it stops asking.
@@ -106,6 +108,28 @@ def examples_dir() -> Path | None:
     return folder if folder.is_dir() else None
 
 
+def with_default_prepare(kube: Kube, resource: Resource) -> Resource:
+    """An EmbeddingSearch that names neither a prepare mode nor a volume, in job mode
+    where the cluster has a default StorageClass to make its claim from.
+
+    That is where prepare-once can serve (a claim the operator creates); elsewhere such a
+    resource keeps the per-pod init container, which needs no storage. The render alone
+    cannot know the cluster, so ``tritonop render`` shows the per-pod default.
+    """
+    spec = resource.spec
+    if not isinstance(spec, EmbeddingSearchSpec):
+        return resource
+    artifacts = spec.artifacts
+    if artifacts.prepare is not None or any(
+            volume is not None for volume in (artifacts.empty_dir, artifacts.host_path,
+                                              artifacts.persistent_volume_claim)):
+        return resource
+    if kube.default_storage_class() is None:
+        return resource
+    job = artifacts.model_copy(update={"prepare": "job"})
+    return dataclasses.replace(resource, spec=spec.model_copy(update={"artifacts": job}))
+
+
 def parse(body: Mapping[str, Any]) -> Resource:
     """The resource, or :class:`InvalidResource` with a Failed status."""
     try:
@@ -146,6 +170,8 @@ def apply_children(kube: Kube, body: Mapping[str, Any], resource: Resource, imag
     pending = [child for child in children if trusted is None or not trusted.unchanged(child)
                or (child["kind"] == "Deployment"
                    and needs_handover(resource, live_deployment))]
+    if trusted is not None and pending and not _still_there(kube, body):
+        return {}  # deleted since kopf's timer read it: nothing to put back
     taken = [child for child in pending if _taken(kube, trusted, child, owner["uid"])]
     if taken:
         listed = "; ".join(f"{c['kind']} {c['metadata']['name']!r} already exists in namespace "
@@ -169,6 +195,19 @@ def apply_children(kube: Kube, body: Mapping[str, Any], resource: Resource, imag
             if cache is not None:
                 cache.forget((api_version, kind, resource.namespace, name))
     return stored
+
+
+def _still_there(kube: Kube, body: Mapping[str, Any]) -> bool:
+    """Whether the resource still exists, as this uid, and is not being deleted.
+
+    A resync's body can be older than a deletion: applying children then would recreate
+    them for an owner that is gone (the garbage collector would remove them again).
+    """
+    meta = body["metadata"]
+    current = kube.get(body["apiVersion"], body["kind"], meta["namespace"], meta["name"])
+    current_meta = (current or {}).get("metadata") or {}
+    return current_meta.get("uid") == meta.get("uid") and not current_meta.get(
+        "deletionTimestamp")
 
 
 def _known(kube: Kube, cache: ChildCache | None, api_version: str, kind: str, namespace: str,
@@ -311,7 +350,7 @@ def reconcile(kube: Kube, body: Mapping[str, Any], images: Images,
         cache: the children as watched, and what was applied to them.
         resync: trust ``cache``: only what changed is read and applied.
     """
-    resource = parse(body)
+    resource = with_default_prepare(kube, parse(body))
     previous = previous_status(body)
 
     def apply_owned(child: Obj) -> Obj:
@@ -364,7 +403,7 @@ def refresh(kube: Kube, body: Mapping[str, Any], deployment: Obj | None = None
     if previous.observed_generation != generation or previous.phase == "Failed":
         return None
     try:
-        resource = parse(body)
+        resource = with_default_prepare(kube, parse(body))
     except InvalidResource:
         return None
     return observe(kube, body, resource, deployment, generation)
