@@ -139,3 +139,30 @@ def test_replicas_and_batching_prepare_nothing(cluster, live_operator):
     assert {j["metadata"]["name"] for j in prepare_jobs(cluster, name)} == before
     assert resource["status"]["artifactsVersion"] == version
     assert condition(resource, "ArtifactsReady")["status"] == "True"
+
+
+def test_a_default_storage_class_makes_a_job_the_default(cluster, live_operator):
+    """An EmbeddingSearch naming no volume is prepared by a Job where a claim can be made."""
+    name = "defaulted"
+    volume_for(cluster, name)
+    storage = {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+               "metadata": {"name": "tritonop-test-default", "annotations": {
+                   "storageclass.kubernetes.io/is-default-class": "true"}},
+               "provisioner": "kubernetes.io/no-provisioner",
+               "volumeBindingMode": "Immediate"}
+    live_operator.stop()  # its StorageClass answer is cached: start it afresh
+    cluster.apply(storage)
+    live_operator.start()
+    try:
+        cluster.apply(example(ES, name, NAMESPACE))
+        wait_for(lambda: prepare_jobs(cluster, name), 60, "the prepare Job")
+        resource = wait_ready(cluster, ES, name, NAMESPACE)
+        assert condition(resource, "ArtifactsReady")["reason"] == "Prepared"
+        found = deployment(cluster, name)
+        assert found is not None
+        assert not found["spec"]["template"]["spec"].get("initContainers")
+    finally:
+        live_operator.stop()
+        cluster.kubectl("delete", "storageclass", "tritonop-test-default", "--wait=false",
+                        check=False)
+        live_operator.start()

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+from kubernetes.client.exceptions import ApiException
+
 from tests.support.triton import API
 from tritonop.artifacts.versions import resource_fingerprint
 from tritonop.controller.artifacts import HELD_WHILE_PREPARING, clean_up, job_state, plan
-from tritonop.render.kubernetes import Images
+from tritonop.controller.kube import Kube
+from tritonop.controller.reconcile import with_default_prepare
+from tritonop.render.kubernetes import Images, prepare_mode
 from tritonop.resources import parse_resource
 from tritonop.status import ResourceStatus
 
@@ -105,3 +110,50 @@ def test_clean_up_runs_once_after_the_rollout():
     assert clean_up(resource, ResourceStatus(artifacts_cleaned=version), version,
                     lambda: done, server, Images()) == version
     assert len(server.applied) == 1
+
+
+class Classes(Kube):
+    """A Kube that answers the StorageClass list, and counts how often it was asked."""
+
+    def __init__(self, items: list[dict[str, Any]] | None, status: int = 200) -> None:
+        super().__init__(api=object())  # type: ignore[arg-type]
+        self.items, self.status, self.asked = items, status, 0
+
+    def _call(self, method: str, url: str, body: Any = None, query: Any = None,
+              content_type: str = "application/json") -> dict[str, Any]:
+        assert (method, url) == ("GET", "/apis/storage.k8s.io/v1/storageclasses")
+        self.asked += 1
+        if self.status != 200:
+            raise ApiException(status=self.status)
+        return {"items": self.items}
+
+
+DEFAULT = {"metadata": {"name": "local-path", "annotations": {
+    "storageclass.kubernetes.io/is-default-class": "true"}}}
+OTHER = {"metadata": {"name": "slow"}}
+
+
+def unset(**spec: Any):
+    return parse_resource({"apiVersion": API, "kind": "EmbeddingSearch",
+                           "metadata": {"name": "news", "namespace": "ml"},
+                           "spec": {"corpus": {"source": "c.jsonl"}, **spec}})
+
+
+def test_a_default_storage_class_makes_job_the_default():
+    kube = Classes([OTHER, DEFAULT])
+    assert prepare_mode(with_default_prepare(kube, unset())) == "job"
+    assert prepare_mode(with_default_prepare(kube, unset(replicas=3))) == "job"
+    assert kube.asked == 1  # cached: a resync costs no request
+
+
+@pytest.mark.parametrize(("items", "status"), [([OTHER], 200), (None, 403)])
+def test_without_a_default_class_pods_prepare_their_own(items, status):
+    assert prepare_mode(with_default_prepare(Classes(items, status), unset())) == "perPod"
+
+
+@pytest.mark.parametrize("artifacts", [
+    {"prepare": "perPod"}, {"emptyDir": {}}, {"hostPath": {"path": "/data"}},
+    {"persistentVolumeClaim": {"claimName": "mine"}}])
+def test_a_spec_that_chose_is_left_as_it_is(artifacts):
+    resource = unset(artifacts=artifacts)
+    assert with_default_prepare(Classes([DEFAULT]), resource) is resource

@@ -183,7 +183,8 @@ def permissions_of(method: str, url: str, content_type: str) -> set[Permission]:
     """What RBAC checks for one request to a namespaced object's URL."""
     parts = url.strip("/").split("/")
     group, rest = ("", parts[2:]) if parts[0] == "api" else (parts[1], parts[3:])
-    assert rest[0] == "namespaces", url
+    if rest[0] != "namespaces":  # a cluster-scoped kind (StorageClasses)
+        rest = ["namespaces", "", *rest]
     plural, name, sub = rest[2], rest[3] if len(rest) > 3 else None, rest[4:]
     resource = "/".join([plural, *sub])
     if method == "GET":

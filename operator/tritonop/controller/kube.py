@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 from kubernetes import client, config
@@ -44,6 +45,11 @@ PLURALS = {
 }
 
 
+STORAGE_CLASS_SECONDS = float(os.environ.get("TRITONOP_STORAGE_CLASS_SECONDS", "600"))
+DEFAULT_CLASS_ANNOTATIONS = ("storageclass.kubernetes.io/is-default-class",
+                             "storageclass.beta.kubernetes.io/is-default-class")
+
+
 def load_configuration() -> None:
     """In-cluster credentials when running in a pod, else the local kubeconfig."""
     try:
@@ -65,6 +71,7 @@ class Kube:
                  timeout: tuple[float, float] = REQUEST_TIMEOUT) -> None:
         self.api = api or client.ApiClient()
         self.timeout = timeout
+        self._default_class: tuple[float, str | None] | None = None
 
     def _call(self, method: str, url: str, body: Any = None,
               query: list[tuple[str, str]] | None = None,
@@ -106,6 +113,33 @@ class Kube:
             if err.status == 404:
                 return False
             raise
+
+    def default_storage_class(self) -> str | None:
+        """The cluster's default StorageClass, or None (none, or not ours to read).
+
+        Asked at most every ``TRITONOP_STORAGE_CLASS_SECONDS`` (600): it decides whether
+        an EmbeddingSearch that names no volume is prepared by a Job into a claim of that
+        class, and a resync must not cost a request per resource. A namespaced install
+        may not read StorageClasses (cluster-scoped): 403 counts as none.
+        """
+        now = time.monotonic()
+        cached = getattr(self, "_default_class", None)  # subclasses may skip __init__
+        if cached is not None and now - cached[0] < STORAGE_CLASS_SECONDS:
+            return cached[1]
+        try:
+            items = self._call("GET", "/apis/storage.k8s.io/v1/storageclasses").get("items")
+        except ApiException as err:
+            if err.status not in (403, 404):
+                raise
+            items = []
+        found = None
+        for item in items or []:
+            annotations = (item.get("metadata") or {}).get("annotations") or {}
+            if any(annotations.get(key) == "true" for key in DEFAULT_CLASS_ANNOTATIONS):
+                found = item["metadata"]["name"]
+                break
+        self._default_class = (now, found)
+        return found
 
     def list(self, api_version: str, kind: str, namespace: str, selector: dict[str, str]
              ) -> list[Obj]:
