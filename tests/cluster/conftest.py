@@ -10,7 +10,6 @@ runs as a local process with that Deployment's command, environment and ServiceA
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,7 +75,7 @@ def wait_owner_references(cluster: ControlPlane, timeout: float = 90) -> None:
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    """The control plane with deploy/ installed; its logs stay in the session's tmp folder."""
+    """The control plane with deploy/ installed; its logs stay in ``<tmp>/cluster0/logs``."""
     plane = ControlPlane(build_binaries(), tmp_path_factory.mktemp("cluster"))
     _planes.append(plane)
     plane.start()
@@ -86,8 +85,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     finally:
         plane.stop()
         _planes.remove(plane)
-        if os.environ.get("TRITONOP_CLUSTER_KEEP_LOGS"):
-            print(f"cluster logs: {plane.workdir / 'logs'}")
 
 
 @pytest.fixture(scope="session")
