@@ -417,6 +417,14 @@ def plot_s4(result: dict[str, Any], path: Path) -> None:
     factor = result["target_ratio"]
     left.axhline(baseline["tokens_per_s"] * factor, color="green", ls=":",
                  label=f"target: {factor:g}x generate")
+    theirs = (result.get("vllm") or {}).get("levels") or {}
+    their_levels = sorted(int(c) for c in theirs)
+    if their_levels:
+        left.plot(their_levels, [theirs[str(c)]["tokens_per_s"] for c in their_levels],
+                  marker="^", color="C3", label="vLLM-CPU")
+        right.plot(their_levels, [(theirs[str(c)]["ttft_ms"] or {}).get("p50")
+                                  for c in their_levels], marker="^", color="C3",
+                   label="vLLM-CPU TTFT p50")
     left.set_ylim(bottom=0)
     left.set_ylabel("tokens / s (all streams)")
     left.set_title("S4: aggregate tokens/s")
@@ -487,12 +495,65 @@ def section_s2(result: dict[str, Any], img: Path) -> list[str]:
              ", ".join(f"{f['threads']} thread(s) {f['throughput_qps']:.1f} q/s"
                        for f in floor["runs"]) + " (the best is the floor).", ""]
     lines += table(["server"] + [f"c={c}" for c in levels], rows)
+    lines += infinity_note(result.get("infinity"))
     batching = result.get("triton_batching") or {}
     if batching:
         lines += ["Dynamic batching during S2, all levels together (Triton's statistics):", ""]
         lines += stage_table(batching)
     return [*lines, "![S2 throughput](img/s2_throughput.png)",
             "![S2 latency](img/s2_latency.png)", ""]
+
+
+def infinity_note(infinity: dict[str, Any] | None) -> list[str]:
+    """Which settings Infinity ran with and why they are fair, or why it was not measured."""
+    if infinity is None:
+        return []
+    if "error" in infinity:
+        return [f"**Infinity: not measured.** {_first_lines(infinity['error'])}", ""]
+    return [
+        f"`tritonop-embeddings`: the `<name>_embedding` ensemble (tokenizer, ONNX encoder, "
+        f"pooling; JSON `{{\"text\"}}` over Triton's `generate`), against "
+        f"`infinity-embeddings`: Infinity {infinity['version']} "
+        f"(`infinity_emb {infinity['command']}`, one text per request over its "
+        "OpenAI-style `/embeddings`, ready in "
+        f"{infinity['start_seconds']:g} s), installed by the bench into its own environment. "
+        "Why fair: the same all-MiniLM-L6-v2 folder, exported to ONNX by optimum and fused "
+        "by ONNX Runtime's transformer optimizer (attention, LayerNorm, GELU: Infinity's own "
+        "optimisation step fails with its pinned optimum, so the fused graph is written as "
+        "its `model.onnx`), batches of up to 32 as ours, mean pooling (its default is wrong "
+        "for MiniLM; its vectors then match sentence-transformers at cosine 1.0000), the "
+        "same texts, the same client, alternated level by level with ours while both are "
+        "loaded.",
+        "",
+    ]
+
+
+def vllm_note(vllm: dict[str, Any] | None) -> list[str]:
+    """vLLM-CPU's settings and why they are fair, or why it was not measured."""
+    if vllm is None:
+        return []
+    if "error" in vllm:
+        return [f"**vLLM-CPU: not measured.** {_first_lines(vllm['error'])}", ""]
+    return [
+        f"vLLM-CPU {vllm['version']}: its OpenAI server (`/v1/chat/completions`, streamed, "
+        "the same prompts as one user message so that it applies the same chat template, "
+        "the same `max_tokens`, temperature, seeds and the service's top-p/top-k sent "
+        "explicitly) on the very safetensors folder our engine loads, with its defaults "
+        f"and its recommended CPU setup: `--dtype {vllm['dtype']}` (what it picks on a CPU "
+        f"with native bf16), `--max-model-len {vllm['max_model_len']}` like ours, "
+        f"`VLLM_CPU_KVCACHE_SPACE={vllm['kv_cache_gib']}`, tcmalloc and its bundled "
+        f"`libiomp5.so` preloaded; ready in {vllm['start_seconds']:g} s (it compiles its "
+        "model with torch.compile at start). Each level ran on ours, then on vLLM, while both "
+        "were loaded. Its batching and threads are its own defaults: on 2 cores it pins "
+        "one OpenMP thread to core 0 and reserves the other for serving, as our example's "
+        "`threads: 1` leaves one core to Triton.",
+        "",
+    ]
+
+
+def _first_lines(text: str, limit: int = 600) -> str:
+    text = " ".join(text.split())
+    return f"`{text[-limit:]}`"
 
 
 def section_s3(result: dict[str, Any], img: Path) -> list[str]:
@@ -558,6 +619,13 @@ def section_s4(result: dict[str, Any], img: Path) -> list[str]:
                      f"{fmt(ttft.get('p50'))} / {fmt(ttft.get('p99'))} ({ttft.get('count', 0)})",
                      f"{fmt(itl.get('p50'))} / {fmt(itl.get('p99'))}",
                      fmt(p["batching_factor"]), p["cpu_cores_used"]["triton"]])
+    vllm_levels = (result.get("vllm") or {}).get("levels") or {}
+    for c, p in sorted(vllm_levels.items(), key=lambda item: int(item[0])):
+        ttft, itl = p["ttft_ms"] or {}, p["itl_ms"] or {}
+        rows.append([f"vLLM-CPU, {c}", f"{p['tokens_per_s']:.1f}",
+                     fmt(p["tokens_per_s"] / baseline["tokens_per_s"], "x"),
+                     f"{fmt(ttft.get('p50'))} / {fmt(ttft.get('p99'))} ({ttft.get('count', 0)})",
+                     f"{fmt(itl.get('p50'))} / {fmt(itl.get('p99'))}", "", ""])
     b_ttft, b_itl = baseline["ttft_ms"] or {}, baseline["itl_ms"] or {}
     rows.append(["sequential `model.generate`", f"{baseline['tokens_per_s']:.1f}", "1x",
                  f"{fmt(b_ttft.get('p50'))} / {fmt(b_ttft.get('p99'))} "
@@ -586,6 +654,13 @@ def section_s4(result: dict[str, Any], img: Path) -> list[str]:
     ]
     lines += table(["streams", "tokens/s", "vs generate", "TTFT p50 / p99 ms (requests)",
                     "inter-token p50 / p99 ms", "batching factor", "Triton CPU cores"], rows)
+    if vllm_levels:
+        ratios = [[c, fmt(p.get("vs_vllm"), "x"), fmt(p.get("ttft_p50_vs_vllm"), "x")]
+                  for c, p in sorted(result["levels"].items(), key=lambda i: int(i[0]))]
+        lines += ["Ours over vLLM-CPU, level by level (tokens/s: higher is better; time to "
+                  "first token: lower is better):", ""]
+        lines += table(["streams", "tokens/s ratio", "TTFT p50 ratio"], ratios)
+    lines += vllm_note(result.get("vllm"))
     lines += [
         "Tokens/s: tokens that reached the clients in the window. TTFT: from sending the "
         "request to its first event (a request waits for a free slot when there are more "

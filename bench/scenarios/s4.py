@@ -162,7 +162,7 @@ async def _measure(server: Any, model: str, body: Any, ctx: Context,
     server_cpu = servers.cpu_seconds(server)
     url = f"http://{server.http_url}/v2/models/{model}/generate_stream"
     levels: dict[str, Any] = {}
-    theirs: dict[str, Any] = {}
+    vllm_levels: dict[str, Any] = {}
     # Sampling parameters a body leaves out are our service's defaults; vLLM would use
     # the model's generation_config.json instead, so they are sent explicitly.
     defaults = ctx.llm_resource().spec.generation.defaults  # type: ignore[union-attr]
@@ -189,9 +189,9 @@ async def _measure(server: Any, model: str, body: Any, ctx: Context,
                 "tokens_per_s", "batching_factor", "ttft_ms", "itl_ms")})
             if vllm_client is not None:
                 async with vllm_client:
-                    theirs[str(concurrency)] = await _measure_vllm(
+                    vllm_levels[str(concurrency)] = await _measure_vllm(
                         vllm_client, body, concurrency, ctx, str(vllm["url"]))
-    return levels, theirs
+    return levels, vllm_levels
 
 
 async def _measure_vllm(client: ChatStreamClient, body: Any, concurrency: int, ctx: Context,
