@@ -25,7 +25,9 @@ class LLMModelSpec(SpecModel):
         description="The GGUF file inside the package or directory, when there are several.",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype on a GPU ('auto': bfloat16). The CPU uses float32."
+        "auto", description="Weights dtype on a GPU ('auto': bfloat16). On a CPU 'auto' is "
+        "float32; bfloat16 is honoured where the CPU has native bfloat16 (avx512_bf16 or "
+        "amx_bf16), faster, but greedy output in mixed batches may differ from generate's."
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the model runs ('auto': CUDA when a GPU is visible)."
