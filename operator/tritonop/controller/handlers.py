@@ -18,6 +18,7 @@ import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
 from tritonop import API_GROUP, API_VERSION
+from tritonop.controller import discovery
 from tritonop.controller import kube as kube_api
 from tritonop.controller.cache import ChildCache
 from tritonop.controller.reconcile import (
@@ -30,7 +31,7 @@ from tritonop.controller.reconcile import (
     rejected,
     status_dict,
 )
-from tritonop.controller.serial import PerObject
+from tritonop.controller.serial import PerObject, Rejections
 from tritonop.render.kubernetes import Images
 from tritonop.status import ResourceStatus
 
@@ -45,9 +46,14 @@ CHILD_KINDS = (("", "v1", "configmaps"), ("", "v1", "services"), ("", "v1", "ser
                ("autoscaling", "v2", "horizontalpodautoscalers"),
                ("networking.k8s.io", "v1", "networkpolicies"), ("batch", "v1", "jobs"))
 MAX_RETRY_DELAY = 60.0
+# A generation the API server refused (4xx) is applied again after 30 s, 1 min, 2, 4, 8,
+# then every 10 min: the cause may be outside the spec (RBAC, a webhook) and fixed later.
+REJECTED_RETRY_SECONDS = float(os.environ.get("TRITONOP_REJECTED_RETRY_SECONDS", "30"))
+REJECTED_RETRY_MAX_SECONDS = float(os.environ.get("TRITONOP_REJECTED_RETRY_MAX_SECONDS", "600"))
 _state: dict[str, Any] = {}
 _objects = PerObject()
 _children = ChildCache(max_age=FULL_RESYNC_SECONDS)
+_rejections = Rejections(REJECTED_RETRY_SECONDS, REJECTED_RETRY_MAX_SECONDS)
 
 
 def _kube() -> kube_api.Kube:
@@ -113,7 +119,8 @@ def _run(live_body: Mapping[str, Any], *, resync: bool, retry: int) -> None:
 
     Args:
         resync: from the timer: children unchanged since the last apply are skipped, and
-            a generation the API server refused is not applied again.
+            a generation the API server refused is applied again only when its backoff
+            (:data:`_rejections`) has passed, then in full.
     """
     uid = live_body["metadata"]["uid"]
     with _objects.hold(uid):
@@ -121,12 +128,16 @@ def _run(live_body: Mapping[str, Any], *, resync: bool, retry: int) -> None:
         generation = int(body["metadata"].get("generation") or 1)
         if body["metadata"].get("deletionTimestamp"):
             _objects.forget(uid)
+            _rejections.forget(uid)
             return  # the garbage collector removes the children
         before = previous_status(body)
-        if _objects.stale(uid, generation) or (resync and rejected(before, generation)):
+        if _objects.stale(uid, generation):
+            return
+        retrying = resync and rejected(before, generation)
+        if retrying and not _rejections.due(uid, generation):
             return
         try:
-            _reconcile_and_publish(body, before, resync=resync)
+            _reconcile_and_publish(body, before, resync=resync, full=retrying)
         except RetryLater as err:
             raise kopf.TemporaryError(str(err), delay=retry_delay(retry, err.delay)) from None
         except (ApiException, urllib3.exceptions.HTTPError) as err:
@@ -137,18 +148,30 @@ def _run(live_body: Mapping[str, Any], *, resync: bool, retry: int) -> None:
 
 
 def _reconcile_and_publish(body: Mapping[str, Any], before: ResourceStatus, *,
-                           resync: bool) -> None:
+                           resync: bool, full: bool = False) -> None:
+    """Reconcile and write the status; a refusal is published once, not per try.
+
+    Args:
+        full: read and apply every child, trusting no cache (a refused generation's retry).
+    """
     kube = _kube()
     uid = body["metadata"]["uid"]
+    generation = int(body["metadata"].get("generation") or 1)
     try:
-        after = reconcile(kube, body, _images(), _children, resync=resync)
+        after = reconcile(kube, body, _images(), _children, resync=resync and not full)
     except InvalidResource as err:
+        if rejected(err.status, generation):
+            pause = _rejections.refused(uid, generation)
+            logging.getLogger(__name__).info(
+                "%s/%s generation %d refused by the API server; trying again in %.0f s",
+                body["metadata"]["namespace"], body["metadata"]["name"], generation, pause)
         if after_failure(before, err.status):
             publish(kube, body, before, err.status)
         if not resync:
             raise kopf.PermanentError(str(err)) from None
         return
-    _objects.record(uid, int(body["metadata"].get("generation") or 1))
+    _rejections.forget(uid)
+    _objects.record(uid, generation)
     publish(kube, body, before, after)
 
 
@@ -190,6 +213,7 @@ def _timers_without_finalizer(registry: kopf.OperatorRegistry) -> None:
 
 
 _timers_without_finalizer(kopf.get_default_registry())
+discovery.install()  # CRDs installed later are served even when discovery lags behind
 
 
 def _follow_children(group: str, version: str, plural: str) -> None:

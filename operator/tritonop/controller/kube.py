@@ -25,6 +25,10 @@ REQUEST_TIMEOUT = (5.0, float(os.environ.get("TRITONOP_API_TIMEOUT_SECONDS", "30
 # Answers worth retrying: conflicts, throttling, timeouts and the server's own errors.
 # Every other 4xx says that the request itself is refused, and will be again.
 RETRIED_STATUSES = frozenset({401, 408, 409, 425, 429})
+# Refusals that say the API server is not ready yet, not that the request is wrong: with
+# OwnerReferencesPermissionEnforcement on, kube-apiserver refuses blockOwnerDeletion (403)
+# for up to 30 s after a CRD is installed, until its admission RESTMapper is refreshed.
+TRANSIENT_REFUSALS = ("cannot find RESTMapping",)
 MERGE_PATCH = "application/merge-patch+json"
 Obj = dict[str, Any]
 
@@ -174,10 +178,15 @@ class Kube:
 def is_permanent(err: ApiException) -> bool:
     """Whether the API server refused a request for good (422 invalid, 403, 400, a webhook).
 
-    Sending the same request again gets the same answer, so it is reported, not retried.
+    Sending the same request again gets the same answer, so it is reported, and tried
+    again only after a long backoff (RBAC or a webhook may be fixed meanwhile). A refusal
+    that says the server is not ready yet (:data:`TRANSIENT_REFUSALS`) is not permanent.
     """
     status = int(err.status or 0)
-    return 400 <= status < 500 and status not in RETRIED_STATUSES
+    if not 400 <= status < 500 or status in RETRIED_STATUSES:
+        return False
+    message = server_message(err)
+    return not any(transient in message for transient in TRANSIENT_REFUSALS)
 
 
 def server_message(err: ApiException) -> str:
