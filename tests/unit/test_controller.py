@@ -26,7 +26,7 @@ from tritonop.controller.reconcile import (
     refresh,
     rejected,
 )
-from tritonop.controller.serial import PerObject
+from tritonop.controller.serial import PerObject, Rejections
 from tritonop.status import Condition, ResourceStatus
 
 
@@ -55,6 +55,33 @@ def test_a_refusal_is_permanent(status):
 @pytest.mark.parametrize("status", [401, 408, 409, 429, 500, 503, 504])
 def test_conflicts_throttling_and_server_errors_are_retried(status):
     assert not is_permanent(api_error(status))
+
+
+def test_a_server_that_cannot_map_a_new_crd_yet_is_retried():
+    """OwnerReferencesPermissionEnforcement, in the 30 s after a CRD is installed."""
+    assert not is_permanent(api_error(403, 'serviceaccounts "x" is forbidden: cannot set '
+                                      "blockOwnerDeletion in this case because cannot find "
+                                      "RESTMapping for APIVersion serving.tritonop.dev/v1alpha1"))
+    assert is_permanent(api_error(403, 'serviceaccounts "x" is forbidden: User "y" cannot patch'))
+
+
+def test_a_refused_generation_is_tried_again_after_a_doubling_pause():
+    now = [0.0]
+    rejections = Rejections(first=30, most=600, clock=lambda: now[0])
+    assert [rejections.pause(n) for n in range(1, 8)] == [30, 60, 120, 240, 480, 600, 600]
+    assert rejections.refused("u1", 3) == 30
+    now[0] = 29.9
+    assert not rejections.due("u1", 3)
+    now[0] = 30.0
+    assert rejections.due("u1", 3)
+    assert rejections.refused("u1", 3) == 60  # refused again: the pause doubles
+    now[0] = 89.0
+    assert not rejections.due("u1", 3)
+    assert rejections.refused("u1", 4) == 30  # a new generation starts over
+    rejections.forget("u1")
+    assert not rejections.due("u1", 4)  # a refusal seen only in the status waits a pause
+    now[0] += 30
+    assert rejections.due("u1", 4)
 
 
 def test_the_servers_own_message_is_kept():
