@@ -6,6 +6,7 @@ Python values; Triton's errors become :class:`APIError` with the client's field 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 from collections.abc import AsyncIterator, Sequence
@@ -77,6 +78,26 @@ def triton_error(err: InferenceServerException, fields: dict[str, str]) -> APIEr
     return APIError(502, f"Triton failed to answer: {message}", code="upstream_error")
 
 
+STREAM_END_SECONDS = 5.0
+"""How long a stream whose last response has come may take to end before it is cancelled."""
+
+
+async def _read_to_end(stream: AsyncIterator[object]) -> bool:
+    """Read a stream whose last response has come until Triton ends it; whether it did.
+
+    A stream must end this way, not by a cancel: Triton 2.51 keeps the inference request
+    of a stream cancelled after its last response, and with it a reference to the model,
+    so that model never unloads and the server's shutdown waits out its exit timeout.
+    """
+    try:
+        async with asyncio.timeout(STREAM_END_SECONDS):
+            async for _ in stream:
+                pass
+    except Exception:  # not ended in time, or ended with an error: cancel it
+        return False
+    return True
+
+
 class TritonBackend:
     """The gateway's one gRPC channel to Triton (HTTP/2 multiplexes every request)."""
 
@@ -116,21 +137,27 @@ class TritonBackend:
             yield request
 
         stream = self.client.stream_infer(requests())
+        closed = False  # Triton ended the stream itself: nothing to cancel
         try:
             async for result, error in stream:
-                if error is not None:
+                if error is not None:  # an error is the request's last response
+                    closed = await _read_to_end(stream)
                     raise triton_error(error, fields)
                 reason = result.as_numpy("finish_reason").reshape(-1)[0].decode()
-                yield Piece(result.as_numpy("text_output").reshape(-1)[0].decode("utf-8"),
-                            reason or None,
-                            int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
-                            int(result.as_numpy("completion_tokens").reshape(-1)[0]))
+                piece = Piece(result.as_numpy("text_output").reshape(-1)[0].decode("utf-8"),
+                              reason or None,
+                              int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
+                              int(result.as_numpy("completion_tokens").reshape(-1)[0]))
                 if reason:
+                    closed = await _read_to_end(stream)
+                    yield piece
                     return
+                yield piece
         except InferenceServerException as err:
             raise triton_error(err, fields) from None
         finally:
-            stream.cancel()  # a no-op once finished; frees the engine's slot otherwise
+            if not closed:  # the client left mid-request: free the engine's slot now
+                stream.cancel()
 
     async def embed(self, model: str, texts: Sequence[str]) -> tuple[np.ndarray, list[int]]:
         """Embeddings of ``texts`` (one Triton request) and each text's token count."""
