@@ -57,6 +57,9 @@ class BaselineUnavailable(RuntimeError):
     """A baseline could not be installed or started; the message says why."""
 
 
+TURNED_OFF = "not run: turned off with --no-baselines"
+
+
 def _run(command: list[str], log_path: Path, *, cwd: Path | None = None,
          env: dict[str, str] | None = None, timeout: float = INSTALL_TIMEOUT_S) -> None:
     with open(log_path, "ab") as out:

