@@ -140,7 +140,7 @@ def infinity_model(source_dir: Path, python: Path) -> Path:
 
     optimum's ONNX export, then ONNX Runtime's transformer optimizer (attention, LayerNorm
     and GELU fused) written over it, in a folder with the tokenizer and the
-    sentence-transformers files, keyed by the source's content.
+    sentence-transformers files, keyed by the source's file names and sizes.
     """
     digest = hashlib.sha256()
     for path in sorted(p for p in source_dir.rglob("*") if p.is_file()):
