@@ -25,8 +25,9 @@ from bench import servers
 from bench.context import NUM_RESULTS, Context, log
 from bench.loadgen import percentiles
 from bench.targets import at_most
-from tritonop.render.repository import render_repository, write_repository
-from tritonop_backend.artifacts import IndexManifest, ModelManifest
+from tritonop.artifacts.versions import fingerprint_inputs, resource_fingerprint, version_dir
+from tritonop.render.repository import artifact_dirs, render_repository, write_repository
+from tritonop_backend.artifacts import IndexManifest, ModelManifest, VersionManifest
 from tritonop_backend.search import write_index
 
 DIMENSION = 384
@@ -85,18 +86,23 @@ def _one_size(ctx: Context, count: int, model: ModelManifest, model_dir: Path
     root = ctx.scratch(f"s3/{name}")
     started = time.monotonic()
     matrix = unit_vectors(count, SEED + count)
+    corpus = f"random-unit-vectors-seed-{SEED + count}"
     manifest = IndexManifest(
         model_source=model.source, model_fingerprint=model.fingerprint, pooling=model.pooling,
         max_sequence_length=model.max_sequence_length, dimension=DIMENSION, count=count,
-        corpus_sha256=f"random-unit-vectors-seed-{SEED + count}")
-    write_index(root / "artifacts" / name / "index", matrix, [f"v{i}" for i in range(count)],
-                manifest)
-    link = root / "artifacts" / name / "model"
-    if not link.exists():
-        link.symlink_to(model_dir.resolve(), target_is_directory=True)
+        corpus_sha256=corpus)
+    # The version folder the renderer points the search model at, found the way prepare
+    # finds it, and marked complete for the fingerprint rendered into the model's config.
     resource = ctx.resource({"metadata": {"name": name}})
+    artifacts = str(root / "artifacts")
+    model_link, index_dir = (Path(d) for d in artifact_dirs(resource, artifacts))
+    write_index(index_dir, matrix, [f"v{i}" for i in range(count)], manifest)
+    if not model_link.exists():
+        model_link.symlink_to(model_dir.resolve(), target_is_directory=True)
+    VersionManifest(resource_fingerprint(resource), fingerprint_inputs(resource),
+                    corpus).write(Path(version_dir(resource, artifacts)))
     files = {path: content
-             for path, content in render_repository([resource], str(root / "artifacts")).items()
+             for path, content in render_repository([resource], artifacts).items()
              if path.startswith(f"{name}_search/")}
     write_repository(files, root / "repository")
     log.info("S3 %s: index written in %.1f s", name, time.monotonic() - started)
