@@ -228,6 +228,28 @@ def stand_in_images(workdir: Path, images: Images | None = None) -> dict[str, St
     return {images.operator: operator, images.triton: triton}
 
 
+KEEP = Path("/run/tritonop-podrunner")
+"""Where a container's namespace keeps this machine's folders that a volume will cover."""
+
+
+def _image_sources() -> list[Path]:
+    """Folders of this machine that the image stand-ins reach by absolute path.
+
+    The venv's scripts, its editable install and the stand-ins' links name the repository,
+    the venv, the wheel's Triton and the interpreter where they lie here. A checkout under
+    /tmp (CI clones anywhere) would be covered by the pod's /tmp emptyDir, and every
+    container would exit 127; such a folder is bound back into place after the volume.
+    """
+    paths = {ROOT.resolve(), Path(sys.prefix).resolve(), triton_home().resolve(),
+             Path(sys.base_prefix).resolve()}
+    return sorted(p for p in paths if not any(q in p.parents for q in paths))
+
+
+def _covered(target: str, sources: list[Path]) -> list[Path]:
+    """The image sources that a volume mounted at ``target`` would hide."""
+    return [p for p in sources if Path(target) in p.parents]
+
+
 def _hidden_interpreter_dirs() -> list[Path]:
     """Folders on the way to this Python that a non-root user cannot traverse.
 
@@ -402,8 +424,18 @@ class PodRunner:
             lines += [f"mount --bind {hidden / inner} {keep}",
                       f"mount -t tmpfs -o mode=755,size=1m tmpfs {hidden}",
                       f"mkdir -p {hidden / inner}", f"mount --bind {keep} {hidden / inner}"]
+        sources = _image_sources()
+        volume_targets = [m["mountPath"] for m in spec.get("volumeMounts", [])]
+        kept = {path: KEEP / f"keep{i}" for i, path in enumerate(
+            p for t in volume_targets for p in _covered(t, sources))}
+        for path, keep in kept.items():
+            keep.mkdir(parents=True, exist_ok=True)
+            lines.append(f"mount --bind {shlex.quote(str(path))} {keep}")
         for source, target, read_only in mounts:
             lines.append(f"mount --bind {shlex.quote(str(source))} {shlex.quote(target)}")
+            for path in _covered(target, list(kept)):
+                lines += [f"mkdir -p {shlex.quote(str(path))}",
+                          f"mount --bind {kept[path]} {shlex.quote(str(path))}"]
             if read_only:
                 lines.append(f"mount -o remount,bind,ro {shlex.quote(target)}")
         if spec.get("securityContext", {}).get("readOnlyRootFilesystem"):
