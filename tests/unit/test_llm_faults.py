@@ -8,7 +8,6 @@ produce exactly what ``transformers``' ``generate`` produces alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -33,13 +32,7 @@ PROMPTS = [
 TOKENS = 14
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread, as in test_llm_engine: two threads on two shared cores wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def start(smol: LoadedModel, count: int = 4, **engine: Any) -> LLMEngine:

@@ -11,7 +11,6 @@ window covers: the ids in its cache.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -29,12 +28,7 @@ TOKENS = 32
 SETTINGS = [(1.3, 512), (1.8, 8)]  # (penalty, window): whole sequence; the last 8 tokens
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class LastTokensPenalty:

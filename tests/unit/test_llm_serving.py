@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import torch
 
 from tests.unit.test_llm_engine import POLICY, reference
 from tritonop_backend.llm.engine import LLMEngine
@@ -25,13 +24,7 @@ PROMPTS = ["What is the capital of France?", "Name three colors.",
 TOKENS = 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread, as in test_llm_engine: two threads on two shared cores wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Client:
