@@ -29,6 +29,7 @@ from typing import Any
 
 from bench.context import Context, log
 from bench.targets import at_most
+from tritonop.artifacts.prepare import link_tree
 from tritonop.render.kubernetes import render_children
 from tritonop.render.repository import artifact_dirs
 from tritonop.resources import Resource, parse_resource
@@ -98,17 +99,6 @@ def _drop_caches() -> bool:
     return True
 
 
-def _link_tree(source: Path, target: Path) -> None:
-    """Hard links where the folders share a filesystem, copies where they do not."""
-    def link(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    shutil.copytree(source, target, copy_function=link)
-
-
 def _readable(folder: Path) -> None:
     """Let the pods' uid read a version that an older prepare left 0700."""
     for path in [folder, *folder.rglob("*")]:
@@ -126,7 +116,7 @@ def run(ctx: Context) -> dict[str, Any]:
     version = Path(artifact_dirs(prepared, str(ctx.artifacts_root))[0]).parent
     claim = work / "claim"
     shutil.rmtree(claim, ignore_errors=True)
-    _link_tree(version, claim / prepared.name / version.name)
+    link_tree(version, claim / prepared.name / version.name)
     _readable(claim)
     job = _with_artifacts(prepared, {"prepare": "job"})
     claims = {f"{job.name}-artifacts": claim}

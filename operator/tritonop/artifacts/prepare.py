@@ -84,7 +84,8 @@ def _reusable_model(resource_dir: Path, source: str, fmt: str) -> Path | None:
     return None
 
 
-def _copy_tree(source: Path, target: Path) -> None:
+def link_tree(source: Path, target: Path) -> None:
+    """Hard links where the folders share a filesystem, copies where they do not."""
     def link(src: str, dst: str) -> None:
         try:
             os.link(src, dst)
@@ -160,7 +161,7 @@ def prepare_embedding_search(
         if reusable is None and (target / "model").is_dir():  # seeded, or a torn version
             reusable = target / "model"
         if reusable is not None:
-            _copy_tree(reusable, staging / "model")
+            link_tree(reusable, staging / "model")
         exported = export_model(source, spec.model.format, staging / "model")
         log.info("%s: %s encoder %s", resource.name, spec.model.format,
                  "reused" if exported.skipped else
