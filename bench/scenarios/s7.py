@@ -13,8 +13,8 @@ from typing import Any
 
 from bench import servers
 from bench.context import NUM_RESULTS, Context, log
-from bench.loadgen import OK, REJECTED, closed_loop, open_loop
-from bench.scenarios.s5 import P99_FACTOR_TARGET, REJECT_MS_TARGET
+from bench.loadgen import REJECTED, closed_loop, open_loop
+from bench.scenarios.s5 import P99_FACTOR_TARGET, REJECT_MS_TARGET, overload_outcome
 from bench.scenarios.s6 import GatewaySearchClient, gateway
 from bench.targets import at_most
 
@@ -41,20 +41,12 @@ def run(ctx: Context) -> dict[str, Any]:
     with servers.triton([resource], ctx.artifacts_root, ctx.scratch("s7")) as server, \
             gateway(resource, server.grpc_url, ctx.scratch("s7")) as base:
         phases = asyncio.run(_measure(f"{base}/v1/search", resource.name, texts, ctx))
-    unloaded, overload = phases["unloaded"], phases["overload"]
-    statuses = overload["statuses"]
-    accepted = statuses.get(str(OK), 0)
-    rejected = statuses.get(str(REJECTED), 0)
-    lost = overload["requests"] - accepted - rejected
-    unloaded_p99 = (unloaded["latency_ms"] or {}).get("p99")
-    loaded_p99 = (overload["latency_ms"] or {}).get("p99")
-    factor = loaded_p99 / unloaded_p99 if loaded_p99 and unloaded_p99 else None
-    reject = overload["reject_latency_ms"] or {}
+    accepted, rejected, lost, factor, reject_p99 = overload_outcome(phases)
     log.info("S7: capacity %.1f q/s, %d accepted, %d refused, %d lost, p99 factor %s",
              phases["capacity"]["throughput_qps"], accepted, rejected, lost, factor)
     targets = [
         at_most("S7.reject_p99", "429 answer time through the gateway, p99",
-                reject.get("p99"), REJECT_MS_TARGET, "ms"),
+                reject_p99, REJECT_MS_TARGET, "ms"),
         at_most("S7.accepted_p99", "accepted p99 / unloaded p99, through the gateway", factor,
                 P99_FACTOR_TARGET, "x"),
         at_most("S7.lost", "accepted requests lost (not 200 with a full answer, not 429)",
