@@ -18,7 +18,7 @@ import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import numpy as np
 
@@ -194,22 +194,30 @@ async def open_loop(
 # --- clients -----------------------------------------------------------------------------
 
 
-class GenerateClient:
-    """JSON over HTTP: Triton's ``/v2/models/<m>/generate``, or the FastAPI baseline."""
+class _HttpSession:
+    """One aiohttp session per ``async with``, with no limit on open connections.
 
-    def __init__(self, url: str, num_results: int, name: str = "http-generate") -> None:
-        self.url, self.num_results, self.name = url, num_results, name
-        self._session: Any = None
+    The HTTP clients share it so that a load run's concurrency, not the connector's pool,
+    decides how many requests are in flight.
+    """
 
-    async def __aenter__(self) -> GenerateClient:
+    _session: Any = None
+
+    async def __aenter__(self) -> Self:
         import aiohttp
 
-        connector = aiohttp.TCPConnector(limit=0, force_close=False)
-        self._session = aiohttp.ClientSession(connector=connector)
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self._session.close()
+
+
+class GenerateClient(_HttpSession):
+    """JSON over HTTP: Triton's ``/v2/models/<m>/generate``, or the FastAPI baseline."""
+
+    def __init__(self, url: str, num_results: int, name: str = "http-generate") -> None:
+        self.url, self.num_results, self.name = url, num_results, name
 
     async def send(self, text: str) -> int:
         body = {"text": text, "num_results": self.num_results}
@@ -222,7 +230,7 @@ class GenerateClient:
         return OK if complete else BAD_PAYLOAD
 
 
-class EmbeddingClient:
+class EmbeddingClient(_HttpSession):
     """One text's embedding over HTTP: Triton's ``<name>_embedding`` or Infinity's API.
 
     ``model`` set: Infinity's OpenAI-style ``/embeddings`` (``{"model", "input": [text]}``);
@@ -233,16 +241,6 @@ class EmbeddingClient:
     def __init__(self, url: str, dim: int, model: str | None = None,
                  name: str = "http-embedding") -> None:
         self.url, self.dim, self.model, self.name = url, dim, model, name
-        self._session: Any = None
-
-    async def __aenter__(self) -> EmbeddingClient:
-        import aiohttp
-
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._session.close()
 
     async def send(self, text: str) -> int:
         body: dict[str, Any] = ({"text": text} if self.model is None
@@ -371,23 +369,13 @@ class Stream:
         return times
 
 
-class GenerateStreamClient:
+class GenerateStreamClient(_HttpSession):
     """Triton's ``/v2/models/<m>/generate_stream``: server-sent events, one per delta."""
 
     name = "http-generate-stream"
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._session: Any = None
-
-    async def __aenter__(self) -> GenerateStreamClient:
-        import aiohttp
-
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._session.close()
 
     async def get_text(self, url: str) -> str:
         async with self._session.get(url) as response:
