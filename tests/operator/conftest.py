@@ -20,3 +20,9 @@ async def kube() -> AsyncIterator[KubeEmulator]:
 def kubeconfig(kube: KubeEmulator, tmp_path: Path) -> Path:
     """A kubeconfig file for ``kube``; pass it to ``running_operator``."""
     return write_kubeconfig(tmp_path / "kubeconfig", str(kube.url))
+
+
+@pytest.fixture
+def fast_resync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resync every second, so that the operator's periodic reconcile shows within a test."""
+    monkeypatch.setenv("TRITONOP_RESYNC_SECONDS", "1")

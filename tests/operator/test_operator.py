@@ -37,9 +37,7 @@ NS = "ml"
 CONFIG_HASH = "serving.tritonop.dev/config-hash"
 
 
-@pytest.fixture(autouse=True)
-def fast_resync(monkeypatch):
-    monkeypatch.setenv("TRITONOP_RESYNC_SECONDS", "1")
+pytestmark = pytest.mark.usefixtures("fast_resync")
 
 
 def search_body(name: str = "news", **spec: Any) -> dict[str, Any]:

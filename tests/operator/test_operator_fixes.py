@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from tests.operator.test_operator import report_ready
+from tests.operator.test_operator import report_ready, search_body
 from tests.support import kube_emulator
 from tests.support.kube_emulator import (
     DEPLOYMENT,
@@ -40,15 +40,7 @@ OLD_FINALIZER = "serving.tritonop.dev/finalizer"
 CRD_FILE = Path(__file__).parents[2] / "crds" / "embeddingsearches.serving.tritonop.dev.yaml"
 
 
-@pytest.fixture(autouse=True)
-def fast_resync(monkeypatch):
-    monkeypatch.setenv("TRITONOP_RESYNC_SECONDS", "1")
-
-
-def search_body(name: str = "news", **spec: Any) -> dict[str, Any]:
-    return {"apiVersion": EMBEDDING_SEARCH.api_version, "kind": "EmbeddingSearch",
-            "metadata": {"name": name, "namespace": NS},
-            "spec": {"corpus": {"source": "corpus/debian-packages.jsonl"}, **spec}}
+pytestmark = pytest.mark.usefixtures("fast_resync")
 
 
 async def create(kube: KubeEmulator, body: dict[str, Any], path: str | None = None) -> None:
