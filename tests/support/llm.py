@@ -23,6 +23,18 @@ class Outcome:
         return self.events[-1]
 
 
+def record(outcomes: dict[Hashable, Outcome], events: list[GenerationEvent], step: int) -> None:
+    """Add ``events`` to ``outcomes``; a request that finishes is marked at ``step``."""
+    for event in events:
+        outcome = outcomes.setdefault(event.request_id, Outcome())
+        assert outcome.finished_at is None, "no event after the last one"
+        outcome.text += event.text
+        outcome.tokens += event.token_ids
+        outcome.events.append(event)
+        if event.finish_reason is not None:
+            outcome.finished_at = step
+
+
 def run(
     engine: LLMEngine,
     requests: dict[Hashable, GenerationRequest],
@@ -35,14 +47,7 @@ def run(
     for request_id, item in requests.items():
         engine.add(request_id, item)
     for step in range(1, max_steps + 1):
-        for event in engine.step():
-            outcome = outcomes.setdefault(event.request_id, Outcome())
-            assert outcome.finished_at is None, "no event after the last one"
-            outcome.text += event.text
-            outcome.tokens += event.token_ids
-            outcome.events.append(event)
-            if event.finish_reason is not None:
-                outcome.finished_at = step
+        record(outcomes, engine.step(), step)
         for request_id, item in pending.pop(step, {}).items():
             engine.add(request_id, item)
         if not engine.has_work() and not pending:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.support.llm import Outcome, run
+from tests.support.llm import Outcome, record, run
 from tests.unit.test_llm_engine import POLICY, reference, request
 from tritonop_backend.llm.engine import (
     MAX_FAILED_STEPS,
@@ -46,14 +46,7 @@ def start(smol: LoadedModel, count: int = 4, **engine: Any) -> LLMEngine:
 def step(engine: LLMEngine, outcomes: dict[Any, Outcome]) -> list[GenerationEvent]:
     """One step, its events added to ``outcomes``."""
     events = engine.step()
-    for event in events:
-        outcome = outcomes.setdefault(event.request_id, Outcome())
-        assert outcome.finished_at is None, "no event after the last one"
-        outcome.text += event.text
-        outcome.tokens += event.token_ids
-        outcome.events.append(event)
-        if event.finish_reason is not None:
-            outcome.finished_at = 1
+    record(outcomes, events, 1)
     return events
 
 
