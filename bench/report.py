@@ -138,19 +138,21 @@ EXPLANATIONS: dict[str, str] = {
     ),
     "S6.p50_ratio": (
         "The gateway adds one HTTP exchange in Python (Starlette under uvicorn with httptools "
-        "and uvloop) and one gRPC call to Triton: +1.6 ms at p50 in this run (8.8 against "
-        "7.2 ms; the run before, +1.4 ms, 1.20x), on 2 cores shared with other test runs "
-        "(load average 5-7). The gateway's own CPU time is 0.53 ms per search (1,500 "
-        "queries at concurrency 8, read from /proc); the rest is the second loopback hop, "
-        "gRPC's completion-queue thread waking the event loop, and waiting for a core, not "
-        "separated further. Rerun S6 on a quiet machine (`python -m bench --scenario S6`) "
-        "before reading more into it."
+        "and uvloop) and one gRPC call to Triton: +1.6 ms at p50 on a quiet machine (9.0 "
+        "against 7.4 ms, load average 0.2 at the start; 1.20x and 1.22x in two earlier runs "
+        "under a load average of 5-7, so load is not what decides it). The gateway's own CPU "
+        "time is 0.53 ms per search (1,500 queries at concurrency 8, read from /proc); the "
+        "rest is the second loopback hop and gRPC's completion-queue thread waking the event "
+        "loop, not separated further. What would close it: a leaner request path in the "
+        "gateway (no per-request InferInput and protobuf building, a faster JSON codec), or "
+        "an HTTP/1 keep-alive client to Triton instead of gRPC, each to be profiled first."
     ),
     "S6.throughput_ratio": (
         "At peak Triton's pipeline already uses both cores; the gateway's 0.53 ms of CPU per "
         "query (against ~5-6 ms for the pipeline) comes out of the same two cores, which puts "
         "the ceiling near 0.9x here: 0.855x in one run under a load average of 4.5-10.5 from "
-        "other test runs, 0.92x in the next under 5-7. In a cluster the gateway is its own "
+        "other test runs, 0.92x in the next under 5-7, 0.834x on a quiet machine, where "
+        "Triton direct reached 686 q/s and the gateway 572. In a cluster the gateway is its own "
         "container with its own CPU request (250m), so it does not take the pipeline's cores."
     ),
     "S7.reject_p99": (
