@@ -4,16 +4,14 @@ the printed ``curl`` commands and the ``openai`` client snippet are run as print
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from tests.gateway.conftest import _link_tree
-from tests.support.triton import embedding_search, free_port, seed_export
+from tests.support.triton import embedding_search, free_port, seed_export, serving
 from tests.triton.conftest import TINY_TEXTS
 
 pytestmark = pytest.mark.triton
@@ -39,23 +37,11 @@ def test_serve_prints_gateway_calls_that_work(tmp_path, exported, smol_dir):
     seed_export(embedding_search("headlines", corpus), root, exported)
     _link_tree(smol_dir, root / "chat" / "model")
     openai_port = free_port()
-    command = [sys.executable, "-m", "tritonop.cli", "serve", str(tmp_path / "search.yaml"),
-               str(tmp_path / "chat.yaml"), "--artifacts-root", str(root),
-               "--http-port", str(free_port()), "--grpc-port", str(free_port()),
-               "--metrics-port", str(free_port()), "--openai-port", str(openai_port),
-               "--workdir", str(tmp_path / "work")]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        output = []
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            line = process.stdout.readline()
-            assert line, "serve exited early:\n" + "".join(output)
-            output.append(line)
-            if "Press Ctrl-C to stop." in line:
-                break
-        printed = "".join(output)
+    args = [str(tmp_path / "search.yaml"), str(tmp_path / "chat.yaml"),
+            "--artifacts-root", str(root), "--http-port", str(free_port()),
+            "--grpc-port", str(free_port()), "--metrics-port", str(free_port()),
+            "--openai-port", str(openai_port), "--workdir", str(tmp_path / "work")]
+    with serving(args) as (process, printed):
         base = f"http://localhost:{openai_port}/v1"
         assert base in printed
         calls = _printed_gateway_calls(printed, base)
@@ -70,9 +56,6 @@ def test_serve_prints_gateway_calls_that_work(tmp_path, exported, smol_dir):
         process.send_signal(signal.SIGINT)
         log = tmp_path / "work" / "tritonserver.log"
         assert process.wait(timeout=90) == 0, log.read_text()[-3000:]
-    finally:
-        if process.poll() is None:
-            process.kill()
 
 
 def _printed_gateway_calls(printed: str, base: str) -> list[str]:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -19,6 +23,31 @@ from tritonop.runtime.local import Ports, TritonServer
 from tritonop.runtime.serve import start_local
 
 API = "serving.tritonop.dev/v1alpha1"
+
+
+@contextmanager
+def serving(args: list[str], timeout: float = 300) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """Run ``tritonop serve ARGS`` until it says it serves; kill it at exit if still running.
+
+    Yields the process and what it printed up to its ready line, so that a test can
+    check the printed examples and then stop it the way a user does (Ctrl-C).
+    """
+    command = [sys.executable, "-m", "tritonop.cli", "serve", *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        output: list[str] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = process.stdout.readline() if process.stdout else ""
+            assert line, "serve exited early:\n" + "".join(output)
+            output.append(line)
+            if "Press Ctrl-C to stop." in line:
+                break
+        yield process, "".join(output)
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 def free_port() -> int:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
-from tests.support.triton import embedding_search, free_port, post_json, seed_export
+from tests.support.triton import (
+    embedding_search,
+    free_port,
+    post_json,
+    seed_export,
+    serving,
+)
 from tests.triton.conftest import TINY_TEXTS
 
 pytestmark = pytest.mark.triton
@@ -25,22 +27,10 @@ def test_serve_answers_the_seed_request_and_stops_cleanly(tmp_path, exported):
     )
     seed_export(embedding_search("headlines", corpus), tmp_path / "artifacts", exported)
     http = free_port()
-    command = [sys.executable, "-m", "tritonop.cli", "serve", str(tmp_path / "search.yaml"),
-               "--artifacts-root", str(tmp_path / "artifacts"), "--http-port", str(http),
-               "--grpc-port", str(free_port()), "--metrics-port", str(free_port()),
-               "--openai-port", str(free_port())]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        output = []
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            line = process.stdout.readline()
-            assert line, "serve exited early:\n" + "".join(output)
-            output.append(line)
-            if "Press Ctrl-C to stop." in line:
-                break
-        printed = "".join(output)
+    args = [str(tmp_path / "search.yaml"), "--artifacts-root", str(tmp_path / "artifacts"),
+            "--http-port", str(http), "--grpc-port", str(free_port()),
+            "--metrics-port", str(free_port()), "--openai-port", str(free_port())]
+    with serving(args) as (process, printed):
         assert "/v2/models/headlines/generate" in printed
         assert "europe climate change storm" in printed
         status, body = post_json(f"http://localhost:{http}/v2/models/headlines/generate",
@@ -50,8 +40,5 @@ def test_serve_answers_the_seed_request_and_stops_cleanly(tmp_path, exported):
         assert len(body["ids"]) == len(body["scores"]) == 5
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
     with pytest.raises(OSError):
         post_json(f"http://localhost:{http}/v2/health/ready", b"", timeout=2)
