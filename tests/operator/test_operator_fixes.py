@@ -17,12 +17,11 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from tests.operator.test_operator import report_ready, search_body
+from tests.operator.test_operator import events_for, report_ready, search_body
 from tests.support import kube_emulator
 from tests.support.kube_emulator import (
     DEPLOYMENT,
     EMBEDDING_SEARCH,
-    EVENT,
     HORIZONTAL_POD_AUTOSCALER,
     TRITONOP_CUSTOM_RESOURCES,
     TRITONOP_RESOURCES,
@@ -63,12 +62,6 @@ def status_where(kube: KubeEmulator, name: str = "news", **expected: Any
     body = search(kube, name)
     status = (body or {}).get("status") or {}
     return body if all(status.get(k) == v for k, v in expected.items()) else None
-
-
-async def events_for(kube: KubeEmulator, name: str) -> list[dict[str, Any]]:
-    response = await kube.get(resource_path(EVENT, NS))
-    items = (await response.json()).get("items", [])
-    return [e for e in items if (e.get("involvedObject") or {}).get("name") == name]
 
 
 def is_apply(request: kmock.Request, plural: str, name: str) -> bool:
