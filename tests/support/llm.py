@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
+import torch
+
 from tritonop_backend.llm.engine import GenerationEvent, LLMEngine
 from tritonop_backend.llm.params import GenerationRequest
+from tritonop_backend.llm.sampling import RowParams
 
 
 @dataclass
@@ -57,3 +61,71 @@ def run(
 
 def decoded(engine: LLMEngine, tokens: list[int]) -> str:
     return str(engine.tokenizer.decode(tokens, skip_special_tokens=True))
+
+
+def capture_logits(engine: LLMEngine) -> dict[Hashable, list[torch.Tensor]]:
+    """Record, per request, the logits each of its tokens was chosen from (float32 copies)."""
+    logits: dict[Hashable, list[torch.Tensor]] = {}
+    sample_and_emit = engine._sample_and_emit
+
+    def recording(
+        step_logits: torch.Tensor, rows: tuple[int, int], params: RowParams
+    ) -> list[GenerationEvent]:
+        for seq, row in zip(engine._running[rows[0] : rows[1]], step_logits, strict=True):
+            logits.setdefault(seq.request_id, []).append(row.float().clone())
+        return sample_and_emit(step_logits, rows, params)
+
+    engine._sample_and_emit = recording  # type: ignore[method-assign]
+    return logits
+
+
+def ulp(value: float, dtype: torch.dtype) -> float:
+    """The spacing of ``dtype``'s numbers at ``value`` (one unit in the last place)."""
+    mantissa = torch.finfo(dtype).eps  # spacing at 1.0
+    return float(mantissa * 2.0 ** math.floor(math.log2(max(abs(value), 1e-30))))
+
+
+def greedy_mismatch(
+    tokens: list[int],
+    logits: list[torch.Tensor],
+    expected: list[int],
+    expected_logits: list[torch.Tensor],
+    dtype: torch.dtype,
+    top_k: int = 5,
+    ulps: float = 4.0,
+) -> str | None:
+    """Why greedy ``tokens`` are not close to the reference ``expected``; None when they are.
+
+    vLLM's ``check_logprobs_close``, with a bound on the tie: the two sequences must be equal
+    up to their first difference; there, each side's token must be in the other side's
+    ``top_k``, and the reference must rate its own token at most ``ulps`` units in the last
+    place of ``dtype`` (at its largest logit) above the engine's. In bfloat16 a logit of 20
+    is rounded to 0.125; the same prefix's logits move by up to ~1 between batch
+    compositions (measured, SmolLM2-135M), so a flip between tokens within 4 ulps is a
+    rounding tie, while wrong positions or a wrong cache row make larger gaps or
+    tokens outside the top 5 (``test_llm_dtype`` shows it failing on such an engine).
+    Nothing is compared after the first difference: the two continue from other prefixes.
+
+    Args:
+        tokens: what the engine generated; ``logits`` the rows it chose them from.
+        expected: what ``generate`` generated; ``expected_logits`` its ``output_logits``.
+        dtype: the dtype both ran in.
+    """
+    first = next((i for i, (a, b) in enumerate(zip(tokens, expected, strict=False))
+                  if a != b), None)
+    if first is None:
+        if len(tokens) != len(expected):  # an end-of-sequence token differs in the zip
+            return f"{len(tokens)} tokens against generate's {len(expected)}"
+        return None
+    ours, theirs = tokens[first], expected[first]
+    mine, reference = logits[first], expected_logits[first]
+    if ours not in reference.topk(top_k).indices.tolist():
+        return f"token {first}: the engine's {ours} is not in generate's top {top_k}"
+    if theirs not in mine.topk(top_k).indices.tolist():
+        return f"token {first}: generate's {theirs} is not in the engine's top {top_k}"
+    margin = float(reference[theirs] - reference[ours])
+    bound = ulps * ulp(float(reference.max()), dtype)
+    if margin > bound:
+        return (f"token {first}: generate rates its {theirs} {margin:.3f} above the engine's "
+                f"{ours}; a rounding tie is at most {bound:.3f} ({ulps:g} ulps of {dtype})")
+    return None

@@ -2,8 +2,12 @@
 
 A second server (its own fixture) serves SmolLM2-135M-Instruct twice:
 
-* ``chat``: up to 8 sequences decode together;
-* ``solo``: one slot and one waiting place, to see queueing, rejection and cancellation.
+* ``chat``: up to 8 sequences decode together, in float32: greedy output must equal
+  ``generate`` exactly whatever shares the batch, which only float32 guarantees (the
+  bfloat16 that ``dtype: auto`` picks on a CPU with native support is checked in
+  ``tests/unit/test_llm_dtype.py``);
+* ``solo``: one slot and one waiting place, to see queueing, rejection and cancellation;
+  ``dtype: auto``, as shipped.
 """
 
 from __future__ import annotations
@@ -32,9 +36,9 @@ PROMPTS = ["What is the capital of France?", "Name three colors.",
            "Write one sentence about the sea."]
 
 
-def llm(name: str, **spec: Any):
+def llm(name: str, dtype: str = "auto", **spec: Any):
     body = {"apiVersion": API, "kind": "LLMService", "metadata": {"name": name}, "spec": {
-        "model": {"maxContextLength": 512},
+        "model": {"maxContextLength": 512, "dtype": dtype},
         "generation": {"limits": {"maxTokens": 256}, "defaults": {"maxTokens": 32}},
         **spec}}
     return parse_resource(body)
@@ -57,7 +61,8 @@ def _link(source: str, destination: str) -> None:
 @pytest.fixture(scope="module")
 def llm_triton(tmp_path_factory, smol_dir) -> Iterator[RunningTriton]:
     root = tmp_path_factory.mktemp("llm-artifacts")
-    resources = [llm("chat", engine={"maxSequences": 8, "maxWaiting": 16, "threads": 2}),
+    resources = [llm("chat", "float32",
+                     engine={"maxSequences": 8, "maxWaiting": 16, "threads": 2}),
                  llm("solo", engine={"maxSequences": 1, "maxWaiting": 1, "threads": 1})]
     for resource in resources:
         seed_model(smol_dir, root, resource.name)

@@ -26,8 +26,9 @@ class LLMModelSpec(SpecModel):
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype on a GPU ('auto': bfloat16). On a CPU 'auto' is "
-        "float32; bfloat16 is honoured where the CPU has native bfloat16 (avx512_bf16 or "
-        "amx_bf16), faster, but greedy output in mixed batches may differ from generate's."
+        "bfloat16 where the CPU has native bfloat16 (avx512_bf16 or amx_bf16), else float32; "
+        "float32 keeps greedy output in mixed batches exactly equal to generate's (bfloat16 "
+        "rounding depends on the batch, so it may take the other of two near-tied tokens)."
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the model runs ('auto': CUDA when a GPU is visible)."

@@ -71,14 +71,19 @@ def resolve_dtype(
 ) -> tuple[torch.dtype | str, str | None]:
     """Map a dtype name to what the device can run well.
 
-    On a CPU, "auto" means float32: greedy output then equals ``generate`` whatever runs
-    beside a request. bfloat16 is opt-in, honoured where the CPU has native bfloat16
-    matrix products (:func:`cpu_has_native_bf16`): faster, but a row's rounding depends on
-    the batch it shares, so greedy output in a mixed batch may leave ``generate``'s after
-    a few tokens (measured with SmolLM2-135M: 3-4 of 8 prompts within 40 tokens, none in
-    float32). Without native support, and for float16 on any CPU, the products are
-    emulated or slow, so float32 is used and the caller is told why. On CUDA, "auto" keeps
-    the checkpoint's own dtype, and bfloat16 falls back to float16 on GPUs without it.
+    On a CPU, "auto" means bfloat16 where the CPU has native bfloat16 matrix products
+    (:func:`cpu_has_native_bf16`), float32 elsewhere: decoding is bound by reading the
+    weights, so half the bytes is nearly twice the speed (measured with SmolLM2-135M at 8
+    rows: 129 against 243 ms a step), while without native support oneDNN converts them on
+    the fly and float32 is faster. Greedy output still equals ``generate`` in the same
+    dtype for a request alone. In a mixed batch bfloat16 rounding depends on which rows
+    share a step, so a greedy sequence may leave ``generate``'s where two tokens are
+    near-tied (measured: 3-4 of 8 prompts within 40 tokens; none in float32); the tests
+    hold it to the check vLLM uses for that (see ``tests/support/llm.py``). "float32"
+    asks for exact equality whatever shares the batch. float16 on any CPU, and bfloat16
+    without native support, are emulated or slow, so float32 is used and the caller is
+    told why. On CUDA, "auto" keeps the checkpoint's own dtype, and bfloat16 falls back
+    to float16 on GPUs without it.
 
     Args:
         dtype: "auto" or a name in :data:`DTYPES`.
@@ -91,11 +96,12 @@ def resolve_dtype(
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
     if device.type == "cpu":
-        bf16 = dtype == "bfloat16" and (
-            cpu_has_native_bf16() if native_bf16 is None else native_bf16)
-        if dtype in ("auto", "float32"):
+        if dtype == "float32":
             return torch.float32, None
-        if dtype == "float16" or not bf16:
+        native = cpu_has_native_bf16() if native_bf16 is None else native_bf16
+        if dtype == "auto":
+            return (torch.bfloat16 if native else torch.float32), None
+        if dtype == "float16" or not native:
             return torch.float32, f"{dtype} is slow or unsupported on this CPU; using float32"
         return DTYPES[dtype], None
     if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
