@@ -28,6 +28,7 @@ from bench.scenarios.s2 import _append
 from bench.targets import at_least, at_most
 from tritonop.gateway.config import gateway_config
 from tritonop.resources import Resource
+from tritonop.runtime.local import TritonServer
 
 P50_RATIO_TARGET = 1.2
 THROUGHPUT_RATIO_TARGET = 0.9
@@ -52,7 +53,7 @@ class GatewaySearchClient(GenerateClient):
 
 
 @contextmanager
-def gateway(resource: Resource, grpc_url: str, workdir: Path,
+def gateway(resource: Resource, server: TritonServer, workdir: Path,
             timeout: float = 60.0) -> Iterator[str]:
     """``tritonop gateway`` in its own process; yields its base URL once Triton is ready."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -63,7 +64,8 @@ def gateway(resource: Resource, grpc_url: str, workdir: Path,
     with open(log_path, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "tritonop.cli", "gateway", "--config", str(config),
-             "--triton", grpc_url, "--host", "127.0.0.1", "--port", str(port)],
+             "--triton", server.grpc_url, "--triton-http", server.http_url,
+             "--host", "127.0.0.1", "--port", str(port)],
             stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"
     try:
@@ -94,7 +96,7 @@ def run(ctx: Context) -> dict[str, Any]:
     sizes = ctx.sizes
     levels = tuple(c for c in sizes.s2_concurrency if c >= 4) or sizes.s2_concurrency
     with servers.triton([resource], ctx.artifacts_root, ctx.scratch("s6")) as server, \
-            gateway(resource, server.grpc_url, ctx.scratch("s6")) as base:
+            gateway(resource, server, ctx.scratch("s6")) as base:
         clients = {
             "triton": lambda: GenerateClient(
                 f"http://{server.http_url}/v2/models/{resource.name}/generate", NUM_RESULTS,

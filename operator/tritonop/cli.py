@@ -61,6 +61,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
+    from tritonop.gateway.backend import TritonAddress
     from tritonop.gateway.config import GatewayConfig, gateway_config
     from tritonop.gateway.server import run
 
@@ -69,7 +70,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         return 2
     config = (GatewayConfig.load(args.config) if args.config
               else gateway_config(list(iter_resources(args.file))))
-    return run(config, args.triton, args.host, args.port)
+    return run(config, TritonAddress(args.triton, args.triton_http), args.host, args.port)
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -158,7 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--config", type=Path,
                          help="gateway.json as the operator renders it (instead of -f)")
     gateway.add_argument("--triton", default="localhost:8001",
-                         help="Triton's gRPC endpoint (default: %(default)s)")
+                         help="Triton's gRPC endpoint, for generation (default: %(default)s)")
+    gateway.add_argument("--triton-http", default="localhost:8000",
+                         help="Triton's HTTP endpoint, for search, embeddings and health "
+                         "(default: %(default)s)")
     gateway.add_argument("--host", default="0.0.0.0")
     gateway.add_argument("--port", type=int, default=8080)
     gateway.set_defaults(run=_cmd_gateway)

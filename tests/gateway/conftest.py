@@ -23,6 +23,7 @@ from tests.support.triton import (
     running_triton,
     seed_export,
 )
+from tritonop.gateway.backend import TritonAddress
 from tritonop.gateway.config import gateway_config
 from tritonop.gateway.server import GatewayThread
 from tritonop.resources import Resource, parse_resource
@@ -31,8 +32,10 @@ CHAT_BOUND = {"maxInFlight": 2, "maxWaiting": 2}
 
 
 def llm(name: str, **spec: Any) -> Resource:
+    """An LLMService for the gateway tests, in float32: they compare the answers of requests
+    that shared the engine's steps with the answer alone, exact only in float32."""
     body = {"apiVersion": API, "kind": "LLMService", "metadata": {"name": name}, "spec": {
-        "model": {"maxContextLength": 512},
+        "model": {"maxContextLength": 512, "dtype": "float32"},
         "generation": {"limits": {"maxTokens": 256}, "defaults": {"maxTokens": 32}},
         **spec}}
     return parse_resource(body)
@@ -74,8 +77,8 @@ def stack(tmp_path_factory, exported, corpus, smol_dir) -> Iterator[Stack]:
     _link_tree(smol_dir, root / "chat" / "model")
     resources = [news, chat]
     with running_triton(resources, root, tmp_path_factory.mktemp("gateway-triton")) as triton:
-        gateway = GatewayThread(gateway_config(resources), triton.server.grpc_url,
-                                free_port()).start()
+        address = TritonAddress(triton.server.grpc_url, triton.server.http_url)
+        gateway = GatewayThread(gateway_config(resources), address, free_port()).start()
         try:
             yield Stack(triton, gateway)
         finally:

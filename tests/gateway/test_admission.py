@@ -13,6 +13,7 @@ import pytest
 
 from tests.gateway.conftest import CHAT_BOUND
 from tests.support.triton import free_port
+from tritonop.gateway.backend import TritonAddress
 from tritonop.gateway.config import Admission, GatewayConfig, ModelEntry
 from tritonop.gateway.server import GatewayThread
 
@@ -117,7 +118,8 @@ def test_a_client_that_leaves_before_the_answer_cancels_its_triton_request(stack
 def test_503_while_triton_is_not_there():
     config = GatewayConfig({"chat": ModelEntry("chat", "chat", Admission(1, 0),
                                                max_tokens_limit=64)})
-    gateway = GatewayThread(config, f"localhost:{free_port()}", free_port()).start()
+    nowhere = TritonAddress(f"localhost:{free_port()}", f"localhost:{free_port()}")
+    gateway = GatewayThread(config, nowhere, free_port()).start()
     try:
         answer = httpx.post(f"{gateway.url}/v1/chat/completions", json=BODY, timeout=30)
         assert answer.status_code == 503 and answer.headers["retry-after"] == "1"

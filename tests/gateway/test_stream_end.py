@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 from tests.gateway.conftest import llm
 from tests.support.triton import free_port
 from tritonop.gateway import backend as backend_module
-from tritonop.gateway.backend import Piece, TritonBackend
+from tritonop.gateway.backend import Piece, TritonAddress, TritonBackend
 from tritonop.gateway.errors import APIError
 from tritonop.gateway.protocol import GenerationArgs
 from tritonop.runtime.local import Ports
@@ -73,7 +73,7 @@ class FakeStream:
 def _run(stream: FakeStream, take: int | None = None) -> list[Piece]:
     """Pieces from ``generate`` over ``stream``; a consumer that stops after ``take``."""
     async def main() -> list[Piece]:
-        backend = TritonBackend("localhost:1")
+        backend = TritonBackend(TritonAddress("localhost:1", "localhost:1"))
         backend.client.stream_infer = lambda requests: stream  # type: ignore[method-assign]
         pieces: list[Piece] = []
         generator = backend.generate(ARGS, {"text_input": "prompt"})
@@ -149,7 +149,7 @@ def test_triton_unloads_the_llm_model_at_once_after_finished_and_abandoned_strea
         return GenerationArgs("chat", prompt, "messages", dict(sampling), (), stream, False)
 
     async def session() -> None:
-        backend = TritonBackend(chat_triton.grpc_url)
+        backend = TritonBackend(TritonAddress(chat_triton.grpc_url, chat_triton.http_url))
         try:
             for stream in (False, True, False, True):
                 pieces = [p async for p in backend.generate(args(stream, max_tokens=8), {})]

