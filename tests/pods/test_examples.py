@@ -82,6 +82,15 @@ def test_news_example_pod_serves_the_seed_request(run_pod):
     warm = run_pod(news, name="news-warm", claims=claims, patch=patch)
     record("news-search.yaml warm", warm.wait_ready())
     assert post(warm, "news", SEED_REQUEST)["ids"] == body["ids"]
+    # The same search through the pod's gateway container (its `openai` port), which
+    # reaches Triton on the pod's localhost: the seed's body plus the model.
+    request = urllib.request.Request(
+        f"{warm.url('openai')}/v1/search", data=json.dumps({"model": "news", **SEED_REQUEST})
+        .encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        through_gateway = json.loads(response.read())["data"]
+    assert [hit["id"] for hit in through_gateway] == body["ids"]
+    assert [hit["text"] for hit in through_gateway] == body["texts"]
 
 
 def test_chat_example_pod_answers_paris(run_pod):
