@@ -32,7 +32,7 @@ async def create_search(kube: KubeEmulator, replicas: int) -> None:
     body = {"apiVersion": EMBEDDING_SEARCH.api_version, "kind": EMBEDDING_SEARCH.kind,
             "metadata": {"name": NAME}, "spec": {"replicas": replicas}}
     response = await kube.post(resource_path(EMBEDDING_SEARCH, NAMESPACE), json=body)
-    assert response.status in (200, 201), await response.text()
+    assert response.status == 201, await response.text()
 
 
 def search(kube: KubeEmulator) -> dict[str, Any] | None:

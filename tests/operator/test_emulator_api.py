@@ -30,7 +30,7 @@ SEARCH_PATH = resource_path(EMBEDDING_SEARCH, NAMESPACE, "demo")
 async def post(kube: KubeEmulator, spec: Any = EMBEDDING_SEARCH, **metadata: Any) -> Any:
     body = {"metadata": {"name": "demo", **metadata}, "spec": {"replicas": 1}}
     response = await kube.post(resource_path(spec, NAMESPACE), json=body)
-    assert response.status == 200, await response.text()
+    assert response.status == 201, await response.text()  # Created, as the API server
     return await response.json()
 
 

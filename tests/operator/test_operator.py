@@ -53,7 +53,7 @@ def llm_body(name: str = "chat", **spec: Any) -> dict[str, Any]:
 
 async def create(kube: KubeEmulator, kind: ResourceSpec, body: dict[str, Any]) -> None:
     response = await kube.post(resource_path(kind, NS), json=body)
-    assert response.status in (200, 201), await response.text()
+    assert response.status == 201, await response.text()
 
 
 async def merge_patch(kube: KubeEmulator, path: str, patch: dict[str, Any]) -> None:

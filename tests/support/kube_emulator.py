@@ -505,6 +505,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
             if any(owner.get("uid") == uid for owner in owners or []):
                 self._delete(dependent_key)
 
+    async def _serve_create(self, request: kmock.Request) -> kmock.Payload:
+        """The created object with 201 Created, as the API server answers a POST (kmock: 200)."""
+        return kmock.Response(status=201, payload=await super()._serve_create(request))
+
     async def _serve_list(self, request: kmock.Request) -> kmock.Payload:
         """LIST with the collection's real resourceVersion, for a watch to resume from."""
         resource = self._collection(request)
