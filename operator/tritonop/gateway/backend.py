@@ -4,7 +4,8 @@ Generation uses tritonclient's gRPC asyncio client, whose bidirectional stream c
 tokens and lets a client that leaves cancel the request in the engine. Search and
 embeddings are one request and one reply each, sent as JSON on kept-alive HTTP/1.1
 connections (:mod:`tritonop.gateway.http1`): on search the gateway's CPU time is what
-it costs next to Triton, and that path spends a quarter of what gRPC did.
+it costs next to Triton, and that client spends about a quarter of the CPU time that
+tritonclient's gRPC client did per call.
 
 Each call turns a validated request into Triton inputs and Triton's answer into plain
 Python values; Triton's errors become :class:`APIError` with the client's field names.
