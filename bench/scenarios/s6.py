@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +53,21 @@ class GatewaySearchClient(GenerateClient):
         return OK if len(answer.get("data", ())) == self.num_results else BAD_PAYLOAD
 
 
+@dataclass(frozen=True)
+class GatewayProcess:
+    url: str
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time the process has used so far (from /proc)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
 def gateway(resource: Resource, server: TritonServer, workdir: Path,
-            timeout: float = 60.0) -> Iterator[str]:
-    """``tritonop gateway`` in its own process; yields its base URL once Triton is ready."""
+            timeout: float = 60.0) -> Iterator[GatewayProcess]:
+    """``tritonop gateway`` in its own process, yielded once Triton is ready."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "gateway.json"
     config.write_text(gateway_config([resource]).to_json())
@@ -80,7 +92,7 @@ def gateway(resource: Resource, server: TritonServer, workdir: Path,
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the gateway was not ready in {timeout:.0f} s") from None
                 time.sleep(0.2)
-        yield url
+        yield GatewayProcess(url, process.pid)
     finally:
         process.terminate()
         try:
@@ -96,7 +108,8 @@ def run(ctx: Context) -> dict[str, Any]:
     sizes = ctx.sizes
     levels = tuple(c for c in sizes.s2_concurrency if c >= 4) or sizes.s2_concurrency
     with servers.triton([resource], ctx.artifacts_root, ctx.scratch("s6")) as server, \
-            gateway(resource, server, ctx.scratch("s6")) as base:
+            gateway(resource, server, ctx.scratch("s6")) as process:
+        base = process.url
         clients = {
             "triton": lambda: GenerateClient(
                 f"http://{server.http_url}/v2/models/{resource.name}/generate", NUM_RESULTS,
@@ -106,7 +119,7 @@ def run(ctx: Context) -> dict[str, Any]:
         }
         single = asyncio.run(_single(clients, texts[: sizes.s1_queries], sizes.s1_warmup))
         series = asyncio.run(_series(clients, texts, levels, sizes.s2_seconds,
-                                     sizes.s2_warmup, sizes.s2_rounds))
+                                     sizes.s2_warmup, sizes.s2_rounds, process))
         metrics = _gateway_metrics(base)
     p50 = {name: (run["latency_ms"] or {}).get("p50") for name, run in single.items()}
     peak = {name: max(points[str(c)]["throughput_qps"] for c in levels)
@@ -154,18 +167,29 @@ async def _single(clients: dict[str, Any], texts: list[str], warmup: int) -> dic
 
 
 async def _series(clients: dict[str, Any], texts: list[str], levels: tuple[int, ...],
-                  seconds: float, warmup: float, rounds: int) -> dict[str, dict[str, Any]]:
+                  seconds: float, warmup: float, rounds: int,
+                  process: GatewayProcess) -> dict[str, dict[str, Any]]:
+    """Closed loops at each concurrency, the clients taking turns; the gateway's points also
+    carry its CPU time per request (warm-up requests included in both counts)."""
     series: dict[str, dict[str, Any]] = {name: {} for name in clients}
     for concurrency in levels:
         merged = {name: Run() for name in clients}
+        cpu, requests = 0.0, 0
         for _ in range(rounds):
             for name, make in clients.items():
+                before = process.cpu_seconds()
                 async with make() as client:
                     part = await closed_loop(client, texts, concurrency,
                                              duration=seconds / rounds, warmup=warmup)
+                if name == "gateway":
+                    cpu += process.cpu_seconds() - before
+                    requests += len(part.samples)
                 _append(merged[name], part)
         for name, whole in merged.items():
             series[name][str(concurrency)] = whole.summary()
+        if requests:
+            series["gateway"][str(concurrency)]["gateway_cpu_ms_per_request"] = round(
+                1000 * cpu / requests, 3)
             log.info("S6 %s c=%d: %.1f q/s", name, concurrency,
                      series[name][str(concurrency)]["throughput_qps"])
     return series

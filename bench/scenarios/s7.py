@@ -39,8 +39,8 @@ def run(ctx: Context) -> dict[str, Any]:
     ctx.prepared_resource()
     texts = ctx.queries()
     with servers.triton([resource], ctx.artifacts_root, ctx.scratch("s7")) as server, \
-            gateway(resource, server, ctx.scratch("s7")) as base:
-        phases = asyncio.run(_measure(f"{base}/v1/search", resource.name, texts, ctx))
+            gateway(resource, server, ctx.scratch("s7")) as process:
+        phases = asyncio.run(_measure(f"{process.url}/v1/search", resource.name, texts, ctx))
     accepted, rejected, lost, factor, reject_p99 = overload_outcome(phases)
     log.info("S7: capacity %.1f q/s, %d accepted, %d refused, %d lost, p99 factor %s",
              phases["capacity"]["throughput_qps"], accepted, rejected, lost, factor)
