@@ -851,8 +851,8 @@ def section_s6(result: dict[str, Any], img: Path) -> list[str]:
                  f"({fmt((points[str(c)]['latency_ms'] or {}).get('p50'))} / "
                  f"{fmt((points[str(c)]['latency_ms'] or {}).get('p99'))})" for c in levels)]
         for name, points in series.items()])
-    cpu = {c: points[str(c)].get("gateway_cpu_ms_per_request")
-           for c in levels for points in [series.get("gateway", {})] if str(c) in points}
+    through_gateway = series.get("gateway", {})
+    cpu = {c: through_gateway.get(str(c), {}).get("gateway_cpu_ms_per_request") for c in levels}
     if any(v is not None for v in cpu.values()):
         lines += ["The gateway's own CPU time per request (user + system, from /proc): "
                   + ", ".join(f"c={c}: {fmt(v)} ms" for c, v in cpu.items() if v is not None)
