@@ -114,7 +114,7 @@ def greedy_mismatch(
     first = next((i for i, (a, b) in enumerate(zip(tokens, expected, strict=False))
                   if a != b), None)
     if first is None:
-        if len(tokens) != len(expected):  # an end-of-sequence token differs in the zip
+        if len(tokens) != len(expected):  # one side stopped at another length limit
             return f"{len(tokens)} tokens against generate's {len(expected)}"
         return None
     ours, theirs = tokens[first], expected[first]
