@@ -93,6 +93,7 @@ def greedy_mismatch(
     dtype: torch.dtype,
     top_k: int = 5,
     ulps: float = 4.0,
+    drift_ulps: float = 16.0,
 ) -> str | None:
     """Why greedy ``tokens`` are not close to the reference ``expected``; None when they are.
 
@@ -105,6 +106,9 @@ def greedy_mismatch(
     rounding tie, while wrong positions or a wrong cache row make larger gaps or
     tokens outside the top 5 (``test_llm_dtype`` shows it failing on such an engine).
     Nothing is compared after the first difference: the two continue from other prefixes.
+    Up to it (and at it) both scored the same prefix, so every logit must also agree within
+    ``drift_ulps`` at the scale of the largest logit (16; measured: healthy batches within
+    ~1 logit, an engine decoding at positions one too far 2-10).
 
     Args:
         tokens: what the engine generated; ``logits`` the rows it chose them from.
@@ -113,6 +117,13 @@ def greedy_mismatch(
     """
     first = next((i for i, (a, b) in enumerate(zip(tokens, expected, strict=False))
                   if a != b), None)
+    same_prefix = min(len(tokens), len(expected)) if first is None else first + 1
+    for i in range(same_prefix):
+        drift = float((logits[i] - expected_logits[i]).abs().max())
+        allowed = drift_ulps * ulp(float(expected_logits[i].abs().max()), dtype)
+        if drift > allowed:
+            return (f"token {i}: logits of the same prefix differ by {drift:.3f}; rounding "
+                    f"explains at most {allowed:.3f} ({drift_ulps:g} ulps of {dtype})")
     if first is None:
         if len(tokens) != len(expected):  # one side stopped at another length limit
             return f"{len(tokens)} tokens against generate's {len(expected)}"

@@ -183,7 +183,11 @@ def test_bfloat16_in_a_mixed_batch_stays_close_to_generate(
 def test_the_closeness_check_fails_an_engine_with_wrong_positions(
     smol_bf16: LoadedModel, bf16_references: References
 ) -> None:
-    """Decode positions one too far (RoPE is relative, so the damage is subtle) fail it."""
+    """Decode positions one too far (RoPE is relative, so the damage is subtle) fail it.
+
+    Measured: all 7 prompts fail, on logits of a shared prefix 2.1-9.6 apart (the bound is
+    2.0 there; healthy batches stay within ~1); by tokens alone (top 5 and the tie) only 2.
+    """
     mismatches = _mixed_batch_mismatches(smol_bf16, bf16_references, shift_positions=1)
     failed = [reason for reason in mismatches.values() if reason is not None]
-    assert len(failed) >= 2, mismatches
+    assert len(failed) >= 4, mismatches
