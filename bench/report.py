@@ -271,7 +271,8 @@ Why each setting:
   (11-14 s: half the streams wait for a slot) to 1.1-2.3 s. The price is inter-token
   latency at 16 streams (p50 192-202 ms against 130-188 ms with 8 rows) and key/value
   memory for 16 rows (allocated at load for the whole context: ~1.9 GB at the full
-  2048-token context on CPU in float32, against ~0.95 GB for 8). Requests beyond it
+  2048-token context on CPU in float32, half that in bfloat16, against ~0.95 GB for 8
+  in float32). Requests beyond it
   still queue (`maxWaiting`) and then get 503.
 * **`threads: 1`.** The second thread bought nothing on 2 shared cores: tokens/s at 8
   and 16 streams are the same within this machine's drift (46.5, 53.2 and 42.8 against
