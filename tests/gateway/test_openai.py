@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 
+import httpx
 import numpy as np
 import pytest
 import requests
@@ -197,3 +198,32 @@ def test_search_equals_the_triton_ensemble(stack):
                 t.decode() for t in direct.as_numpy("texts")[0]]
             np.testing.assert_allclose([d["score"] for d in answer["data"]],
                                        direct.as_numpy("scores")[0], rtol=1e-6)
+
+
+def test_concurrent_searches_are_sent_together_and_each_equals_its_answer_alone(stack):
+    """Searches waiting at the same moment go to Triton as one request of several rows
+    (gateway/batching.py): each client still gets what Triton answers its query alone,
+    and Triton's statistics show requests carrying more than one row."""
+    queries = [f"{topic} {n}" for n in range(4) for topic in (
+        "europe climate change storm", "text editor for programmers", "music player",
+        "python library for images", "network monitoring tool", "chess game")]
+    alone = {q: stack.triton.generate("news", {"text": q, "num_results": 3})[1]["ids"]
+             for q in queries}
+    before = stack.triton.model_stats("news")
+
+    async def burst() -> list[dict]:
+        async with httpx.AsyncClient(base_url=stack.base_url, timeout=120) as client:
+            async def one(query: str) -> dict:
+                answer = await client.post("/search", json={"model": "news", "text": query,
+                                                            "num_results": 3})
+                assert answer.status_code == 200, answer.text
+                return answer.json()
+            return await asyncio.gather(*(one(q) for q in queries))
+
+    for query, answer in zip(queries, asyncio.run(burst()), strict=True):
+        assert [d["id"] for d in answer["data"]] == alone[query], query
+    after = stack.triton.model_stats("news")
+    rows = after["inference_count"] - before["inference_count"]
+    requests_ = (after["inference_stats"]["success"]["count"]
+                 - before["inference_stats"]["success"]["count"])
+    assert rows == len(queries) and requests_ < rows, (rows, requests_)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import time
@@ -29,7 +30,8 @@ from starlette.types import Receive, Scope, Send
 
 from tritonop.gateway import protocol
 from tritonop.gateway.admission import AdmissionBound, Overloaded
-from tritonop.gateway.backend import Piece, TritonAddress, TritonBackend
+from tritonop.gateway.backend import Hit, Piece, TritonAddress, TritonBackend
+from tritonop.gateway.batching import Coalescer
 from tritonop.gateway.config import GatewayConfig
 from tritonop.gateway.errors import APIError
 from tritonop.gateway.metrics import GatewayMetrics
@@ -71,6 +73,7 @@ class Gateway:
         self.models = config.models
         self.triton = triton
         self.backend: TritonBackend | None = None
+        self.searches: dict[str, Coalescer[list[Hit]]] = {}
         self.bounds = {name: AdmissionBound(m.admission.max_in_flight, m.admission.max_waiting)
                        for name, m in self.models.items()}
         self.metrics = GatewayMetrics()
@@ -79,7 +82,10 @@ class Gateway:
 
     @asynccontextmanager
     async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
-        self.backend = TritonBackend(self.triton)
+        self.backend = backend = TritonBackend(self.triton)
+        self.searches = {
+            name: Coalescer(functools.partial(backend.search, name), entry.max_batch)
+            for name, entry in self.models.items() if entry.kind == "embedding"}
         poller = asyncio.create_task(self._poll_ready())
         try:
             yield
@@ -304,7 +310,7 @@ class Gateway:
         await self._check_ready(args.model)
         assert self.backend is not None
         async with self._placed(args.model):
-            hits = await self.backend.search(args.model, args.text, args.num_results)
+            hits = await self.searches[args.model].submit(args.text, args.num_results)
         return JSONResponse({"object": "list", "model": args.model, "data": [
             {"id": h.id, "score": h.score, "text": h.text} for h in hits]})
 

@@ -221,19 +221,24 @@ class TritonBackend:
         mask = outputs["attention_mask"]
         return outputs["embedding"], [int(row.sum()) for row in mask]
 
-    async def search(self, model: str, text: str, num_results: int) -> list[Hit]:
-        """The search ensemble's answer, best first.
+    async def search(self, model: str, texts: Sequence[str], num_results: int
+                     ) -> list[list[Hit]]:
+        """The search ensemble's answers to ``texts`` (one Triton request), best first.
 
-        Sent to Triton's generate endpoint: the seed's JSON body, the same request that
-        Triton direct answers, so the gateway adds one hop and nothing else.
+        All rows share ``num_results``, as the search model takes one value per request.
         """
-        reply = await self._post(f"/v2/models/{model}/generate",
-                                 {"text": text, "num_results": num_results},
+        rows = len(texts)
+        body = {"inputs": [
+            {"name": "text", "shape": [rows, 1], "datatype": "BYTES", "data": list(texts)},
+            {"name": "num_results", "shape": [rows, 1], "datatype": "INT32",
+             "data": [num_results] * rows}]}
+        reply = await self._post(f"/v2/models/{model}/infer", body,
                                  {"text": "text", "num_results": "num_results"})
-        answer = json.loads(reply.body)
-        return [Hit(int(i), float(s), t) for i, s, t in zip(
-            _listed(answer["ids"]), _listed(answer["scores"]), _listed(answer["texts"]),
-            strict=True)]
+        outputs = {o["name"]: o["data"] for o in json.loads(reply.body)["outputs"]}
+        k = len(outputs["ids"]) // rows
+        return [[Hit(int(i), float(s), t) for i, s, t in zip(
+            outputs["ids"][r * k:(r + 1) * k], outputs["scores"][r * k:(r + 1) * k],
+            outputs["texts"][r * k:(r + 1) * k], strict=True)] for r in range(rows)]
 
     async def _post(self, path: str, body: dict[str, object], fields: dict[str, str]) -> Reply:
         payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
@@ -244,11 +249,6 @@ class TritonBackend:
         if reply.status != 200:
             raise http_error(reply, fields)
         return reply
-
-
-def _listed(value: object) -> list[object]:
-    """A generate reply's output as a list: Triton writes a one-element tensor as a scalar."""
-    return value if isinstance(value, list) else [value]
 
 
 def _binary_outputs(reply: Reply) -> dict[str, np.ndarray]:
