@@ -187,11 +187,11 @@ async def _series(clients: dict[str, Any], texts: list[str], levels: tuple[int, 
                 _append(merged[name], part)
         for name, whole in merged.items():
             series[name][str(concurrency)] = whole.summary()
+            log.info("S6 %s c=%d: %.1f q/s", name, concurrency,
+                     series[name][str(concurrency)]["throughput_qps"])
         if requests:
             series["gateway"][str(concurrency)]["gateway_cpu_ms_per_request"] = round(
                 1000 * cpu / requests, 3)
-            log.info("S6 %s c=%d: %.1f q/s", name, concurrency,
-                     series[name][str(concurrency)]["throughput_qps"])
     return series
 
 
