@@ -64,6 +64,12 @@ def status_where(kube: KubeEmulator, name: str = "news", **expected: Any
     return body if all(status.get(k) == v for k, v in expected.items()) else None
 
 
+def statuses_seen(kube: KubeEmulator, field: str) -> set[Any]:
+    """``status.<field>`` in every version the server has stored of the resource."""
+    return {(v.get("status") or {}).get(field)
+            for v in kube.versions(EMBEDDING_SEARCH, NS, "news")}
+
+
 def is_apply(request: kmock.Request, plural: str, name: str) -> bool:
     return (request.method == kmock.method.PATCH and request.resource is not None
             and request.resource.plural == plural and request.name == name
@@ -242,9 +248,7 @@ async def test_a_server_that_cannot_map_a_new_crd_yet_is_retried_soon(kube, kube
         ready = await wait_for(lambda: status_where(kube, phase="Ready"), what="Ready")
     assert ready["metadata"]["generation"] == 1, "served without a spec change"
     assert len(applies(kube, "deployments", "news-triton")) >= 2
-    phases = {(v.get("status") or {}).get("phase")
-              for v in kube.versions(EMBEDDING_SEARCH, NS, "news")}
-    assert "Failed" not in phases
+    assert "Failed" not in statuses_seen(kube, "phase")
 
 
 @pytest.mark.asyncio
@@ -305,9 +309,7 @@ async def test_a_server_that_cannot_take_an_apply_now_is_retried(kube, kubeconfi
                        timeout=20)
         await wait_for(lambda: status_where(kube, observedGeneration=1), what="status")
     assert len(applies(kube, "deployments", "news-triton")) >= 3
-    phases = {(v.get("status") or {}).get("phase")
-              for v in kube.versions(EMBEDDING_SEARCH, NS, "news")}
-    assert "Failed" not in phases
+    assert "Failed" not in statuses_seen(kube, "phase")
 
 
 # observedGeneration from the Deployment-event path -----------------------------------------
@@ -323,9 +325,7 @@ async def test_a_deployment_event_never_reports_a_generation_not_applied(kube, k
         await asyncio.sleep(0.5)
         await report_ready(kube, "news-triton", ready=1)  # the old pods are ready
         await asyncio.sleep(1.5)
-    generations = {(v.get("status") or {}).get("observedGeneration")
-                   for v in kube.versions(EMBEDDING_SEARCH, NS, "news")}
-    assert 2 not in generations
+    assert 2 not in statuses_seen(kube, "observedGeneration")
 
 
 # Autoscaling: replicas handed over --------------------------------------------------------

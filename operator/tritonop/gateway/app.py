@@ -308,7 +308,6 @@ class Gateway:
     async def _search(self, _: Request, body: dict[str, Any]) -> Response:
         args = protocol.parse_search(body, self.models)
         await self._check_ready(args.model)
-        assert self.backend is not None
         async with self._placed(args.model):
             hits = await self.searches[args.model].submit(args.text, args.num_results)
         return JSONResponse({"object": "list", "model": args.model, "data": [

@@ -258,8 +258,8 @@ def _binary_outputs(reply: Reply) -> dict[str, np.ndarray]:
     tensors, offset = {}, size
     for output in header["outputs"]:
         length = output["parameters"]["binary_data_size"]
-        data = np.frombuffer(reply.body, _NUMPY[output["datatype"]], length // np.dtype(
-            _NUMPY[output["datatype"]]).itemsize, offset)
+        dtype = np.dtype(_NUMPY[output["datatype"]])
+        data = np.frombuffer(reply.body, dtype, length // dtype.itemsize, offset)
         tensors[output["name"]] = data.reshape(output["shape"])
         offset += length
     return tensors

@@ -101,14 +101,13 @@ class HTTPPool:
         self._host_header = address.encode("latin-1")
         self._idle: list[_Connection] = []
 
-    async def request(self, method: str, path: str, body: bytes = b"",
-                      content_type: str = "application/json") -> Reply:
-        """Send one request and return the whole reply.
+    async def request(self, method: str, path: str, body: bytes = b"") -> Reply:
+        """Send one request (a JSON body, or none) and return the whole reply.
 
         Raises:
             ConnectionError: Triton could not be reached or dropped the connection.
         """
-        head = (f"{method} {path} HTTP/1.1\r\nContent-Type: {content_type}\r\n"
+        head = (f"{method} {path} HTTP/1.1\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\n").encode("latin-1")
         request = b"%sHost: %s\r\n\r\n%s" % (head, self._host_header, body)
         while True:
