@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from tritonop_backend.llm.packing import can_pack, pack_linear_layers
+
 LOGGER = logging.getLogger(__name__)
 
 MANIFEST = "tritonop-manifest.json"
@@ -35,6 +37,8 @@ class LoadedModel:
         device: where it runs.
         dtype: the dtype its weights have.
         note: why the dtype differs from the one asked for, if it does.
+        packed_layers: linear layers whose weights were packed for oneDNN at load
+            (bfloat16 on a CPU; see ``packing.py``).
     """
 
     model: Any
@@ -42,6 +46,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     note: str | None = None
+    packed_layers: int = 0
 
 
 CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
@@ -109,13 +114,18 @@ def resolve_dtype(
     return (DTYPES[dtype] if dtype != "auto" else "auto"), None
 
 
-def load_causal_lm(model_dir: str | Path, dtype: str = "auto", device: str = "cpu") -> LoadedModel:
+def load_causal_lm(
+    model_dir: str | Path, dtype: str = "auto", device: str = "cpu", *, pack: bool = True
+) -> LoadedModel:
     """Load a Hugging Face causal LM directory (safetensors) and its tokenizer, offline.
 
     Args:
         model_dir: a directory with ``config.json``, weights and tokenizer files.
         dtype: "auto", "float32", "bfloat16" or "float16".
         device: "cpu", "cuda" or "cuda:N".
+        pack: in bfloat16 on a CPU, pack the linear layers' weights for oneDNN once
+            (``packing.py``: same outputs, faster steps); False keeps stock
+            ``nn.Linear`` layers, as the tests' independent reference does.
 
     Returns:
         The model in eval mode on the device, with a note if the dtype was changed.
@@ -137,7 +147,10 @@ def load_causal_lm(model_dir: str | Path, dtype: str = "auto", device: str = "cp
     model.to(target)
     model.eval()
     weights_dtype = next(model.parameters()).dtype
-    return LoadedModel(model, tokenizer, target, weights_dtype, note)
+    packed = pack_linear_layers(model) if pack and can_pack(weights_dtype, target) else 0
+    if packed:
+        LOGGER.info("packed %d linear layers for oneDNN", packed)
+    return LoadedModel(model, tokenizer, target, weights_dtype, note, packed)
 
 
 def prepare_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
