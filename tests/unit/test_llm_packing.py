@@ -1,4 +1,5 @@
-"""Linear layers packed for oneDNN at load: the same products as ``F.linear``, in bfloat16.
+"""The CPU bfloat16 fast path: linear layers packed for oneDNN at load, and decode
+attention with each group's query heads packed together; the same numbers as stock.
 
 The engine's own output against ``generate`` on a stock copy of the model is checked in
 ``test_llm_dtype.py`` (alone: equal; in a mixed batch: vLLM's closeness check).
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tritonop_backend.llm.attention import NAME, decode_attention, use_decode_attention
 from tritonop_backend.llm.loading import cpu_has_native_bf16, load_causal_lm
 from tritonop_backend.llm.packing import PackedLinear, can_pack, pack_linear_layers
 
@@ -87,10 +89,66 @@ def test_a_build_without_the_packed_op_keeps_the_model_as_loaded(
     assert "not available" in caplog.text
 
 
-def test_float32_loads_unpacked(smol: object) -> None:
-    """float32 keeps MKL's product, on which its exact equality with generate rests."""
+class _Attention(torch.nn.Module):
+    """What ``transformers`` hands an attention function: the module's group count."""
+
+    num_key_value_groups = 3
+    is_causal = True
+
+
+def _qkv(rows: int, length: int, columns: int) -> tuple[torch.Tensor, ...]:
+    torch.manual_seed(rows * 1000 + columns)
+    query = torch.randn(rows, 9, length, 64).to(torch.bfloat16)
+    key = torch.randn(rows, 3, columns, 64).to(torch.bfloat16)
+    value = torch.randn(rows, 3, columns, 64).to(torch.bfloat16)
+    return query, key, value
+
+
+@pytest.mark.parametrize("rows, columns", [(1, 37), (1, 300), (8, 100)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_grouped_decode_attention_gives_sdpa_bit_for_bit(
+    rows: int, columns: int, masked: bool
+) -> None:
+    """With no mask ``transformers`` takes the slow ``enable_gqa`` kernel; we fold the groups."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    query, key, value = _qkv(rows, 1, columns)
+    mask = None
+    if masked:  # left padding: row r skips its first r columns
+        mask = torch.arange(columns)[None, :] >= torch.arange(rows)[:, None]
+        mask = mask[:, None, None, :]
+    module = _Attention()
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.125)
+    got, weights = decode_attention(module, query, key, value, mask, scaling=0.125)
+    assert weights is None
+    assert got.shape == expected.shape == (rows, 1, 9, 64)
+    assert torch.equal(got, expected)
+
+
+def test_prefill_attention_is_transformers_own() -> None:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    query, key, value = _qkv(2, 12, 12)
+    module = _Attention()
+    expected, _ = sdpa_attention_forward(module, query, key, value, None, scaling=0.125)
+    got, _ = decode_attention(module, query, key, value, None, scaling=0.125)
+    assert torch.equal(got, expected)
+
+
+def test_only_a_model_on_sdpa_attention_is_switched(smol_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    eager = AutoModelForCausalLM.from_pretrained(str(smol_dir), attn_implementation="eager")
+    assert use_decode_attention(eager) is False
+    assert eager.config._attn_implementation == "eager"
+
+
+def test_float32_loads_stock(smol: object) -> None:
+    """float32 keeps MKL's product and SDPA's own kernels, on which its exact equality with
+    generate rests (packing would change the last bits)."""
     assert smol.dtype == torch.float32  # type: ignore[attr-defined]
     assert smol.packed_layers == 0  # type: ignore[attr-defined]
+    assert smol.model.config._attn_implementation == "sdpa"  # type: ignore[attr-defined]
 
 
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bfloat16")
@@ -101,10 +159,11 @@ def test_smollm2_in_bfloat16_loads_with_every_linear_layer_packed(smol_dir: Path
     loaded = load_causal_lm(smol_dir, "bfloat16", "cpu")
     assert loaded.packed_layers == 30 * 7 + 1
     assert isinstance(loaded.model.lm_head, PackedLinear)
+    assert loaded.model.config._attn_implementation == NAME
     embedding = loaded.model.get_input_embeddings().weight
     assert embedding.dtype == torch.bfloat16 and embedding.layout == torch.strided
     stock = load_causal_lm(smol_dir, "bfloat16", "cpu", pack=False)
-    assert stock.packed_layers == 0
+    assert stock.packed_layers == 0 and stock.model.config._attn_implementation == "sdpa"
     ids = torch.tensor([stock.tokenizer("The capital of France is")["input_ids"]])
     with torch.inference_mode():
         got = loaded.model(input_ids=ids).logits

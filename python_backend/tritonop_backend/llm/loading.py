@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from tritonop_backend.llm.attention import use_decode_attention
 from tritonop_backend.llm.packing import can_pack, pack_linear_layers
 
 LOGGER = logging.getLogger(__name__)
@@ -124,8 +125,9 @@ def load_causal_lm(
         dtype: "auto", "float32", "bfloat16" or "float16".
         device: "cpu", "cuda" or "cuda:N".
         pack: in bfloat16 on a CPU, pack the linear layers' weights for oneDNN once
-            (``packing.py``: same outputs, faster steps); False keeps stock
-            ``nn.Linear`` layers, as the tests' independent reference does.
+            and run decode attention with each group's query heads packed together
+            (``packing.py``, ``attention.py``: the same outputs, faster steps); False
+            keeps the stock model, as the tests' independent reference does.
 
     Returns:
         The model in eval mode on the device, with a note if the dtype was changed.
@@ -147,9 +149,12 @@ def load_causal_lm(
     model.to(target)
     model.eval()
     weights_dtype = next(model.parameters()).dtype
-    packed = pack_linear_layers(model) if pack and can_pack(weights_dtype, target) else 0
-    if packed:
-        LOGGER.info("packed %d linear layers for oneDNN", packed)
+    packed = 0
+    if pack and can_pack(weights_dtype, target):
+        packed = pack_linear_layers(model)
+        grouped = use_decode_attention(model)
+        LOGGER.info("packed %d linear layers for oneDNN; grouped decode attention: %s",
+                    packed, grouped)
     return LoadedModel(model, tokenizer, target, weights_dtype, note, packed)
 
 
