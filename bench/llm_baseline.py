@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [generate(request) for request in requests]
     args.out.write_text(json.dumps({
         "threads": torch.get_num_threads(), "pid": os.getpid(), "dtype": str(loaded.dtype),
+        "packed_layers": loaded.packed_layers,
         "device": str(loaded.device), "cuda_available": cuda,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "runs": runs,
     }) + "\n")

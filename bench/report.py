@@ -574,6 +574,16 @@ def infinity_note(infinity: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def _weights_note(baseline: dict[str, Any]) -> str:
+    """How the model's weights were loaded (the engine and the baseline load alike)."""
+    dtype = str(baseline.get("dtype") or "").removeprefix("torch.")
+    if not dtype:
+        return ""  # results from before the baseline recorded it
+    packed = baseline.get("packed_layers")
+    how = f", {packed} linear layers packed for oneDNN at load" if packed else ""
+    return f", weights in {dtype}{how}"
+
+
 def vllm_note(vllm: dict[str, Any] | None) -> list[str]:
     """vLLM-CPU's settings and why they are fair, or why it was not measured."""
     if vllm is None:
@@ -685,7 +695,8 @@ def section_s4(result: dict[str, Any], img: Path) -> list[str]:
         f"{result['max_tokens']}, temperature {result['temperature']:g}, its own seed, no stop "
         f"strings; top-p {defaults['top_p']:g} and top-k {defaults['top_k']} from the "
         f"service's defaults. Engine: `maxSequences` {engine['maxSequences']}, "
-        f"{result['torch_threads']} torch thread(s). Closed loop: each stream sends its next "
+        f"{result['torch_threads']} torch thread(s){_weights_note(baseline)}. Closed loop: "
+        f"each stream sends its next "
         f"request when one ends; per level {result['warmup_seconds']:g} s of warm-up, then "
         f"{result['window_seconds']:g} s measured.",
         "",

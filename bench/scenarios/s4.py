@@ -315,6 +315,8 @@ def _baseline_summary(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "device": parts[0]["device"],
         "cuda_available": parts[0]["cuda_available"],
         "omp_wait_policy": parts[0]["omp_wait_policy"],
+        "dtype": parts[0].get("dtype"),
+        "packed_layers": parts[0].get("packed_layers"),
     }
 
 
