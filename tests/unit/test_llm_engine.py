@@ -11,6 +11,7 @@ import os
 import shutil
 import threading
 import time
+import warnings
 from collections.abc import Hashable, Iterator
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,19 @@ class TestPreparation:
         weights = (smol_dir / "model.safetensors").stat().st_mtime_ns
         assert prepare_gguf(copy, smol_dir) == smol_dir
         assert (smol_dir / "model.safetensors").stat().st_mtime_ns == weights
+
+
+@pytest.mark.parametrize("static_decode", [False, True], ids=["eager", "fixed-shape"])
+def test_steps_pass_the_cache_under_the_name_the_model_declares(
+    smol: LoadedModel, static_decode: bool
+) -> None:
+    """transformers renamed ``past_key_values`` to ``cache`` (the old name goes in 5.40)."""
+    engine = LLMEngine(smol.model, smol.tokenizer, POLICY, max_sequences=2,
+                       static_decode=static_decode)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        outcome = run(engine, {"a": request(PROMPTS[0], max_tokens=4)})["a"]
+    assert len(outcome.tokens) == 4
 
 
 class TestGreedyEqualsGenerate:

@@ -21,7 +21,7 @@ import torch
 
 from tritonop_backend.errors import RequestError
 from tritonop_backend.llm.graphs import StaticDecoder, width_bucket
-from tritonop_backend.llm.kv import KVBuffer, KVShape, Window
+from tritonop_backend.llm.kv import KVBuffer, KVShape, Window, cache_keyword
 from tritonop_backend.llm.params import GenerationPolicy, GenerationRequest
 from tritonop_backend.llm.sampling import RowParams, make_generator, select_next_tokens
 from tritonop_backend.llm.text import TextStream
@@ -158,6 +158,7 @@ class LLMEngine:
         self._eos = _eos_ids(model, tokenizer)
         self._kv = _allocate_cache(model, policy, max_sequences, self.device)
         self._cache = self._kv.cache()
+        self._cache_keyword = cache_keyword(model)
         if static_decode is None:
             static_decode = self.device.type == "cuda"
         self._static = (
@@ -463,7 +464,7 @@ class LLMEngine:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=self._cache,
+            **{self._cache_keyword: self._cache},
             use_cache=True,
             logits_to_keep=1,
         )

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from tritonop_backend.llm.kv import KVBuffer
+from tritonop_backend.llm.kv import KVBuffer, cache_keyword
 
 LOGGER = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ class StaticDecoder:
         self.model = model
         self.kv = kv
         self.cache = cache
+        self.cache_keyword = cache_keyword(model)
         self.buckets = buckets(max_rows)
         self.graphs = graphs and kv.device.type == "cuda"
         config = model.config.get_text_config()
@@ -178,7 +179,7 @@ class StaticDecoder:
                 input_ids=inputs.ids,
                 attention_mask=inputs.mask,
                 position_ids=inputs.positions,
-                past_key_values=self.cache,
+                **{self.cache_keyword: self.cache},
                 use_cache=True,
                 logits_to_keep=1,
             )

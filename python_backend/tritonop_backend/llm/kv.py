@@ -16,8 +16,10 @@ use stays the same while serving.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -213,6 +215,16 @@ class BufferLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         """The engine bounds each sequence by the context itself; no maximum here."""
         return -1
+
+
+def cache_keyword(model: Any) -> str:
+    """The name under which ``model``'s forward pass takes the cache.
+
+    ``transformers`` renamed ``past_key_values`` to ``cache`` (5.2x: the old name warns and
+    goes in 5.40); passing the name the model declares works on both sides of that.
+    """
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
