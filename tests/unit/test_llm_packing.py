@@ -143,6 +143,24 @@ def test_only_a_model_on_sdpa_attention_is_switched(smol_dir: Path) -> None:
     assert eager.config._attn_implementation == "eager"
 
 
+def test_a_transformers_that_refuses_the_switch_keeps_its_own_attention(
+    smol_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(smol_dir))
+    assert model.config._attn_implementation == "sdpa"
+
+    def refuse(self: object, implementation: str) -> None:
+        raise ValueError(f"{implementation!r} is not a known attention implementation")
+
+    monkeypatch.setattr(type(model), "set_attn_implementation", refuse)
+    with caplog.at_level(logging.WARNING, logger="tritonop_backend.llm.attention"):
+        assert use_decode_attention(model) is False
+    assert model.config._attn_implementation == "sdpa"
+    assert "not a known attention implementation" in caplog.text
+
+
 def test_float32_loads_stock(smol: object) -> None:
     """float32 keeps MKL's product and SDPA's own kernels, on which its exact equality with
     generate rests (packing would change the last bits)."""

@@ -16,9 +16,12 @@ and float32 keeps exact equality with ``generate``.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
+
+LOGGER = logging.getLogger(__name__)
 
 NAME = "tritonop_sdpa"
 """The attention implementation's name in ``transformers``' registries."""
@@ -57,16 +60,21 @@ def use_decode_attention(model: Any) -> bool:
 
     Returns:
         Whether the model took it: only models on ``transformers``' SDPA attention do,
-        and only those whose attention goes through the registry (others keep theirs).
+        and only those whose attention goes through the registry (others keep theirs,
+        as does a ``transformers`` release whose registries this does not know).
     """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
-    if not model._can_set_attn_implementation():
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        if not model._can_set_attn_implementation():
+            return False
+        AttentionInterface.register(NAME, decode_attention)
+        AttentionMaskInterface.register(NAME, sdpa_mask)
+        model.set_attn_implementation(NAME)
+    except (ImportError, AttributeError, ValueError) as error:
+        LOGGER.warning("decode attention left as loaded: %s: %s", type(error).__name__, error)
         return False
-    AttentionInterface.register(NAME, decode_attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
-    model.set_attn_implementation(NAME)
     return bool(model.config._attn_implementation == NAME)
