@@ -70,26 +70,37 @@ def llm_triton(tmp_path_factory, smol_dir) -> Iterator[RunningTriton]:
         yield running
 
 
-@pytest.fixture(scope="module")
-def reference(smol_dir):
-    """Greedy completions from transformers' own generate, the independent reference."""
+def _generate_reference(smol_dir: Path, dtype_name: str) -> Any:
+    """Greedy completions from transformers' own generate on a stock model, one thread."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(smol_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(smol_dir), dtype=torch.float32).eval()
+    dtype = getattr(torch, dtype_name)
+    model = AutoModelForCausalLM.from_pretrained(str(smol_dir), dtype=dtype).eval()
 
     def complete(prompt: str, max_tokens: int) -> tuple[str, int]:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                              add_generation_prompt=True, tokenize=False)
         ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=max_tokens)
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the served models; bfloat16 sums may split by thread
+        try:
+            with torch.no_grad():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                                     do_sample=False, max_new_tokens=max_tokens)
+        finally:
+            torch.set_num_threads(before)
         new = out[0, ids.shape[1]:].tolist()
         return tokenizer.decode(new, skip_special_tokens=True), len(new)
 
     return complete
+
+
+@pytest.fixture(scope="module")
+def reference(smol_dir):
+    """Greedy completions from transformers' own generate, the independent reference."""
+    return _generate_reference(smol_dir, "float32")
 
 
 def generate(triton: RunningTriton, model: str, **body: Any) -> tuple[int, dict[str, Any]]:
@@ -121,6 +132,23 @@ def test_greedy_among_other_requests_equals_transformers_generate(llm_triton, re
         assert all(f.result()[0] == 200 for f in background)
     for prompt, (status, body) in zip(PROMPTS, answers, strict=True):
         assert status == 200
+        assert (body["text_output"], body["completion_tokens"]) == reference(prompt, 24)
+
+
+def test_as_shipped_greedy_alone_equals_generate_in_bfloat16(llm_triton, smol_dir):
+    """``solo`` runs ``dtype: auto`` as the example ships it: on a CPU with native bfloat16
+    that is bfloat16 with the linear layers packed for oneDNN (``llm/packing.py``) and
+    grouped decode attention (``llm/attention.py``). Alone, a greedy request equals
+    generate in bfloat16 on a stock copy of the model."""
+    from tritonop_backend.llm.loading import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        pytest.skip("dtype auto is float32 on this CPU (covered by the chat model's tests)")
+    reference = _generate_reference(smol_dir, "bfloat16")
+    for prompt in PROMPTS[:2]:
+        status, body = generate(llm_triton, "solo", text_input=prompt, max_tokens=24,
+                                temperature=0)
+        assert status == 200, body
         assert (body["text_output"], body["completion_tokens"]) == reference(prompt, 24)
 
 
