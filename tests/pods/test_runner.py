@@ -106,3 +106,35 @@ def test_runner_refuses_root_where_run_as_non_root_and_children_die_with_the_pod
         raise AssertionError("a runAsNonRoot container with uid 0 was started")
     except RuntimeError as error:
         assert "runAsNonRoot" in str(error)
+
+
+def test_a_container_is_running_only_once_its_mounts_are_in_place(tmp_path, monkeypatch):
+    """No probe, no exec and no Ready before the container's mounts and read-only root.
+
+    A kubelet shows a container as running only after its runtime set it up. The runner
+    used to count a probe-less container Ready as soon as its launcher started, so an
+    exec could land between two mount steps (CI once saw ``touch /models/x`` succeed on a
+    volume that is read-only). The setup is slowed down here to widen that window.
+    """
+    script = PodRunner._script
+
+    def slow(self: PodRunner, container: Any) -> Path:
+        path = script(self, container)
+        lines = path.read_text().splitlines()
+        path.write_text("\n".join([lines[0], "sleep 2", *lines[1:]]) + "\n")
+        return path
+
+    monkeypatch.setattr(PodRunner, "_script", slow)
+    spec = pod({"command": ["sleep", "600"]})
+    spec["spec"]["containers"][0]["volumeMounts"].append(
+        {"name": "data", "mountPath": "/data", "readOnly": True})
+    spec["spec"]["volumes"].append({"name": "data", "emptyDir": {}})
+    runner = PodRunner(spec, {}, tmp_path, name="slow")
+    with runner:
+        assert not runner.ready
+        started = time.monotonic()
+        assert runner.exec("main", ["touch", "/data/x"]).returncode != 0  # read-only
+        assert time.monotonic() - started > 1  # it waited for the setup
+        assert runner.exec("main", ["touch", "/etc/x"]).returncode != 0  # read-only root
+        assert runner.exec("main", ["touch", "/tmp/x"]).returncode == 0
+        runner.wait_ready(10)

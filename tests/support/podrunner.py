@@ -80,7 +80,7 @@ def can_run_pods() -> str | None:
     """Why pods cannot run here, or None when they can."""
     if os.geteuid() != 0:
         return "the pod runner needs root (mount namespaces, bind mounts, setpriv)"
-    for tool in ("unshare", "nsenter", "setpriv", "ip", "mount"):
+    for tool in ("unshare", "nsenter", "setpriv", "ip", "mount", "bash"):
         if shutil.which(tool) is None:
             return f"the pod runner needs {tool}, which is not installed"
     return None
@@ -306,6 +306,11 @@ class Container:
     started: bool = False
     ready: bool = False
     exit_codes: list[int] = field(default_factory=list)
+    set_up: bool = False
+    """Its mounts and root are in place: its script said so just before ``exec``. Until
+    then a kubelet shows no running container (no probe, no exec, not Ready)."""
+    setup_pipe: int | None = None
+    """Read end of the pipe on which the script says so."""
 
     @property
     def name(self) -> str:
@@ -412,8 +417,10 @@ class PodRunner:
                 source.mkdir(parents=True, exist_ok=True)
             mounts.append((source, mount["mountPath"], bool(mount.get("readOnly"))))
         # A target that hides another mount's source (/tmp over a source under /tmp) last.
-        mounts.sort(key=lambda m: any(str(s).startswith(m[1].rstrip("/") + "/")
-                                      for s, _, _ in mounts))
+        # (The sources are listed first: list.sort empties the list while it sorts.)
+        sources_of_mounts = [str(source) for source, _, _ in mounts]
+        mounts.sort(key=lambda m: any(s.startswith(m[1].rstrip("/") + "/")
+                                      for s in sources_of_mounts))
         lines = ["set -e"]
         # Mount points on the shared root (created once, empty, on the host).
         lines += [f"mkdir -p {shlex.quote(target)}" for _, target, _ in mounts]
@@ -447,6 +454,9 @@ class PodRunner:
         command = [*spec.get("command", []), *spec.get("args", [])]
         workdir = spec.get("workingDir") or stand_in.workdir
         lines.append(f"cd {shlex.quote(workdir)}")
+        # Tell the runner the container is set up ($1: the pipe's fd, which may be above 9:
+        # bash, not dash, redirects those), and close it.
+        lines.append('eval "printf up >&$1; exec $1>&-"')
         lines.append("exec " + shlex.join([*privileges, "env", "-i",
                                            *(f"{k}={v}" for k, v in env.items()), *command]))
         script = self.workdir / f"{spec['name']}.sh"
@@ -476,12 +486,33 @@ class PodRunner:
     def _launch(self, container: Container) -> None:
         script = self._script(container)
         log = open(self.workdir / "logs" / f"{container.name}.log", "ab")
+        self._close_setup(container)
+        read_end, write_end = os.pipe()
         container.process = subprocess.Popen(
             ["nsenter", f"--net=/run/netns/{self.netns}", "unshare", "--mount",
-             "--propagation", "private", "sh", str(script)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+             "--propagation", "private", "bash", str(script), str(write_end)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            pass_fds=(write_end,))
         log.close()
-        container.started = container.ready = False
+        os.close(write_end)
+        os.set_blocking(read_end, False)
+        container.setup_pipe = read_end
+        container.started = container.ready = container.set_up = False
+
+    def _is_set_up(self, container: Container) -> bool:
+        """Whether the container's script has finished its mounts and exec'd its command."""
+        if not container.set_up and container.setup_pipe is not None:
+            try:
+                container.set_up = bool(os.read(container.setup_pipe, 8))
+            except BlockingIOError:  # nothing yet
+                pass
+        return container.set_up
+
+    @staticmethod
+    def _close_setup(container: Container) -> None:
+        if container.setup_pipe is not None:
+            os.close(container.setup_pipe)
+            container.setup_pipe = None
 
     # -- running --------------------------------------------------------------------------
 
@@ -542,6 +573,9 @@ class PodRunner:
                     container.exit_codes.append(code)
                     restart_reason = f"exited with {code}"
                     break
+                if not self._is_set_up(container):  # not running yet: nothing to probe
+                    time.sleep(0.02)
+                    continue
                 now = time.monotonic()
                 for probe in probes:
                     if now < due[probe.kind] or (probe.kind != "startup"
@@ -623,6 +657,11 @@ class PodRunner:
         """``kubectl exec``: a command in a running container's namespaces, as its user."""
         container = self.container(name)
         assert container.process is not None
+        deadline = time.monotonic() + timeout
+        while not self._is_set_up(container):  # a kubelet execs into running containers only
+            if container.process.poll() is not None or time.monotonic() > deadline:
+                raise PodFailed(f"container {name} is not running:\n{self.log_tail(name)}")
+            time.sleep(0.02)
         return subprocess.run(
             ["nsenter", f"--target={container.process.pid}", "--mount", "--net",
              *self._privileges(container), *command],
@@ -707,6 +746,8 @@ class PodRunner:
             self._kill(container, grace)
         for monitor in self._monitors:
             monitor.join(timeout=5)
+        for container in self.containers:  # after the monitors, which read them
+            self._close_setup(container)
         # Wait for every process in the namespace to be gone (children of the main
         # process die of the group's signal, asynchronously); SIGKILL what lingers, such
         # as a process that left the group.
