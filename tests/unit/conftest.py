@@ -16,6 +16,31 @@ def smol(smol_dir: Path):  # -> LoadedModel; imported lazily, torch is slow to i
     return load_causal_lm(smol_dir, "float32", "cpu")
 
 
+@pytest.fixture(scope="session")
+def smol_bf16(smol_dir: Path):  # -> LoadedModel
+    """SmolLM2 in bfloat16 as the engine serves it on a CPU (linear layers packed, grouped
+    decode attention); only for tests that skip where the CPU has no native bfloat16."""
+    import torch
+
+    from tritonop_backend.llm.loading import load_causal_lm
+
+    loaded = load_causal_lm(smol_dir, "bfloat16", "cpu")
+    assert loaded.dtype == torch.bfloat16 and loaded.note is None
+    return loaded
+
+
+@pytest.fixture(scope="session")
+def smol_bf16_stock(smol_dir: Path):  # -> LoadedModel
+    """The same in stock form (``pack=False``): the independent reference's model."""
+    import torch
+
+    from tritonop_backend.llm.loading import load_causal_lm
+
+    loaded = load_causal_lm(smol_dir, "bfloat16", "cpu", pack=False)
+    assert loaded.dtype == torch.bfloat16 and loaded.packed_layers == 0
+    return loaded
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """One torch thread: on two shared cores a second one mostly waits at barriers.

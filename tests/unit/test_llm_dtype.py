@@ -62,7 +62,9 @@ def test_no_cpuinfo_means_no_native_bf16(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bfloat16")
-def test_bfloat16_alone_equals_generate_in_bfloat16(smol_dir: Path) -> None:
+def test_bfloat16_alone_equals_generate_in_bfloat16(
+    smol_bf16: LoadedModel, smol_bf16_stock: LoadedModel
+) -> None:
     """The opt-in dtype is checked like float32, against generate in that same dtype.
 
     The engine runs the model as served (linear layers packed for oneDNN); generate runs a
@@ -71,33 +73,23 @@ def test_bfloat16_alone_equals_generate_in_bfloat16(smol_dir: Path) -> None:
     (see ``resolve_dtype`` and the closeness tests below).
     """
     from tritonop_backend.llm.engine import LLMEngine
-    from tritonop_backend.llm.loading import load_causal_lm
     from tritonop_backend.llm.params import GenerationPolicy, parse_request
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        loaded = load_causal_lm(smol_dir, "bfloat16", "cpu")
-        assert loaded.dtype == torch.bfloat16 and loaded.note is None
-        assert loaded.packed_layers > 0
-        reference = load_causal_lm(smol_dir, "bfloat16", "cpu", pack=False)
-        assert reference.packed_layers == 0
-        policy = GenerationPolicy(default_max_tokens=24, max_tokens_limit=64,
-                                  default_temperature=0.0, max_context_tokens=256)
-        engine = LLMEngine(loaded.model, loaded.tokenizer, policy, max_sequences=2)
-        for i, prompt in enumerate(["What is the capital of France?", "Name three colors."]):
-            engine.add(i, parse_request({"text_input": prompt}, policy))
-            tokens: list[int] = []
-            while engine.has_work():
-                for event in engine.step():
-                    tokens += event.token_ids
-            ids = torch.tensor([engine.encode_prompt(prompt)])
-            expected = reference.model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
-                pad_token_id=loaded.tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()
-            assert tokens == expected
-    finally:
-        torch.set_num_threads(before)
+    assert smol_bf16.packed_layers > 0
+    policy = GenerationPolicy(default_max_tokens=24, max_tokens_limit=64,
+                              default_temperature=0.0, max_context_tokens=256)
+    engine = LLMEngine(smol_bf16.model, smol_bf16.tokenizer, policy, max_sequences=2)
+    for i, prompt in enumerate(["What is the capital of France?", "Name three colors."]):
+        engine.add(i, parse_request({"text_input": prompt}, policy))
+        tokens: list[int] = []
+        while engine.has_work():
+            for event in engine.step():
+                tokens += event.token_ids
+        ids = torch.tensor([engine.encode_prompt(prompt)])
+        expected = smol_bf16_stock.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+            pad_token_id=smol_bf16.tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()
+        assert tokens == expected
 
 
 NATIVE_BF16 = pytest.mark.skipif(not cpu_has_native_bf16(), reason="no native bfloat16")
@@ -113,30 +105,18 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def smol_bf16(smol_dir: Path) -> LoadedModel:
-    """The model as the engine serves it in bfloat16 (linear layers packed)."""
-    from tritonop_backend.llm.loading import load_causal_lm
-
-    loaded = load_causal_lm(smol_dir, "bfloat16", "cpu")
-    assert loaded.dtype == torch.bfloat16
-    return loaded
-
-
-@pytest.fixture(scope="module")
 def bf16_references(
-    smol_dir: Path, smol_bf16: LoadedModel, one_torch_thread: None
+    smol_bf16: LoadedModel, smol_bf16_stock: LoadedModel, one_torch_thread: None
 ) -> References:
     """Greedy tokens and the logits they came from, one per prompt, from generate in
     bfloat16 on a copy loaded with stock ``nn.Linear`` layers (the independent reference)."""
     from tritonop_backend.llm.engine import LLMEngine
-    from tritonop_backend.llm.loading import load_causal_lm
 
-    stock = load_causal_lm(smol_dir, "bfloat16", "cpu", pack=False)
     engine = LLMEngine(smol_bf16.model, smol_bf16.tokenizer, _mixed_policy(), max_sequences=1)
     references = {}
     for prompt in MIXED_PROMPTS:
         ids = torch.tensor([engine.encode_prompt(prompt)])
-        output = stock.model.generate(
+        output = smol_bf16_stock.model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=MIXED_TOKENS,
             do_sample=False, pad_token_id=smol_bf16.tokenizer.eos_token_id,
             output_logits=True, return_dict_in_generate=True)

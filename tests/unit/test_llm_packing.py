@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from tritonop_backend.llm.attention import NAME, decode_attention, use_decode_attention
-from tritonop_backend.llm.loading import cpu_has_native_bf16, load_causal_lm
+from tritonop_backend.llm.loading import cpu_has_native_bf16
 from tritonop_backend.llm.packing import PackedLinear, can_pack, pack_linear_layers
 
 ONEDNN = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN")
@@ -171,16 +172,17 @@ def test_float32_loads_stock(smol: object) -> None:
 
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bfloat16")
 @ONEDNN
-def test_smollm2_in_bfloat16_loads_with_every_linear_layer_packed(smol_dir: Path) -> None:
+def test_smollm2_in_bfloat16_loads_with_every_linear_layer_packed(
+    smol_bf16: Any, smol_bf16_stock: Any
+) -> None:
     """Seven projections in each of 30 layers, and the output layer (tied to the embedding,
     which keeps its own unpacked weight)."""
-    loaded = load_causal_lm(smol_dir, "bfloat16", "cpu")
+    loaded, stock = smol_bf16, smol_bf16_stock
     assert loaded.packed_layers == 30 * 7 + 1
     assert isinstance(loaded.model.lm_head, PackedLinear)
     assert loaded.model.config._attn_implementation == NAME
     embedding = loaded.model.get_input_embeddings().weight
     assert embedding.dtype == torch.bfloat16 and embedding.layout == torch.strided
-    stock = load_causal_lm(smol_dir, "bfloat16", "cpu", pack=False)
     assert stock.packed_layers == 0 and stock.model.config._attn_implementation == "sdpa"
     ids = torch.tensor([stock.tokenizer("The capital of France is")["input_ids"]])
     with torch.inference_mode():

@@ -38,13 +38,14 @@ def decode_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """``transformers``' attention-function signature; ``(batch, 1, heads, dim)`` out."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     groups = getattr(module, "num_key_value_groups", 1)
     batch, heads, length, dim = query.shape
     shared_mask = attention_mask is None or attention_mask.shape[1] == 1
     extras = any(kwargs.get(name) is not None for name in ("softcap", "position_bias"))
     if length != 1 or groups == 1 or dropout != 0.0 or not shared_mask or extras:
+        # Imported here, off the decode path: transformers is imported only once a model loads.
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
         return sdpa_attention_forward(  # type: ignore[no-any-return]
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
