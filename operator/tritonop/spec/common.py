@@ -197,13 +197,30 @@ class AutoscalingSpec(SpecModel):
         return self
 
 
-class NetworkPolicySpec(SpecModel):
-    """Ingress to Triton's ports only from the listed peers (same namespace when empty)."""
+MONITORING_LABEL = "serving.tritonop.dev/monitoring"
 
-    enabled: bool = False
+
+class NetworkPolicySpec(SpecModel):
+    """Who may open a connection to the pods: on by default.
+
+    The gateway port admits ``from`` (default: pods of the resource's own namespace), and
+    Triton's HTTP and gRPC ports too when ``api.triton.expose`` is set; the metrics port
+    admits ``metricsFrom`` (default: namespaces labelled
+    ``serving.tritonop.dev/monitoring: "true"``, where Prometheus runs). A NetworkPolicy
+    is enforced only where the cluster's network plugin implements them.
+    """
+
+    enabled: bool = Field(True, description="Render the NetworkPolicy.")
     from_: list[dict[str, Any]] = Field(
         default_factory=list, alias="from",
-        description="NetworkPolicyPeer objects allowed to reach HTTP, gRPC and metrics.",
+        description="NetworkPolicyPeer objects admitted to the gateway port (and Triton's "
+        "ports when api.triton.expose). Default: the resource's own namespace.",
+    )
+    metrics_from: list[dict[str, Any]] = Field(
+        default_factory=lambda: [{"namespaceSelector": {"matchLabels": {
+            MONITORING_LABEL: "true"}}}],
+        description="NetworkPolicyPeer objects admitted to the metrics port (8002). Default: "
+        "namespaces labelled serving.tritonop.dev/monitoring=true.",
     )
 
 
@@ -211,6 +228,104 @@ class OpenAISpec(SpecModel):
     """The OpenAI-compatible gateway, a second container in each Triton pod."""
 
     enabled: bool = Field(True, description="Serve /v1 (port 8080, named openai).")
+
+
+class KeyLimits(SpecModel):
+    """What one API key may use of one model, per gateway (pod); unset means no limit."""
+
+    requests_per_minute: Optional[int] = Field(
+        None, ge=1, le=10_000_000, description="Requests per minute; more get 429."
+    )
+    tokens_per_minute: Optional[int] = Field(
+        None, ge=1, le=1_000_000_000,
+        description="Prompt and generated tokens per minute; beyond it new requests get 429.",
+    )
+    max_in_flight_share: Optional[float] = Field(
+        None, gt=0, le=1,
+        description="Share of the model's in-flight admission places one key may hold.",
+    )
+
+
+class ApiAuthSpec(SpecModel):
+    """API keys for the gateway, from a Secret the gateway container mounts.
+
+    Each data entry of the Secret is one client: the entry's name is the client's name (in
+    metrics and the access log), its value the key. Clients send ``Authorization: Bearer
+    <key>`` or ``x-api-key: <key>``; ``/health/*`` stays open. A changed Secret is picked
+    up without a restart.
+    """
+
+    secret_name: str = Field(..., min_length=1, max_length=253,
+                             description="Secret of keys: <client name>: <key>.")
+    protect_metrics: bool = Field(False, description="/metrics needs a key too.")
+    limits: KeyLimits = Field(KeyLimits(), description="Limits of every key.")
+    keys: dict[str, KeyLimits] = Field(
+        default_factory=dict, description="Limits of named clients, replacing `limits`."
+    )
+
+
+class ApiTLSSpec(SpecModel):
+    """HTTPS on the gateway port."""
+
+    secret_name: str = Field(..., min_length=1, max_length=253,
+                             description="A kubernetes.io/tls Secret (tls.crt, tls.key).")
+
+
+_EXPOSE_NEEDS_ADMIN = "!self.expose || has(self.adminSecretName)"
+
+
+class TritonAccessSpec(SpecModel):
+    """Whether Triton's own HTTP and gRPC protocols are reachable from outside the pod.
+
+    By default they listen on the pod's loopback only: clients use the gateway. Exposed,
+    they are on the Service too, and Triton's control APIs (model repository, model
+    config, statistics, trace, logging, shared memory) need the header
+    ``triton-admin-key`` with the key of ``adminSecretName``.
+    """
+
+    model_config = ConfigDict(json_schema_extra=cel_rules(
+        (_EXPOSE_NEEDS_ADMIN, "expose needs adminSecretName: Triton's control APIs are "
+         "restricted with its key"),
+    ))
+
+    expose: bool = Field(False, description="Publish Triton's HTTP and gRPC on the Service.")
+    admin_secret_name: Optional[str] = Field(
+        None, min_length=1, max_length=253,
+        description="Secret whose `admin-key` entry opens Triton's control APIs "
+        "(header triton-admin-key). Required with expose.",
+    )
+
+    @model_validator(mode="after")
+    def _expose_needs_admin(self) -> TritonAccessSpec:
+        if self.expose and self.admin_secret_name is None:
+            raise ValueError("expose needs adminSecretName: Triton's control APIs are "
+                             "restricted with its key")
+        return self
+
+
+class GatewayLimits(SpecModel):
+    """Bounds the gateway checks before it spends work on a request."""
+
+    max_embedding_inputs: int = Field(
+        512, ge=1, le=2048, description="Texts in one /v1/embeddings request."
+    )
+    max_input_characters: int = Field(
+        32768, ge=1, le=1_000_000,
+        description="Characters of one text (embeddings, search) or one prompt (all "
+        "message contents together), checked before tokenizing.",
+    )
+    stream_stall_seconds: float = Field(
+        30, ge=1, le=600,
+        description="A stream whose client takes no data for this long is ended.",
+    )
+    triton_timeout_seconds: float = Field(
+        120, ge=1, le=3600,
+        description="The most one call to Triton may take (a stream: the longest gap "
+        "between two responses).",
+    )
+
+
+_OPENAI_OR_EXPOSED = "self.openai.enabled || (has(self.triton) && self.triton.expose)"
 
 
 class ApiSpec(SpecModel):
@@ -221,6 +336,11 @@ class ApiSpec(SpecModel):
     instance in flight and as many waiting. Beyond them the gateway answers 429 at once.
     """
 
+    model_config = ConfigDict(json_schema_extra=cel_rules(
+        (_OPENAI_OR_EXPOSED, "with openai.enabled false, set triton.expose: nothing else "
+         "can reach the models"),
+    ))
+
     openai: OpenAISpec = OpenAISpec()
     max_in_flight: Optional[int] = Field(
         None, ge=1, le=100_000, description="Requests forwarded to Triton at once, per pod."
@@ -229,6 +349,17 @@ class ApiSpec(SpecModel):
         None, ge=0, le=100_000,
         description="Requests waiting in the gateway beyond those; more get 429.",
     )
+    auth: Optional[ApiAuthSpec] = Field(None, description="API keys (none: no key needed).")
+    tls: Optional[ApiTLSSpec] = Field(None, description="HTTPS on the gateway port.")
+    triton: TritonAccessSpec = TritonAccessSpec()
+    limits: GatewayLimits = GatewayLimits()
+
+    @model_validator(mode="after")
+    def _reachable(self) -> ApiSpec:
+        if not self.openai.enabled and not self.triton.expose:
+            raise ValueError("with openai.enabled false, set triton.expose: nothing else "
+                             "can reach the models")
+        return self
 
 
 class DeploymentSpec(SpecModel):
