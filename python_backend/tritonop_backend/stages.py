@@ -93,17 +93,31 @@ def check_artifacts(parameters: Parameters) -> None:
 
 
 class TokenizerStage:
-    """``text`` (BYTES ``[rows, 1]``) -> ``input_ids``, ``attention_mask`` (INT64)."""
+    """``text`` (BYTES ``[rows, 1]``) -> ``input_ids``, ``attention_mask`` (INT64).
+
+    Texts longer than ``max_input_characters`` (the resource's
+    ``api.limits.maxInputCharacters``) are refused before tokenizing: the tokenizer reads
+    a whole text before it truncates, and its batch-mates wait for it.
+    """
 
     inputs = ("text",)
 
     def __init__(self, parameters: Parameters, device: str = "cpu") -> None:
         model_dir, _, max_length, _ = _model_settings(parameters)
         self.tokenizer = TextTokenizer(model_dir / TOKENIZER_FILE, max_length)
+        self.max_characters = int(parameters["max_input_characters"])
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: TextTokenizer, max_characters: int) -> TokenizerStage:
+        """A tokenizer stage over a tokenizer already loaded (for tests and benchmarks)."""
+        stage = cls.__new__(cls)
+        stage.tokenizer, stage.max_characters = tokenizer, max_characters
+        return stage
 
     def run(self, batch: list[Inputs]) -> list[Result]:
         def check(inputs: Inputs) -> list[str]:
-            return decode_texts(_required(inputs, "text").reshape(-1), "text")
+            return decode_texts(_required(inputs, "text").reshape(-1), "text",
+                                self.max_characters)
 
         def work(groups: list[object]) -> list[Outputs]:
             encoded = self.tokenizer.encode_groups(groups)  # type: ignore[arg-type]

@@ -53,7 +53,7 @@ def test_generate_with_a_wrongly_typed_value_fails_and_the_server_carries_on(tri
     """Triton 2.51's /generate parses JSON before any model runs and answers a wrongly
     typed value with 500 "Unable to parse"; /infer answers it with 400 (tested below)."""
     status, answer = triton.generate("ts", {"text": "storm", "num_results": value})
-    assert status in (400, 500) and "Unable to parse" in answer["error"]
+    assert status == 500 and "Unable to parse" in answer["error"]
     assert_still_serving(triton)
 
 
@@ -119,3 +119,18 @@ def test_nan_or_infinite_embedding_sent_to_the_search_model_is_a_400(triton, bad
     embedding.set_data_from_numpy(vector)
     assert client.infer("ts_search", [embedding]).as_numpy("ids").shape == (1, 10)
     assert_still_serving(triton)
+
+
+@pytest.mark.parametrize(("model", "output"), [("ts", "ids"), ("ts_embedding", "embedding")])
+def test_a_text_over_the_character_bound_is_a_400_and_others_are_answered(triton, model, output):
+    """The tokenizer refuses a text over api.limits.maxInputCharacters (default 32768)
+    before tokenizing it; requests sent in the same moment are answered as usual."""
+    bodies = [{"text": "storm " * 6000}] + [{"text": "europe climate change storm"}] * 6
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda body: triton.generate(model, body), bodies))
+    status, answer = answers[0]
+    assert status == 400, answer
+    assert "text: element 0 is 36000 characters long; at most 32768 are allowed" in (
+        answer["error"])
+    assert [status for status, _ in answers[1:]] == [200] * 6
+    assert all(len(body[output]) > 0 for _, body in answers[1:])

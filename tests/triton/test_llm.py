@@ -279,9 +279,10 @@ def test_beyond_the_queue_bound_requests_are_rejected_unavailable(llm_triton):
         took = time.monotonic() - started
         stream_error = stream_errors(llm_triton, "solo", b"and one more")
         assert all(f.result()[0] == 200 for f in running)
-    # The model answers UNAVAILABLE; Triton 2.51's /generate turns every model error into
-    # a 400 (its /infer and gRPC keep the code; /infer does not take decoupled models).
-    assert status in (400, 503), answer
+    # The model answers UNAVAILABLE; Triton 2.51 (the pinned server) turns every model error
+    # of /generate into a 400 (its /infer and gRPC keep the code; /infer does not take
+    # decoupled models). The gateway answers 429 before Triton is asked (tests/gateway).
+    assert status == 400, answer
     assert "the service is at capacity: 1 sequences running and 1 waiting" in answer["error"]
     assert took < 1.0
     assert "the service is at capacity" in stream_error
@@ -326,6 +327,34 @@ def test_bad_input_is_a_400_naming_the_parameter(llm_triton, body, message):
     assert message in answer["error"]
     status, answer = generate(llm_triton, "chat", text_input="Hi", max_tokens=3)
     assert status == 200 and answer["completion_tokens"] > 0
+
+
+OVER_THE_BOUND = [
+    ({"text_input": "word " * 6554},
+     "text_input: the prompt is 32770 characters long; at most 32768 are allowed"),
+    ({"text_input": "word " * 6554, "prompt_format": "raw"},
+     "text_input: the prompt is 32770 characters long; at most 32768 are allowed"),
+    ({"text_input": json.dumps([{"role": "system", "content": "s" * 16384},
+                                {"role": "user", "content": "u" * 16385}]),
+      "prompt_format": "messages"},
+     "messages: the contents are 32769 characters long together; at most 32768 are allowed"),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), OVER_THE_BOUND, ids=["text", "raw", "messages"])
+def test_a_prompt_over_the_character_bound_is_a_400_and_others_are_answered(
+        llm_triton, reference, body, message):
+    """api.limits.maxInputCharacters (default 32768) is checked before the prompt is
+    templated or tokenized; a request sent in the same moment is answered as usual."""
+    good = dict(text_input=PROMPTS[0], max_tokens=8, temperature=0)
+    with ThreadPoolExecutor(2) as pool:
+        refused = pool.submit(generate, llm_triton, "chat", **body)
+        answered = pool.submit(generate, llm_triton, "chat", **good)
+        (status, answer), (good_status, good_answer) = refused.result(), answered.result()
+    assert status == 400, answer
+    assert message in answer["error"]
+    assert good_status == 200, good_answer
+    assert good_answer["text_output"] == reference(PROMPTS[0], 8)[0]
 
 
 def test_invalid_utf8_prompt_is_rejected(llm_triton):

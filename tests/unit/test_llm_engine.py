@@ -51,6 +51,25 @@ def engine(smol: LoadedModel) -> LLMEngine:
     return LLMEngine(smol.model, smol.tokenizer, POLICY, max_sequences=4, max_waiting=4)
 
 
+class CountingTokenizer:
+    """The model's own tokenizer, counting the calls that template or tokenize a prompt."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self.calls = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self._tokenizer(*args, **kwargs)
+
+    def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self._tokenizer.apply_chat_template(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+
 def request(prompt: str, policy: GenerationPolicy = POLICY, **values: Any) -> GenerationRequest:
     return parse_request({"text_input": prompt, **values}, policy)
 
@@ -260,6 +279,27 @@ class TestScheduling:
         assert engine.running == 1 and engine.waiting == 0
         engine.add("third", request("Hello", max_tokens=2))
         assert not engine.cancel("unknown")
+
+    def test_a_full_engine_refuses_before_tokenizing(self, smol: LoadedModel) -> None:
+        """The queue-full check used to come after the prompt was templated and tokenized:
+        a burst of long prompts at a full engine each spent the tokenizer's time for a 503."""
+        tokenizer = CountingTokenizer(smol.tokenizer)
+        engine = LLMEngine(smol.model, tokenizer, POLICY, max_sequences=1, max_waiting=1)
+        engine.add("running", request("Hello", max_tokens=5))
+        engine.add("waiting", request("Hello", max_tokens=5))
+        calls = tokenizer.calls
+        assert calls > 0
+        with pytest.raises(QueueFullError, match="1 sequences running and 1 waiting"):
+            engine.add("refused", request("word " * 6000, max_tokens=5))
+        assert tokenizer.calls == calls
+        assert engine.waiting == 2
+        engine.cancel("waiting")
+        engine.step()
+        with pytest.raises(RequestError, match="at most 511 fit"):
+            engine.add("long", request("word " * 600, max_tokens=5))
+        # The place the refused prompt held while it was tokenized is free again.
+        engine.add("fits", request("Hello", max_tokens=2))
+        assert engine.waiting == 1
 
     def test_cancelled_while_waiting(self, smol: LoadedModel) -> None:
         engine = LLMEngine(smol.model, smol.tokenizer, POLICY, max_sequences=1, max_waiting=2)

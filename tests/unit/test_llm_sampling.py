@@ -6,6 +6,7 @@ own ``RepetitionPenaltyLogitsProcessor``, ``TopKLogitsWarper`` and ``TopPLogitsW
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -71,6 +72,22 @@ class TestTopKTopP:
         logits = torch.randn(8, 50)
         chosen = select_next_tokens(logits, rows(8, temperature=0.0), [make_generator(0)] * 8)
         assert torch.equal(chosen, logits.argmax(dim=-1))
+
+    @pytest.mark.parametrize("temperature", [1e-38, 9.9e-6])
+    @pytest.mark.parametrize("top_p", [1.0, 0.9])
+    def test_a_vanishing_temperature_is_greedy_as_in_vllm(
+        self, temperature: float, top_p: float
+    ) -> None:
+        """Dividing a language model's logits by 1e-38 overflowed to infinities and NaN,
+        which drew one of the last token ids instead of the most likely one."""
+        logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(3)) * 8
+        logits[:, -1] = -40.0  # the last id is never the most likely
+        generators = [make_generator(row) for row in range(8)]
+        chosen = select_next_tokens(
+            logits, rows(8, temperature=temperature, top_p=top_p), generators
+        )
+        assert torch.equal(chosen, logits.argmax(dim=-1))
+        assert parse_request({"text_input": "x", "temperature": temperature}, POLICY).params.greedy
 
     @pytest.mark.parametrize(
         ("values", "allowed"),
@@ -276,6 +293,37 @@ class TestParseRequest:
             parse_request({"text_input": "x", "stop": ["s" * 1000] * 16}, POLICY)
         assert str(caught.value) == (
             "stop: stop strings may hold at most 256 characters in all, got 16000")
+
+    @pytest.mark.parametrize(
+        ("values", "message"),
+        [
+            ({"text_input": "é" * 41},
+             "text_input: the prompt is 41 characters long; at most 40 are allowed"),
+            ({"text_input": "a" * 41, "prompt_format": "raw"},
+             "text_input: the prompt is 41 characters long; at most 40 are allowed"),
+            ({"text_input": json.dumps([{"role": "system", "content": "s" * 20},
+                                        {"role": "user", "content": "u" * 21}]),
+              "prompt_format": "messages"},
+             "messages: the contents are 41 characters long together; at most 40 are allowed"),
+        ],
+        ids=["text", "raw", "messages"],
+    )
+    def test_prompt_over_the_character_bound_is_refused(
+        self, values: dict[str, object], message: str
+    ) -> None:
+        policy = GenerationPolicy(max_prompt_characters=40)
+        with pytest.raises(RequestError) as caught:
+            parse_request(values, policy)
+        assert str(caught.value) == message
+
+    def test_prompt_at_the_character_bound_is_taken(self) -> None:
+        policy = GenerationPolicy(max_prompt_characters=40)
+        turns = [{"role": "user", "content": "u" * 40}]
+        chat = parse_request(
+            {"text_input": json.dumps(turns), "prompt_format": "messages"}, policy
+        )  # the JSON around the contents does not count
+        assert chat.messages == (("user", "u" * 40),)
+        assert parse_request({"text_input": "é" * 40}, policy).prompt == "é" * 40
 
     def test_limits_are_inclusive(self) -> None:
         request = parse_request(

@@ -105,6 +105,18 @@ def test_unset_model_settings_are_resolved_by_the_models():
     assert params["max_sequence_length"].string_value == "auto"
 
 
+@pytest.mark.parametrize(("limits", "expected"), [({}, "32768"),
+                                                  ({"maxInputCharacters": 500}, "500")])
+def test_the_character_bound_reaches_every_model_that_reads_client_text(limits, expected):
+    """The tokenizer step (behind both ensembles) and the LLM check it before tokenizing."""
+    api = {"api": {"limits": limits}}
+    assert search(api)["s_tokenizer"].parameters["max_input_characters"].string_value == expected
+    body = {"apiVersion": "serving.tritonop.dev/v1alpha1", "kind": "LLMService",
+            "metadata": {"name": "chat"}, "spec": {"model": {"source": "/m"}, **api}}
+    llm = configs(render_repository([parse_resource(body)]))["chat"]
+    assert llm.parameters["max_input_characters"].string_value == expected
+
+
 def test_write_repository_removes_stale_models_only(tmp_path):
     (tmp_path / "old_model").mkdir()
     (tmp_path / "old_model" / "config.pbtxt").write_text("name: 'old_model'")

@@ -9,8 +9,9 @@ from tritonop_backend.batching import pad_and_stack, split_rows
 from tritonop_backend.errors import RequestError
 from tritonop_backend.pooling import l2_normalize, pool
 from tritonop_backend.search import CorpusIndex
-from tritonop_backend.stages import SearchStage
+from tritonop_backend.stages import SearchStage, TokenizerStage
 from tritonop_backend.text import decode_texts
+from tritonop_backend.tokenizer import TextTokenizer
 
 rng = np.random.default_rng(7)
 
@@ -125,3 +126,40 @@ def test_bad_request_does_not_fail_its_batch_mates(index):
     assert "embedding: expected [rows, 48]" in str(results[3])
     assert results[4]["ids"].shape == (1, 3)  # default top-k
     assert results[4]["texts"][0, 0] == f"text {results[4]['ids'][0, 0]}".encode()
+
+
+def test_decode_texts_counts_characters_not_bytes():
+    assert decode_texts(["é" * 8], max_characters=8) == ["é" * 8]  # 16 bytes, 8 characters
+    with pytest.raises(RequestError) as caught:
+        decode_texts([b"ok", "é" * 9], max_characters=8)
+    assert str(caught.value) == "text: element 1 is 9 characters long; at most 8 are allowed"
+
+
+class RecordingTokenizer(TextTokenizer):
+    """The model's real tokenizer, remembering the longest text it was handed."""
+
+    longest = 0
+
+    def encode_groups(self, groups):
+        self.longest = max([self.longest, *(len(text) for group in groups for text in group)])
+        return super().encode_groups(groups)
+
+
+def test_text_over_the_character_bound_is_refused_before_tokenizing(source_model):
+    """An 8 MiB text used to be tokenized whole (seconds, a gigabyte) before truncation."""
+    tokenizer = RecordingTokenizer(source_model.directory / "tokenizer.json", 256)
+    stage = TokenizerStage.from_tokenizer(tokenizer, max_characters=1000)
+    huge = "storm " * (8 * 2**20 // 6)
+    batch = [
+        {"text": np.array([[b"europe climate change storm"]], dtype=object)},
+        {"text": np.array([[b"short"], [huge.encode()]], dtype=object)},
+        {"text": np.array([["x" * 1000]], dtype=object)},
+    ]
+    results = stage.run(batch)
+    assert isinstance(results[1], RequestError)
+    assert str(results[1]) == (
+        f"text: element 1 is {len(huge)} characters long; at most 1000 are allowed")
+    assert tokenizer.longest == 1000  # the bound itself is allowed; the huge text never went in
+    alone_ids, _ = tokenizer.encode(["europe climate change storm"])
+    np.testing.assert_array_equal(results[0]["input_ids"], alone_ids)
+    assert results[2]["input_ids"].shape[0] == 1

@@ -94,8 +94,11 @@ def embedding_search_models(resource: Resource, artifacts_root: str) -> list[Con
         # attention_mask too: its row sums are the token counts the gateway reports as usage.
         ensemble(f"{name}_embedding", batch, [text], [embedding, mask],
                  [tokenize, encode, pool]),
+        # The tokenizer is the one step that reads client text: it refuses a text over the
+        # bound before tokenizing it, whichever ensemble the request came through.
         python_model(f"{name}_tokenizer", stages.tokenizer, [text], [ids, mask],
-                     {"stage": "tokenizer", **shared}),
+                     {"stage": "tokenizer", **shared,
+                      "max_input_characters": str(spec.api.limits.max_input_characters)}),
         python_model(
             f"{name}_encoder", stages.encoder,
             [tensor("input_ids", "INT64", [-1], ragged=True), ragged_mask], [hidden],
@@ -157,6 +160,7 @@ def llm_models(resource: Resource, artifacts_root: str) -> list[ConfigDict]:
         "chat_template": _auto(generation.chat_template),
         "streaming": _auto(generation.streaming),
         "max_tokens_limit": str(generation.limits.max_tokens),
+        "max_input_characters": str(spec.api.limits.max_input_characters),
         "default_max_tokens": str(defaults.max_tokens),
         "default_temperature": str(defaults.temperature),
         "default_top_k": str(defaults.top_k),

@@ -171,6 +171,8 @@ class LLMEngine:
         self._waiting: deque[_Sequence] = deque()
         self._cancelled: set[Hashable] = set()
         self._known: set[Hashable] = set()
+        self._reserved: set[Hashable] = set()
+        """Requests holding a place while their prompts are tokenized, not yet queued."""
         self._lock = threading.Condition()
         self._failed_steps = 0
         self.failure: str | None = None
@@ -181,39 +183,57 @@ class LLMEngine:
     def add(self, request_id: Hashable, request: GenerationRequest) -> None:
         """Queue a request; it starts at the next step that has a free slot.
 
+        The request's place is taken before its prompt is templated and tokenized, so that
+        a full engine refuses at once instead of spending tokenizer time on a request it
+        cannot take (and callers waiting behind it do not pay for that time either).
+
         Raises:
             RequestError: on ``text_input`` when the prompt leaves no room to generate.
             QueueFullError: when all slots and queue places are taken.
             EngineFailedError: when the engine has failed for good (see :attr:`ready`).
             ValueError: when ``request_id`` is already queued or running.
         """
-        if self.failure is not None:
-            raise EngineFailedError(self.failure)
-        prompt_ids = self.encode_request(request)
-        limit = self.policy.max_context_tokens - 1
-        if len(prompt_ids) > limit:
-            raise RequestError(
-                "text_input",
-                f"the prompt is {len(prompt_ids)} tokens; at most {limit} fit in the context",
-            )
-        sequence = _Sequence(
-            request_id=request_id,
-            prompt_ids=prompt_ids,
-            request=request,
-            stream=TextStream(self.tokenizer, request.params.stop),
-            generator=make_generator(request.params.seed),
-        )
-        with self._lock:
-            if request_id in self._known:
-                raise ValueError(f"request {request_id!r} is already in the engine")
-            if len(self._known) >= self.max_sequences + self.max_waiting:
-                raise QueueFullError(
-                    f"{self.max_sequences} sequences running and {self.max_waiting} waiting"
+        self._reserve(request_id)
+        try:
+            prompt_ids = self.encode_request(request)
+            limit = self.policy.max_context_tokens - 1
+            if len(prompt_ids) > limit:
+                raise RequestError(
+                    "text_input",
+                    f"the prompt is {len(prompt_ids)} tokens; at most {limit} fit in the context",
                 )
+            sequence = _Sequence(
+                request_id=request_id,
+                prompt_ids=prompt_ids,
+                request=request,
+                stream=TextStream(self.tokenizer, request.params.stop),
+                generator=make_generator(request.params.seed),
+            )
+        except BaseException:
+            with self._lock:
+                self._reserved.discard(request_id)
+            raise
+        with self._lock:
+            self._reserved.discard(request_id)
+            if self.failure is not None:  # failed while this prompt was being tokenized
+                raise EngineFailedError(self.failure)
             self._known.add(request_id)
             self._cancelled.discard(request_id)  # a cancel for an earlier use of the id
             self._waiting.append(sequence)
             self._lock.notify_all()
+
+    def _reserve(self, request_id: Hashable) -> None:
+        """Take a place for a request about to be tokenized, or refuse it now."""
+        if self.failure is not None:
+            raise EngineFailedError(self.failure)
+        with self._lock:
+            if request_id in self._known or request_id in self._reserved:
+                raise ValueError(f"request {request_id!r} is already in the engine")
+            if len(self._known) + len(self._reserved) >= self.max_sequences + self.max_waiting:
+                raise QueueFullError(
+                    f"{self.max_sequences} sequences running and {self.max_waiting} waiting"
+                )
+            self._reserved.add(request_id)
 
     def cancel(self, request_id: Hashable) -> bool:
         """Stop a request at the next step; it gets a final "cancelled" event.

@@ -39,6 +39,11 @@ tokenizer templates (``/v1/chat/completions``), so the template is applied exact
 
 CHAT_ROLES = ("system", "user", "assistant")
 
+GREEDY_BELOW = 1e-5
+"""Temperatures below this (0 included) select the most likely token, as vLLM's
+``_SAMPLING_EPS`` does: dividing logits by a tiny temperature overflows to infinities, whose
+differences are NaN, and a NaN distribution would pick an arbitrary (the last) token."""
+
 
 @dataclass(frozen=True)
 class GenerationPolicy:
@@ -54,6 +59,8 @@ class GenerationPolicy:
         default_repeat_last_n: how many recent tokens the penalty looks at.
         max_context_tokens: prompt plus generated tokens that one sequence may hold.
         apply_chat_template: wrap the prompt as one user turn of the tokenizer's template.
+        max_prompt_characters: the most characters a prompt may have (for ``messages``: all
+            contents together), checked before it is templated or tokenized.
     """
 
     default_max_tokens: int = 128
@@ -65,6 +72,7 @@ class GenerationPolicy:
     default_repeat_last_n: int = 64
     max_context_tokens: int = 2048
     apply_chat_template: bool = True
+    max_prompt_characters: int = 32768
 
     def validate(self) -> GenerationPolicy:
         """Check the policy once at load, so that defaults never fail a request.
@@ -79,6 +87,8 @@ class GenerationPolicy:
             raise ValueError("max_context_tokens must be at least 2 (one prompt, one new token)")
         if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
             raise ValueError("default_max_tokens must lie in [1, max_tokens_limit]")
+        if self.max_prompt_characters < 1:
+            raise ValueError("max_prompt_characters must be at least 1")
         defaults = self.defaults()
         try:
             _check_sampling(defaults)
@@ -103,7 +113,8 @@ class SamplingParams:
     """How one sequence is sampled and when it stops; valid by construction via parse_request.
 
     Attributes:
-        temperature: logits are divided by it; 0 selects the most likely token.
+        temperature: logits are divided by it; below ``GREEDY_BELOW`` (0 included) the most
+            likely token is selected.
         top_k: keep the k most likely tokens (ties with the k-th kept); 0 keeps all.
         top_p: keep the smallest set of most likely tokens whose probability reaches top_p.
         repetition_penalty: Hugging Face's penalty on tokens seen in the recent window.
@@ -125,7 +136,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         """Whether the next token is the argmax, which needs no random draw."""
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True)
@@ -162,6 +173,13 @@ def parse_request(values: Mapping[str, object], policy: GenerationPolicy) -> Gen
     unwrapped = {name: _unwrap(value) for name, value in values.items()}
     given = {name: value for name, value in unwrapped.items() if value is not None}
     prompt = _parse_prompt(given.get("text_input"))
+    prompt_format = _as_text("prompt_format", given.get("prompt_format", "text"))
+    if prompt_format not in PROMPT_FORMATS:
+        raise RequestError(
+            "prompt_format", f"must be one of {PROMPT_FORMATS}, got {prompt_format!r}"
+        )
+    messages = _parse_messages(prompt) if prompt_format == "messages" else None
+    _check_prompt_length(prompt, messages, policy.max_prompt_characters)
     defaults = policy.defaults()
     max_tokens = _as_int("max_tokens", given.get("max_tokens", defaults["max_tokens"]))
     if max_tokens <= 0 or max_tokens > policy.max_tokens_limit:
@@ -183,16 +201,34 @@ def parse_request(values: Mapping[str, object], policy: GenerationPolicy) -> Gen
         stop=_parse_stop(given.get("stop")),
     )
     _check_sampling(params.__dict__)
-    prompt_format = _as_text("prompt_format", given.get("prompt_format", "text"))
-    if prompt_format not in PROMPT_FORMATS:
-        raise RequestError(
-            "prompt_format", f"must be one of {PROMPT_FORMATS}, got {prompt_format!r}"
-        )
     return GenerationRequest(
         prompt=prompt, params=params, stream=_as_bool("stream", given.get("stream", False)),
-        messages=_parse_messages(prompt) if prompt_format == "messages" else None,
-        raw=prompt_format == "raw",
+        messages=messages, raw=prompt_format == "raw",
     )
+
+
+def _check_prompt_length(
+    prompt: str, messages: tuple[tuple[str, str], ...] | None, limit: int
+) -> None:
+    """Refuse a prompt over ``limit`` characters before any template or tokenizer reads it.
+
+    A tokenizer's time and memory grow with the whole text, before the context check can
+    count its tokens; the engine's callers wait meanwhile. For ``messages`` the contents
+    count, not the JSON around them (the same count the gateway makes for a chat).
+    """
+    if messages is None:
+        if len(prompt) > limit:
+            raise RequestError(
+                "text_input", f"the prompt is {len(prompt)} characters long; at most {limit} "
+                "are allowed"
+            )
+        return
+    total = sum(len(content) for _, content in messages)
+    if total > limit:
+        raise RequestError(
+            "messages", f"the contents are {total} characters long together; at most {limit} "
+            "are allowed"
+        )
 
 
 def _parse_messages(text: str) -> tuple[tuple[str, str], ...]:

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+from tritonop_backend.llm.params import GREEDY_BELOW
+
 CANDIDATES = 256
 """Tokens examined before a full sort; nucleus sets of chat models are usually smaller."""
 
@@ -30,7 +32,8 @@ class RowParams:
     choosing a path never waits for the device.
 
     Attributes:
-        sampled: rows that draw (temperature > 0); the others take the argmax.
+        sampled: rows that draw (temperature at least ``GREEDY_BELOW``); the others take the
+            argmax, as a temperature that small would overflow the scaled logits.
         filtered: sampled rows with top-k or top-p active.
         plain: sampled rows with neither, which need no sorting at all.
         penalised: whether any row has a repetition penalty other than 1.
@@ -50,7 +53,7 @@ class RowParams:
         self.top_k = tuple(int(k) for k in top_k)
         self.top_p = tuple(float(p) for p in top_p)
         self.repetition_penalty = tuple(float(r) for r in repetition_penalty)
-        self.sampled = [row for row, t in enumerate(self.temperature) if t > 0]
+        self.sampled = [row for row, t in enumerate(self.temperature) if t >= GREEDY_BELOW]
         self.filtered = [r for r in self.sampled if self.top_k[r] > 0 or self.top_p[r] < 1]
         self.plain = [r for r in self.sampled if self.top_k[r] == 0 and self.top_p[r] == 1]
         self.penalised = any(r != 1.0 for r in self.repetition_penalty)

@@ -58,6 +58,7 @@ def policy_from_parameters(parameters: Mapping[str, str]) -> GenerationPolicy:
         default_repeat_last_n=int(parameters["default_repeat_last_n"]),
         max_context_tokens=int(parameters["max_context_length"]),
         apply_chat_template=parameters.get("chat_template", "true") == "true",
+        max_prompt_characters=int(parameters["max_input_characters"]),
     ).validate()
 
 
