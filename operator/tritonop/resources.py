@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -74,6 +75,25 @@ class Resource:
         if path.is_absolute() or self.base_dir is None:
             return path
         return (self.base_dir / path).resolve()
+
+    def resolve_inside(self, value: str, field: str) -> Path:
+        """A relative path from the spec, resolved inside :attr:`base_dir`, symlinks too.
+
+        The operator resolves a tenant's relative paths against the examples folder of its
+        own image and reads what they name: a symlink there that leads elsewhere (or a
+        ``..`` that reached the operator unchecked) would let a resource read any file of
+        the operator's, and a hash of it would land in a ConfigMap the tenant can read.
+
+        Raises:
+            ResourceError: naming ``field`` when the path leads outside the folder.
+        """
+        assert self.base_dir is not None and not Path(value).is_absolute()
+        base = Path(os.path.realpath(self.base_dir))
+        path = Path(os.path.realpath(base / value))
+        if not path.is_relative_to(base):
+            raise ResourceError(f"{field}: {value!r} leads outside the folder relative paths "
+                                f"resolve against ({base}); name a file inside it")
+        return path
 
 
 def parse_resource(body: Mapping[str, Any], base_dir: Path | None = None) -> Resource:

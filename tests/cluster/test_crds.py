@@ -45,6 +45,9 @@ SERVER_SAYS = {
         "spec: Invalid value: an LLMService's artifacts are prepared per pod",
     "spec.artifacts.hostPath.path": 'spec.artifacts.hostPath.path: Invalid value: "relative": '
                                     "spec.artifacts.hostPath.path in body should match '^/'",
+    "spec.corpus.source: must not contain '..'":
+        'spec.corpus.source: Invalid value: "corpus/../../../dev/zero": spec.corpus.source in '
+        "body should match '^([^/]?|",
     "spec.model.dtype": 'spec.model.dtype: Unsupported value: "int4"',
     "spec.generation.defaults.topP": "spec.generation.defaults.topP in body should be greater "
                                      "than 0",

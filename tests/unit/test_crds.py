@@ -112,6 +112,8 @@ INVALID = [
      "spec: an LLMService's artifacts are prepared per pod"),
     (es(artifacts={"hostPath": {"path": "relative"}}), "'relative' does not match '^/'",
      "spec.artifacts.hostPath.path"),
+    (es(corpus={"source": "corpus/../../../dev/zero"}),
+     "'corpus/../../../dev/zero' does not match", "spec.corpus.source: must not contain '..'"),
     (llm(model={"dtype": "int4"}), "'int4' is not one of", "spec.model.dtype"),
     (llm(generation={"defaults": {"topP": 0}}), "0 is less than or equal to the minimum of 0",
      "spec.generation.defaults.topP"),

@@ -27,6 +27,7 @@ from tests.support.kube_emulator import load_operator
 from tests.support.pod_security import pod_spec_of, restricted_violations
 from tritonop import API_GROUP
 from tritonop.controller.kube import MERGE_PATCH, PLURALS, Kube
+from tritonop.controller.policy import DEFAULT_POLICY, OperatorPolicy
 from tritonop.controller.reconcile import KINDS, get_owner, reconcile, refresh
 from tritonop.crd import crd_files
 from tritonop.render.kubernetes import Images
@@ -404,6 +405,16 @@ def test_operator_image_is_the_one_it_gives_the_prepare_init_container():
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["TRITONOP_OPERATOR_IMAGE"] == container["image"] == Images().operator
     assert env["TRITONOP_TRITON_IMAGE"] == Images().triton
+
+
+def test_the_operator_as_deployed_allows_no_host_path_and_only_its_own_images():
+    """deploy/ states its policy, and it is the strict one (creating a resource is then
+    creating a restricted pod that runs the project's images)."""
+    (container,) = pod_spec_of(OPERATOR)["containers"]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    assert {"TRITONOP_ALLOW_HOST_PATH", "TRITONOP_ALLOWED_IMAGES",
+            "TRITONOP_MAX_CORPUS_BYTES"} <= set(env)
+    assert OperatorPolicy.from_environment(env, Images()) == DEFAULT_POLICY
 
 
 # (e) Dockerfiles: multi-stage, non-root, and only what .dockerignore lets through

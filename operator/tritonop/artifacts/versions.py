@@ -22,8 +22,9 @@ import os
 import shutil
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
+from stat import S_ISDIR, S_ISREG
 
-from tritonop.resources import Resource
+from tritonop.resources import Resource, ResourceError
 from tritonop.spec import EmbeddingSearchSpec
 from tritonop_backend.artifacts import VERSION_FILE
 
@@ -33,13 +34,42 @@ FINGERPRINT_LENGTH = 16
 STAGING_PREFIX = ".staging-"
 
 
+CORPUS_FIELD = "spec.corpus.source"
+
+
 @lru_cache(maxsize=64)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as data:
+def _file_sha256(path: str, size: int, mtime_ns: int, max_bytes: int | None) -> str:
+    """The hash of a regular file, opened so that nothing else can make it block.
+
+    ``path`` was found regular by a ``stat``; it is opened without following a symlink and
+    without blocking (a FIFO put there since would otherwise wait for a writer), checked
+    again on the open descriptor, and read no further than ``max_bytes`` even if it grows.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY)
+    with os.fdopen(fd, "rb") as data:
+        _check_corpus_file(path, os.fstat(fd), max_bytes)
+        digest, read = hashlib.sha256(), 0
         for block in iter(lambda: data.read(1 << 20), b""):
+            read += len(block)
+            if max_bytes is not None and read > max_bytes:
+                raise ResourceError(_too_large(path, max_bytes))
             digest.update(block)
     return digest.hexdigest()
+
+
+def _too_large(path: str, max_bytes: int) -> str:
+    return (f"{CORPUS_FIELD}: {path} is larger than {max_bytes} bytes, the most this operator "
+            "hashes (TRITONOP_MAX_CORPUS_BYTES); put a large corpus on the artifacts volume "
+            "and name it by an absolute path")
+
+
+def _check_corpus_file(path: str, stat: os.stat_result, max_bytes: int | None) -> None:
+    """Refuse anything but a regular file: a device such as /dev/zero never ends."""
+    if not S_ISREG(stat.st_mode):
+        what = "a folder" if S_ISDIR(stat.st_mode) else "not a regular file"
+        raise ResourceError(f"{CORPUS_FIELD}: {path} is {what}; name a corpus file")
+    if max_bytes is not None and stat.st_size > max_bytes:
+        raise ResourceError(_too_large(path, max_bytes))
 
 
 def corpus_sha256(resource: Resource) -> str:
@@ -60,18 +90,33 @@ def corpus_sha256(resource: Resource) -> str:
     return read_corpus_sha256(resource)
 
 
-def read_corpus_sha256(resource: Resource) -> str:
-    """The hash of the corpus file as this process reads it (``""`` where it cannot)."""
+def read_corpus_sha256(resource: Resource, *, confined: bool = False,
+                       max_bytes: int | None = None) -> str:
+    """The hash of the corpus file as this process reads it (``""`` where there is none).
+
+    Only a regular file is opened. The operator passes ``confined`` (the path must stay
+    inside the resource's folder, symlinks resolved) and ``max_bytes``: it reads files of
+    its own image on a tenant's behalf, inside the resource's lock. Locally, a user's
+    corpus may be a symlink to anywhere and of any size: the user owns the machine.
+
+    Raises:
+        ResourceError: naming ``spec.corpus.source`` and what is wrong with the file.
+    """
     spec = resource.spec
     assert isinstance(spec, EmbeddingSearchSpec)
     if Path(spec.corpus.source).is_absolute() or resource.base_dir is None:
         return ""
-    path = resource.resolve_path(spec.corpus.source)
+    path = resource.resolve_inside(spec.corpus.source, CORPUS_FIELD) if confined else \
+        resource.resolve_path(spec.corpus.source)
     try:
         stat = os.stat(path)
     except OSError:
-        return ""
-    return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+        return ""  # prepare says that the corpus does not exist, where it reads it
+    _check_corpus_file(str(path), stat, max_bytes)
+    try:
+        return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns, max_bytes)
+    except OSError as err:  # replaced by a symlink, or unreadable, since the stat
+        raise ResourceError(f"{CORPUS_FIELD}: cannot read {path}: {err.strerror}") from None
 
 
 def fingerprint_inputs(resource: Resource) -> dict[str, str]:

@@ -21,6 +21,7 @@ from tritonop import API_GROUP, API_VERSION
 from tritonop.controller import discovery
 from tritonop.controller import kube as kube_api
 from tritonop.controller.cache import ChildCache
+from tritonop.controller.policy import OperatorPolicy
 from tritonop.controller.reconcile import (
     InvalidResource,
     RetryLater,
@@ -67,6 +68,11 @@ def _images() -> Images:
     defaults = Images()
     return Images(triton=os.environ.get("TRITONOP_TRITON_IMAGE", defaults.triton),
                   operator=os.environ.get("TRITONOP_OPERATOR_IMAGE", defaults.operator))
+
+
+# What resources may ask for (host paths, images, corpus size): the operator's own
+# configuration, read once as it starts; a value it does not understand stops the start.
+POLICY = OperatorPolicy.from_environment(os.environ, _images())
 
 
 @kopf.on.startup()
@@ -158,7 +164,8 @@ def _reconcile_and_publish(body: Mapping[str, Any], before: ResourceStatus, *,
     uid = body["metadata"]["uid"]
     generation = int(body["metadata"].get("generation") or 1)
     try:
-        after = reconcile(kube, body, _images(), _children, resync=resync and not full)
+        after = reconcile(kube, body, _images(), _children, resync=resync and not full,
+                          policy=POLICY)
     except InvalidResource as err:
         if rejected(err.status, generation):
             pause = _rejections.refused(uid, generation)
@@ -234,7 +241,7 @@ def deployment_changed(body: Mapping[str, Any]) -> None:
     if owner is None:
         return
     with _objects.hold(owner["metadata"]["uid"]):
-        after = refresh(kube, owner, dict(body))
+        after = refresh(kube, owner, dict(body), policy=POLICY)
         if after is not None:
             publish(kube, owner, previous_status(owner), after)
 

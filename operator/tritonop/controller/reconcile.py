@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
 from tritonop import API_GROUP, API_VERSION
+from tritonop.artifacts.versions import read_corpus_sha256
 from tritonop.controller import artifacts
 from tritonop.controller.cache import ChildCache, key_of
 from tritonop.controller.kube import (
@@ -28,6 +29,7 @@ from tritonop.controller.kube import (
     server_message,
 )
 from tritonop.controller.observe import Observed, failed_status, observed_status
+from tritonop.controller.policy import DEFAULT_POLICY, OperatorPolicy
 from tritonop.render.kubernetes import (
     CONFIG_HASH_ANNOTATION,
     Images,
@@ -52,6 +54,7 @@ KINDS = ("EmbeddingSearch", "LLMService")
 # The field manager that holds Deployment.spec.replicas while it passes to the HPA.
 HANDOVER_MANAGER = "tritonop-handover-to-hpa"
 APPLY_REJECTED = "ApplyRejected"
+NOT_ALLOWED = "NotAllowed"  # the operator's configuration forbids what the spec asks
 
 
 class InvalidResource(Exception):
@@ -74,7 +77,7 @@ class RetryLater(Exception):
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def previous_status(body: Mapping[str, Any]) -> ResourceStatus:
@@ -130,13 +133,32 @@ def with_default_prepare(kube: Kube, resource: Resource) -> Resource:
     return dataclasses.replace(resource, spec=spec.model_copy(update={"artifacts": job}))
 
 
-def parse(body: Mapping[str, Any]) -> Resource:
-    """The resource, or :class:`InvalidResource` with a Failed status."""
+def parse(body: Mapping[str, Any], policy: OperatorPolicy = DEFAULT_POLICY) -> Resource:
+    """The resource, with the hash of its corpus, or :class:`InvalidResource` (Failed).
+
+    The corpus is hashed here, once, by the rules a tenant's path must meet in the
+    operator (inside the examples folder, a regular file, within the policy's size), and
+    pinned into the resource, so that rendering reads no file; a hash annotation the
+    tenant wrote on the resource is not trusted.
+    """
     try:
-        return parse_resource({k: body.get(k) for k in ("apiVersion", "kind", "metadata", "spec")},
-                              examples_dir())
+        resource = parse_resource(
+            {k: body.get(k) for k in ("apiVersion", "kind", "metadata", "spec")},
+            examples_dir())
+        if isinstance(resource.spec, EmbeddingSearchSpec):
+            pinned = read_corpus_sha256(resource, confined=True,
+                                        max_bytes=policy.max_corpus_bytes)
+            resource = dataclasses.replace(resource, corpus_sha256=pinned)
     except ResourceError as err:
         raise invalid(body, str(err)) from None
+    return resource
+
+
+def check_allowed(body: Mapping[str, Any], resource: Resource, policy: OperatorPolicy) -> None:
+    """:class:`InvalidResource` (NotAllowed) for what the operator's configuration forbids."""
+    refusals = policy.refusals(resource)
+    if refusals:
+        raise invalid(body, "; ".join(refusals), reason=NOT_ALLOWED)
 
 
 def apply_children(kube: Kube, body: Mapping[str, Any], resource: Resource, images: Images,
@@ -343,14 +365,19 @@ def observe(kube: Kube, body: Mapping[str, Any], resource: Resource,
 
 
 def reconcile(kube: Kube, body: Mapping[str, Any], images: Images,
-              cache: ChildCache | None = None, *, resync: bool = False) -> ResourceStatus:
+              cache: ChildCache | None = None, *, resync: bool = False,
+              policy: OperatorPolicy = DEFAULT_POLICY) -> ResourceStatus:
     """Make the cluster match the resource, and say how far it got.
 
     Args:
         cache: the children as watched, and what was applied to them.
         resync: trust ``cache``: only what changed is read and applied.
+        policy: what the operator's configuration allows; checked before anything is
+            rendered or applied.
     """
-    resource = with_default_prepare(kube, parse(body))
+    resource = parse(body, policy)
+    check_allowed(body, resource, policy)
+    resource = with_default_prepare(kube, resource)
     previous = previous_status(body)
 
     def apply_owned(child: Obj) -> Obj:
@@ -384,8 +411,8 @@ def status_deployment(kube: Kube, resource: Resource) -> Obj | None:
     return kube.get("apps/v1", "Deployment", resource.namespace, names(resource)["deployment"])
 
 
-def refresh(kube: Kube, body: Mapping[str, Any], deployment: Obj | None = None
-            ) -> ResourceStatus | None:
+def refresh(kube: Kube, body: Mapping[str, Any], deployment: Obj | None = None,
+            policy: OperatorPolicy = DEFAULT_POLICY) -> ResourceStatus | None:
     """Status only, without applying (a child changed), for the generation last applied.
 
     The status says which generation its children come from. A child's event may come
@@ -403,7 +430,7 @@ def refresh(kube: Kube, body: Mapping[str, Any], deployment: Obj | None = None
     if previous.observed_generation != generation or previous.phase == "Failed":
         return None
     try:
-        resource = with_default_prepare(kube, parse(body))
+        resource = with_default_prepare(kube, parse(body, policy))
     except InvalidResource:
         return None
     return observe(kube, body, resource, deployment, generation)
@@ -419,7 +446,12 @@ def get_owner(kube: Kube, child: Mapping[str, Any]) -> Obj | None:
 
 
 def status_dict(status: ResourceStatus) -> Obj:
-    return status.model_dump(by_alias=True, exclude_none=True)
+    """The status as a merge patch: the endpoints carry nulls, which remove an address
+    that no longer answers (``api.triton.expose`` turned off, or an older release's)."""
+    body = status.model_dump(by_alias=True, exclude_none=True)
+    if status.endpoints is not None:
+        body["endpoints"] = status.endpoints.model_dump(by_alias=True)
+    return body
 
 
 def rejected(status: ResourceStatus, generation: int) -> bool:

