@@ -84,19 +84,21 @@ wait_ready() {
   die "$kind/$name did not become Ready (last phase: ${phase:-none})"
 }
 
-# Forward svc/$1 port 8000 to localhost:$PORT and wait until Triton answers through it.
+# Forward port 8000 of a pod of $1 to localhost:$PORT and wait until Triton answers
+# through it. Triton's HTTP listens on the pod's loopback only (the Service publishes the
+# gateway and metrics); a port-forward to the pod reaches it there.
 port_forward() {
   local service="$1"
   if [[ -n "$PF_PID" ]]; then kill "$PF_PID" 2>/dev/null || true; wait "$PF_PID" 2>/dev/null || true; fi
-  echo "+ kubectl --context $CONTEXT -n $NAMESPACE port-forward svc/$service $PORT:8000 &"
-  kubectl --context "$CONTEXT" -n "$NAMESPACE" port-forward "svc/$service" "$PORT:8000" \
-    >/dev/null &
+  echo "+ kubectl --context $CONTEXT -n $NAMESPACE port-forward deployment/$service-triton $PORT:8000 &"
+  kubectl --context "$CONTEXT" -n "$NAMESPACE" port-forward "deployment/$service-triton" \
+    "$PORT:8000" >/dev/null &
   PF_PID=$!
   for _ in $(seq 30); do
     if curl -sf "http://localhost:$PORT/v2/health/ready" >/dev/null; then return 0; fi
     sleep 1
   done
-  die "the port-forward to svc/$service did not answer on localhost:$PORT"
+  die "the port-forward to deployment/$service-triton did not answer on localhost:$PORT"
 }
 
 step "checking the tools"

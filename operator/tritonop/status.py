@@ -29,10 +29,11 @@ class Condition(_StatusModel):
 
 
 class Endpoints(_StatusModel):
-    """In-cluster addresses of the Triton Service."""
+    """In-cluster addresses of the Service, only those that answer from other pods."""
 
-    http: str
-    grpc: str
+    openai: Optional[str] = Field(None, description="Base URL of the OpenAI-compatible API.")
+    http: Optional[str] = Field(None, description="Triton's HTTP (api.triton.expose only).")
+    grpc: Optional[str] = Field(None, description="Triton's gRPC (api.triton.expose only).")
     metrics: str
 
 

@@ -24,7 +24,7 @@ from tests.support.cluster import ROOT, ControlPlane, Operator, wait_for
 
 ES = "EmbeddingSearch"
 HASH = "serving.tritonop.dev/config-hash"
-CHILD_KINDS = {"ConfigMap", "ServiceAccount", "Service", "Deployment"}
+CHILD_KINDS = {"ConfigMap", "ServiceAccount", "Service", "Deployment", "NetworkPolicy"}
 
 
 def template_hash(deployment: dict) -> str:

@@ -30,7 +30,8 @@ def test_gateway_runs_beside_triton_with_its_own_probes_and_port():
     assert gateway["readinessProbe"]["httpGet"] == {"path": "/health/ready", "port": "openai"}
     assert gateway["livenessProbe"]["httpGet"] == {"path": "/health/live", "port": "openai"}
     assert gateway["args"][:3] == ["gateway", "--config", "/config/gateway.json"]
-    assert "localhost:8001" in gateway["args"]
+    # Triton's loopback by address: "localhost" may resolve to ::1, where it does not listen.
+    assert {"127.0.0.1:8001", "127.0.0.1:8000"} <= set(gateway["args"])
     assert restricted_violations(pod) == []
     config = GatewayConfig.from_json(rendered["ConfigMap"]["data"]["gateway.json"])
     assert config.models["r"].admission.max_in_flight == 3
@@ -44,9 +45,14 @@ def test_gateway_runs_beside_triton_with_its_own_probes_and_port():
 
 
 def test_openai_disabled_renders_no_gateway():
-    rendered = children("EmbeddingSearch", api={"openai": {"enabled": False}})
+    """Only with Triton exposed (nothing else would reach the models); its probes are then
+    Triton's own health endpoints."""
+    rendered = children("EmbeddingSearch", api={
+        "openai": {"enabled": False}, "triton": {"expose": True, "adminSecretName": "adm"}})
     pod = rendered["Deployment"]["spec"]["template"]["spec"]
     assert [c["name"] for c in pod["containers"]] == ["triton"]
+    assert pod["containers"][0]["readinessProbe"]["httpGet"] == {
+        "path": "/v2/health/ready", "port": "http"}
     assert "gateway.json" not in rendered["ConfigMap"]["data"]
     assert "openai" not in {p["name"] for p in rendered["Service"]["spec"]["ports"]}
     policy_ports = {p["port"] for p in rendered["NetworkPolicy"]["spec"]["ingress"][0]["ports"]}

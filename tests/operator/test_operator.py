@@ -107,7 +107,9 @@ async def test_embedding_search_gets_owned_children_and_a_status(kube, kubeconfi
     assert {c["type"]: c["status"] for c in status["conditions"]} == {
         "ConfigRendered": "True", "ArtifactsReady": "Unknown", "Available": "False"}
     assert all(c["observedGeneration"] == 1 for c in status["conditions"])
-    assert status["endpoints"]["http"] == "http://news.ml.svc:8000"
+    # Only what answers from other pods: the gateway and metrics, not Triton's own ports.
+    assert status["endpoints"] == {"openai": "http://news.ml.svc:8080/v1",
+                                   "metrics": "http://news.ml.svc:8002/metrics"}
     assert "app.kubernetes.io/instance=news" in status["selector"]
     assert status["configHash"] == children["Deployment"]["spec"]["template"]["metadata"][
         "annotations"][CONFIG_HASH]

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.podrunner import PodRunner, can_run_pods
+from tests.support.podrunner import OtherPod, PodRunner, SecretData, can_run_pods
 from tritonop.render.kubernetes import render_children
 from tritonop.resources import Resource, parse_resource
 
@@ -37,12 +37,12 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(f"{name}: {seconds:.1f} s")
 
 
-@pytest.fixture
-def run_pod(tmp_path) -> Iterator[Any]:
-    """Start a resource's rendered pod; every pod is stopped at teardown, pass or fail."""
+def _pod_starter(folder: Path) -> Iterator[Any]:
+    """Start resources' rendered pods under ``folder``; all are stopped at the end."""
     pods: list[PodRunner] = []
 
     def start(resource: Resource, *, claims: dict[str, Path] | None = None,
+              secrets: dict[str, SecretData] | None = None,
               name: str = "pod", patch: Any = None) -> PodRunner:
         children = render_children(resource)
         deployment = next(c for c in children if c["kind"] == "Deployment")
@@ -50,8 +50,9 @@ def run_pod(tmp_path) -> Iterator[Any]:
                        if c["kind"] == "ConfigMap"}
         if patch is not None:
             patch(deployment, config_maps)
-        pod = PodRunner(deployment, config_maps, tmp_path / f"{name}-{len(pods)}",
-                        claims=claims, name=name)
+        pod = PodRunner(deployment, config_maps, folder / f"{name}-{len(pods)}",
+                        claims=claims, secrets=secrets, name=name,
+                        namespace=resource.namespace)
         pods.append(pod)
         return pod.start()
 
@@ -60,6 +61,25 @@ def run_pod(tmp_path) -> Iterator[Any]:
     finally:
         for pod in pods:
             pod.stop()
+
+
+@pytest.fixture
+def run_pod(tmp_path) -> Iterator[Any]:
+    """Start a resource's rendered pod; every pod is stopped at teardown, pass or fail."""
+    yield from _pod_starter(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_pods(tmp_path_factory) -> Iterator[Any]:
+    """``run_pod`` for pods that a module's tests share (stopped when the module ends)."""
+    yield from _pod_starter(tmp_path_factory.mktemp("pods"))
+
+
+@pytest.fixture
+def other_pod() -> Iterator[OtherPod]:
+    """Another pod's network namespace (no NetworkPolicy), routed to pods with ``reach``."""
+    with OtherPod() as other:
+        yield other
 
 
 def record(name: str, seconds: float) -> None:

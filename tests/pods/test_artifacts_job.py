@@ -65,7 +65,8 @@ def run_job(job: dict[str, Any], claims: dict[str, Path], workdir: Path) -> PodR
 
 
 def search(pod: PodRunner) -> dict[str, Any]:
-    request = urllib.request.Request(f"{pod.url()}/v2/models/jobs/generate",
+    # Triton listens on the pod's loopback: reached as kubectl port-forward reaches it.
+    request = urllib.request.Request(f"{pod.forward(8000)}/v2/models/jobs/generate",
                                      data=json.dumps({"text": "storm warning"}).encode())
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())

@@ -7,12 +7,16 @@ on small pods whose container is a shell or Python's http.server in place of Tri
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.support.podrunner import PodRunner, write_config_map
+import pytest
+
+from tests.support.podrunner import OtherPod, PodFailed, PodRunner, expand, write_config_map
 from tritonop.render.kubernetes import Images
 
 PYTHON = ["python3", "-c"]
@@ -138,3 +142,139 @@ def test_a_container_is_running_only_once_its_mounts_are_in_place(tmp_path, monk
         assert runner.exec("main", ["touch", "/etc/x"]).returncode != 0  # read-only root
         assert runner.exec("main", ["touch", "/tmp/x"]).returncode == 0
         runner.wait_ready(10)
+
+
+def test_dollar_references_expand_as_the_kubelet_expands_them():
+    variables = {"A": "alpha", "EMPTY": ""}
+    assert expand("$(A)", variables) == "alpha"
+    assert expand("x$(A)y$(A)", variables) == "xalphayalpha"
+    assert expand("$$(A)", variables) == "$(A)"  # escaped: stays literal
+    assert expand("$$$(A)", variables) == "$alpha"
+    assert expand("$(NOPE)", variables) == "$(NOPE)"  # undefined: kept as written
+    assert expand("[$(EMPTY)]", variables) == "[]"
+    assert expand("$A $ $(A", variables) == "$A $ $(A"  # not references
+    assert expand("end$", variables) == "end$"
+
+
+def secret_pod(env: list[dict[str, Any]], **volume: Any) -> dict[str, Any]:
+    """A sleeping container with ``env``, its argv carrying $(...) references, and a
+    Secret volume mounted without readOnly (the kubelet makes it read-only anyway)."""
+    spec = pod({"command": ["python3", "-c", "import time; time.sleep(600)"],
+                "args": ["$(KEY)", "$$(KEY)", "$(UNSET)", "ip=$(POD_IP)"], "env": env})
+    spec["spec"]["containers"][0]["volumeMounts"].append({"name": "keys",
+                                                          "mountPath": "/etc/keys"})
+    spec["spec"]["volumes"].append({"name": "keys", "secret": {"secretName": "keys",
+                                                               **volume}})
+    return spec
+
+
+def process_environment(runner: PodRunner) -> dict[str, str]:
+    pid = runner.container("main").process.pid
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if item)
+
+
+def test_secrets_reach_env_args_and_a_volume_the_pod_user_reads_but_cannot_write(tmp_path):
+    env = [{"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "keys", "key": "k1"}}},
+           {"name": "DERIVED", "value": "<$(KEY)>"},
+           {"name": "ABSENT", "valueFrom": {"secretKeyRef": {"name": "gone", "key": "x",
+                                                             "optional": True}}},
+           *({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+             for name, path in (("POD_NAME", "metadata.name"), ("POD_NS", "metadata.namespace"),
+                                ("POD_UID", "metadata.uid"), ("POD_IP", "status.podIP")))]
+    runner = PodRunner(secret_pod(env, defaultMode=0o400), {}, tmp_path, name="keys",
+                       namespace="ml", secrets={"keys": {"k1": "s3cret", "k2": b"two"}})
+    with runner:
+        runner.wait_ready(20)
+        variables = process_environment(runner)
+        assert variables["KEY"] == "s3cret" and variables["DERIVED"] == "<s3cret>"
+        assert "ABSENT" not in variables
+        assert (variables["POD_NAME"], variables["POD_NS"], variables["POD_IP"]) == (
+            "keys", "ml", runner.ip)
+        assert variables["POD_UID"] == runner.uid and len(runner.uid) == 36
+        pid = runner.container("main").process.pid
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[3:-1]
+        assert argv == [b"s3cret", b"$(KEY)", b"$(UNSET)", f"ip={runner.ip}".encode()]
+
+        # defaultMode 0400 plus the fsGroup's read bit: uid 1000 reads through its group.
+        assert runner.exec("main", ["cat", "/etc/keys/k1"]).stdout == "s3cret"
+        assert runner.exec("main", ["stat", "-L", "-c", "%a %g", "/etc/keys/k2"]
+                           ).stdout.split() == ["440", "1000"]
+        assert os.readlink(runner.volumes["keys"] / "k1") == "..data/k1"
+        assert runner.exec("main", ["touch", "/etc/keys/new"]).returncode != 0  # read-only
+        runner.update_secret("keys", {"k1": "rotated"})
+        assert runner.exec("main", ["cat", "/etc/keys/k1"]).stdout == "rotated"
+        assert runner.exec("main", ["test", "-e", "/etc/keys/k2"]).returncode != 0
+        assert process_environment(runner)["KEY"] == "s3cret"  # env: only at a restart
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "gone", "key": "k"}}}]},
+     'CreateContainerConfigError: secret "gone" not found (main: env[0] K)'),
+    ({"env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "keys", "key": "x"}}}]},
+     "CreateContainerConfigError: couldn't find key x in Secret default/keys"),
+    ({"env": [{"name": "K", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu"}}}]},
+     "main: env[0] K: valueFrom.resourceFieldRef not supported by the pod runner"),
+    ({"env": [{"name": "K", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]},
+     "valueFrom.fieldRef.fieldPath 'spec.nodeName' not supported"),
+    ({"envFrom": [{"secretRef": {"name": "keys"}}]}, "main: envFrom is not supported"),
+    ({"volumeMounts": [{"name": "tmp", "mountPath": "/tmp", "mountPropagation": "None"}]},
+     "main: volumeMounts field ['mountPropagation'] not supported"),
+    ({"volume": {"name": "keys", "secret": {"secretName": "absent"}}},
+     'FailedMount: volume keys: secret "absent" not found'),
+    ({"volume": {"name": "keys", "secret": {"secretName": "keys",
+                                            "items": [{"key": "nope", "path": "p"}]}}},
+     "FailedMount: volume keys: secret \"keys\" has no key 'nope'"),
+    ({"volume": {"name": "keys", "downwardAPI": {"items": []}}},
+     "volume keys: ['downwardAPI'] not supported by the pod runner"),
+    ({"volume": {"name": "keys", "emptyDir": {"medium": "HugePages"}}},
+     "volume keys: emptyDir medium 'HugePages' not supported"),
+])
+def test_what_a_kubelet_refuses_or_the_runner_lacks_fails_the_pod_by_name(tmp_path, change,
+                                                                          message):
+    spec = pod({"command": ["sleep", "600"]})
+    container = spec["spec"]["containers"][0]
+    if "volume" in change:
+        spec["spec"]["volumes"].append(change.pop("volume"))
+    container.update(change)
+    runner = PodRunner(spec, {}, tmp_path, name="refused", secrets={"keys": {"k": "v"}})
+    with pytest.raises(PodFailed) as failed:
+        runner.start()
+    assert message in str(failed.value)
+    assert runner.container("main").process is None  # never started
+
+
+def test_other_pods_reach_the_pod_ip_and_port_forward_reaches_its_loopback(tmp_path):
+    """Loopback stays the pod's own: another pod's namespace, routed through the host,
+    reaches what listens on the pod IP and is refused what listens on 127.0.0.1 only;
+    ``forward`` (kubectl port-forward) reaches that. The host's ip_forward is left as it
+    was, and the pod's interface gets its setting back when the other pod goes."""
+    serve = ("import http.server, threading\n"
+             "def serve(address, port):\n"
+             "    http.server.ThreadingHTTPServer((address, port),\n"
+             "        http.server.SimpleHTTPRequestHandler).serve_forever()\n"
+             "threading.Thread(target=serve, args=('127.0.0.1', 8000)).start()\n"
+             "serve('0.0.0.0', 8002)\n")
+    spec = pod({"command": [*PYTHON, serve], "workingDir": "/tmp",
+                "readinessProbe": quick({"tcpSocket": {"port": 8002}})})
+    ip_forward = Path("/proc/sys/net/ipv4/ip_forward").read_text()
+    runner = PodRunner(spec, {}, tmp_path, name="loopback")
+    with runner, OtherPod() as other:
+        runner.wait_ready(20)
+        pod_if = Path(f"/proc/sys/net/ipv4/conf/{runner._host_if}/forwarding")
+        before = pod_if.read_text()
+        with pytest.raises(OSError):  # no route yet: nothing but the host reaches a pod
+            other.call(socket.create_connection, (runner.ip, 8002), 1)
+        other.reach(runner)
+
+        def status(url: str) -> int:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.status
+
+        assert other.call(status, f"http://{runner.ip}:8002/") == 200
+        with pytest.raises(ConnectionRefusedError):
+            other.call(socket.create_connection, (runner.ip, 8000), 5)
+        assert status(f"{runner.forward(8000)}/") == 200
+        other.close()
+        assert pod_if.read_text() == before
+    assert Path("/proc/sys/net/ipv4/ip_forward").read_text() == ip_forward

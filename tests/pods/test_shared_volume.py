@@ -71,7 +71,8 @@ def host_path(folder: Path, prepare: bool = True) -> dict[str, Any]:
 
 
 def search(pod: PodRunner, body: dict[str, Any] = QUERY) -> dict[str, Any]:
-    request = urllib.request.Request(f"{pod.url()}/v2/models/docs/generate",
+    # Triton listens on the pod's loopback: reached as kubectl port-forward reaches it.
+    request = urllib.request.Request(f"{pod.forward(8000)}/v2/models/docs/generate",
                                      data=json.dumps(body).encode())
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())

@@ -6,12 +6,16 @@ filesystem is read-only, the process runs as uid 1000 with no capabilities, and 
 probes decide when the pod is Ready. :class:`PodRunner` reproduces those parts as root:
 
 * **Volumes** are laid out under the runner's work folder as the kubelet lays them out:
-  a ConfigMap by its atomic writer (``..<timestamp>/`` holding the files by ``items``
-  path, ``..data`` linking to it, one link per top-level entry), an emptyDir as a
-  folder (``medium: Memory`` on its own tmpfs), a hostPath as the named folder, a
+  a ConfigMap or a Secret by its atomic writer (``..<timestamp>/`` holding the files by
+  ``items`` path with ``defaultMode`` or the item's ``mode``, ``..data`` linking to it,
+  one link per top-level entry; a Secret on its own tmpfs), an emptyDir as a folder
+  (``medium: Memory`` on its own tmpfs), a hostPath as the named folder, a
   PersistentVolumeClaim as the folder the test maps its claim name to. emptyDirs and
-  claims get the pod's ``fsGroup`` (group-writable, setgid), as the kubelet's volume
-  ownership step does; hostPaths keep their owner, as on a node.
+  claims get the pod's ``fsGroup`` (group-writable, setgid), ConfigMaps and Secrets its
+  group read-only, as the kubelet's volume ownership step does; hostPaths keep their
+  owner, as on a node. ConfigMaps and Secrets are mounted read-only, whatever the mount
+  says. A missing ConfigMap, Secret or ``items`` key that is not ``optional`` fails the
+  pod (the kubelet's FailedMount).
 * **Containers** (init containers one at a time to completion, then the others) each
   run in a private mount namespace (``unshare -m``) in which every volume is bound at
   its ``mountPath`` (``readOnly`` ones read-only, ``subPath`` honoured), the image's
@@ -19,7 +23,14 @@ probes decide when the pod is Ready. :class:`PodRunner` reproduces those parts a
   ``readOnlyRootFilesystem``, and the process drops to ``runAsUser``/``runAsGroup``
   with the ``fsGroup`` as a supplementary group and no capabilities (``setpriv``).
   ``command``, ``args``, ``env`` and ``workingDir`` are the container's; the image's
-  environment and working directory are read from ``deploy/Dockerfile.*``.
+  environment and working directory are read from ``deploy/Dockerfile.*``. ``env``
+  takes ``value`` (with ``$(VAR)`` of earlier entries expanded), ``valueFrom``
+  ``secretKeyRef`` and ``configMapKeyRef`` (from the mappings the test passes; a missing
+  one that is not ``optional`` fails the pod, the kubelet's CreateContainerConfigError)
+  and ``fieldRef`` (``metadata.name``, ``metadata.namespace``, ``metadata.uid``,
+  ``status.podIP``); ``$(VAR)`` in ``command`` and ``args`` is expanded from the
+  container's env as the kubelet does (``$$`` escapes). A field of ``env``, volumes or
+  mounts the runner does not implement fails the pod with its name, never dropped.
 * **Images** are stood in for by this machine: ``tritonop`` from the project's venv
   at ``/opt/tritonop`` (with the examples at ``/opt/tritonop/examples``, as
   ``Dockerfile.operator`` copies them) for the operator image; the pinned
@@ -29,22 +40,27 @@ probes decide when the pod is Ready. :class:`PodRunner` reproduces those parts a
 * **Network**: each pod gets its own network namespace with a veth pair (pod IP
   ``10.x.y.2``, host side ``.1``), so the rendered fixed ports 8000-8002 never clash
   with another pod or with a server on the host, and probes reach the pod IP as a
-  kubelet's do. Nothing outside the machine is reachable from it.
+  kubelet's do. Nothing outside the machine is reachable from it. :meth:`PodRunner.forward`
+  is ``kubectl port-forward`` (a port on this machine's loopback to the pod's loopback),
+  and :class:`OtherPod` is another pod's network namespace, routed to pods through the
+  host as pod-to-pod traffic crosses a node.
 * **Probes** are the rendered ``startupProbe``, ``readinessProbe`` and ``livenessProbe``
   (``httpGet``, ``tcpSocket`` or ``exec``), with their periods and thresholds; a failed
   liveness or startup probe, or an exit, restarts the container (``restartPolicy:
   Always``) with the kubelet's doubling back-off.
 
 What it cannot show: image contents (it runs this machine's Python and Triton 2.51),
-scheduling, resource limits and cgroups, GPUs, Services and DNS, and how fast a node
-pulls images. Mount points such as ``/models`` and ``/artifacts`` are created (empty)
-on the host's root, since the containers share it.
+scheduling, resource limits and cgroups, GPUs, Services and DNS, NetworkPolicies (no
+traffic is filtered), and how fast a node pulls images. Mount points such as ``/models``
+and ``/artifacts`` are created (empty) on the host's root, since the containers share it.
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import datetime
+import ipaddress
 import itertools
 import os
 import shlex
@@ -58,10 +74,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tritonop.render.kubernetes import Images
 from tritonop.runtime.local import make_backend_dir, server_environment, triton_home
@@ -69,7 +86,23 @@ from tritonop.runtime.local import make_backend_dir, server_environment, triton_
 ROOT = Path(__file__).resolve().parents[2]
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 Manifest = dict[str, Any]
+SecretData = Mapping[str, str | bytes]
+T = TypeVar("T")
 _POD_NUMBERS = itertools.count(1)
+_CLONE_NEWNET = 0x40000000
+# Fields of volumes, their items and mounts that the runner implements; any other fails
+# the pod by name rather than being silently ignored.
+_VOLUME_FIELDS = {
+    "configMap": {"name", "items", "defaultMode", "optional"},
+    "secret": {"secretName", "items", "defaultMode", "optional"},
+    "emptyDir": {"medium", "sizeLimit"},
+    "hostPath": {"path", "type"},
+    "persistentVolumeClaim": {"claimName", "readOnly"},
+}
+_ITEM_FIELDS = {"key", "path", "mode"}
+_MOUNT_FIELDS = {"name", "mountPath", "readOnly", "subPath"}
+_ENV_FIELDS = {"name", "value", "valueFrom"}
+FIELD_PATHS = ("metadata.name", "metadata.namespace", "metadata.uid", "status.podIP")
 
 
 class PodFailed(RuntimeError):
@@ -92,35 +125,91 @@ def can_run_pods() -> str | None:
 def _timestamp() -> str:
     """The atomic writer's folder name: ``..2026_11_26_12_00_00.123456789``."""
     now = time.time_ns()
-    stamp = datetime.datetime.fromtimestamp(now / 1e9, datetime.timezone.utc)
+    stamp = datetime.datetime.fromtimestamp(now / 1e9, datetime.UTC)
     return f"..{stamp:%Y_%m_%d_%H_%M_%S}.{now % 1_000_000_000:09d}"
 
 
-def write_config_map(directory: Path, data: Mapping[str, str],
-                     items: list[Mapping[str, str]] | None = None) -> None:
-    """Write (or update) a ConfigMap volume as the kubelet's atomic writer does.
+def volume_files(data: SecretData | None, source: Mapping[str, Any], what: str
+                 ) -> dict[str, tuple[bytes, int]]:
+    """The files of a ConfigMap or Secret volume: path -> (content, mode).
+
+    ``items`` select keys and name their paths (all keys otherwise); a file's mode is its
+    item's ``mode``, else the volume's ``defaultMode`` (0644). A missing object or key
+    fails the pod unless the volume is ``optional``, as the kubelet's mount does.
+    """
+    mode = int(source.get("defaultMode", 0o644))
+    optional = bool(source.get("optional"))
+    if data is None:
+        if optional:
+            return {}
+        raise PodFailed(f"FailedMount: {what} not found")
+    items = source.get("items")
+    if not items:
+        return {key: (_as_bytes(value), mode) for key, value in data.items()}
+    files = {}
+    for item in items:
+        unknown = set(item) - _ITEM_FIELDS
+        if unknown:
+            raise PodFailed(f"{what}: items field {sorted(unknown)} is not supported "
+                            "by the pod runner")
+        if item["key"] not in data:
+            if optional:
+                continue
+            raise PodFailed(f"FailedMount: {what} has no key {item['key']!r} (items)")
+        files[item["path"]] = (_as_bytes(data[item["key"]]), int(item.get("mode", mode)))
+    return files
+
+
+def _as_bytes(value: str | bytes) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def write_config_map(directory: Path, data: SecretData,
+                     items: list[Mapping[str, Any]] | None = None, *,
+                     default_mode: int = 0o644, fs_group: int | None = None) -> None:
+    """Write (or update) a ConfigMap or Secret volume as the kubelet's atomic writer does.
 
     The payload goes into a new ``..<timestamp>`` folder; ``..data`` is swapped to it by
     renaming a fresh link over the old one (atomic), then the top-level links are added
     or removed, and the previous timestamped folder is deleted. Readers that follow
     ``..data`` see either the old files or the new ones, never a mix.
     """
-    paths = {item["path"]: data[item["key"]] for item in items} if items else dict(data)
+    source = {"items": items, "defaultMode": default_mode} if items else \
+        {"defaultMode": default_mode}
+    write_atomic(directory, volume_files(data, source, "volume"), fs_group)
+
+
+def write_atomic(directory: Path, files: Mapping[str, tuple[bytes, int]],
+                 fs_group: int | None = None) -> None:
+    """The atomic writer itself (see :func:`write_config_map`), files with their modes.
+
+    With an ``fsGroup``, the new payload gets the group, read-only (files ``| 0440``,
+    folders ``| 2550``), before ``..data`` points at it: the kubelet's volume ownership
+    step for these read-only volumes, which is what lets a non-root user read a Secret
+    whose ``defaultMode`` is 0400.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o777)  # the kubelet makes the volume folder world-traversable
     old = os.readlink(directory / "..data") if (directory / "..data").is_symlink() else None
     payload = directory / _timestamp()
     payload.mkdir(mode=0o755)
-    for relative, content in paths.items():
+    for relative, (content, mode) in files.items():
         target = payload / relative
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        target.write_text(content)
-        os.chmod(target, 0o644)  # defaultMode
+        target.write_bytes(content)
+        os.chmod(target, mode)
+    if fs_group is not None:
+        for path in [directory, payload, *payload.rglob("*")]:
+            os.chown(path, -1, fs_group)
+            extra = stat.S_IRGRP | stat.S_IRUSR
+            if path.is_dir():
+                extra |= stat.S_IXGRP | stat.S_IXUSR | stat.S_ISGID
+            os.chmod(path, path.stat().st_mode | extra)
     staging = directory / "..data_tmp"
     staging.unlink(missing_ok=True)
     staging.symlink_to(payload.name)
     os.replace(staging, directory / "..data")
-    top = {relative.split("/", 1)[0] for relative in paths}
+    top = {relative.split("/", 1)[0] for relative in files}
     for entry in directory.iterdir():
         if not entry.name.startswith("..") and entry.name not in top:
             entry.unlink()
@@ -150,6 +239,173 @@ def _own_for_fs_group(directory: Path, fs_group: int | None) -> None:
                 os.chmod(path, mode | extra)
             except FileNotFoundError:
                 pass
+
+
+# --- environment --------------------------------------------------------------------------
+
+
+def expand(text: str, variables: Mapping[str, str]) -> str:
+    """``$(VAR)`` references expanded as the kubelet expands them.
+
+    A defined variable is replaced; an undefined reference stays as written; ``$$`` is
+    one ``$`` (so ``$$(VAR)`` stays literal); any other ``$`` is kept. (The kubelet's
+    ``third_party/forked/golang/expansion``, for command, args and env values.)
+    """
+    out, index = [], 0
+    while index < len(text):
+        char = text[index]
+        if char != "$" or index + 1 == len(text):
+            out.append(char)
+            index += 1
+            continue
+        following = text[index + 1]
+        close = text.find(")", index + 2) if following == "(" else -1
+        if following == "$":
+            out.append("$")
+            index += 2
+        elif close != -1:
+            name = text[index + 2:close]
+            out.append(variables.get(name, f"$({name})"))
+            index = close + 1
+        else:  # "$(" with no ")", or "$x": kept as written
+            out.append(char + following)
+            index += 2
+    return "".join(out)
+
+
+# --- network -------------------------------------------------------------------------------
+
+
+def in_network_namespace(netns: str, function: Callable[..., T], *args: Any) -> T:
+    """Call ``function`` on a thread that joined the named network namespace first.
+
+    A socket it opens belongs to that namespace and keeps working from any thread once it
+    returns: how this process connects to a pod's loopback (:meth:`PodRunner.forward`) or
+    acts as another pod (:class:`OtherPod`) without a child process.
+    """
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                if libc.setns(fd, _CLONE_NEWNET) != 0:
+                    error = ctypes.get_errno()
+                    raise OSError(error, f"setns {netns}: {os.strerror(error)}")
+            finally:
+                os.close(fd)
+            result["value"] = function(*args)
+        except BaseException as error:  # raised again in the caller
+            result["error"] = error
+
+    thread = threading.Thread(target=run, name=f"in-{netns}", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def _splice(one: socket.socket, other: socket.socket) -> None:
+    """Copy bytes both ways until both sides have closed, then close both."""
+    remaining = [2]
+    lock = threading.Lock()
+
+    def pump(source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        try:
+            target.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        with lock:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                one.close()
+                other.close()
+
+    for source, target in ((one, other), (other, one)):
+        threading.Thread(target=pump, args=(source, target), daemon=True).start()
+
+
+class OtherPod:
+    """A network namespace standing for another pod of the cluster, with no NetworkPolicy.
+
+    Its address is in 10.251.0.0/16, a range these tests own; :meth:`reach` routes it to
+    a pod through the host, as pod-to-pod traffic crosses a node: a route each way and
+    forwarding on the two host-side interfaces only (the host's global ``ip_forward`` is
+    left alone; the pod's interface gets its previous setting back at :meth:`close`).
+    """
+
+    def __init__(self) -> None:
+        number = next(_POD_NUMBERS)
+        self.netns = f"tpeer{os.getpid() % 100000}n{number}"
+        self._host_if = f"tpp{os.getpid() % 100000}n{number}"[:15]
+        block = 4 * (number % 64)
+        self.ip = f"10.251.{os.getpid() % 250}.{block + 2}"
+        self._host_ip = f"10.251.{os.getpid() % 250}.{block + 1}"
+        self._reached: list[tuple[PodRunner, str]] = []
+        _run(["ip", "netns", "add", self.netns])
+        try:
+            _run(["ip", "link", "add", self._host_if, "type", "veth", "peer", "name", "eth0",
+                  "netns", self.netns])
+            _run(["ip", "addr", "add", f"{self._host_ip}/30", "dev", self._host_if])
+            _run(["ip", "link", "set", self._host_if, "up"])
+            _run(["ip", "-n", self.netns, "addr", "add", f"{self.ip}/30", "dev", "eth0"])
+            _run(["ip", "-n", self.netns, "link", "set", "eth0", "up"])
+            _run(["ip", "-n", self.netns, "link", "set", "lo", "up"])
+            _set_forwarding(self._host_if, "1")
+        except BaseException:
+            self.close()
+            raise
+
+    def reach(self, pod: PodRunner) -> None:
+        """Route this namespace and ``pod``'s to each other through the host."""
+        pod_net = ipaddress.ip_interface(f"{pod.ip}/30").network
+        own_net = ipaddress.ip_interface(f"{self.ip}/30").network
+        _run(["ip", "-n", self.netns, "route", "add", str(pod_net), "via", self._host_ip])
+        _run(["ip", "-n", pod.netns, "route", "add", str(own_net), "via", pod._host_ip])
+        previous = _set_forwarding(pod._host_if, "1")
+        self._reached.append((pod, previous))
+
+    def call(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` with its sockets opened in this namespace."""
+        return in_network_namespace(self.netns, function, *args)
+
+    def run(self, command: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """A command in this namespace (for clients whose sockets open on their own threads,
+        such as gRPC's)."""
+        return subprocess.run(["nsenter", f"--net=/run/netns/{self.netns}", *command],
+                              capture_output=True, text=True, timeout=timeout, check=False)
+
+    def close(self) -> None:
+        for pod, previous in self._reached:
+            own_net = ipaddress.ip_interface(f"{self.ip}/30").network
+            subprocess.run(["ip", "-n", pod.netns, "route", "del", str(own_net)],
+                           capture_output=True, check=False)
+            if Path(f"/proc/sys/net/ipv4/conf/{pod._host_if}").exists():
+                _set_forwarding(pod._host_if, previous)
+        self._reached.clear()
+        subprocess.run(["ip", "netns", "delete", self.netns], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "delete", self._host_if], capture_output=True, check=False)
+
+    def __enter__(self) -> OtherPod:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _set_forwarding(interface: str, value: str) -> str:
+    """Set IPv4 forwarding on one interface of this machine; returns the previous value."""
+    path = Path(f"/proc/sys/net/ipv4/conf/{interface}/forwarding")
+    previous = path.read_text().strip()
+    path.write_text(value)
+    return previous
 
 
 # --- images --------------------------------------------------------------------------------
@@ -322,22 +578,31 @@ class PodRunner:
 
     Args:
         manifest: a Deployment (its pod template is run) or a pod template.
-        config_maps: ConfigMap ``data`` by name, for the pod's configMap volumes.
+        config_maps: ConfigMap ``data`` by name, for the pod's configMap volumes and
+            ``configMapKeyRef``.
         claims: folder on this machine per PersistentVolumeClaim name.
+        secrets: Secret contents by name (decoded: ``stringData``, or bytes), for secret
+            volumes and ``secretKeyRef``; a Secret not named here does not exist.
         workdir: where the volumes, image stand-ins and logs are kept.
         name: the pod's name (its hostname, and part of its network namespace's name).
+        namespace: the pod's namespace (``fieldRef: metadata.namespace``).
     """
 
     def __init__(self, manifest: Manifest, config_maps: Mapping[str, Mapping[str, str]],
                  workdir: Path, *, claims: Mapping[str, Path] | None = None,
-                 name: str = "pod") -> None:
+                 secrets: Mapping[str, SecretData] | None = None,
+                 name: str = "pod", namespace: str = "default") -> None:
         template = manifest["spec"]["template"] if manifest.get("kind") == "Deployment" \
             else manifest
         self.pod: Manifest = template["spec"]
         self.name = name
+        self.namespace = namespace
+        self.uid = str(uuid.uuid4())
         self.workdir = Path(workdir)
         self.config_maps = {k: dict(v) for k, v in config_maps.items()}
+        self.secrets = {k: dict(v) for k, v in (secrets or {}).items()}
         self.claims = dict(claims or {})
+        self._forwards: dict[int, socket.socket] = {}
         self.images = stand_in_images(self.workdir)
         self.volumes: dict[str, Path] = {}
         self._tmpfs: list[Path] = []
@@ -349,6 +614,7 @@ class PodRunner:
         self.containers = [Container(c, init=True) for c in self.pod.get("initContainers", [])]
         self.containers += [Container(c, init=False) for c in self.pod["containers"]]
         self._stop = threading.Event()
+        self._pipes = threading.Lock()  # the containers' setup pipes (read, closed once)
         self._monitors: list[threading.Thread] = []
         self.started_at: float | None = None
         self.ready_at: float | None = None
@@ -361,16 +627,51 @@ class PodRunner:
         value = self.pod.get("securityContext", {}).get("fsGroup")
         return None if value is None else int(value)
 
+    @staticmethod
+    def _volume_type(volume: Manifest) -> str:
+        """The volume's source (``configMap``, ``secret``...), its fields checked."""
+        types = [key for key in volume if key != "name"]
+        if len(types) != 1 or types[0] not in _VOLUME_FIELDS:
+            raise PodFailed(f"volume {volume.get('name')}: {types} not supported by the pod "
+                            f"runner (it implements {sorted(_VOLUME_FIELDS)})")
+        unknown = set(volume[types[0]] or {}) - _VOLUME_FIELDS[types[0]]
+        if unknown:
+            raise PodFailed(f"volume {volume['name']}: {types[0]} field {sorted(unknown)} "
+                            "not supported by the pod runner")
+        return types[0]
+
+    def _write_api_volume(self, volume: Manifest) -> None:
+        """Write a configMap or secret volume's current contents (the atomic writer)."""
+        kind = self._volume_type(volume)
+        source = volume[kind]
+        if kind == "configMap":
+            data, what = self.config_maps.get(source["name"]), f'configmap "{source["name"]}"'
+        else:
+            data, what = self.secrets.get(source["secretName"]), \
+                f'secret "{source["secretName"]}"'
+        files = volume_files(data, source, f"volume {volume['name']}: {what}")
+        write_atomic(self.volumes[volume["name"]], files, self.fs_group)
+
     def _make_volumes(self) -> None:
         for volume in self.pod.get("volumes", []):
             name = volume["name"]
             folder = self.workdir / "volumes" / name
-            if "configMap" in volume:
-                source = volume["configMap"]
-                write_config_map(folder, self.config_maps[source["name"]], source.get("items"))
+            kind = self._volume_type(volume)
+            if kind in ("configMap", "secret"):
+                if kind == "secret":  # the kubelet keeps Secrets in memory (tmpfs)
+                    folder.mkdir(parents=True, exist_ok=True)
+                    _run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0777", "tmpfs",
+                          str(folder)])
+                    self._tmpfs.append(folder)
+                self.volumes[name] = folder
+                self._write_api_volume(volume)
             elif "emptyDir" in volume:
                 folder.mkdir(parents=True, exist_ok=True)
-                if volume["emptyDir"].get("medium") == "Memory":
+                medium = volume["emptyDir"].get("medium", "")
+                if medium not in ("", "Memory"):
+                    raise PodFailed(f"volume {name}: emptyDir medium {medium!r} not supported "
+                                    "by the pod runner")
+                if medium == "Memory":
                     size = volume["emptyDir"].get("sizeLimit", "64Mi")
                     size = size.replace("Gi", "g").replace("Mi", "m").replace("Ki", "k")
                     _run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=1777", "tmpfs",
@@ -383,11 +684,13 @@ class PodRunner:
                 if volume["hostPath"].get("type") == "DirectoryOrCreate":
                     folder.mkdir(mode=0o755, parents=True, exist_ok=True)
             elif "persistentVolumeClaim" in volume:
-                folder = self.claims[volume["persistentVolumeClaim"]["claimName"]]
+                claim = volume["persistentVolumeClaim"]["claimName"]
+                if claim not in self.claims:
+                    raise PodFailed(f"volume {name}: persistentVolumeClaim {claim!r} is not "
+                                    "bound (no folder given for it)")
+                folder = self.claims[claim]
                 folder.mkdir(parents=True, exist_ok=True)
                 _own_for_fs_group(folder, self.fs_group)
-            else:
-                raise NotImplementedError(f"volume {name}: type not supported by the runner")
             self.volumes[name] = folder
 
     def _make_network(self) -> None:
@@ -408,14 +711,28 @@ class PodRunner:
         if stand_in is None:
             raise PodFailed(f"{spec['name']}: no stand-in for image {spec['image']}")
         privileges = self._privileges(container)
+        env = self._container_env(container)  # before any mount: a kubelet checks it first
         mounts: list[tuple[Path, str, bool]] = [
             (path, target, True) for target, path in stand_in.binds.items()]
+        volumes = {v["name"]: v for v in self.pod.get("volumes", [])}
         for mount in spec.get("volumeMounts", []):
+            unknown = set(mount) - _MOUNT_FIELDS
+            if unknown:
+                raise PodFailed(f"{spec['name']}: volumeMounts field {sorted(unknown)} not "
+                                "supported by the pod runner")
+            if mount["name"] not in self.volumes:
+                raise PodFailed(f"{spec['name']}: volumeMounts names no volume "
+                                f"{mount['name']!r}")
             source = self.volumes[mount["name"]]
             if mount.get("subPath"):
                 source = source / mount["subPath"]
                 source.mkdir(parents=True, exist_ok=True)
-            mounts.append((source, mount["mountPath"], bool(mount.get("readOnly"))))
+            volume = volumes[mount["name"]]
+            # The kubelet mounts ConfigMaps and Secrets read-only whatever the mount says.
+            read_only = bool(mount.get("readOnly")) or "configMap" in volume \
+                or "secret" in volume \
+                or bool(volume.get("persistentVolumeClaim", {}).get("readOnly"))
+            mounts.append((source, mount["mountPath"], read_only))
         # A target that hides another mount's source (/tmp over a source under /tmp) last.
         # (The sources are listed first: list.sort empties the list while it sorts.)
         sources_of_mounts = [str(source) for source, _, _ in mounts]
@@ -447,11 +764,11 @@ class PodRunner:
                 lines.append(f"mount -o remount,bind,ro {shlex.quote(target)}")
         if spec.get("securityContext", {}).get("readOnlyRootFilesystem"):
             lines.append("mount -o remount,bind,ro /")
-        env = {**stand_in.env, "HOSTNAME": self.name}
+        # $(VAR) comes from the container's own env only, not the image's.
+        command = [expand(part, env) for part in [*spec.get("command", []),
+                                                  *spec.get("args", [])]]
+        env = {**stand_in.env, "HOSTNAME": self.name, **env}
         env.setdefault("PATH", BASE_PATH)
-        for item in spec.get("env", []):
-            env[item["name"]] = item.get("value", "")
-        command = [*spec.get("command", []), *spec.get("args", [])]
         workdir = spec.get("workingDir") or stand_in.workdir
         lines.append(f"cd {shlex.quote(workdir)}")
         # Tell the runner the container is set up ($1: the pipe's fd, which may be above 9:
@@ -462,6 +779,65 @@ class PodRunner:
         script = self.workdir / f"{spec['name']}.sh"
         script.write_text("\n".join(lines) + "\n")
         return script
+
+    def _container_env(self, container: Container) -> dict[str, str]:
+        """The container's ``env`` as the kubelet resolves it (see the module docstring).
+
+        Raises:
+            PodFailed: a Secret, ConfigMap or key that is missing and not optional
+                (CreateContainerConfigError), or a field the runner does not implement.
+        """
+        spec = container.spec
+        if "envFrom" in spec:
+            raise PodFailed(f"{spec['name']}: envFrom is not supported by the pod runner")
+        env: dict[str, str] = {}
+        for index, item in enumerate(spec.get("env", [])):
+            where = f"{spec['name']}: env[{index}] {item.get('name')}"
+            unknown = set(item) - _ENV_FIELDS
+            if unknown:
+                raise PodFailed(f"{where}: field {sorted(unknown)} not supported by the pod "
+                                "runner")
+            if "valueFrom" in item:
+                value = self._value_from(where, item["valueFrom"])
+                if value is None:  # optional and missing: the variable is not set
+                    continue
+            else:
+                value = expand(str(item.get("value", "")), env)
+            env[item["name"]] = value
+        return env
+
+    def _value_from(self, where: str, source: Manifest) -> str | None:
+        """One ``valueFrom``: its value, or None for a missing optional reference."""
+        if len(source) != 1:
+            raise PodFailed(f"{where}: valueFrom needs exactly one source, got {sorted(source)}")
+        ((kind, ref),) = source.items()
+        if kind == "fieldRef":
+            values = {"metadata.name": self.name, "metadata.namespace": self.namespace,
+                      "metadata.uid": self.uid, "status.podIP": self.ip}
+            path = ref.get("fieldPath")
+            if path not in values:
+                raise PodFailed(f"{where}: valueFrom.fieldRef.fieldPath {path!r} not "
+                                f"supported by the pod runner (it implements {FIELD_PATHS})")
+            return values[path]
+        if kind not in ("secretKeyRef", "configMapKeyRef"):
+            raise PodFailed(f"{where}: valueFrom.{kind} not supported by the pod runner")
+        unknown = set(ref) - {"name", "key", "optional"}
+        if unknown:
+            raise PodFailed(f"{where}: valueFrom.{kind} field {sorted(unknown)} not "
+                            "supported by the pod runner")
+        objects: Mapping[str, SecretData]
+        objects, what = ((self.secrets, "Secret") if kind == "secretKeyRef"
+                         else (self.config_maps, "ConfigMap"))
+        data = objects.get(ref["name"])
+        if data is None or ref["key"] not in data:
+            if ref.get("optional"):
+                return None
+            problem = (f'{what.lower()} "{ref["name"]}" not found' if data is None else
+                       f"couldn't find key {ref['key']} in {what} "
+                       f"{self.namespace}/{ref['name']}")
+            raise PodFailed(f"CreateContainerConfigError: {problem} ({where})")
+        value = data[ref["key"]]
+        return value.decode() if isinstance(value, bytes) else value
 
     def _privileges(self, container: Container) -> list[str]:
         """``setpriv`` arguments for the container's security context (exec uses them too)."""
@@ -496,23 +872,29 @@ class PodRunner:
         log.close()
         os.close(write_end)
         os.set_blocking(read_end, False)
-        container.setup_pipe = read_end
+        with self._pipes:
+            container.setup_pipe = read_end
         container.started = container.ready = container.set_up = False
 
     def _is_set_up(self, container: Container) -> bool:
         """Whether the container's script has finished its mounts and exec'd its command."""
-        if not container.set_up and container.setup_pipe is not None:
-            try:
-                container.set_up = bool(os.read(container.setup_pipe, 8))
-            except BlockingIOError:  # nothing yet
-                pass
-        return container.set_up
+        with self._pipes:
+            if not container.set_up and container.setup_pipe is not None:
+                try:
+                    container.set_up = bool(os.read(container.setup_pipe, 8))
+                except BlockingIOError:  # nothing yet
+                    pass
+            return container.set_up
 
-    @staticmethod
-    def _close_setup(container: Container) -> None:
-        if container.setup_pipe is not None:
-            os.close(container.setup_pipe)
-            container.setup_pipe = None
+    def _close_setup(self, container: Container) -> None:
+        """Close the setup pipe's read end, once. A monitor that restarts a container and
+        stop() may both close it: closed twice, the second close would hit whatever file
+        took that number since, such as another pod's pipe, whose container then dies of
+        SIGPIPE as it reports its setup (seen once under load)."""
+        with self._pipes:
+            if container.setup_pipe is not None:
+                os.close(container.setup_pipe)
+                container.setup_pipe = None
 
     # -- running --------------------------------------------------------------------------
 
@@ -613,7 +995,11 @@ class PodRunner:
             if self._stop.wait(backoff):
                 return
             backoff = min(backoff * 2, 300.0)
-            self._launch(container)
+            try:
+                self._launch(container)
+            except PodFailed as error:  # the kubelet keeps it waiting, with the reason
+                self._log(container, f"[podrunner] {error}")
+                return
 
     def _note_ready(self) -> None:
         if self.ready and self.ready_at is None:
@@ -651,6 +1037,30 @@ class PodRunner:
 
     def url(self, port: int | str = "http") -> str:
         return f"http://{self.ip}:{self.port(port)}"
+
+    def forward(self, port: int) -> str:
+        """``kubectl port-forward``: a URL on this machine's loopback to ``port`` on the
+        pod's loopback, where Triton's HTTP and gRPC listen unless exposed."""
+        if port not in self._forwards:
+            listener = socket.create_server(("127.0.0.1", 0))
+            self._forwards[port] = listener
+            threading.Thread(target=self._accept, args=(listener, port), daemon=True,
+                             name=f"forward-{port}").start()
+        return f"http://127.0.0.1:{self._forwards[port].getsockname()[1]}"
+
+    def _accept(self, listener: socket.socket, port: int) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # closed by stop()
+                return
+            try:
+                upstream = in_network_namespace(self.netns, socket.create_connection,
+                                                ("127.0.0.1", port), 10)
+            except OSError:
+                client.close()  # the client sees the refusal as a closed connection
+                continue
+            _splice(client, upstream)
 
     def exec(self, name: str, command: list[str], timeout: float = 30
              ) -> subprocess.CompletedProcess[str]:
@@ -702,8 +1112,14 @@ class PodRunner:
         self.config_maps[name] = dict(data)
         for volume in self.pod.get("volumes", []):
             if volume.get("configMap", {}).get("name") == name:
-                write_config_map(self.volumes[volume["name"]], data,
-                                 volume["configMap"].get("items"))
+                self._write_api_volume(volume)
+
+    def update_secret(self, name: str, data: SecretData) -> None:
+        """Apply a new Secret version to the running pod, as the kubelet syncs it."""
+        self.secrets[name] = dict(data)
+        for volume in self.pod.get("volumes", []):
+            if volume.get("secret", {}).get("secretName") == name:
+                self._write_api_volume(volume)
 
     def logs(self, name: str) -> str:
         """A container's output, every restart included (``kubectl logs``, roughly)."""
@@ -740,10 +1156,23 @@ class PodRunner:
         so that a test's teardown stays short; Triton exits within seconds of SIGTERM.
         """
         self._stop.set()
+        for listener in self._forwards.values():
+            try:  # wakes the thread blocked in accept(), which close() alone does not
+                listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            listener.close()
+        self._forwards.clear()
         if grace is None:
             grace = min(float(self.pod.get("terminationGracePeriodSeconds", 30)), 20.0)
-        for container in self.containers:
-            self._kill(container, grace)
+        # All at once, as the kubelet does: Triton waits for the gateway's connection to
+        # it to close, which it does only when the gateway goes too.
+        killers = [threading.Thread(target=self._kill, args=(container, grace), daemon=True)
+                   for container in self.containers]
+        for killer in killers:
+            killer.start()
+        for killer in killers:
+            killer.join()
         for monitor in self._monitors:
             monitor.join(timeout=5)
         for container in self.containers:  # after the monitors, which read them

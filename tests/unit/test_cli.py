@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_render_prints_the_manifests_the_operator_applies(capsys):
     assert main(["render", "-f", str(ROOT / "examples" / "news-search.yaml")]) == 0
     kinds = [doc["kind"] for doc in yaml.safe_load_all(capsys.readouterr().out)]
-    assert kinds == ["ServiceAccount", "ConfigMap", "Service", "Deployment"]
+    assert kinds == ["ServiceAccount", "ConfigMap", "Service", "Deployment", "NetworkPolicy"]
 
 
 def test_render_writes_a_model_repository(tmp_path, capsys):

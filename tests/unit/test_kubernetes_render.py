@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -9,10 +10,17 @@ import kubernetes_validate
 import pytest
 from kubernetes_validate.utils import latest_version
 
+from tests.support.pod_security import baseline_violations, pod_spec_of, restricted_violations
 from tests.support.triton import API
-from tritonop.render.kubernetes import CONFIG_HASH_ANNOTATION, render_children
+from tritonop.render.kubernetes import (
+    CONFIG_HASH_ANNOTATION,
+    endpoints,
+    prepare_job,
+    render_children,
+)
 from tritonop.render.yamltext import dump_all
 from tritonop.resources import load_resources, parse_resource
+from tritonop.spec import EmbeddingSearchSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -41,8 +49,12 @@ SPREAD = {
         resources={"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"memory": "6Gi"}}),
     "autoscaling-queue-time": resource(autoscaling={"minReplicas": 2, "maxReplicas": 8,
                                                     "targetQueueTimeMicroseconds": 20000}),
-    "network-policy": resource(networkPolicy={"enabled": True, "from": [
-        {"namespaceSelector": {"matchLabels": {"team": "search"}}}]}),
+    "network-policy": resource(networkPolicy={"from": [
+        {"namespaceSelector": {"matchLabels": {"team": "search"}}}], "metricsFrom": [
+        {"namespaceSelector": {"matchLabels": {"name": "prometheus"}}}]}),
+    "triton-exposed": resource(api={"triton": {"expose": True, "adminSecretName": "adm"}}),
+    "triton-only": resource("LLMService", api={
+        "openai": {"enabled": False}, "triton": {"expose": True, "adminSecretName": "adm"}}),
     "pvc-no-prepare": resource(artifacts={"persistentVolumeClaim": {"claimName": "models"},
                                           "subPath": "prod", "prepare": False}),
     "host-path": resource(artifacts={"hostPath": {"path": "/artifacts"}}),
@@ -70,45 +82,59 @@ def test_examples_match_their_golden_manifests(example):
         kubernetes_validate.validate(manifest, "1.30", strict=True)
 
 
-def restricted_problems(pod_spec: dict[str, Any]) -> list[str]:
-    """Fields the Pod Security Standard "restricted" requires, that are missing."""
-    problems = []
-    pod_security = pod_spec.get("securityContext", {})
-    if pod_security.get("seccompProfile", {}).get("type") != "RuntimeDefault":
-        problems.append("pod seccompProfile is not RuntimeDefault")
-    for container in pod_spec.get("initContainers", []) + pod_spec["containers"]:
-        security = container.get("securityContext", {})
-        name = container["name"]
-        if security.get("allowPrivilegeEscalation") is not False:
-            problems.append(f"{name}: allowPrivilegeEscalation is not false")
-        if security.get("capabilities", {}).get("drop") != ["ALL"]:
-            problems.append(f"{name}: capabilities are not dropped")
-        if not (security.get("runAsNonRoot") or pod_security.get("runAsNonRoot")):
-            problems.append(f"{name}: may run as root")
-        if not security.get("readOnlyRootFilesystem"):
-            problems.append(f"{name}: root filesystem is writable")
-    volumes = {v["name"]: v for v in pod_spec.get("volumes", [])}
-    for volume in volumes.values():
-        if "hostPath" in volume and volume["name"] != "artifacts":
-            problems.append(f"unexpected hostPath volume {volume['name']}")
-    return problems
+def rendered_pods(resource) -> dict[str, dict[str, Any]]:
+    """Every pod spec the operator may create for ``resource``, by what creates it.
+
+    The Deployment's (with the prepare init container where artifacts are prepared per
+    pod) and, for an EmbeddingSearch, those of ``prepare: job`` as the operator renders it
+    where the cluster has a default StorageClass: the prepare and clean-up Jobs' and the
+    Deployment's then.
+    """
+    pods = {"Deployment": by_kind(render_children(resource))["Deployment"]}
+    if isinstance(resource.spec, EmbeddingSearchSpec):
+        job = replace(resource, spec=resource.spec.model_copy(update={
+            "artifacts": resource.spec.artifacts.model_copy(update={"prepare": "job"})}))
+        pods.update({"Deployment (prepare: job)": by_kind(render_children(job))["Deployment"],
+                     "prepare Job": prepare_job(job),
+                     "clean-up Job": prepare_job(job, cleanup=True)})
+    return {what: pod_spec_of(manifest) for what, manifest in pods.items()}
 
 
-@pytest.mark.parametrize("name", sorted(SPREAD))
-def test_pods_meet_the_restricted_pod_security_standard(name):
-    deployment = by_kind(render_children(SPREAD[name]))["Deployment"]
-    assert restricted_problems(deployment["spec"]["template"]["spec"]) == []
-    assert deployment["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+EXAMPLE_RESOURCES = {r.name: r for path in EXAMPLES for r in load_resources(path)}
+NOT_HOST_PATH = {**EXAMPLE_RESOURCES, **{k: v for k, v in SPREAD.items() if k != "host-path"}}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_HOST_PATH))
+def test_every_pod_meets_the_restricted_pod_security_standard(name):
+    """No exemption: the examples and every spread case but a host path, every pod."""
+    pods = rendered_pods(NOT_HOST_PATH[name])
+    assert {what: restricted_violations(pod) for what, pod in pods.items()} == {
+        what: [] for what in pods}
+    assert all(pod["automountServiceAccountToken"] is False for pod in pods.values())
+
+
+def test_per_pod_preparation_runs_in_a_restricted_init_container():
+    pod = rendered_pods(EXAMPLE_RESOURCES["news"])["Deployment"]
+    assert [c["name"] for c in pod["initContainers"]] == ["prepare"]
+
+
+def test_host_path_pods_do_not_meet_even_baseline():
+    """Allowed by the operator's configuration, such pods need a privileged namespace."""
+    pods = rendered_pods(SPREAD["host-path"])
+    assert len(pods) == 4
+    for what, pod in pods.items():
+        assert any("hostPath" in problem for problem in baseline_violations(pod)), what
 
 
 def test_triton_container_probes_ports_and_scrape_annotations():
     deployment = by_kind(render_children(SPREAD["defaults"]))["Deployment"]
     template = deployment["spec"]["template"]
     triton, _gateway = template["spec"]["containers"]
-    assert {p["name"]: p["containerPort"] for p in triton["ports"]} == {
-        "http": 8000, "grpc": 8001, "metrics": 8002}
-    assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    # HTTP and gRPC listen on loopback only: the kubelet (at the pod IP) probes metrics,
+    # which Triton serves only once its models have loaded.
+    assert {p["name"]: p["containerPort"] for p in triton["ports"]} == {"metrics": 8002}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert triton[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}, probe
     startup = triton["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
     annotations = template["metadata"]["annotations"]
@@ -118,6 +144,85 @@ def test_triton_container_probes_ports_and_scrape_annotations():
     assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "1Gi"}
     mounts = {m["mountPath"] for m in triton["volumeMounts"]}
     assert {"/dev/shm", "/tmp", "/models", "/artifacts"} <= mounts
+
+
+def triton_pod(name: str) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """(children by kind, containers by name) of a SPREAD case."""
+    children = by_kind(render_children(SPREAD[name]))
+    containers = children["Deployment"]["spec"]["template"]["spec"]["containers"]
+    return children, {c["name"]: c for c in containers}
+
+
+def ports(service: dict[str, Any]) -> dict[str, int]:
+    return {p["name"]: p["port"] for p in service["spec"]["ports"]}
+
+
+def test_by_default_triton_listens_on_the_pods_loopback_and_the_service_has_no_triton_port():
+    children, containers = triton_pod("defaults")
+    args = containers["triton"]["args"]
+    assert {"--http-address=127.0.0.1", "--grpc-address=127.0.0.1",
+            "--metrics-address=0.0.0.0"} <= set(args)
+    assert not [a for a in args if "restricted" in a]
+    assert {"--triton", "127.0.0.1:8001", "--triton-http", "127.0.0.1:8000"} <= set(
+        containers["gateway"]["args"])
+    assert "TRITONOP_TRITON_ADMIN_KEY" not in str(containers["triton"]["env"])
+    assert ports(children["Service"]) == {"metrics": 8002, "openai": 8080}
+    assert endpoints(SPREAD["defaults"]) == {"openai": "http://r.ml.svc:8080/v1",
+                                             "metrics": "http://r.ml.svc:8002/metrics"}
+
+
+RESTRICTED = ("model-repository,model-config,shared-memory,statistics,trace,logging:"
+              "triton-admin-key=$(TRITONOP_TRITON_ADMIN_KEY)")
+
+
+@pytest.mark.parametrize("name", ["triton-exposed", "triton-only"])
+def test_exposed_triton_restricts_its_control_apis_with_the_key_from_the_secret(name):
+    children, containers = triton_pod(name)
+    triton = containers["triton"]
+    assert {"--http-address=0.0.0.0", "--grpc-address=0.0.0.0", "--metrics-address=0.0.0.0",
+            f"--http-restricted-api={RESTRICTED}",
+            f"--grpc-restricted-protocol={RESTRICTED}"} <= set(triton["args"])
+    # The kubelet expands $(TRITONOP_TRITON_ADMIN_KEY) from the Secret: no key in the spec.
+    assert {"name": "TRITONOP_TRITON_ADMIN_KEY", "valueFrom": {"secretKeyRef": {
+        "name": "adm", "key": "admin-key"}}} in triton["env"]
+    assert {p["name"]: p["containerPort"] for p in triton["ports"]} == {
+        "http": 8000, "grpc": 8001, "metrics": 8002}
+    assert triton["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert triton["startupProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert triton["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    gateway = {"openai": 8080} if name == "triton-exposed" else {}
+    assert ports(children["Service"]) == {"http": 8000, "grpc": 8001, "metrics": 8002,
+                                          **gateway}
+    assert set(containers) == {"triton", *(["gateway"] if gateway else [])}
+    assert set(endpoints(SPREAD[name])) == {"http", "grpc", "metrics",
+                                            *(["openai"] if gateway else [])}
+    assert endpoints(SPREAD[name])["grpc"] == "r.ml.svc:8001"
+
+
+MONITORING = [{"namespaceSelector": {"matchLabels": {"serving.tritonop.dev/monitoring": "true"}}}]
+
+
+@pytest.mark.parametrize(("name", "peers", "serving", "metrics_peers"), [
+    ("defaults", [{"podSelector": {}}], [8080], MONITORING),
+    ("triton-exposed", [{"podSelector": {}}], [8000, 8001, 8080], MONITORING),
+    ("triton-only", [{"podSelector": {}}], [8000, 8001], MONITORING),
+    ("network-policy", [{"namespaceSelector": {"matchLabels": {"team": "search"}}}], [8080],
+     [{"namespaceSelector": {"matchLabels": {"name": "prometheus"}}}]),
+])
+def test_network_policy_admits_serving_ports_from_peers_and_metrics_from_monitoring(
+        name, peers, serving, metrics_peers):
+    policy = by_kind(render_children(SPREAD[name]))["NetworkPolicy"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["ingress"] == [
+        {"from": peers, "ports": [{"protocol": "TCP", "port": port} for port in serving]},
+        {"from": metrics_peers, "ports": [{"protocol": "TCP", "port": 8002}]}]
+
+
+def test_an_empty_metrics_from_admits_no_one_to_metrics_rather_than_everyone():
+    policy = by_kind(render_children(resource(networkPolicy={"metricsFrom": []})))[
+        "NetworkPolicy"]
+    assert policy["spec"]["ingress"] == [
+        {"from": [{"podSelector": {}}], "ports": [{"protocol": "TCP", "port": 8080}]}]
 
 
 def test_gpu_llm_requests_gpus_and_uses_the_image_given():
@@ -142,7 +247,9 @@ def test_scheduling_fields_and_resources_pass_through():
 
 def test_optional_children_appear_only_when_asked_for():
     assert set(by_kind(render_children(SPREAD["defaults"]))) == {
-        "ServiceAccount", "ConfigMap", "Service", "Deployment"}
+        "ServiceAccount", "ConfigMap", "Service", "Deployment", "NetworkPolicy"}
+    assert "NetworkPolicy" not in by_kind(render_children(resource(
+        networkPolicy={"enabled": False})))
     assert "PodDisruptionBudget" in by_kind(render_children(SPREAD["replicas-and-affinity"]))
     scaled = by_kind(render_children(SPREAD["autoscaling-queue-time"]))
     assert "replicas" not in scaled["Deployment"]["spec"], "the HPA owns the replica count"
@@ -150,9 +257,6 @@ def test_optional_children_appear_only_when_asked_for():
     metrics = scaled["HorizontalPodAutoscaler"]["spec"]["metrics"]
     assert [m["type"] for m in metrics] == ["Resource", "Pods"]
     assert metrics[1]["pods"]["metric"]["name"] == "tritonop_queue_time_microseconds"
-    policy = by_kind(render_children(SPREAD["network-policy"]))["NetworkPolicy"]
-    assert policy["spec"]["ingress"][0]["from"] == [
-        {"namespaceSelector": {"matchLabels": {"team": "search"}}}]
 
 
 def test_artifact_volumes():

@@ -116,3 +116,16 @@ def test_losing_a_pod_names_the_pod_and_its_condition():
     ready = status(Observed(1, 2, deployment(2, 2)))
     degraded = status(Observed(1, 2, deployment(2, 1), [pod(started=True)]), ready)
     assert degraded.message.startswith("only 1/2 Triton pods report ready; pod news-triton-abc")
+
+
+def test_the_status_patch_removes_an_address_that_no_longer_answers():
+    """Status is merge-patched: with api.triton.expose turned off (or after an upgrade),
+    Triton's http and grpc addresses must leave status.endpoints, not linger."""
+    from tests.support.kube_emulator import _merge
+    from tritonop.controller.reconcile import status_dict
+    from tritonop.status import Endpoints
+
+    stored = {"phase": "Ready", "endpoints": {"openai": "o", "http": "h", "grpc": "g",
+                                              "metrics": "m"}}
+    closed = ResourceStatus(phase="Ready", endpoints=Endpoints(openai="o", metrics="m"))
+    assert _merge(stored, status_dict(closed))["endpoints"] == {"openai": "o", "metrics": "m"}

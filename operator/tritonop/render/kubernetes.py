@@ -1,9 +1,10 @@
 """Kubernetes objects that serve one resource, as plain manifest dicts.
 
 ``render_children(resource)`` returns, in apply order: ServiceAccount, ConfigMap,
-Service, Deployment, and when asked for, PodDisruptionBudget, HorizontalPodAutoscaler
-and NetworkPolicy. Owner references are added by the reconciler, which knows the
-owner's uid; everything else is decided here, from the spec alone.
+Service, Deployment, when asked for, PodDisruptionBudget and HorizontalPodAutoscaler,
+and the NetworkPolicy unless ``networkPolicy.enabled`` is false. Owner references are
+added by the reconciler, which knows the owner's uid; everything else is decided here,
+from the spec alone.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import yaml
 
 from tritonop import API_GROUP, __version__
 from tritonop.artifacts.versions import corpus_sha256, resource_fingerprint
-from tritonop.gateway.config import gateway_config, openai_enabled
+from tritonop.gateway.config import API_KEYS_PATH, gateway_config, openai_enabled
 from tritonop.render.repository import render_repository
+from tritonop.render.server_args import ADMIN_KEY_ENV, restricted_api_args
 from tritonop.resources import CORPUS_SHA256_ANNOTATION, Resource
 from tritonop.spec import EmbeddingSearchSpec, LLMServiceSpec, quantity_bytes
 from tritonop.spec.common import DeploymentSpec, PrepareMode
@@ -26,7 +28,18 @@ Manifest = dict[str, Any]
 
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
 OPENAI_PORT = 8080
+# Where Triton's HTTP and gRPC listen unless spec.api.triton.expose: the pod's own
+# loopback, so only the gateway beside it (same network namespace) reaches them. An IPv4
+# literal, not "localhost", which may resolve to ::1 first.
+LOOPBACK = "127.0.0.1"
+ALL_ADDRESSES = "0.0.0.0"
+# With expose, Triton's control APIs need the admin Secret's key (server_args.ADMIN_HEADER).
+ADMIN_SECRET_KEY = "admin-key"
 GATEWAY_FILE = "gateway.json"
+TLS_PATH = "/etc/tritonop/tls"  # tls.crt and tls.key of spec.api.tls's Secret
+# Secret files readable by their group only: the kubelet gives them the pod's fsGroup,
+# which the gateway's user (UID) is in; no one else in the container reads a key.
+SECRET_MODE = 0o440
 GATEWAY_REQUESTS = {"cpu": "250m", "memory": "256Mi"}
 REPOSITORY_PATH = "/models"
 ARTIFACTS_PATH = "/artifacts"
@@ -174,9 +187,20 @@ def service_account(resource: Resource) -> Manifest:
             "automountServiceAccountToken": False}
 
 
+def triton_exposed(resource: Resource) -> bool:
+    """Whether Triton's own HTTP and gRPC are reachable from outside the pod."""
+    return resource.spec.api.triton.expose
+
+
+def _triton_ports(resource: Resource) -> list[tuple[str, int]]:
+    """Triton's ports that listen beyond the pod's loopback: metrics, and http/grpc if exposed."""
+    exposed = [("http", HTTP_PORT), ("grpc", GRPC_PORT)] if triton_exposed(resource) else []
+    return [*exposed, ("metrics", METRICS_PORT)]
+
+
 def _ports(resource: Resource) -> list[tuple[str, int]]:
-    """Named ports of a Triton pod: Triton's three, and the gateway's when it runs."""
-    ports = [("http", HTTP_PORT), ("grpc", GRPC_PORT), ("metrics", METRICS_PORT)]
+    """Named ports a Triton pod serves beyond its loopback (the Service publishes them)."""
+    ports = _triton_ports(resource)
     return [*ports, ("openai", OPENAI_PORT)] if openai_enabled(resource) else ports
 
 
@@ -189,9 +213,20 @@ def service(resource: Resource) -> Manifest:
 
 
 def endpoints(resource: Resource) -> dict[str, str]:
+    """The Service's addresses that answer (status.endpoints): no port that is closed.
+
+    ``openai`` is the base URL an OpenAI client takes; Triton's ``http`` and ``grpc`` are
+    listed only with ``api.triton.expose``.
+    """
     host = f"{names(resource)['service']}.{resource.namespace}.svc"
-    return {"http": f"http://{host}:{HTTP_PORT}", "grpc": f"{host}:{GRPC_PORT}",
-            "metrics": f"http://{host}:{METRICS_PORT}/metrics"}
+    found: dict[str, str] = {}
+    if openai_enabled(resource):
+        scheme = "https" if resource.spec.api.tls is not None else "http"
+        found["openai"] = f"{scheme}://{host}:{OPENAI_PORT}/v1"
+    if triton_exposed(resource):
+        found.update(http=f"http://{host}:{HTTP_PORT}", grpc=f"{host}:{GRPC_PORT}")
+    found["metrics"] = f"http://{host}:{METRICS_PORT}/metrics"
+    return found
 
 
 _RESTRICTED = {
@@ -266,29 +301,27 @@ def _triton_container(resource: Resource, config: Manifest, images: Images) -> M
     # only through the rollout that the config-hash annotation triggers.
     args = [f"--model-repository={REPOSITORY_PATH}", "--model-control-mode=explicit",
             *(f"--load-model={model}" for model in model_names(config)),
-            f"--http-port={HTTP_PORT}", f"--grpc-port={GRPC_PORT}",
-            f"--metrics-port={METRICS_PORT}",
+            *_listen_args(resource),
             "--disable-auto-complete-config", "--exit-on-error=true", "--log-verbose=0"]
     if _cache_bytes(resource):
         args.append(f"--cache-config=local,size={_cache_bytes(resource)}")
-    # Loading is slow, so a startup probe holds off the liveness probe until Triton
-    # first reports ready.
-    probe = {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 10,
-             "timeoutSeconds": 5}
+    env = _environment(resource)
+    if triton_exposed(resource):
+        # The kubelet expands $(VAR) in args from the container's env: the key stays in
+        # the Secret, never in the pod spec. A missing Secret or key keeps the container
+        # from starting (CreateContainerConfigError) rather than opening the APIs.
+        secret = resource.spec.api.triton.admin_secret_name
+        env.append({"name": ADMIN_KEY_ENV, "valueFrom": {"secretKeyRef": {
+            "name": secret, "key": ADMIN_SECRET_KEY}}})
     return {
         "name": "triton",
         "image": spec.image or images.triton,
         "command": ["tritonserver"],
         "args": args,
         "ports": [{"name": n, "containerPort": p, "protocol": "TCP"}
-                  for n, p in (("http", HTTP_PORT), ("grpc", GRPC_PORT),
-                               ("metrics", METRICS_PORT))],
-        "env": _environment(resource),
-        "readinessProbe": {**probe, **READINESS},
-        "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"},
-                          "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6},
-        "startupProbe": {**probe, "periodSeconds": STARTUP_PERIOD_SECONDS,
-                         "failureThreshold": startup_seconds(resource) // STARTUP_PERIOD_SECONDS},
+                  for n, p in _triton_ports(resource)],
+        "env": env,
+        **_triton_probes(resource),
         "resources": _triton_resources(resource),
         "securityContext": _RESTRICTED,
         "volumeMounts": [
@@ -301,8 +334,54 @@ def _triton_container(resource: Resource, config: Manifest, images: Images) -> M
     }
 
 
+def _listen_args(resource: Resource) -> list[str]:
+    """Ports and addresses: HTTP and gRPC on loopback unless exposed, metrics on all.
+
+    Exposed, the control APIs need the admin key (Triton answers 403 over HTTP and
+    UNAVAILABLE over gRPC without it); inference, metadata and health stay open.
+    """
+    address = ALL_ADDRESSES if triton_exposed(resource) else LOOPBACK
+    args = [f"--http-address={address}", f"--http-port={HTTP_PORT}",
+            f"--grpc-address={address}", f"--grpc-port={GRPC_PORT}",
+            # Its default is --http-address: named, so that metrics stay scrapeable.
+            f"--metrics-address={ALL_ADDRESSES}", f"--metrics-port={METRICS_PORT}"]
+    if triton_exposed(resource):
+        args += restricted_api_args(f"$({ADMIN_KEY_ENV})")
+    return args
+
+
+def _triton_probes(resource: Resource) -> Manifest:
+    """Startup, readiness and liveness probes of the Triton container.
+
+    The kubelet probes the pod IP, where Triton's HTTP port does not listen unless
+    exposed; the probes then use the metrics port. Triton starts its endpoints, metrics
+    included, only once every ``--load-model`` model has loaded, and with
+    ``--exit-on-error`` exits instead when one fails. Seen with the Triton 2.51 binary:
+    with a model whose ``initialize`` sleeps 8 s, ``/metrics`` refused connections until
+    8.3 s, when ``/v2/health/ready`` turned 200 in the same poll; with one that raises,
+    ``/metrics`` never answered and the process exited 1. So metrics answering means
+    Triton started with its models, and the gateway's readiness, which asks Triton's
+    ``/v2/health/ready`` over loopback, keeps the pod out of the Service while a model
+    is not ready later on. Loading is slow, so the startup probe holds off liveness.
+    """
+    if triton_exposed(resource):
+        ready = {"path": "/v2/health/ready", "port": "http"}
+        live = {"path": "/v2/health/live", "port": "http"}
+    else:
+        ready, live = {"path": "/metrics", "port": "metrics"}, {"path": "/metrics",
+                                                                 "port": "metrics"}
+    probe = {"httpGet": ready, "periodSeconds": 10, "timeoutSeconds": 5}
+    return {
+        "readinessProbe": {**probe, **READINESS},
+        "livenessProbe": {"httpGet": live, "periodSeconds": 10, "timeoutSeconds": 5,
+                          "failureThreshold": 6},
+        "startupProbe": {**probe, "periodSeconds": STARTUP_PERIOD_SECONDS,
+                         "failureThreshold": startup_seconds(resource) // STARTUP_PERIOD_SECONDS},
+    }
+
+
 def _gateway_container(resource: Resource, images: Images) -> Manifest:
-    """The OpenAI-compatible gateway beside Triton, reaching it on localhost (gRPC and HTTP).
+    """The OpenAI-compatible gateway beside Triton, reaching it on loopback (gRPC and HTTP).
 
     Its readiness follows Triton's (``/health/ready`` asks Triton), so a pod whose models
     are loading gets no OpenAI traffic; liveness checks only the gateway's own loop. Its
@@ -310,26 +389,55 @@ def _gateway_container(resource: Resource, images: Images) -> Manifest:
     containers are, and a 10 s readiness tick would otherwise decide when a new pod
     serves.
     """
-    ready = {"httpGet": {"path": "/health/ready", "port": "openai"}, "timeoutSeconds": 5}
+    scheme = {"scheme": "HTTPS"} if resource.spec.api.tls is not None else {}
+    ready = {"httpGet": {"path": "/health/ready", "port": "openai", **scheme},
+             "timeoutSeconds": 5}
     return {
         "name": "gateway",
         "image": images.operator,
         "command": ["tritonop"],
         "args": ["gateway", "--config", f"/config/{GATEWAY_FILE}",
-                 "--triton", f"localhost:{GRPC_PORT}", "--triton-http", f"localhost:{HTTP_PORT}",
-                 "--port", str(OPENAI_PORT)],
+                 "--triton", f"{LOOPBACK}:{GRPC_PORT}", "--triton-http", f"{LOOPBACK}:{HTTP_PORT}",
+                 "--port", str(OPENAI_PORT), *_gateway_secret_args(resource)],
         "ports": [{"name": "openai", "containerPort": OPENAI_PORT, "protocol": "TCP"}],
         "env": [{"name": "HOME", "value": TMP_PATH}],
         "readinessProbe": {**ready, **READINESS},
         "startupProbe": {**ready, "periodSeconds": STARTUP_PERIOD_SECONDS,
                          "failureThreshold": startup_seconds(resource) // STARTUP_PERIOD_SECONDS},
-        "livenessProbe": {"httpGet": {"path": "/health/live", "port": "openai"},
+        "livenessProbe": {"httpGet": {"path": "/health/live", "port": "openai", **scheme},
                           "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6},
         "resources": {"requests": dict(GATEWAY_REQUESTS)},
         "securityContext": _RESTRICTED,
         "volumeMounts": [{"name": "model-repository", "mountPath": "/config", "readOnly": True},
-                         {"name": "tmp", "mountPath": TMP_PATH}],
+                         {"name": "tmp", "mountPath": TMP_PATH},
+                         *({"name": name, "mountPath": path, "readOnly": True}
+                           for name, _, path in _gateway_secrets(resource))],
     }
+
+
+def _gateway_secrets(resource: Resource) -> list[tuple[str, str, str]]:
+    """The Secrets the gateway mounts: (volume, Secret name, mount path).
+
+    Mounted as volumes, not read by the operator: the keys never pass through the
+    operator, a ConfigMap or an environment, and a changed Secret reaches the running
+    gateway (the kubelet swaps the volume's files), which re-reads its keys.
+    """
+    api = resource.spec.api
+    secrets = []
+    if api.auth is not None:
+        secrets.append(("api-keys", api.auth.secret_name, API_KEYS_PATH))
+    if api.tls is not None:
+        secrets.append(("tls", api.tls.secret_name, TLS_PATH))
+    return secrets
+
+
+def _gateway_secret_args(resource: Resource) -> list[str]:
+    args = []
+    if resource.spec.api.auth is not None:
+        args += ["--api-keys", API_KEYS_PATH]
+    if resource.spec.api.tls is not None:
+        args += ["--tls-cert", f"{TLS_PATH}/tls.crt", "--tls-key", f"{TLS_PATH}/tls.key"]
+    return args
 
 
 def _prepare_args(resource: Resource, source: list[str]) -> list[str]:
@@ -399,6 +507,9 @@ def _volumes(resource: Resource, config: Manifest) -> list[Manifest]:
         _artifacts_volume(resource),
         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": resource.spec.shm_size}},
         {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}},  # HOME and caches too
+        *({"name": name, "secret": {"secretName": secret, "defaultMode": SECRET_MODE}}
+          for name, secret, _ in (_gateway_secrets(resource) if openai_enabled(resource)
+                                  else [])),
     ]
 
 
@@ -589,12 +700,26 @@ def horizontal_pod_autoscaler(resource: Resource) -> Manifest:
 
 
 def network_policy(resource: Resource) -> Manifest:
-    peers = [dict(p) for p in resource.spec.network_policy.from_] or [{"podSelector": {}}]
-    ports = [{"protocol": "TCP", "port": port} for _, port in _ports(resource)]
+    """Ingress to the pods: the serving ports from ``from``, metrics from ``metricsFrom``.
+
+    Serving ports are the gateway's, and Triton's HTTP and gRPC only when exposed (they
+    listen on loopback otherwise). An empty ``metricsFrom`` renders no metrics rule: a
+    rule without peers would admit every source, not none.
+    """
+    policy = resource.spec.network_policy
+    peers = [dict(p) for p in policy.from_] or [{"podSelector": {}}]  # own namespace
+    serving = [port for name, port in _ports(resource) if name != "metrics"]
+    ingress = []
+    if serving:
+        ingress.append({"from": peers, "ports": [{"protocol": "TCP", "port": port}
+                                                 for port in serving]})
+    if policy.metrics_from:
+        ingress.append({"from": [dict(p) for p in policy.metrics_from],
+                        "ports": [{"protocol": "TCP", "port": METRICS_PORT}]})
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": _metadata(resource, names(resource)["policy"]),
             "spec": {"podSelector": {"matchLabels": selector_labels(resource)},
-                     "policyTypes": ["Ingress"], "ingress": [{"from": peers, "ports": ports}]}}
+                     "policyTypes": ["Ingress"], "ingress": ingress}}
 
 
 def wants_budget(resource: Resource) -> bool:

@@ -280,7 +280,8 @@ class TritonAccessSpec(SpecModel):
     By default they listen on the pod's loopback only: clients use the gateway. Exposed,
     they are on the Service too, and Triton's control APIs (model repository, model
     config, statistics, trace, logging, shared memory) need the header
-    ``triton-admin-key`` with the key of ``adminSecretName``.
+    ``triton-admin-key`` with the key of ``adminSecretName`` over HTTP (gRPC clients send it
+    as metadata ``triton-grpc-protocol-triton-admin-key``, as Triton names it).
     """
 
     model_config = ConfigDict(json_schema_extra=cel_rules(
@@ -292,7 +293,8 @@ class TritonAccessSpec(SpecModel):
     admin_secret_name: Optional[str] = Field(
         None, min_length=1, max_length=253,
         description="Secret whose `admin-key` entry opens Triton's control APIs "
-        "(header triton-admin-key). Required with expose.",
+        "(HTTP header triton-admin-key; gRPC metadata triton-grpc-protocol-triton-admin-key). "
+        "Required with expose.",
     )
 
     @model_validator(mode="after")
