@@ -36,7 +36,7 @@ import platform
 import random
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
     dtype = getattr(torch, args.dtype)
     shape = TINY if args.tiny else MISTRAL_7B
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     model = build_model(shape, dtype, args.device)
     parameters = sum(p.numel() for p in model.parameters())
     context = args.prompt_tokens + args.max_tokens + 8

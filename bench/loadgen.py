@@ -107,7 +107,7 @@ async def _timed(client: Client, text: str, timeout: float, t0: float) -> Sample
     started = time.perf_counter()
     try:
         status = await asyncio.wait_for(client.send(text), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         status = TIMED_OUT
     except Exception:  # a transport error is a lost request, recorded as such
         status = OTHER_ERROR

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 import traceback
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     keys = args.scenario or list(SCENARIOS)
     sizes: Sizes = QUICK if args.quick else Sizes()
     artifacts_root = args.artifacts_root or bench_artifacts_root(args.quick)
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     body: dict[str, Any] = {
         "started": started.strftime("%Y%m%dT%H%M%SZ"),
         "quick": args.quick,
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         })
         body["scenarios"] = run_scenarios(ctx, keys)
     body["load_average_end"] = os.getloadavg()
-    body["seconds"] = round((datetime.now(timezone.utc) - started).total_seconds(), 1)
+    body["seconds"] = round((datetime.now(UTC) - started).total_seconds(), 1)
     path = write_results(body, args.results_dir)
     log.info("results: %s", path)
     docs_dir = args.docs_dir or (None if args.quick else DEFAULT_DOCS)

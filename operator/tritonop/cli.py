@@ -57,20 +57,41 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     resources = list(iter_resources(args.file))
     ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
     return serve(resources, args.artifacts_root, ports, args.workdir,
-                 openai_port=args.openai_port if args.openai else None)
+                 openai_port=args.openai_port if args.openai else None, host=args.host,
+                 api_key=args.api_key or None)
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from tritonop.gateway.auth import KeyStoreError
     from tritonop.gateway.backend import TritonAddress
     from tritonop.gateway.config import GatewayConfig, gateway_config
-    from tritonop.gateway.server import run
+    from tritonop.gateway.server import TLSFiles, run
+    from tritonop.runtime.local import is_loopback
 
     if bool(args.config) == bool(args.file):
         print("error: give either resource files (-f) or --config", file=sys.stderr)
         return 2
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
     config = (GatewayConfig.load(args.config) if args.config
               else gateway_config(list(iter_resources(args.file))))
-    return run(config, TritonAddress(args.triton, args.triton_http), args.host, args.port)
+    if args.api_keys:
+        config = dataclasses.replace(config, api_keys=str(args.api_keys))
+    api_key = args.api_key or None
+    if config.api_keys is None and api_key is None and not is_loopback(args.host):
+        logging.getLogger("tritonop.gateway").warning(
+            "no API keys: anyone who can reach %s:%d can use the models (set --api-keys, "
+            "--api-key or TRITONOP_API_KEY)", args.host, args.port)
+    tls = TLSFiles(args.tls_cert, args.tls_key) if args.tls_cert else None
+    try:
+        return run(config, TritonAddress(args.triton, args.triton_http), args.host, args.port,
+                   api_key=api_key, tls=tls)
+    except KeyStoreError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -130,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--artifacts-root", type=Path, default=default_artifacts_root(),
                        help="where exported models and indexes live (default: %(default)s)")
 
+    def with_api_key(p: argparse.ArgumentParser) -> None:
+        # No %(default)s in the help: it would print the key from the environment.
+        p.add_argument("--api-key", metavar="KEY", default=os.environ.get("TRITONOP_API_KEY"),
+                       help="the key clients send (Authorization: Bearer KEY); default: "
+                       "$TRITONOP_API_KEY, which, unlike this flag, other users cannot see "
+                       "in the process list")
+
     serve = commands.add_parser("serve", help="serve resources on a local tritonserver")
     serve.add_argument("file", type=Path, nargs="+", help="resource YAML files")
     serve.add_argument("--http-port", type=int, default=8000)
@@ -140,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-openai", dest="openai", action="store_false",
                        help="do not start the OpenAI-compatible gateway")
     serve.add_argument("--workdir", type=Path, help="keep the rendered repository and log here")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="where Triton and the gateway listen (default: %(default)s, this "
+                       "machine only)")
+    with_api_key(serve)
     with_artifacts(serve)
     serve.set_defaults(run=_cmd_serve)
 
@@ -165,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: %(default)s)")
     gateway.add_argument("--host", default="0.0.0.0")
     gateway.add_argument("--port", type=int, default=8080)
+    gateway.add_argument("--api-keys", type=Path, metavar="DIR",
+                         help="keys, one file per client (a mounted Secret); re-read when it "
+                         "changes")
+    with_api_key(gateway)
+    gateway.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate "
+                         "chain (PEM)")
+    gateway.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
     gateway.set_defaults(run=_cmd_gateway)
 
     prepare = commands.add_parser("prepare", help="export models and build indexes")

@@ -6,10 +6,27 @@ import asyncio
 
 import pytest
 
+from tests.gateway.conftest import llm
 from tritonop.gateway.admission import AdmissionBound, Overloaded
-from tritonop.gateway.config import Admission, ModelEntry, default_admission, gateway_config
+from tritonop.gateway.config import (
+    Admission,
+    GatewayConfig,
+    InputLimits,
+    ModelEntry,
+    default_admission,
+    gateway_config,
+)
 from tritonop.gateway.errors import APIError
-from tritonop.gateway.protocol import parse_chat, parse_completion, parse_json, parse_search
+from tritonop.gateway.protocol import (
+    MAX_BODY_BYTES,
+    check_content_type,
+    check_length,
+    parse_chat,
+    parse_completion,
+    parse_embeddings,
+    parse_json,
+    parse_search,
+)
 from tritonop.resources import iter_resources
 
 MODELS = {"chat": ModelEntry("chat", "chat", Admission(1, 1), max_tokens_limit=100),
@@ -116,3 +133,70 @@ def test_the_llm_model_reads_the_prompt_formats_the_gateway_sends():
         with pytest.raises(RequestError) as caught:
             parse_request(values, policy)
         assert caught.value.field == field
+
+
+SMALL = InputLimits(max_embedding_inputs=4, max_input_characters=10)
+BOUNDED = {"chat": ModelEntry("chat", "chat", Admission(1, 1), max_tokens_limit=100,
+                              limits=SMALL),
+           "news": ModelEntry("news", "embedding", Admission(1, 1), max_top_k=10,
+                              default_top_k=3, limits=SMALL)}
+USER = {"role": "user", "content": "x" * 6}
+
+
+@pytest.mark.parametrize("parse, body, param, bound", [
+    (parse_embeddings, {"model": "news", "input": ["a"] * 5}, "input", "at most 4 texts"),
+    (parse_embeddings, {"model": "news", "input": ["ok", " \n"]}, "input[1]", "empty"),
+    (parse_embeddings, {"model": "news", "input": ""}, "input", "empty"),
+    (parse_embeddings, {"model": "news", "input": ["ok", "x" * 11]}, "input[1]",
+     "at most 10 characters"),
+    (parse_search, {"model": "news", "text": "x" * 11}, "text", "at most 10 characters"),
+    (parse_search, {"model": "news", "query": "x" * 11}, "query", "at most 10 characters"),
+    (parse_chat, {"model": "chat", "messages": [USER, USER]}, "messages",
+     "at most 10 characters (all message contents together), got 12"),
+    (parse_completion, {"model": "chat", "prompt": "x" * 11}, "prompt",
+     "at most 10 characters"),
+    (parse_chat, {"model": "chat", "messages": [{"role": "user", "content": "x"}],
+                  "stop": ["y" * 200, "z" * 57]}, "stop", "at most 256 characters in all"),
+])
+def test_inputs_beyond_the_model_limits_are_400s_naming_the_field_and_the_bound(
+        parse, body, param, bound):
+    with pytest.raises(APIError) as caught:
+        parse(body, BOUNDED)
+    assert caught.value.status == 400 and caught.value.param == param
+    assert caught.value.message.startswith(f"{param}: ") and bound in caught.value.message
+
+
+def test_inputs_at_the_limits_pass():
+    assert len(parse_embeddings({"model": "news", "input": ["x" * 10] * 4}, BOUNDED).texts) == 4
+    parse_chat({"model": "chat", "messages": [{"role": "user", "content": "x" * 10}],
+                "stop": ["y" * 256]}, BOUNDED)
+
+
+@pytest.mark.parametrize("value", ["application/x-www-form-urlencoded", "text/plain",
+                                   "multipart/form-data; boundary=x", "application/jsonx",
+                                   None, ""])
+def test_bodies_not_declared_json_are_415_naming_content_type(value):
+    with pytest.raises(APIError) as caught:
+        check_content_type(value)
+    assert caught.value.status == 415 and caught.value.param == "Content-Type"
+    assert "application/json" in caught.value.message
+
+
+def test_json_content_types_with_parameters_pass():
+    for value in ("application/json", "Application/JSON; charset=utf-8"):
+        check_content_type(value)
+
+
+def test_a_declared_length_above_the_limit_is_413_before_reading():
+    check_length(str(MAX_BODY_BYTES))
+    with pytest.raises(APIError) as caught:
+        check_length(str(512 * 1024 * 1024))
+    assert caught.value.status == 413 and str(MAX_BODY_BYTES) in caught.value.message
+
+
+def test_limits_travel_from_the_spec_to_the_gateway_document():
+    chat = llm("chat", api={"limits": {"maxEmbeddingInputs": 7, "streamStallSeconds": 2.5}})
+    config = gateway_config([chat])
+    assert config.models["chat"].limits == InputLimits(
+        max_embedding_inputs=7, stream_stall_seconds=2.5)
+    assert GatewayConfig.from_json(config.to_json()) == config

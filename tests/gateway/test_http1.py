@@ -183,17 +183,23 @@ def _error(status: int, message: str) -> Reply:
     return Reply(status, {}, json.dumps({"error": message}).encode())
 
 
-def test_triton_http_errors_become_openai_errors_with_the_clients_field_names():
+def test_triton_http_errors_become_openai_errors_with_the_clients_field_names(caplog):
     fields = {"text": "input"}
     err = http_error(_error(400, "in ensemble 'news', text: expected 1 element"), fields)
     assert (err.status, err.param) == (400, "input")
     assert err.body()["error"]["message"] == "input: expected 1 element"
     busy = http_error(_error(503, "Exceeds maximum queue size"), fields)
     assert (busy.status, busy.code, busy.headers()["Retry-After"]) == (503, "model_busy", "1")
-    fault = http_error(_error(500, "Python model 'search' crashed"), fields)
+    # Triton's own words about a fault go to the operator's log, not to the client.
+    fault = http_error(_error(500, "Python model 'search' crashed in /opt/x/model.py"), fields)
     assert (fault.status, fault.code) == (502, "upstream_error")
     not_json = http_error(Reply(502, {}, b"<html>bad gateway</html>"), fields)
-    assert not_json.status == 502 and "bad gateway" in not_json.body()["error"]["message"]
+    assert not_json.status == 502
+    for answer in (fault, not_json, busy):
+        message = answer.body()["error"]["message"]
+        assert "model.py" not in message and "bad gateway" not in message
+        assert "queue size" not in message
+    assert "model.py" in caplog.text and "bad gateway" in caplog.text
 
 
 def test_binary_outputs_are_read_in_the_order_of_the_json_header():

@@ -113,7 +113,7 @@ class Pki:
 
     def _sign(self, subject: x509.Name, public_key: Any, *, ca: bool = False,
               server: bool = False) -> x509.Certificate:
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         builder = (x509.CertificateBuilder().subject_name(subject)
                    .issuer_name(subject if ca else self.ca_cert.subject)  # type: ignore[union-attr]
                    .public_key(public_key).serial_number(x509.random_serial_number())

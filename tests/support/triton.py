@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -47,7 +48,13 @@ def serving(args: list[str], timeout: float = 300) -> Iterator[tuple[subprocess.
         yield process, "".join(output)
     finally:
         if process.poll() is None:
-            process.kill()
+            # Ctrl-C first: serve stops tritonserver, which runs in a session of its own and
+            # would outlive a killed serve.
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 def free_port() -> int:

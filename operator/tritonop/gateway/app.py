@@ -1,9 +1,11 @@
 """The ASGI application: OpenAI routes over Triton, one admission bound per model.
 
-Each route runs the same steps: parse and validate the body (400 before anything else),
-check that Triton serves the model (503), take an admission place (429 with Retry-After
-when the model's bound is full), ask Triton, answer. A streamed answer keeps its place
-until the stream ends; a client that leaves cancels its Triton request.
+Each route runs the same steps: parse and validate the body (415, 413 and 400 before
+anything else), check that Triton serves the model (503), take an admission place (429 with
+Retry-After when the model's bound is full), ask Triton (504 past the model's
+``tritonTimeoutSeconds``), answer. A streamed answer keeps its place until the stream ends;
+a client that leaves, or takes no data for ``streamStallSeconds``, cancels its Triton
+request. A fault of the gateway itself is a 500 error object that names nothing inside.
 """
 
 from __future__ import annotations
@@ -17,23 +19,28 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from tritonop.gateway import protocol
 from tritonop.gateway.admission import AdmissionBound, Overloaded
+from tritonop.gateway.auth import AccessLog, KeyStore, RequireKey, current_client
 from tritonop.gateway.backend import Hit, Piece, TritonAddress, TritonBackend
 from tritonop.gateway.batching import Coalescer
 from tritonop.gateway.config import GatewayConfig
+from tritonop.gateway.connections import StallGuard
 from tritonop.gateway.errors import APIError
+from tritonop.gateway.limits import ClientLimiter, Limited
 from tritonop.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -43,39 +50,73 @@ FINISH_REASONS = {"stop": "stop", "length": "length", "context": "length"}
 # Triton input names as each route's clients know them, for error messages.
 CHAT_FIELDS = {"text_input": "messages", "max_tokens": "max_tokens", "stop": "stop"}
 COMPLETION_FIELDS = {"text_input": "prompt", "max_tokens": "max_tokens", "stop": "stop"}
+CANCELLED = "cancelled"  # the finish reason of a request the model server stopped
+EMBEDDING_CHUNKS_IN_FLIGHT = 2
+"""Triton requests one /v1/embeddings request has out at once, under its one admission
+place: enough to overlap one chunk's transfer with another's work, and no more, so that a
+long list cannot take the model from every other client."""
+BODY_GAP_SECONDS = 30.0
+"""The longest a request body may pause between two pieces before the request is refused."""
 
 
 def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
 
 
+def internal_error() -> APIError:
+    """500 for a fault of the gateway: what went wrong is in the log, not in the answer."""
+    return APIError(500, "internal error; the gateway's log has the details",
+                    code="internal_error")
+
+
+def cancelled() -> APIError:
+    return APIError(503, "the model server stopped this request before it finished (it is "
+                    "restarting or unloading the model); retry shortly", code=CANCELLED,
+                    retry_after=1)
+
+
 class ClosingStreamingResponse(StreamingResponse):
-    """A streamed answer that runs ``on_close`` however it ends, sent or not."""
+    """A streamed answer that runs ``on_close`` however it ends, sent or not, and ends
+    early when its client takes no data for ``stall_seconds`` (:class:`StallGuard`)."""
 
     def __init__(self, content: AsyncIterator[str],
-                 on_close: Callable[[], Awaitable[None]]) -> None:
+                 on_close: Callable[[], Awaitable[None]],
+                 stall_seconds: float | None = None) -> None:
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache"})
         self.on_close = on_close
+        self.stall_seconds = stall_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        guard = None if self.stall_seconds is None else StallGuard.of(scope, self.stall_seconds)
+        watch = None
+        if guard is not None:
+            send = guard.wrap(send)
+            watch = asyncio.ensure_future(guard.watch())
         try:
             await super().__call__(scope, receive, send)
         finally:
+            if watch is not None:
+                watch.cancel()
             await self.on_close()
 
 
 class Gateway:
-    """State shared by the routes: models, their bounds, Triton, metrics."""
+    """State shared by the routes: models, their bounds, Triton, metrics, API keys."""
 
-    def __init__(self, config: GatewayConfig, triton: TritonAddress) -> None:
+    def __init__(self, config: GatewayConfig, triton: TritonAddress,
+                 keys: KeyStore | None = None) -> None:
         self.config = config
+        self.keys = keys
         self.models = config.models
         self.triton = triton
         self.backend: TritonBackend | None = None
         self.searches: dict[str, Coalescer[list[Hit]]] = {}
         self.bounds = {name: AdmissionBound(m.admission.max_in_flight, m.admission.max_waiting)
                        for name, m in self.models.items()}
+        self.client_limits = {
+            name: ClientLimiter(m.client_limits, m.named_limits, m.admission.max_in_flight)
+            for name, m in self.models.items()}
         self.metrics = GatewayMetrics()
         self.ready: dict[str, bool] = dict.fromkeys(self.models, False)
         self.created = int(time.time())
@@ -84,13 +125,18 @@ class Gateway:
     async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
         self.backend = backend = TritonBackend(self.triton)
         self.searches = {
-            name: Coalescer(functools.partial(backend.search, name), entry.max_batch)
+            name: Coalescer(functools.partial(backend.search, name,
+                                              timeout=entry.limits.triton_timeout_seconds),
+                            entry.max_batch)
             for name, entry in self.models.items() if entry.kind == "embedding"}
         poller = asyncio.create_task(self._poll_ready())
+        watcher = asyncio.create_task(self.keys.watch()) if self.keys is not None else None
         try:
             yield
         finally:
             poller.cancel()
+            if watcher is not None:
+                watcher.cancel()
             await self.backend.close()
 
     async def _poll_ready(self) -> None:
@@ -110,14 +156,26 @@ class Gateway:
                            code="model_not_ready", retry_after=1)
 
     async def _admit(self, model: str) -> AdmissionBound:
+        """A place for the current client's request: its own limits first, then the bound."""
+        client, limiter = current_client.get(), self.client_limits[model]
+        try:
+            limiter.admit(client)
+        except Limited as err:
+            raise APIError(429, f"model '{model}': {err.message}; retry after "
+                           f"{err.retry_after} s", code="rate_limit_exceeded",
+                           retry_after=err.retry_after) from None
         bound = self.bounds[model]
         waiting = self.metrics.waiting.labels(model)
         waiting.inc()
         try:
             await bound.acquire()
         except Overloaded as err:
+            limiter.leave(client)
             raise APIError(429, f"model '{model}' is at its admission bound ({err}); retry "
                            "shortly", code="too_many_requests", retry_after=1) from None
+        except BaseException:
+            limiter.leave(client)  # the client left while waiting
+            raise
         finally:
             waiting.dec()
         self.metrics.in_flight.labels(model).inc()
@@ -125,7 +183,12 @@ class Gateway:
 
     def _leave(self, model: str, bound: AdmissionBound) -> None:
         bound.release()
+        self.client_limits[model].leave(current_client.get())
         self.metrics.in_flight.labels(model).dec()
+
+    def _used(self, model: str, tokens: int) -> None:
+        """Tokens an answer cost, counted against the client's tokens per minute."""
+        self.client_limits[model].used(current_client.get(), tokens)
 
     # Routes ---------------------------------------------------------------------------
 
@@ -174,13 +237,24 @@ class Gateway:
         """Parse the body, run ``handler``, count and time the answer, map errors."""
         started = time.perf_counter()
         model = "-"
+        body_read = False
         try:
-            body = protocol.parse_json(await request.body())
+            protocol.check_content_type(request.headers.get("content-type"))
+            raw = await read_body(request)
+            body_read = True
+            body = protocol.parse_json(raw)
             named = body.get("model")
             model = named if isinstance(named, str) and named in self.models else "-"
             response = await handler(request, body)
         except APIError as err:
             response = error_response(err)
+        except ClientDisconnect:
+            response = Response(status_code=499)  # nobody is listening any more
+        except Exception:
+            log.exception("gateway fault on %s", route)
+            response = error_response(internal_error())
+        if not body_read:  # the rest of the body is not worth reading: end the connection
+            response.headers["Connection"] = "close"
         status = str(response.status_code)
         if isinstance(response, ClosingStreamingResponse):
             on_close = response.on_close
@@ -195,7 +269,7 @@ class Gateway:
         return response
 
     def _record(self, route: str, model: str, status: str, started: float) -> None:
-        self.metrics.requests.labels(route, model, status).inc()
+        self.metrics.requests.labels(route, model, status, current_client.get()).inc()
         self.metrics.latency.labels(route, model).observe(time.perf_counter() - started)
 
     async def _chat(self, request: Request, body: dict[str, Any]) -> Response:
@@ -212,7 +286,9 @@ class Gateway:
         bound = await self._admit(args.model)
         started = time.perf_counter()
         assert self.backend is not None
-        pieces = FirstAwareIterator(self.backend.generate(args, fields))
+        limits = self.models[args.model].limits
+        pieces = FirstAwareIterator(
+            self.backend.generate(args, fields, limits.triton_timeout_seconds))
 
         async def close() -> None:
             await pieces.aclose()  # cancels the Triton request if it is still running
@@ -224,14 +300,19 @@ class Gateway:
                 result = await until_disconnected(request, _collect(pieces))
                 if result is None:
                     return Response(status_code=499)  # nobody is listening any more
+                if result[1].finish_reason == CANCELLED:
+                    raise cancelled()
+                self._used(args.model, result[1].prompt_tokens + result[1].completion_tokens)
                 return JSONResponse(_completion_body(kind, args.model, *result))
             # The first response before the headers: a prompt Triton refuses is still a 400.
             first = await until_disconnected(request, pieces.next())
             if first is None:
                 return Response(status_code=499)
+            if first.finish_reason == CANCELLED:
+                raise cancelled()
             events = self._sse(kind, args, first, pieces, started)
             handed_over = True
-            return ClosingStreamingResponse(events, close)
+            return ClosingStreamingResponse(events, close, limits.stream_stall_seconds)
         finally:
             if not handed_over:
                 await close()
@@ -275,7 +356,10 @@ class Gateway:
                         now - (last if seen_text else started))
                     seen_text, last = True, now
                     yield event(choice(piece.text, None))
+                if piece.finish_reason == CANCELLED:
+                    raise cancelled()
                 if piece.finish_reason is not None:
+                    self._used(args.model, piece.prompt_tokens + piece.completion_tokens)
                     reason = FINISH_REASONS.get(piece.finish_reason, piece.finish_reason)
                     yield event(choice(None if kind == "chat.completion" else "", reason))
                     if args.include_usage:
@@ -284,6 +368,9 @@ class Gateway:
                 piece = await pieces.next()
         except APIError as err:
             yield f"data: {json.dumps(err.body())}\n\n"
+        except Exception:
+            log.exception("gateway fault in a stream of %s", args.model)
+            yield f"data: {json.dumps(internal_error().body())}\n\n"
         finally:
             await pieces.aclose()
         yield "data: [DONE]\n\n"
@@ -294,11 +381,13 @@ class Gateway:
         batch = self.models[args.model].max_batch
         chunks = [args.texts[i:i + batch] for i in range(0, len(args.texts), batch)]
         assert self.backend is not None
+        embed = functools.partial(self.backend.embed, args.model,
+                                  timeout=self.models[args.model].limits.triton_timeout_seconds)
         async with self._placed(args.model):
-            results = await asyncio.gather(
-                *(self.backend.embed(args.model, chunk) for chunk in chunks))
+            results = await gather_bounded(embed, chunks, EMBEDDING_CHUNKS_IN_FLIGHT)
         vectors = np.concatenate([r[0] for r in results]).astype("<f4")
         tokens = sum(sum(r[1]) for r in results)
+        self._used(args.model, tokens)
         data = [{"object": "embedding", "index": i,
                  "embedding": (base64.b64encode(v.tobytes()).decode() if args.base64
                                else v.tolist())} for i, v in enumerate(vectors)]
@@ -320,6 +409,63 @@ class Gateway:
             yield
         finally:
             self._leave(model, bound)
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+async def gather_bounded(call: Callable[[T], Awaitable[R]], items: list[T], limit: int
+                         ) -> list[R]:
+    """``call`` on every item, at most ``limit`` at once, results in order.
+
+    The first failure cancels the calls still running and starts no more, and so does
+    the caller's own cancellation: nothing is left running once this returns or raises.
+    (A task group would cancel as well, but not bound how many run at once.)
+    """
+    results: list[Any] = [None] * len(items)
+    queue = iter(enumerate(items))
+
+    async def worker() -> None:
+        for index, item in queue:
+            results[index] = await call(item)
+
+    workers = [asyncio.ensure_future(worker()) for _ in range(min(limit, len(items)))]
+    try:
+        await asyncio.gather(*workers)
+    except BaseException:
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        raise
+    return results
+
+
+async def read_body(request: Request) -> bytes:
+    """The request's body, refused (413) as soon as it passes the limit, never buffered
+    beyond it: a declared ``Content-Length`` is checked before a byte is read, and a body
+    without one (chunked) is counted while it arrives.
+
+    Raises:
+        APIError: 413 above :data:`protocol.MAX_BODY_BYTES`, 408 for a body that pauses
+            longer than :data:`BODY_GAP_SECONDS`.
+        ClientDisconnect: the client left.
+    """
+    protocol.check_length(request.headers.get("content-length"))
+    body = bytearray()
+    while True:
+        try:
+            message = await asyncio.wait_for(request.receive(), BODY_GAP_SECONDS)
+        except TimeoutError:
+            raise APIError(408, f"body: no data for {BODY_GAP_SECONDS:g} s", param="body",
+                           code="request_timeout") from None
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        body += message.get("body", b"")
+        if len(body) > protocol.MAX_BODY_BYTES:
+            raise protocol.too_large(len(body))
+        if not message.get("more_body", False):
+            return bytes(body)
 
 
 class FirstAwareIterator:
@@ -397,16 +543,29 @@ async def _http_error(_: Request, exc: Exception) -> Response:
     return error_response(APIError(exc.status_code, message, code="invalid_route"))
 
 
-async def _server_error(_: Request, exc: Exception) -> Response:
+async def _server_error(request: Request, exc: Exception) -> Response:
+    """A fault outside the routes' own handling (a middleware's): logged, counted, and
+    answered without its text or class, which would tell a client what runs inside."""
     log.exception("gateway fault", exc_info=exc)
-    return JSONResponse({"error": {"message": f"internal error: {type(exc).__name__}",
-                                   "type": "server_error", "param": None, "code": None}},
-                        status_code=500)
+    gateway = request.app.state.gateway
+    gateway._record("-", "-", "500", time.perf_counter())
+    return error_response(internal_error())
 
 
-def create_app(config: GatewayConfig, triton: TritonAddress) -> Starlette:
-    """The gateway for ``config``'s models in front of Triton's gRPC and HTTP endpoints."""
-    gateway = Gateway(config, triton)
+def create_app(config: GatewayConfig, triton: TritonAddress, api_key: str | None = None
+               ) -> Starlette:
+    """The gateway for ``config``'s models in front of Triton's gRPC and HTTP endpoints.
+
+    With ``config.api_keys`` or ``api_key`` (the client ``default``), every route but
+    ``/health/*`` (and ``/metrics`` unless ``config.protect_metrics``) needs a key.
+
+    Raises:
+        KeyStoreError: when the keys folder cannot be read.
+    """
+    keys = None
+    if config.api_keys is not None or api_key is not None:
+        keys = KeyStore(Path(config.api_keys) if config.api_keys else None, api_key)
+    gateway = Gateway(config, triton, keys)
     routes = [
         Route("/v1/models", gateway.list_models, methods=["GET"]),
         Route("/v1/models/{name:path}", gateway.get_model, methods=["GET"]),
@@ -418,7 +577,11 @@ def create_app(config: GatewayConfig, triton: TritonAddress) -> Starlette:
         Route("/health/ready", gateway.readiness, methods=["GET"]),
         Route("/metrics", gateway.prometheus, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=gateway.lifespan,
+    # Outermost first: the access log sees every answer, 401s included.
+    middleware = [Middleware(AccessLog),
+                  Middleware(RequireKey, keys=keys, protect_metrics=config.protect_metrics,
+                             on_refused=gateway.metrics.unauthorized.inc)]
+    app = Starlette(routes=routes, lifespan=gateway.lifespan, middleware=middleware,
                     exception_handlers={HTTPException: _http_error, Exception: _server_error})
     app.state.gateway = gateway
     return app

@@ -9,6 +9,9 @@ tritonclient's gRPC client did per call.
 
 Each call turns a validated request into Triton inputs and Triton's answer into plain
 Python values; Triton's errors become :class:`APIError` with the client's field names.
+What only an operator should read (Triton's address, its own or Python's error text) goes
+to the log, never into an answer. Every call has a timeout: a hung model answers 504 and
+its request is cancelled, instead of holding an admission place for ever.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
@@ -27,6 +32,8 @@ from tritonclient.utils import InferenceServerException
 from tritonop.gateway.errors import APIError
 from tritonop.gateway.http1 import HTTPPool, Reply
 from tritonop.gateway.protocol import GenerationArgs
+
+log = logging.getLogger(__name__)
 
 # Only numeric inputs that the protocol module has already range-checked.
 SAMPLING_TYPES = {"max_tokens": ("INT32", np.int32), "temperature": ("FP32", np.float32),
@@ -105,20 +112,46 @@ def classify(message: str, fields: dict[str, str], *, unavailable: bool,
         invalid: Triton said the request itself is wrong.
     """
     if unavailable or "at capacity" in message or "queue size" in message:
-        return APIError(503, f"the model is at capacity, retry later ({message})",
-                        code="model_busy", retry_after=1)
+        log.info("Triton cannot take a request now: %s", message)
+        return APIError(503, "the model is at capacity, retry later", code="model_busy",
+                        retry_after=1)
     match = _FIELD.match(message)
     if match and (match.group(1) in fields or invalid):
         field = fields.get(match.group(1), match.group(1))
         return APIError(400, f"{field}: {match.group(2)}", param=field, code="invalid_value")
     if invalid:
         return APIError(400, message, code="invalid_value")
-    return APIError(502, f"Triton failed to answer: {message}", code="upstream_error")
+    log.warning("Triton failed a request: %s", message)
+    return upstream_failed()
 
 
-def unreachable(err: ConnectionError) -> APIError:
-    return APIError(503, f"Triton is not reachable, retry shortly ({err})",
+def upstream_failed() -> APIError:
+    """502 without Triton's own words, which the log has."""
+    return APIError(502, "the model failed to answer this request; the gateway's log says "
+                    "why", code="upstream_error")
+
+
+def unreachable(err: Exception) -> APIError:
+    """503 for a Triton that cannot be reached; where it is goes to the log only."""
+    log.warning("Triton is not reachable: %s", err)
+    return APIError(503, "the model server is not reachable, retry shortly",
                     code="model_not_ready", retry_after=1)
+
+
+def timed_out(seconds: float) -> APIError:
+    """504 for a call to Triton that took longer than the model's ``tritonTimeoutSeconds``."""
+    return APIError(504, f"the model did not answer within {seconds:g} s "
+                    "(tritonTimeoutSeconds); the request was cancelled",
+                    code="upstream_timeout")
+
+
+def rpc_error(err: grpc.RpcError) -> APIError:
+    """A gRPC failure of the stream itself (not a response of the model's)."""
+    code = err.code() if isinstance(err, grpc.aio.AioRpcError) else None
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return unreachable(err)
+    log.warning("gRPC stream to Triton failed: %s", err)
+    return upstream_failed()
 
 
 STREAM_END_SECONDS = 5.0
@@ -166,9 +199,16 @@ class TritonBackend:
         except (ConnectionError, TimeoutError):  # Triton down or starting: asked again soon
             return dict.fromkeys(models, False)
 
-    async def generate(self, args: GenerationArgs, fields: dict[str, str]
-                       ) -> AsyncIterator[Piece]:
-        """Stream the LLM model's responses; leaving early cancels the request in Triton."""
+    async def generate(self, args: GenerationArgs, fields: dict[str, str],
+                       timeout: float | None = None) -> AsyncIterator[Piece]:
+        """Stream the LLM model's responses; leaving early cancels the request in Triton.
+
+        Args:
+            args: the validated request.
+            fields: Triton input name -> the request field the client knows it as.
+            timeout: the longest wait for the next response (the first one included);
+                beyond it the request is cancelled and the caller gets a 504.
+        """
         inputs = [_bytes_input("text_input", [args.prompt], [1, 1]),
                   _bytes_input("prompt_format", [args.prompt_format], [1, 1]),
                   _scalar_input("stream", args.stream, "BOOL", np.bool_)]
@@ -186,7 +226,14 @@ class TritonBackend:
         stream = self.client.stream_infer(requests())
         closed = False  # Triton ended the stream itself: nothing to cancel
         try:
-            async for result, error in stream:
+            while True:
+                try:
+                    result, error = await asyncio.wait_for(stream.__anext__(), timeout)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:  # not TimeoutError: they differ before 3.11
+                    assert timeout is not None
+                    raise timed_out(timeout) from None
                 if error is not None:  # an error is the request's last response
                     closed = await _read_to_end(stream)
                     raise triton_error(error, fields)
@@ -202,11 +249,14 @@ class TritonBackend:
                 yield piece
         except InferenceServerException as err:
             raise triton_error(err, fields) from None
+        except grpc.RpcError as err:
+            raise rpc_error(err) from None
         finally:
             if not closed:  # the client left mid-request: free the engine's slot now
                 stream.cancel()
 
-    async def embed(self, model: str, texts: Sequence[str]) -> tuple[np.ndarray, list[int]]:
+    async def embed(self, model: str, texts: Sequence[str], timeout: float | None = None
+                    ) -> tuple[np.ndarray, list[int]]:
         """Embeddings of ``texts`` (one Triton request) and each text's token count.
 
         The outputs come back as binary data after the JSON header (Triton's binary
@@ -216,13 +266,14 @@ class TritonBackend:
                             "data": list(texts)}],
                 "outputs": [{"name": name, "parameters": {"binary_data": True}}
                             for name in ("embedding", "attention_mask")]}
-        reply = await self._post(f"/v2/models/{model}_embedding/infer", body, {"text": "input"})
+        reply = await self._post(f"/v2/models/{model}_embedding/infer", body,
+                                 {"text": "input"}, timeout)
         outputs = _binary_outputs(reply)
         mask = outputs["attention_mask"]
         return outputs["embedding"], [int(row.sum()) for row in mask]
 
-    async def search(self, model: str, texts: Sequence[str], num_results: int
-                     ) -> list[list[Hit]]:
+    async def search(self, model: str, texts: Sequence[str], num_results: int,
+                     timeout: float | None = None) -> list[list[Hit]]:
         """The search ensemble's answers to ``texts`` (one Triton request), best first.
 
         All rows share ``num_results``, as the search model takes one value per request.
@@ -233,19 +284,25 @@ class TritonBackend:
             {"name": "num_results", "shape": [rows, 1], "datatype": "INT32",
              "data": [num_results] * rows}]}
         reply = await self._post(f"/v2/models/{model}/infer", body,
-                                 {"text": "text", "num_results": "num_results"})
+                                 {"text": "text", "num_results": "num_results"}, timeout)
         outputs = {o["name"]: o["data"] for o in json.loads(reply.body)["outputs"]}
         k = len(outputs["ids"]) // rows
         return [[Hit(int(i), float(s), t) for i, s, t in zip(
             outputs["ids"][r * k:(r + 1) * k], outputs["scores"][r * k:(r + 1) * k],
             outputs["texts"][r * k:(r + 1) * k], strict=True)] for r in range(rows)]
 
-    async def _post(self, path: str, body: dict[str, object], fields: dict[str, str]) -> Reply:
+    async def _post(self, path: str, body: dict[str, object], fields: dict[str, str],
+                    timeout: float | None) -> Reply:
+        """One infer call; past ``timeout`` its connection is closed, which is all the
+        cancelling HTTP/1.1 offers (Triton finishes what it had started)."""
         payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
         try:
-            reply = await self.http.request("POST", path, payload)
+            reply = await asyncio.wait_for(self.http.request("POST", path, payload), timeout)
         except ConnectionError as err:
             raise unreachable(err) from None
+        except TimeoutError:
+            assert timeout is not None
+            raise timed_out(timeout) from None
         if reply.status != 200:
             raise http_error(reply, fields)
         return reply

@@ -10,7 +10,8 @@ class APIError(Exception):
 
     Args:
         status: HTTP status: 400 for a malformed request, 404 for an unknown model, 429 when
-            the model's admission bound is full, 503 while Triton is not ready.
+            the model's admission bound is full, 503 while Triton is not ready, 504 when it
+            did not answer in time; any other 4xx is the client's fault too.
         message: what is wrong, phrased so that the client can fix it.
         param: the request field at fault, if one is.
         code: a short machine-readable code.
@@ -33,7 +34,8 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         """The JSON object the client receives."""
         return {"error": {"message": self.message,
-                          "type": self.TYPES.get(self.status, "server_error"),
+                          "type": self.TYPES.get(self.status, "invalid_request_error"
+                                                 if self.status < 500 else "server_error"),
                           "param": self.param, "code": self.code}}
 
     def headers(self) -> dict[str, str]:

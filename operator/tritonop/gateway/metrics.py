@@ -19,8 +19,12 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # key: the API client's name (never its key), "-" where no key is needed.
         self.requests = Counter("tritonop_gateway_requests", "Requests answered",
-                                ["route", "model", "status"], registry=r)
+                                ["route", "model", "status", "key"], registry=r)
+        self.unauthorized = Counter("tritonop_gateway_unauthorized",
+                                    "Requests refused for a missing or invalid API key",
+                                    registry=r)
         self.latency = Histogram("tritonop_gateway_request_duration_seconds",
                                  "Time from request to the end of the answer",
                                  ["route", "model"], buckets=LATENCY_BUCKETS, registry=r)

@@ -19,8 +19,11 @@ from tritonop.gateway.errors import APIError, invalid
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARACTERS = 256
+"""Characters in all stop strings together, as the LLM model bounds them
+(``tritonop_backend.llm.params``): each token's check scans for every stop string."""
 MAX_SEED = 2**64 - 1
-MAX_EMBEDDING_INPUTS = 2048
+JSON_TYPE = "application/json"
 ROLES = ("system", "user", "assistant")
 
 # Fields that OpenAI clients send and that change nothing here when left at their neutral
@@ -82,6 +85,43 @@ class SearchArgs:
     num_results: int
 
 
+def check_content_type(value: str | None) -> None:
+    """Refuse a body that is not declared JSON.
+
+    A web page can send a form or ``text/plain`` POST to any address its visitor reaches
+    without asking first (no CORS preflight); a JSON content type it cannot send that way.
+    So an internal gateway only answers bodies declared JSON.
+
+    Raises:
+        APIError: 415 naming Content-Type.
+    """
+    media = (value or "").split(";", 1)[0].strip().lower()
+    if media != JSON_TYPE:
+        shown = _short(value) if value else "missing"
+        raise APIError(415, f"Content-Type: must be {JSON_TYPE}, got {shown}",
+                       param="Content-Type", code="unsupported_media_type")
+
+
+def check_length(value: str | None) -> None:
+    """Refuse a declared ``Content-Length`` above :data:`MAX_BODY_BYTES` before reading.
+
+    Raises:
+        APIError: 413 for a length above the limit, 400 for one that is not a number.
+    """
+    if value is None:
+        return
+    if not (value.strip().isascii() and value.strip().isdigit()):
+        raise invalid("Content-Length", f"must be a number of bytes, got {_short(value)}")
+    if int(value) > MAX_BODY_BYTES:
+        raise too_large(int(value))
+
+
+def too_large(size: int) -> APIError:
+    """413 for a body of ``size`` bytes (or more: one read while it arrives)."""
+    return APIError(413, f"body: {size} bytes is above the limit of {MAX_BODY_BYTES}",
+                    param="body", code="body_too_large")
+
+
 def parse_json(body: bytes) -> dict[str, Any]:
     """The body as a JSON object; strict about encoding, NaN and nesting.
 
@@ -90,8 +130,7 @@ def parse_json(body: bytes) -> dict[str, Any]:
             UTF-8 JSON object.
     """
     if len(body) > MAX_BODY_BYTES:
-        raise APIError(413, f"body: {len(body)} bytes is above the limit of "
-                       f"{MAX_BODY_BYTES}", param="body", code="body_too_large")
+        raise too_large(len(body))
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -160,6 +199,8 @@ def parse_chat(body: Mapping[str, Any], models: Mapping[str, ModelEntry]) -> Gen
     if not isinstance(messages, list) or not messages:
         raise invalid("messages", "must be a non-empty list of messages")
     turns = [_message(item, index) for index, item in enumerate(messages)]
+    characters(sum(len(turn["content"]) for turn in turns), "messages", entry,
+               "all message contents together")
     prompt = json.dumps(turns, ensure_ascii=False)
     args = _generation(fields, entry, prompt, "messages", "max_completion_tokens")
     fields.finish()
@@ -180,6 +221,7 @@ def parse_completion(body: Mapping[str, Any],
         raise invalid("prompt", "must be one string (lists of prompts or of token ids are "
                       "not supported)")
     prompt = text(prompt, "prompt")
+    characters(len(prompt), "prompt", entry)
     if not prompt.strip():
         raise invalid("prompt", "must not be empty")
     args = _generation(fields, entry, prompt, "raw", None)
@@ -273,6 +315,10 @@ def _stop(value: Any) -> tuple[str, ...]:
     stops = tuple(text(item, "stop") for item in items)
     if any(stop == "" for stop in stops):
         raise invalid("stop", "stop strings must not be empty")
+    total = sum(len(stop) for stop in stops)
+    if total > MAX_STOP_CHARACTERS:
+        raise invalid("stop", f"stop strings may hold at most {MAX_STOP_CHARACTERS} "
+                      f"characters in all, got {total}")
     return stops
 
 
@@ -287,14 +333,19 @@ def parse_embeddings(body: Mapping[str, Any],
     items = value if isinstance(value, list) else [value]
     if not items:
         raise invalid("input", "must not be an empty list")
-    if len(items) > MAX_EMBEDDING_INPUTS:
-        raise invalid("input", f"at most {MAX_EMBEDDING_INPUTS} texts, got {len(items)}")
+    bound = entry.limits.max_embedding_inputs
+    if len(items) > bound:
+        raise invalid("input", f"at most {bound} texts, got {len(items)}")
     texts = []
     for index, item in enumerate(items):
         where = f"input[{index}]" if isinstance(value, list) else "input"
         if isinstance(item, (int, list)) and not isinstance(item, bool):
             raise invalid(where, "token ids are not supported; send text")
-        texts.append(text(item, where))
+        item = text(item, where)
+        characters(len(item), where, entry)
+        if not item.strip():
+            raise invalid(where, "must not be empty or only whitespace")
+        texts.append(item)
     encoding = fields.get("encoding_format")
     if encoding not in (None, "float", "base64"):
         raise invalid("encoding_format", f"must be float or base64, got {_short(encoding)}")
@@ -311,6 +362,7 @@ def parse_search(body: Mapping[str, Any], models: Mapping[str, ModelEntry]) -> S
         raise invalid("text", "is required (or query)")
     name = "text" if fields.body.get("text") is not None else "query"
     query = text(query, name)
+    characters(len(query), name, entry)
     if not query.strip():
         raise invalid(name, "must not be empty")
     count = _alias(fields, "num_results", "top_k")
@@ -337,6 +389,15 @@ def text(value: Any, name: str) -> str:
     except UnicodeEncodeError:
         raise invalid(name, "contains an unpaired surrogate (not valid Unicode)") from None
     return value
+
+
+def characters(count: int, name: str, entry: ModelEntry, what: str = "") -> None:
+    """Refuse a text longer than the model's ``maxInputCharacters``, before any tokenizer
+    reads it (a tokenizer reads a whole text before it truncates)."""
+    bound = entry.limits.max_input_characters
+    if count > bound:
+        scope = f" ({what})" if what else ""
+        raise invalid(name, f"at most {bound} characters{scope}, got {count}")
 
 
 def integer(value: Any, name: str, low: int, high: int) -> int:

@@ -16,6 +16,7 @@ environment without a container:
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import subprocess
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import IO
 
 READY_TIMEOUT_S = 600.0
+LOOPBACK = "127.0.0.1"
 
 
 class ServerError(RuntimeError):
@@ -41,6 +43,23 @@ class Ports:
     http: int = 8000
     grpc: int = 8001
     metrics: int = 8002
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on ``host`` keeps a server to this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve beyond this machine
+
+
+def connect_host(host: str) -> str:
+    """The host a client on this machine uses to reach a server listening on ``host``."""
+    if host in ("", "0.0.0.0", "::", "localhost"):
+        return "localhost"
+    return f"[{host}]" if ":" in host else host
 
 
 def triton_home() -> Path:
@@ -102,7 +121,9 @@ def server_environment(home: Path) -> dict[str, str]:
 class TritonServer:
     """A running ``tritonserver`` process over one model repository.
 
-    Use as a context manager, or call :meth:`start` and :meth:`stop`.
+    Use as a context manager, or call :meth:`start` and :meth:`stop`. ``address`` is where
+    its HTTP, gRPC and metrics endpoints listen: loopback unless asked otherwise, since
+    none of them takes a key and the repository API loads code.
     """
 
     repository: Path
@@ -111,16 +132,17 @@ class TritonServer:
     cache_bytes: int = 0
     log_path: Path | None = None
     extra_args: tuple[str, ...] = ()
+    address: str = LOOPBACK
     process: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
 
     @property
     def http_url(self) -> str:
-        return f"localhost:{self.ports.http}"
+        return f"{connect_host(self.address)}:{self.ports.http}"
 
     @property
     def grpc_url(self) -> str:
-        return f"localhost:{self.ports.grpc}"
+        return f"{connect_host(self.address)}:{self.ports.grpc}"
 
     def command(self) -> list[str]:
         home = triton_home()
@@ -129,8 +151,11 @@ class TritonServer:
             f"--model-repository={self.repository}",
             f"--backend-directory={make_backend_dir(self.workdir / 'backends', home)}",
             f"--cache-directory={home / 'caches'}",
+            f"--http-address={self.address}",
             f"--http-port={self.ports.http}",
+            f"--grpc-address={self.address}",
             f"--grpc-port={self.ports.grpc}",
+            f"--metrics-address={self.address}",
             f"--metrics-port={self.ports.metrics}",
             # Configs are complete as rendered; skipping auto-complete saves one stub
             # start per model.
