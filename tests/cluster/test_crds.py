@@ -59,6 +59,12 @@ SERVER_SAYS = {
         "model.maxContextLength",
     "spec.gpus": "spec.gpus: Invalid value: 17: spec.gpus in body should be less than or "
                  "equal to 16",
+    "spec.resources.requests.cpu": 'spec.resources.requests.cpu: Invalid value: "fast": '
+                                   "spec.resources.requests.cpu in body should match",
+    "spec.resources.limits.memory": 'spec.resources.limits.memory: Invalid value: "4 GB": '
+                                    "spec.resources.limits.memory in body should match",
+    "spec: model.device: cuda needs gpus >= 1":
+        "spec: Invalid value: model.device: cuda needs gpus >= 1",
 }
 
 

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from tests.support.triton import free_port
+from tests.support.triton import free_port, read_to_close
 from tritonop.gateway.app import create_app, gather_bounded
 from tritonop.gateway.backend import Piece, TritonAddress
 from tritonop.gateway.config import Admission, GatewayConfig, ModelEntry
@@ -111,13 +111,7 @@ def _raw(gateway: GatewayThread, data: bytes, timeout: float = 10) -> bytes:
             sock.sendall(data)
         except OSError:  # closed while sending: the answer may still be there
             pass
-        answer = b""
-        try:
-            while chunk := sock.recv(65536):
-                answer += chunk
-        except ConnectionResetError:
-            pass
-        return answer
+        return read_to_close(sock)
 
 
 def _status_and_error(answer: bytes) -> tuple[int, dict]:

@@ -25,7 +25,7 @@ import httptools
 import httpx
 import pytest
 
-from tests.support.triton import free_port
+from tests.support.triton import free_port, read_to_close
 from tritonop.gateway.backend import TritonAddress
 from tritonop.gateway.config import gateway_config
 from tritonop.gateway.connections import MAX_HEADER_BYTES
@@ -359,18 +359,13 @@ class _Replies:
 def raw_exchange(url: str, data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
     """Send ``data`` on a new connection, then end sending: the replies until it closes."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
-    received = b""
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         try:
             sock.sendall(data)
             sock.shutdown(socket.SHUT_WR)
         except OSError:  # the gateway closed first: what it answered is still readable
             pass
-        try:
-            while chunk := sock.recv(65536):
-                received += chunk
-        except ConnectionResetError:
-            pass
+        received = read_to_close(sock)
     replies = _Replies()
     try:
         replies.parser.feed_data(received)

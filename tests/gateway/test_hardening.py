@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.gateway.test_admission import gauge, settle
-from tests.support.triton import free_port
+from tests.support.triton import free_port, read_to_close
 from tritonop.gateway.app import EMBEDDING_CHUNKS_IN_FLIGHT
 from tritonop.gateway.backend import TritonAddress
 from tritonop.gateway.config import Admission, InputLimits, gateway_config
@@ -150,12 +150,7 @@ def test_slowloris_connections_do_not_stop_a_valid_request_and_are_closed(stack)
             assert time.monotonic() - opened < timeout  # all 300 were open meanwhile
             for sock in held:
                 sock.settimeout(max(0.1, opened + timeout + 5 - time.monotonic()))
-                answer_ = b""
-                try:
-                    while chunk := sock.recv(4096):
-                        answer_ += chunk
-                except ConnectionResetError:
-                    pass
+                answer_ = read_to_close(sock)
                 assert answer_ == b"" or answer_.startswith(b"HTTP/1.1 408"), answer_[:200]
         finally:
             stop.set()

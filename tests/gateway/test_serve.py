@@ -32,12 +32,19 @@ spec:
 """
 
 
-def test_serve_prints_gateway_calls_that_work(tmp_path, exported, smol_dir):
-    corpus = tmp_path / "headlines.txt"
+def write_search(folder: Path) -> Path:
+    """``search.yaml``, an EmbeddingSearch ``headlines`` over a tiny corpus beside it; the
+    corpus file."""
+    corpus = folder / "headlines.txt"
     corpus.write_text("\n".join(TINY_TEXTS) + "\n")
-    (tmp_path / "search.yaml").write_text(
+    (folder / "search.yaml").write_text(
         "apiVersion: serving.tritonop.dev/v1alpha1\nkind: EmbeddingSearch\n"
         "metadata: {name: headlines}\nspec: {corpus: {source: headlines.txt}}\n")
+    return corpus
+
+
+def test_serve_prints_gateway_calls_that_work(tmp_path, exported, smol_dir):
+    corpus = write_search(tmp_path)
     (tmp_path / "chat.yaml").write_text(CHAT)
     root = tmp_path / "artifacts"
     seed_export(embedding_search("headlines", corpus), root, exported)
@@ -70,11 +77,7 @@ def test_serve_prints_gateway_calls_that_work(tmp_path, exported, smol_dir):
 
 
 def test_serve_with_a_key_refuses_requests_without_it(tmp_path, exported, monkeypatch):
-    corpus = tmp_path / "headlines.txt"
-    corpus.write_text("\n".join(TINY_TEXTS) + "\n")
-    (tmp_path / "search.yaml").write_text(
-        "apiVersion: serving.tritonop.dev/v1alpha1\nkind: EmbeddingSearch\n"
-        "metadata: {name: headlines}\nspec: {corpus: {source: headlines.txt}}\n")
+    corpus = write_search(tmp_path)
     root = tmp_path / "artifacts"
     seed_export(embedding_search("headlines", corpus), root, exported)
     key = f"sk-{secrets.token_hex(16)}"

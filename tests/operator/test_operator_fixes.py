@@ -312,6 +312,36 @@ async def test_a_server_that_cannot_take_an_apply_now_is_retried(kube, kubeconfi
     assert "Failed" not in statuses_seen(kube, "phase")
 
 
+QUANTITY_FAULT = ("quantities must match the regular expression "
+                  "'^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$'")
+
+
+@pytest.mark.asyncio
+async def test_children_that_keep_failing_to_apply_are_said_in_a_condition_and_one_event(
+        kube, kubeconfig, refuse):
+    """A 500 on every try (what kube-apiserver answered for ``cpu: fast`` before the CRD
+    checked quantities): still retried, but the status and one Warning Event say so."""
+    refuse("news-triton", 500, QUANTITY_FAULT, times=3)
+    async with running_operator(OPERATOR, kubeconfig=kubeconfig):
+        await create(kube, search_body())
+        failing = await wait_for(
+            lambda: (body := search(kube)) and QUANTITY_FAULT in (body.get("status") or {}).get(
+                "message", "") and body, what="the failing applies in the status", timeout=20)
+        await wait_for(lambda: kube.live(DEPLOYMENT, NS, "news-triton"),
+                       what="the Deployment, once the server takes it", timeout=30)
+        await report_ready(kube, "news-triton", ready=1)
+        ready = await wait_for(lambda: status_where(kube, phase="Ready"), what="Ready")
+        events = await events_for(kube, "news")
+    rendered = {c["type"]: c for c in failing["status"]["conditions"]}["ConfigRendered"]
+    assert (rendered["status"], rendered["reason"]) == ("False", "ApplyFailing")
+    assert "(500)" in rendered["message"] and rendered["message"].endswith("retrying")
+    warnings = [e for e in events if (e["type"], e["reason"]) == ("Warning", "ApplyFailing")]
+    assert len(warnings) == 1 and QUANTITY_FAULT in warnings[0]["message"]
+    assert {c["type"]: c["reason"] for c in ready["status"]["conditions"]}[
+        "ConfigRendered"] == "Rendered"
+    assert "Failed" not in statuses_seen(kube, "phase")
+
+
 # observedGeneration from the Deployment-event path -----------------------------------------
 
 @pytest.mark.asyncio

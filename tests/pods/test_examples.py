@@ -30,7 +30,7 @@ import yaml
 from safetensors.numpy import load_file
 
 from tests.pods.conftest import record
-from tests.support.podrunner import PodRunner
+from tests.support.podrunner import PodFailed, PodRunner
 from tritonop.resources import iter_resources, parse_resource
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -275,6 +275,39 @@ def test_chat_example_pod_answers_paris(run_pod):
     record("chat.yaml warm", warm.wait_ready())
     # Greedy decoding: the same answer from the same weights.
     assert post(warm, "chat", CHAT_REQUEST)["text_output"] == body["text_output"]
+
+
+def on_fresh_host_path(name: str, folder: Path):
+    """The example with its artifacts on a hostPath that does not exist yet: the runner
+    makes it as a kubelet does (DirectoryOrCreate: root, 0755, no fsGroup)."""
+    body = yaml.safe_load((ROOT / "examples" / name).read_text())
+    body["spec"].setdefault("artifacts", {})["hostPath"] = {"path": str(folder)}
+    return parse_resource(body, ROOT / "examples")
+
+
+def test_a_fresh_host_path_is_handed_to_the_pods_user_then_prepared(run_pod, tmp_path):
+    folder = tmp_path / "node" / "chat-artifacts"
+    pod = run_pod(on_fresh_host_path("chat.yaml", folder), name="chat-host-path")
+    record("chat.yaml cold on a fresh hostPath", pod.wait_ready())
+    assert (folder.stat().st_uid, folder.stat().st_gid) == (1000, 1000)
+    assert "Paris" in post(pod, "chat", CHAT_REQUEST)["text_output"]
+
+
+def test_a_host_path_the_pods_cannot_write_fails_with_a_message_not_a_traceback(run_pod,
+                                                                                tmp_path):
+    """Without the artifacts-owner container (what the pod was before it existed)."""
+    def without_owner(deployment: dict[str, Any], _: dict[str, Any]) -> None:
+        spec = deployment["spec"]["template"]["spec"]
+        spec["initContainers"] = [c for c in spec["initContainers"]
+                                  if c["name"] != "artifacts-owner"]
+
+    folder = tmp_path / "node" / "chat-artifacts"
+    with pytest.raises(PodFailed) as failed:
+        run_pod(on_fresh_host_path("chat.yaml", folder), name="chat-root-owned",
+                patch=without_owner)
+    assert "the artifacts folder /artifacts is not writable by uid 1000 (owned by uid 0, " \
+           "mode 0o755)" in str(failed.value)
+    assert "Traceback" not in str(failed.value)
 
 
 def test_pods_run_as_rendered_user_on_a_read_only_root(run_pod, tmp_path):

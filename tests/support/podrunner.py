@@ -852,9 +852,17 @@ class PodRunner:
         groups = [str(g) for g in {self.fs_group, *pod_security.get("supplementalGroups", [])}
                   if g is not None]
         privileges += [f"--groups={','.join(groups)}"] if groups else ["--clear-groups"]
-        dropped = spec.get("securityContext", {}).get("capabilities", {}).get("drop", [])
-        if "ALL" in dropped:
-            privileges += ["--inh-caps=-all", "--bounding-set=-all"]
+        capabilities = spec.get("securityContext", {}).get("capabilities", {})
+        unknown = set(capabilities) - {"drop", "add"}
+        if unknown or set(capabilities.get("drop", [])) - {"ALL"}:
+            raise PodFailed(f"{spec['name']}: capabilities {capabilities} not supported by "
+                            "the pod runner (drop: [ALL] and add are)")
+        if "ALL" in capabilities.get("drop", []):
+            added = "".join(f",+{c.lower()}" for c in capabilities.get("add", []))
+            privileges += [f"--inh-caps=-all{added}", f"--bounding-set=-all{added}"]
+        elif capabilities.get("add"):
+            raise PodFailed(f"{spec['name']}: capabilities.add without drop: [ALL] is not "
+                            "supported by the pod runner")
         if security.get("allowPrivilegeEscalation") is False:
             privileges.append("--no-new-privs")
         return privileges

@@ -63,6 +63,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def read_to_close(sock: socket.socket) -> bytes:
+    """Everything a server sends on ``sock`` until it closes it (a reset ends it too)."""
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    return received
+
+
 def embedding_search(name: str, corpus: Path, **spec: Any) -> Resource:
     """An EmbeddingSearch resource over ``corpus`` with spec overrides."""
     body = {"apiVersion": API, "kind": "EmbeddingSearch", "metadata": {"name": name},

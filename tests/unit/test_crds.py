@@ -124,6 +124,12 @@ INVALID = [
      ".spec: generation.defaults.maxTokens must be < model.maxContextLength",
      "spec: generation.defaults.maxTokens must be < model.maxContextLength"),
     (llm(gpus=17), "17 is greater than the maximum of 16", "spec.gpus"),
+    (llm(resources={"requests": {"cpu": "fast"}}), "'fast' does not match",
+     "spec.resources.requests.cpu"),
+    (es(resources={"limits": {"memory": "4 GB"}}), "'4 GB' does not match",
+     "spec.resources.limits.memory"),
+    (llm(model={"device": "cuda"}), ".spec: model.device: cuda needs gpus >= 1",
+     "spec: model.device: cuda needs gpus >= 1"),
 ]
 
 

@@ -126,6 +126,27 @@ def test_host_path_pods_do_not_meet_even_baseline():
         assert any("hostPath" in problem for problem in baseline_violations(pod)), what
 
 
+def test_a_host_path_the_pods_write_to_is_given_to_their_user_first():
+    """The kubelet makes a DirectoryOrCreate folder as root 0755 and applies no fsGroup to
+    it: one init container, root with CHOWN only, hands it to uid 1000 before prepare."""
+    pods = rendered_pods(SPREAD["host-path"])
+    writers = {what: pod for what, pod in pods.items()
+               if any(m["name"] == "artifacts" and not m.get("readOnly")
+                      for c in [*pod.get("initContainers", []), *pod["containers"]]
+                      if c["name"] != "artifacts-owner" for m in c["volumeMounts"])}
+    assert writers, "a host path that prepare writes to"
+    for what, pod in writers.items():
+        owner = pod["initContainers"][0]
+        assert owner["name"] == "artifacts-owner", what
+        assert owner["command"] == ["chown", "1000:1000", "/artifacts"]
+        assert owner["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+        assert owner["securityContext"]["allowPrivilegeEscalation"] is False
+    for name, resource in NOT_HOST_PATH.items():
+        for what, pod in rendered_pods(resource).items():
+            assert all(c["name"] != "artifacts-owner" for c in pod.get("initContainers", [])), \
+                (name, what)
+
+
 def test_triton_container_probes_ports_and_scrape_annotations():
     deployment = by_kind(render_children(SPREAD["defaults"]))["Deployment"]
     template = deployment["spec"]["template"]

@@ -58,13 +58,29 @@ def locked(artifacts_root: Path, name: str) -> Iterator[None]:
     ``flock`` is released by the kernel when its holder dies, so a killed pod never
     leaves a stale lock behind.
     """
-    artifacts_root.mkdir(parents=True, exist_ok=True)
-    with open(artifacts_root / f".{name}.lock", "a") as lock:
+    try:
+        artifacts_root.mkdir(parents=True, exist_ok=True)
+        lock_file = open(artifacts_root / f".{name}.lock", "a")
+    except PermissionError:
+        raise ArtifactError(_not_writable(artifacts_root)) from None
+    with lock_file as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _not_writable(folder: Path) -> str:
+    """Why the artifacts cannot be written, with what a user needs to fix it."""
+    try:
+        info = folder.stat()
+        owner = f"owned by uid {info.st_uid}, mode {oct(info.st_mode & 0o777)}"
+    except OSError as err:
+        owner = err.strerror or "not readable"
+    return (f"the artifacts folder {folder} is not writable by uid {os.getuid()} ({owner}); "
+            "give that user the folder (a claim gets the pod's fsGroup; a hostPath needs an "
+            "owner the pods' uid, which the operator's artifacts-owner init container sets)")
 
 
 def _reusable_model(resource_dir: Path, source: str, fmt: str) -> Path | None:

@@ -21,11 +21,13 @@ from tritonop import API_GROUP, API_VERSION
 from tritonop.controller import discovery
 from tritonop.controller import kube as kube_api
 from tritonop.controller.cache import ChildCache
+from tritonop.controller.observe import APPLY_FAILING, failing_status
 from tritonop.controller.policy import OperatorPolicy
 from tritonop.controller.reconcile import (
     InvalidResource,
     RetryLater,
     get_owner,
+    now,
     previous_status,
     reconcile,
     refresh,
@@ -47,6 +49,9 @@ CHILD_KINDS = (("", "v1", "configmaps"), ("", "v1", "services"), ("", "v1", "ser
                ("autoscaling", "v2", "horizontalpodautoscalers"),
                ("networking.k8s.io", "v1", "networkpolicies"), ("batch", "v1", "jobs"))
 MAX_RETRY_DELAY = 60.0
+# Failed applies (5xx, timeouts) of one generation in a row before the status says so.
+APPLY_FAILING_AFTER = 3
+_apply_failures: dict[str, tuple[int, int]] = {}  # uid -> (generation, failed applies in a row)
 # A generation the API server refused (4xx) is applied again after 30 s, 1 min, 2, 4, 8,
 # then every 10 min: the cause may be outside the spec (RBAC, a webhook) and fixed later.
 REJECTED_RETRY_SECONDS = float(os.environ.get("TRITONOP_REJECTED_RETRY_SECONDS", "30"))
@@ -113,6 +118,24 @@ def publish(kube: kube_api.Kube, body: Mapping[str, Any], before: ResourceStatus
         announce(body, before, after)
 
 
+def _failed_apply(uid: str, generation: int) -> int:
+    """Count one more failed apply of this generation; how many in a row, resyncs included
+    (kopf counts a handler's retries and a timer's apart)."""
+    counted, failures = _apply_failures.get(uid, (generation, 0))
+    failures = failures + 1 if counted == generation else 1
+    _apply_failures[uid] = (generation, failures)
+    return failures
+
+
+def report_failing(body: Mapping[str, Any], before: ResourceStatus, generation: int,
+                   message: str) -> None:
+    """Say that this generation's children keep failing to apply: a condition, and one
+    Warning Event while the message stays the same (the retries go on, backing off)."""
+    after = failing_status(message, generation, before, now())
+    if after != before and _kube().patch_status(dict(body), status_dict(after)):
+        kopf.event(dict(body), type="Warning", reason=APPLY_FAILING, message=message)
+
+
 def retry_delay(retry: int, server_says: float | None = None) -> float:
     """Exponential backoff for requests the API server could not take (1 s, 2 s, ... 60 s)."""
     if server_says is not None:
@@ -135,6 +158,7 @@ def _run(live_body: Mapping[str, Any], *, resync: bool, retry: int) -> None:
         if body["metadata"].get("deletionTimestamp"):
             _objects.forget(uid)
             _rejections.forget(uid)
+            _apply_failures.pop(uid, None)
             return  # the garbage collector removes the children
         before = previous_status(body)
         if _objects.stale(uid, generation):
@@ -145,6 +169,8 @@ def _run(live_body: Mapping[str, Any], *, resync: bool, retry: int) -> None:
         try:
             _reconcile_and_publish(body, before, resync=resync, full=retrying)
         except RetryLater as err:
+            if _failed_apply(uid, generation) >= APPLY_FAILING_AFTER:
+                report_failing(body, before, generation, f"{err}; retrying")
             raise kopf.TemporaryError(str(err), delay=retry_delay(retry, err.delay)) from None
         except (ApiException, urllib3.exceptions.HTTPError) as err:
             # A read or a status write failed or timed out: nothing was refused, so try
@@ -178,6 +204,7 @@ def _reconcile_and_publish(body: Mapping[str, Any], before: ResourceStatus, *,
             raise kopf.PermanentError(str(err)) from None
         return
     _rejections.forget(uid)
+    _apply_failures.pop(uid, None)
     _objects.record(uid, generation)
     publish(kube, body, before, after)
 

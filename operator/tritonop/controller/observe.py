@@ -97,6 +97,19 @@ def failed_status(
     })
 
 
+APPLY_FAILING = "ApplyFailing"
+
+
+def failing_status(message: str, generation: int, previous: ResourceStatus, now: str
+                   ) -> ResourceStatus:
+    """The status of a resource whose children the API server keeps failing to take (a 5xx,
+    a timeout): still retried, but said in a condition instead of in silence."""
+    condition = _condition(previous.conditions, "ConfigRendered", "False", APPLY_FAILING,
+                           message, generation, now)
+    others = [c for c in previous.conditions if c.type != "ConfigRendered"]
+    return previous.model_copy(update={"message": message, "conditions": [condition, *others]})
+
+
 def observed_status(
     observed: Observed,
     previous: ResourceStatus,

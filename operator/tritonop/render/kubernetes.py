@@ -456,6 +456,8 @@ def _prepare_container(resource: Resource, images: Images) -> Manifest:
         "args": _prepare_args(resource, ["-f", f"/config/{RESOURCE_FILE}"]),
         "env": _environment(resource),
         "resources": {"requests": dict(PREPARE_REQUESTS)},
+        # The CLI's last lines ("error: ...") become the status's reason for a failure.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": _RESTRICTED,
         "volumeMounts": [
             {"name": "model-repository", "mountPath": "/config", "readOnly": True},
@@ -464,6 +466,32 @@ def _prepare_container(resource: Resource, images: Images) -> Manifest:
             {"name": "tmp", "mountPath": TMP_PATH},
         ],
     }
+
+
+def _artifacts_owner(resource: Resource, images: Images) -> list[Manifest]:
+    """For a hostPath the prepare step writes to: a first init container that gives the
+    folder to the pods' user.
+
+    The kubelet makes a ``DirectoryOrCreate`` folder as root with mode 0755 and applies no
+    fsGroup to a hostPath, so the prepare step, as uid 1000, could not write there. This
+    container runs as root with CHOWN as its only capability and changes the owner of that
+    one folder. A hostPath pod meets the privileged Pod Security level only, which the
+    operator allows only where its configuration says so (TRITONOP_ALLOW_HOST_PATH).
+    """
+    artifacts = resource.spec.artifacts
+    if artifacts.host_path is None:
+        return []
+    return [{
+        "name": "artifacts-owner",
+        "image": artifacts.prepare_image or images.operator,
+        "command": ["chown", f"{UID}:{UID}", ARTIFACTS_PATH],
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}},
+        "securityContext": {"runAsUser": 0, "runAsNonRoot": False,
+                            "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]}},
+        "volumeMounts": [{"name": "artifacts", "mountPath": ARTIFACTS_PATH,
+                          **({"subPath": artifacts.sub_path} if artifacts.sub_path else {})}],
+    }]
 
 
 def _strategy(resource: Resource) -> Manifest:
@@ -528,7 +556,8 @@ def deployment(resource: Resource, config: Manifest, images: Images) -> Manifest
     if openai_enabled(resource):
         pod_spec["containers"].append(_gateway_container(resource, images))
     if prepare_mode(resource) == "perPod":
-        pod_spec["initContainers"] = [_prepare_container(resource, images)]
+        pod_spec["initContainers"] = [*_artifacts_owner(resource, images),
+                                      _prepare_container(resource, images)]
     pod_spec.update(_placement(resource))
     annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT),
                    "prometheus.io/path": "/metrics",
@@ -618,6 +647,7 @@ def prepare_job(resource: Resource, images: Images = Images(), *,
         "env": [*_environment(resource),
                 {"name": "TRITONOP_RESOURCE", "value": resource_document(resource)}],
         "resources": {"requests": dict(PREPARE_REQUESTS)},
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": _RESTRICTED,
         "volumeMounts": [
             {"name": "artifacts", "mountPath": ARTIFACTS_PATH,
@@ -636,6 +666,8 @@ def prepare_job(resource: Resource, images: Images = Images(), *,
         "volumes": [_artifacts_volume(resource), {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}}],
         **_placement(resource),
     }
+    if _artifacts_owner(resource, images):
+        pod_spec["initContainers"] = _artifacts_owner(resource, images)
     # The Triton pods' selector labels stay off: a Job pod is no serving replica.
     pod_labels = {k: v for k, v in labels.items() if k not in selector_labels(resource)}
     return {

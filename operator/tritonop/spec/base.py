@@ -10,7 +10,7 @@ and frozen instances so that rendering can never mutate its input.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
@@ -57,6 +57,33 @@ MemoryQuantity = Annotated[
     str,
     BeforeValidator(_check_quantity),
     Field(json_schema_extra={"pattern": _QUANTITY_PATTERN}),
+]
+
+
+# A Kubernetes quantity as the API server parses it (resource.Quantity): a decimal number
+# with an optional binary (Ki..Ei) or decimal (n, u, m, k, M..E) suffix or an exponent.
+_K8S_QUANTITY_PATTERN = (r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)"
+                         r"(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)))?$")
+_K8S_QUANTITY = re.compile(_K8S_QUANTITY_PATTERN)
+
+
+def _check_resource_quantity(value: Any) -> Any:
+    """A resource amount as a container's requests and limits take it (``500m``, ``4Gi``, 2).
+
+    Checked here and by the CRD's pattern: the API server cannot convert ``cpu: fast`` into
+    a Deployment, and would answer the operator's apply with a 500, not the user.
+    """
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError("must be a quantity such as 500m, 2 or 4Gi")
+    if isinstance(value, str) and not _K8S_QUANTITY.match(value):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity such as 500m, 2 or 4Gi")
+    return value
+
+
+ResourceQuantity = Annotated[
+    Union[str, int],
+    BeforeValidator(_check_resource_quantity),
+    Field(json_schema_extra={"pattern": _K8S_QUANTITY_PATTERN}),
 ]
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from tritonop.spec.base import MemoryQuantity, SpecModel, cel_rules
+from tritonop.spec.base import MemoryQuantity, ResourceQuantity, SpecModel, cel_rules
 
 
 class StageSettings(SpecModel):
@@ -38,11 +38,11 @@ class ResourceRequirements(SpecModel):
     A key given here replaces that default; the others stay.
     """
 
-    requests: dict[str, Union[str, int]] = Field(
+    requests: dict[str, ResourceQuantity] = Field(
         default_factory=dict,
         description="Requests; cpu and memory default to 1 and 2Gi (LLMService: 4Gi).",
     )
-    limits: dict[str, Union[str, int]] = Field(
+    limits: dict[str, ResourceQuantity] = Field(
         default_factory=dict,
         description="Limits; nvidia.com/gpu is added for GPU models. threads: auto and "
         "prepare size their thread pools by the CPU limit.",

@@ -102,6 +102,9 @@ class EngineSpec(SpecModel):
 # The GGUF conversion is keyed by its source file and versioned in place (artifacts/llm.py);
 # the versioned folders and the prepare Job are the EmbeddingSearch's.
 _NO_JOB = "!has(self.artifacts) || !has(self.artifacts.prepare) || self.artifacts.prepare != 'job'"
+# Pods without a GPU request get NVIDIA_VISIBLE_DEVICES=void: a CUDA model there finds no GPU.
+_CUDA_NEEDS_GPUS = "!has(self.model.device) || self.model.device != 'cuda' || self.gpus >= 1"
+_CUDA_MESSAGE = "model.device: cuda needs gpus >= 1 (a pod without a GPU request sees no GPU)"
 
 
 class LLMServiceSpec(DeploymentSpec):
@@ -112,6 +115,7 @@ class LLMServiceSpec(DeploymentSpec):
          "generation.defaults.maxTokens must be < model.maxContextLength"),
         (_NO_JOB, "an LLMService's artifacts are prepared per pod: artifacts.prepare must be "
          "perPod or none"),
+        (_CUDA_NEEDS_GPUS, _CUDA_MESSAGE),
     ))
 
     model: LLMModelSpec = LLMModelSpec()
@@ -130,4 +134,6 @@ class LLMServiceSpec(DeploymentSpec):
         if self.artifacts.prepare == "job":
             raise ValueError("an LLMService's artifacts are prepared per pod: "
                              "artifacts.prepare must be perPod or none")
+        if self.model.device == "cuda" and self.gpus < 1:
+            raise ValueError(_CUDA_MESSAGE)
         return self
