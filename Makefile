@@ -50,7 +50,7 @@ lint: install
 
 # Regenerate everything generated and checked in: CRDs, the model repository and the
 # golden manifests of the examples. Tests fail when any of them drifts.
-EXAMPLES := examples/news-search.yaml examples/chat.yaml
+EXAMPLES := examples/news-search.yaml examples/chat.yaml examples/mistral.yaml
 render: install
 	$(BIN)/tritonop crds --output crds
 	$(BIN)/tritonop render -f $(EXAMPLES) --repository model_repository

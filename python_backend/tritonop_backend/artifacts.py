@@ -83,6 +83,13 @@ class ModelManifest(_Manifest):
         pooling: the source model's own pooling mode (sentence-transformers config).
         max_sequence_length: the source model's own maximum sequence length.
         max_abs_diff: largest difference between exported and source outputs at export.
+        normalize: whether the source model ends in a ``Normalize`` module.
+        query_prompt: the source model's own prompt for queries ("" for none).
+        document_prompt: the source model's own prompt for corpus texts ("" for none).
+        model_type: the ``model_type`` of the source's ``config.json`` (for a reader).
+
+    The last four have defaults so that manifests written before them still read; such an
+    export came from all-MiniLM-L6-v2-like models, which normalize and have no prompts.
     """
 
     source: str
@@ -92,6 +99,10 @@ class ModelManifest(_Manifest):
     pooling: str
     max_sequence_length: int
     max_abs_diff: float
+    normalize: bool = True
+    query_prompt: str = ""
+    document_prompt: str = ""
+    model_type: str = ""
 
     @property
     def encoder_file(self) -> str:
@@ -108,7 +119,11 @@ class ModelManifest(_Manifest):
 
 @dataclass(frozen=True)
 class IndexManifest(_Manifest):
-    """What ``tritonop index build`` produced, and with which model settings."""
+    """What ``tritonop index build`` produced, and with which model settings.
+
+    ``document_prompt`` is the text put before every corpus text when it was embedded
+    (default ``""`` for indexes written before prompts existed, which used none).
+    """
 
     model_source: str
     model_fingerprint: str
@@ -117,6 +132,7 @@ class IndexManifest(_Manifest):
     dimension: int
     count: int
     corpus_sha256: str
+    document_prompt: str = ""
 
     @staticmethod
     def _kind() -> str:
@@ -126,8 +142,12 @@ class IndexManifest(_Manifest):
     def _hint() -> str:
         return "build the index again with `tritonop index build`"
 
-    def check_compatible(self, model: ModelManifest, pooling: str, max_length: int) -> None:
+    def check_compatible(self, model: ModelManifest, pooling: str, max_length: int,
+                         document_prompt: str | None = None) -> None:
         """Fail unless queries embedded with ``model``/``pooling`` are comparable to this index.
+
+        ``document_prompt``, where given, is the one the corpus should have been embedded
+        with; None skips that check.
 
         Raises:
             ArtifactError: naming each setting that differs and how to fix it.
@@ -148,11 +168,33 @@ class IndexManifest(_Manifest):
             )
         if self.dimension != model.dimension:
             problems.append(f"it has dimension {self.dimension}, the model {model.dimension}")
+        if document_prompt is not None and self.document_prompt != document_prompt:
+            problems.append(f"its texts were embedded with document prompt "
+                            f"{self.document_prompt!r} but this service's is {document_prompt!r}")
         if problems:
             raise ArtifactError(
                 "the corpus index does not match the model: " + "; ".join(problems) + "; "
                 + self._hint()
             )
+
+
+def render_prompt(value: str | None) -> str:
+    """A prompt as a model-config parameter: ``auto`` (the model's own) or a JSON string.
+
+    JSON, because ``""`` (no prompt) must differ from unset, and a prompt may itself be
+    the word ``auto``.
+    """
+    return "auto" if value is None else json.dumps(value)
+
+
+def resolve_prompt(value: str, default: str) -> str:
+    """The prompt a :func:`render_prompt` parameter stands for, ``default`` for ``auto``."""
+    if value in ("", "auto"):
+        return default
+    prompt = json.loads(value)
+    if not isinstance(prompt, str):
+        raise ValueError(f"a prompt parameter must be 'auto' or a JSON string, got {value!r}")
+    return prompt
 
 
 def resolve_setting(value: str, default: int | str) -> Any:
@@ -163,6 +205,10 @@ def resolve_setting(value: str, default: int | str) -> Any:
     """
     if value in ("", "auto"):
         return default
+    if isinstance(default, bool):
+        if value not in ("true", "false"):
+            raise ValueError(f"expected 'true', 'false' or 'auto', got {value!r}")
+        return value == "true"
     return type(default)(value)
 
 

@@ -1,7 +1,9 @@
 """Pooling token embeddings into one sentence embedding.
 
-The three modes match sentence-transformers' ``Pooling`` module so that embeddings
-served by Triton equal ``SentenceTransformer.encode`` on the same model.
+The modes match sentence-transformers' ``Pooling`` module so that embeddings served by
+Triton equal ``SentenceTransformer.encode`` on the same model. Tokens are padded on the
+right (the tokenizer stage and the encoder both pad after the real tokens), so the first
+position is the ``[CLS]``/``<s>`` token and a row's last real token sits at its length - 1.
 """
 
 from __future__ import annotations
@@ -10,18 +12,24 @@ from typing import Literal
 
 import numpy as np
 
-PoolingMode = Literal["mean", "max", "cls"]
-POOLING_MODES: tuple[PoolingMode, ...] = ("mean", "max", "cls")
+PoolingMode = Literal["mean", "max", "cls", "lasttoken"]
+POOLING_MODES: tuple[PoolingMode, ...] = ("mean", "max", "cls", "lasttoken")
 
 
 def pool(token_embeddings: np.ndarray, attention_mask: np.ndarray, mode: str) -> np.ndarray:
     """Pool ``[rows, length, dim]`` token embeddings into ``[rows, dim]``.
 
     Padding positions (mask 0) never contribute: mean divides by the real token count,
-    max sees them as -inf, cls takes position 0.
+    max sees them as -inf, cls takes position 0, lasttoken the last position whose mask is 1
+    (as sentence-transformers finds it: the last 1, not the count of 1s).
     """
     if mode == "cls":
         return token_embeddings[:, 0].astype(np.float32, copy=True)
+    if mode == "lasttoken":
+        length = attention_mask.shape[1]
+        last = length - 1 - np.argmax(attention_mask[:, ::-1] != 0, axis=1)
+        rows = np.arange(token_embeddings.shape[0])
+        return token_embeddings[rows, last].astype(np.float32, copy=True)
     mask = attention_mask[:, :, None].astype(bool)
     if mode == "mean":
         summed = np.where(mask, token_embeddings, 0).sum(axis=1)

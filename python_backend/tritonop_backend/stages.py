@@ -21,6 +21,7 @@ from tritonop_backend.artifacts import (
     TOKENIZER_FILE,
     ModelManifest,
     check_version,
+    resolve_prompt,
     resolve_setting,
 )
 from tritonop_backend.batching import pad_and_stack, split_rows
@@ -98,13 +99,19 @@ class TokenizerStage:
     Texts longer than ``max_input_characters`` (the resource's
     ``api.limits.maxInputCharacters``) are refused before tokenizing: the tokenizer reads
     a whole text before it truncates, and its batch-mates wait for it.
+
+    Every text gets the query prompt (``query_prompt``: ``auto`` for the model's own, or a
+    JSON string): this stage serves both search queries and ``/v1/embeddings`` inputs,
+    which are queries in sentence-transformers' sense (``encode_query``); corpus texts get
+    the document prompt when the index is built, outside Triton.
     """
 
     inputs = ("text",)
 
     def __init__(self, parameters: Parameters, device: str = "cpu") -> None:
-        model_dir, _, max_length, _ = _model_settings(parameters)
-        self.tokenizer = TextTokenizer(model_dir / TOKENIZER_FILE, max_length)
+        model_dir, manifest, max_length, _ = _model_settings(parameters)
+        prompt = resolve_prompt(parameters.get("query_prompt", "auto"), manifest.query_prompt)
+        self.tokenizer = TextTokenizer(model_dir / TOKENIZER_FILE, max_length, prompt)
         self.max_characters = int(parameters["max_input_characters"])
 
     @classmethod
@@ -160,8 +167,9 @@ class PoolingStage:
     inputs = ("token_embeddings", "attention_mask")
 
     def __init__(self, parameters: Parameters, device: str = "cpu") -> None:
-        _, _, _, self.mode = _model_settings(parameters)
-        self.normalize = parameters.get("normalize", "true") == "true"
+        _, manifest, _, self.mode = _model_settings(parameters)
+        # auto: as the model's sentence-transformers modules do (a Normalize module or not).
+        self.normalize = resolve_setting(parameters.get("normalize", "auto"), manifest.normalize)
 
     def run(self, batch: list[Inputs]) -> list[Result]:
         def check(inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
@@ -205,7 +213,11 @@ class SearchStage:
         threadpool_limits(limits=int(parameters.get("threads", "1")), user_api="blas")
         _, manifest, max_length, pooling = _model_settings(parameters)
         self.index, index_manifest = load_index(Path(parameters["index_dir"]))
-        index_manifest.check_compatible(manifest, pooling, max_length)
+        document_prompt = None
+        if "document_prompt" in parameters:
+            document_prompt = resolve_prompt(parameters["document_prompt"],
+                                             manifest.document_prompt)
+        index_manifest.check_compatible(manifest, pooling, max_length, document_prompt)
         self.default_k = int(parameters.get("default_top_k", "10"))
         self.max_k = int(parameters.get("max_top_k", "100"))
 

@@ -3,7 +3,11 @@
 * ``ts``: TorchScript encoder, mean pooling, response cache on;
 * ``ox``: ONNX encoder, mean pooling;
 * ``mx``: TorchScript encoder, max pooling;
-* ``tiny``: a 12-text corpus and a one-slot encoder queue, for backpressure.
+* ``tiny``: a 12-text corpus and a one-slot encoder queue, for backpressure;
+* ``enc-<name>``: each tiny random-weight encoder of tests/support/encoders.py (every
+  architecture tritonop serves) over the 12-text corpus, prepared from its
+  sentence-transformers folder with its own pooling, normalization and prompts, ONNX and
+  TorchScript in turn.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.encoders import TINY_ENCODERS
 from tests.support.triton import RunningTriton, embedding_search, running_triton, seed_export
 
 TINY_TEXTS = [
@@ -33,7 +38,8 @@ def tiny_corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def triton(tmp_path_factory, exported, corpus, tiny_corpus) -> Iterator[RunningTriton]:
+def triton(tmp_path_factory, exported, corpus, tiny_corpus, tiny_encoders
+           ) -> Iterator[RunningTriton]:
     root = tmp_path_factory.mktemp("artifacts")
     one_slot = {"maxBatchSize": 1, "maxQueueSize": 1, "threads": 1}
     resources = [
@@ -45,5 +51,12 @@ def triton(tmp_path_factory, exported, corpus, tiny_corpus) -> Iterator[RunningT
     ]
     for resource in resources:
         seed_export(resource, root, exported)
+    # Prepared from their folders, as a user's model is: export, checks and index included.
+    resources += [
+        embedding_search(f"enc-{encoder.name}", tiny_corpus,
+                         model={"source": str(tiny_encoders[encoder.name]),
+                                "format": ("onnx", "torchscript")[position % 2]})
+        for position, encoder in enumerate(TINY_ENCODERS)
+    ]
     with running_triton(resources, root, tmp_path_factory.mktemp("triton")) as running:
         yield running

@@ -58,6 +58,9 @@ def fingerprint(folder: Path, **spec) -> str:
     {"model": {"format": "onnx"}},
     {"model": {"source": "/models/other"}},
     {"corpus": {"source": "corpus.txt", "textField": "body"}},
+    {"model": {"pooling": "lasttoken"}},
+    {"model": {"documentPrompt": "passage: "}},
+    {"model": {"documentPrompt": ""}},  # no prompt, where the model may declare one
 ])
 def test_what_decides_the_artifacts_changes_the_fingerprint(folder, change):
     assert fingerprint(folder, **change) != fingerprint(folder)
@@ -69,6 +72,8 @@ def test_what_decides_the_artifacts_changes_the_fingerprint(folder, change):
     {"cache": {"enabled": True}},
     {"search": {"defaultTopK": 3, "maxTopK": 7}},
     {"model": {"normalize": False}},
+    {"model": {"queryPrompt": "query: "}},  # applied to queries in Triton, not built
+    {"model": {"trustRemoteCode": True}},
 ])
 def test_serving_settings_do_not_change_the_fingerprint(folder, change):
     assert fingerprint(folder, **change) == fingerprint(folder)

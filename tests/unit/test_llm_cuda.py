@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.support.decoders import DECODERS
 from tests.support.llm import decoded, run
 from tritonop_backend.llm.engine import LLMEngine
 from tritonop_backend.llm.loading import LoadedModel, load_causal_lm
@@ -142,3 +143,29 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_crowd(fp32: LoadedModel) -> 
                            "b": sampled(12)})
     assert crowded["a"].tokens == alone
     assert crowded["b"].tokens != alone
+
+
+CHAT_POLICY = GenerationPolicy(default_max_tokens=16, max_tokens_limit=64,
+                               default_temperature=0.0, max_context_tokens=256)
+CHAT_PROMPTS = ["Explain why the sky is blue, step by step, with examples from daily life.",
+                "What is the capital of France?", "Hi"]
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_every_architecture_replays_cuda_graphs_equal_to_generate(
+    tiny_decoders: dict[str, Path], name: str
+) -> None:
+    """The tiny models of ``tests/support/decoders.py`` (sliding windows shorter than the
+    prompts; Gemma's mixed layers get one recorded mask per layer kind), chat-templated,
+    three prompts of mixed lengths together, in float32 on the GPU."""
+    loaded = load_causal_lm(tiny_decoders[name], "float32", "cuda")
+    engine = LLMEngine(loaded.model, loaded.tokenizer, CHAT_POLICY, max_sequences=4)
+    assert engine._static is not None and engine._static.graphs
+    outcomes = run(engine, {i: parse_request({"text_input": prompt}, CHAT_POLICY)
+                            for i, prompt in enumerate(CHAT_PROMPTS)})
+    for i, prompt in enumerate(CHAT_PROMPTS):
+        ids = torch.tensor([engine.encode_prompt(prompt)], device="cuda")
+        output = loaded.model.generate(ids, attention_mask=torch.ones_like(ids),
+                                       max_new_tokens=16, do_sample=False)
+        assert outcomes[i].tokens == output[0, ids.shape[1]:].tolist(), prompt
+    assert engine._static.recordings >= 1

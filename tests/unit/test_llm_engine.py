@@ -220,7 +220,7 @@ class TestCacheLayout:
         widths: list[int] = []
         fill = engine._static._fill
         monkeypatch.setattr(engine._static, "_fill", lambda inputs, *args: (
-            widths.append(inputs.mask.shape[-1]), fill(inputs, *args))[1])
+            widths.append(inputs.columns.shape[0]), fill(inputs, *args))[1])
         long_prompt = "Summarise: " + "the cat sat on the mat. " * 45
         outcomes = run(
             engine,

@@ -56,11 +56,12 @@ def masked_reference(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndar
     rows = []
     for h, m in zip(hidden, mask, strict=True):
         real = h[m.astype(bool)]
-        rows.append({"mean": real.mean(0), "max": real.max(0), "cls": h[0]}[mode])
+        rows.append({"mean": real.mean(0), "max": real.max(0), "cls": h[0],
+                     "lasttoken": real[-1]}[mode])
     return np.stack(rows)
 
 
-@pytest.mark.parametrize("mode", ["mean", "max", "cls"])
+@pytest.mark.parametrize("mode", ["mean", "max", "cls", "lasttoken"])
 def test_pooling_ignores_padding(mode):
     hidden = rng.standard_normal((3, 5, 4)).astype(np.float32)
     mask = np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]])

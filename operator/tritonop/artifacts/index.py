@@ -1,7 +1,11 @@
 """Building a corpus index: embed every text once, with the very code that embeds queries.
 
 The texts go through the same tokenizer, exported encoder and pooling as queries do
-in Triton, so a corpus text searched for itself scores 1.0, whatever the format.
+in Triton, so a corpus text searched for itself scores 1.0, whatever the format (for
+a model without prompts; with them, a text is a document here and a query there, as
+sentence-transformers' ``encode_document`` and ``encode_query`` make them).
+Rows are always L2-normalized, whatever the model's Normalize module: the search is by
+cosine.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ def build_index(
     text_field: str = "text",
     pooling: str | None = None,
     max_length: int | None = None,
+    document_prompt: str | None = None,
     batch_size: int = 64,
     threads: int = 2,
     progress: bool = True,
@@ -51,28 +56,32 @@ def build_index(
     """Embed ``corpus`` with the model exported in ``model_dir`` into ``directory``.
 
     Skips the work when ``directory`` already holds an index of the same corpus
-    content built with the same model, pooling and maximum length.
+    content built with the same model, pooling, maximum length and document prompt.
+    Settings left None are the model's own (its manifest's).
     """
     model = ModelManifest.read(model_dir)
     pooling = pooling or model.pooling
     max_length = max_length or model.max_sequence_length
+    if document_prompt is None:
+        document_prompt = model.document_prompt
     if not Path(corpus).is_file():
         raise ArtifactError(f"corpus {corpus} does not exist")
     corpus_hash = file_sha256(corpus)
     if not force:
         try:
             existing = IndexManifest.read(directory)
-            existing.check_compatible(model, pooling, max_length)
+            existing.check_compatible(model, pooling, max_length, document_prompt)
             if existing.corpus_sha256 == corpus_hash:
                 return IndexResult(existing, Path(directory), skipped=True)
         except ArtifactError:
             pass
     texts = read_corpus(corpus, text_field)
-    embeddings = embed_texts(texts, model_dir, pooling, max_length, batch_size, threads, progress)
+    embeddings = embed_texts(texts, model_dir, pooling, max_length, batch_size, threads, progress,
+                             prompt=document_prompt)
     manifest = IndexManifest(
         model_source=model.source, model_fingerprint=model.fingerprint, pooling=pooling,
         max_sequence_length=max_length, dimension=model.dimension, count=len(texts),
-        corpus_sha256=corpus_hash,
+        corpus_sha256=corpus_hash, document_prompt=document_prompt,
     )
     write_index(directory, embeddings, texts, manifest)
     return IndexResult(manifest, Path(directory), skipped=False)
@@ -86,15 +95,16 @@ def embed_texts(
     batch_size: int = 64,
     threads: int = 2,
     progress: bool = False,
+    prompt: str = "",
 ) -> np.ndarray:
-    """Unit-length embeddings of ``texts``, ``float32 [len(texts), dim]``.
+    """Unit-length embeddings of ``texts`` (each after ``prompt``), ``float32 [len, dim]``.
 
     Texts are sorted by length before batching, so that a batch pads to a similar
     length rather than to the longest text of the corpus, then put back in order.
     """
     from tqdm import tqdm
 
-    tokenizer = TextTokenizer(Path(model_dir) / TOKENIZER_FILE, max_length)
+    tokenizer = TextTokenizer(Path(model_dir) / TOKENIZER_FILE, max_length, prompt)
     encoder = load_encoder(Path(model_dir), threads)
     order = np.argsort([len(text) for text in texts], kind="stable")
     out: np.ndarray | None = None

@@ -55,13 +55,18 @@ def locate_llm(resource: Resource) -> Path:
     return path
 
 
+DOWNLOADED = ("hf://", "s3://", "https://", "http://")
+"""Sources that are downloaded: the prepare step puts them in the model directory on the
+artifacts volume (``<root>/<name>/model``), so they are never served in place."""
+
+
 def serves_in_place(resource: Resource) -> bool:
     """A Hugging Face directory source is loaded where it is, with no conversion."""
     spec = resource.spec
     assert isinstance(spec, LLMServiceSpec)
     source = spec.model.source
-    return not source.startswith(PACKAGE_PREFIX) and not source.endswith(".gguf") \
-        and spec.model.file is None
+    return not source.startswith((PACKAGE_PREFIX, *DOWNLOADED)) \
+        and not source.endswith(".gguf") and spec.model.file is None
 
 
 def llm_model_dir(resource: Resource, artifacts_root: str) -> str:
@@ -71,11 +76,36 @@ def llm_model_dir(resource: Resource, artifacts_root: str) -> str:
     return str(PurePosixPath(artifacts_root) / resource.name / "model")
 
 
+def check_llm_architecture(resource: Resource, path: Path) -> str:
+    """The model_type of the resource's model, or an error naming model.source and the cause.
+
+    Run before a GGUF is converted and before any Triton model loads it, so that an
+    architecture the engine does not serve (or custom code that is not allowed) fails the
+    prepare step with a message, instead of the first request.
+    """
+    from tritonop_backend.llm.architectures import (
+        UnsupportedModelError,
+        check_gguf,
+        check_model_dir,
+    )
+
+    spec = resource.spec
+    assert isinstance(spec, LLMServiceSpec)
+    try:
+        if path.is_file():
+            return check_gguf(path)
+        return check_model_dir(path, trust_remote_code=spec.model.trust_remote_code)
+    except UnsupportedModelError as error:
+        raise ArtifactError(f"model source {spec.model.source}: {error}") from None
+
+
 def prepare_llm(resource: Resource, artifacts_root: Path) -> None:
     """Convert the resource's GGUF into its model directory unless that is current."""
     from tritonop_backend.llm.loading import prepare_gguf
 
     source = locate_llm(resource)
+    model_type = check_llm_architecture(resource, source)
+    log.info("%s: model_type %s", resource.name, model_type)
     if serves_in_place(resource):
         log.info("%s: serving the Hugging Face model in %s", resource.name, source)
         return

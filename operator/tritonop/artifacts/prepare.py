@@ -165,7 +165,13 @@ def prepare_embedding_search(
             f"rendered this version from one with sha256 {resource.corpus_sha256}: the "
             "operator and prepare images must ship the same corpus"
         )
-    source = inspect(spec.model.source, resource.base_dir)
+    source = inspect(spec.model.source, resource.base_dir,
+                     trust_remote_code=spec.model.trust_remote_code)
+    if (spec.model.max_sequence_length or 0) > source.max_positions:
+        raise ArtifactError(
+            f"{resource.name}: spec.model.maxSequenceLength {spec.model.max_sequence_length} "
+            f"is more than model source {spec.model.source} has positions for "
+            f"({source.max_positions} tokens)")
     resource_dir = target.parent
     resource_dir.mkdir(parents=True, exist_ok=True)
     # Only a dead holder of the lock (which the caller now holds) leaves staging folders.
@@ -187,6 +193,7 @@ def prepare_embedding_search(
             corpus, staging / "model", staging / "index",
             text_field=spec.corpus.text_field, pooling=spec.model.pooling,
             max_length=spec.model.max_sequence_length,
+            document_prompt=spec.model.document_prompt,
             # Before the server starts: every CPU the container may use (its cgroup quota).
             threads=available_cpus(), progress=progress,
         )

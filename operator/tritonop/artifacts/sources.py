@@ -8,16 +8,26 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from tritonop.artifacts.encoders import read_layout
 from tritonop_backend.artifacts import ArtifactError
 
 PACKAGE_PREFIX = "package:"
 # Files whose content defines what the model computes; hashed into its fingerprint.
 _FINGERPRINTED = ("config.json", "tokenizer.json", "model.safetensors")
+# sentence-transformers' files, hashed where present: they decide the pooling, the
+# normalization, the maximum length and the prompts that an export records.
+_FINGERPRINTED_IF_PRESENT = ("modules.json", "sentence_bert_config.json",
+                             "config_sentence_transformers.json", "tokenizer_config.json")
 
 
 @dataclass(frozen=True)
 class SourceModel:
-    """A sentence-transformers model directory and the defaults it declares."""
+    """A sentence-transformers model directory and the defaults it declares.
+
+    ``trust_remote_code`` is the resource's ``spec.model.trustRemoteCode``, needed again
+    where the model is loaded to be exported; the other fields after ``dimension`` are
+    :class:`tritonop.artifacts.encoders.EncoderLayout`'s.
+    """
 
     source: str
     directory: Path
@@ -25,6 +35,13 @@ class SourceModel:
     pooling: str
     max_sequence_length: int
     dimension: int
+    normalize: bool = True
+    query_prompt: str = ""
+    document_prompt: str = ""
+    model_type: str = "bert"
+    max_positions: int = 512
+    lowercase: bool = False
+    trust_remote_code: bool = False
 
 
 def locate(source: str, base_dir: Path | None = None) -> Path:
@@ -58,10 +75,23 @@ def locate(source: str, base_dir: Path | None = None) -> Path:
     return directory
 
 
+def _module_configs(directory: Path) -> list[str]:
+    """The module folders' ``config.json`` files named in ``modules.json`` (the pooling's)."""
+    try:
+        modules = json.loads((directory / "modules.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [f"{module['path']}/config.json" for module in modules
+            if isinstance(module, dict) and module.get("path")
+            and (directory / module["path"] / "config.json").is_file()]
+
+
 def fingerprint(directory: Path) -> str:
-    """A short hash of what the model computes (weights, config, tokenizer)."""
+    """A short hash of what the model computes (weights, config, tokenizer, modules)."""
     digest = hashlib.sha256()
-    for name in _FINGERPRINTED:
+    present = [name for name in (*_FINGERPRINTED_IF_PRESENT, *_module_configs(directory))
+               if (directory / name).is_file()]
+    for name in (*_FINGERPRINTED, *present):
         path = directory / name
         if not path.exists():
             raise ArtifactError(f"{directory} has no {name}")
@@ -72,43 +102,33 @@ def fingerprint(directory: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _pooling_mode(directory: Path) -> str:
-    """The pooling mode from the model's ``1_Pooling/config.json`` (mean when absent)."""
-    modules = directory / "modules.json"
-    pooling_dir = directory / "1_Pooling"
-    if modules.exists():
-        for module in json.loads(modules.read_text()):
-            if module.get("type", "").endswith("Pooling"):
-                pooling_dir = directory / module.get("path", "1_Pooling")
-    config_path = pooling_dir / "config.json"
-    if not config_path.exists():
-        return "mean"
-    config = json.loads(config_path.read_text())
-    for mode, key in (("cls", "pooling_mode_cls_token"), ("max", "pooling_mode_max_tokens"),
-                      ("mean", "pooling_mode_mean_tokens")):
-        if config.get(key):
-            return mode
-    raise ArtifactError(f"{config_path}: no pooling mode tritonop supports (mean, max, cls)")
+def inspect(source: str, base_dir: Path | None = None, *,
+            trust_remote_code: bool = False) -> SourceModel:
+    """Locate a model and read its fingerprint and sentence-transformers defaults.
 
-
-def _max_sequence_length(directory: Path, config: dict[str, object]) -> int:
-    bert_config = directory / "sentence_bert_config.json"
-    if bert_config.exists():
-        value = json.loads(bert_config.read_text()).get("max_seq_length")
-        if isinstance(value, int):
-            return value
-    return int(config.get("max_position_embeddings", 512))  # type: ignore[arg-type]
-
-
-def inspect(source: str, base_dir: Path | None = None) -> SourceModel:
-    """Locate a model and read its fingerprint and sentence-transformers defaults."""
+    Raises:
+        ArtifactError: the model is missing, or tritonop cannot serve it (an architecture
+            or a module it does not run, custom code without ``trust_remote_code``); the
+            message names ``source``.
+    """
     directory = locate(source, base_dir)
-    config = json.loads((directory / "config.json").read_text())
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except ValueError as err:
+        raise ArtifactError(f"model source {source}: config.json is not JSON: {err}") from None
+    layout = read_layout(source, directory, config, trust_remote_code=trust_remote_code)
     return SourceModel(
         source=source,
         directory=directory,
         fingerprint=fingerprint(directory),
-        pooling=_pooling_mode(directory),
-        max_sequence_length=_max_sequence_length(directory, config),
-        dimension=int(config["hidden_size"]),
+        pooling=layout.pooling,
+        max_sequence_length=layout.max_sequence_length,
+        dimension=layout.dimension,
+        normalize=layout.normalize,
+        query_prompt=layout.query_prompt,
+        document_prompt=layout.document_prompt,
+        model_type=layout.model_type,
+        max_positions=layout.max_positions,
+        lowercase=layout.lowercase,
+        trust_remote_code=trust_remote_code,
     )

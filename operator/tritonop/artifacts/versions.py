@@ -120,11 +120,17 @@ def read_corpus_sha256(resource: Resource, *, confined: bool = False,
 
 
 def fingerprint_inputs(resource: Resource) -> dict[str, str]:
-    """The settings a version is built from, by their spec field names."""
+    """The settings a version is built from, by their spec field names.
+
+    ``model.documentPrompt`` is in only when the spec sets it (the corpus is embedded
+    after it); unset, the model's own prompt is part of what ``model.source`` names, and
+    leaving the key out keeps the versions of specs written before prompts existed.
+    The query prompt, normalization and trustRemoteCode build nothing: they are not in.
+    """
     spec = resource.spec
     assert isinstance(spec, EmbeddingSearchSpec)
     model, corpus = spec.model, spec.corpus
-    return {
+    inputs = {
         "layout": LAYOUT,
         "model.source": model.source,
         "model.format": model.format,
@@ -134,6 +140,9 @@ def fingerprint_inputs(resource: Resource) -> dict[str, str]:
         "corpus.textField": corpus.text_field,
         "corpus.sha256": corpus_sha256(resource),
     }
+    if model.document_prompt is not None:
+        inputs["model.documentPrompt"] = json.dumps(model.document_prompt)
+    return inputs
 
 
 def resource_fingerprint(resource: Resource) -> str:

@@ -24,6 +24,7 @@ from tritonop.artifacts.versions import resource_fingerprint, version_dir
 from tritonop.render.modelconfig import ConfigDict, ensemble, python_model, tensor, to_pbtxt
 from tritonop.resources import Resource
 from tritonop.spec import EmbeddingSearchSpec, LLMServiceSpec
+from tritonop_backend.artifacts import render_prompt
 
 DEFAULT_ARTIFACTS_ROOT = "/artifacts"
 RepositoryFiles = dict[str, bytes]
@@ -96,9 +97,11 @@ def embedding_search_models(resource: Resource, artifacts_root: str) -> list[Con
                  [tokenize, encode, pool]),
         # The tokenizer is the one step that reads client text: it refuses a text over the
         # bound before tokenizing it, whichever ensemble the request came through.
+        # Both ensembles' texts are queries (search, /v1/embeddings): the query prompt.
         python_model(f"{name}_tokenizer", stages.tokenizer, [text], [ids, mask],
                      {"stage": "tokenizer", **shared,
-                      "max_input_characters": str(spec.api.limits.max_input_characters)}),
+                      "max_input_characters": str(spec.api.limits.max_input_characters),
+                      "query_prompt": render_prompt(spec.model.query_prompt)}),
         python_model(
             f"{name}_encoder", stages.encoder,
             [tensor("input_ids", "INT64", [-1], ragged=True), ragged_mask], [hidden],
@@ -116,7 +119,8 @@ def embedding_search_models(resource: Resource, artifacts_root: str) -> list[Con
             {"stage": "search", "index_dir": index_dir,
              "threads": str(stages.search.threads),
              "default_top_k": str(spec.search.default_top_k),
-             "max_top_k": str(spec.search.max_top_k), **shared},
+             "max_top_k": str(spec.search.max_top_k),
+             "document_prompt": render_prompt(spec.model.document_prompt), **shared},
         ),
     ]
 
@@ -152,6 +156,7 @@ def llm_models(resource: Resource, artifacts_root: str) -> list[ConfigDict]:
         "model_dir": model_dir,
         "dtype": spec.model.dtype,
         "device": spec.model.device,
+        "trust_remote_code": _auto(spec.model.trust_remote_code),
         "max_context_length": str(spec.model.max_context_length),
         "max_sequences": str(spec.engine.max_sequences),
         "max_waiting": str(spec.engine.max_waiting),

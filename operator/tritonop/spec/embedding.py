@@ -37,7 +37,7 @@ class SearchSettings(StageSettings):
 
 
 class EmbeddingModelSpec(SpecModel):
-    """Where the BERT comes from and how its token embeddings become one vector."""
+    """Where the encoder comes from and how its token embeddings become one vector."""
 
     source: str = Field(
         DEFAULT_MODEL_SOURCE,
@@ -52,10 +52,35 @@ class EmbeddingModelSpec(SpecModel):
         None, ge=8, le=8192,
         description="Tokens per text; longer texts are truncated. Default: the model's own.",
     )
-    pooling: Literal["mean", "max", "cls"] | None = Field(
-        None, description="How token embeddings are pooled. Default: the model's own."
+    pooling: Literal["mean", "max", "cls", "lasttoken"] | None = Field(
+        None, description="How token embeddings are pooled. Default: the model's own "
+        "(its sentence-transformers Pooling module; mean without one)."
     )
-    normalize: bool = Field(True, description="L2-normalize the served embeddings.")
+    normalize: bool | None = Field(
+        None, description="L2-normalize the served embeddings. Default: the model's own "
+        "(whether its modules.json has a Normalize module). Search is by cosine either way."
+    )
+    query_prompt: str | None = Field(
+        None, max_length=2048,
+        description="Text put before every search query and /v1/embeddings input (as "
+        "sentence-transformers' encode_query does), e.g. e5's 'query: ' or bge's "
+        "instruction. Default: the 'query' prompt of the model's "
+        "config_sentence_transformers.json; '' for none.",
+    )
+    document_prompt: str | None = Field(
+        None, max_length=2048,
+        description="Text put before every corpus text when the index is built (as "
+        "encode_document does), e.g. e5's 'passage: '. Default: the model's 'document', "
+        "'passage' or 'corpus' prompt, the first one set; '' for none.",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Allow a model whose config.json names its own Python code (auto_map). "
+        "That code runs in the prepare step (the export), with its permissions; Triton "
+        "serves the exported graph. Prepare refuses such models while this is false; with "
+        "it, the export is checked against the model's own code like any other (tested "
+        "with a BERT subclass only).",
+    )
     device: Literal["cpu", "gpu"] = Field("cpu", description="Where the encoder runs.")
 
 

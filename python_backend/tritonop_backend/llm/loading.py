@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from tritonop_backend.llm.architectures import check_model_dir
 from tritonop_backend.llm.attention import use_decode_attention
 from tritonop_backend.llm.packing import can_pack, pack_linear_layers
 
@@ -116,7 +117,12 @@ def resolve_dtype(
 
 
 def load_causal_lm(
-    model_dir: str | Path, dtype: str = "auto", device: str = "cpu", *, pack: bool = True
+    model_dir: str | Path,
+    dtype: str = "auto",
+    device: str = "cpu",
+    *,
+    pack: bool = True,
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load a Hugging Face causal LM directory (safetensors) and its tokenizer, offline.
 
@@ -128,23 +134,31 @@ def load_causal_lm(
             and run decode attention with each group's query heads packed together
             (``packing.py``, ``attention.py``: the same outputs, faster steps); False
             keeps the stock model, as the tests' independent reference does.
+        trust_remote_code: run the Python code the folder ships (``auto_map``), as
+            ``transformers``' option of that name does; see ``architectures.py``.
 
     Returns:
         The model in eval mode on the device, with a note if the dtype was changed.
+
+    Raises:
+        UnsupportedModelError: for an architecture the engine does not serve (checked
+            before anything is loaded; prepare checks the same first).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_model_dir(model_dir, trust_remote_code=trust_remote_code)
     target = torch.device(device)
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available")
     torch_dtype, note = resolve_dtype(dtype, target)
     if note:
         LOGGER.warning("%s", note)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     # On CUDA, load straight onto the GPU: a 7B model would otherwise pass through host RAM.
     placement = str(target) if target.type == "cuda" else None
     model: Any = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=torch_dtype, use_safetensors=True, device_map=placement
+        str(model_dir), dtype=torch_dtype, use_safetensors=True, device_map=placement,
+        trust_remote_code=trust_remote_code,
     )
     model.to(target)
     model.eval()
@@ -200,8 +214,28 @@ def _convert(source: Path, out: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    eos = model.generation_config.eos_token_id
+    known = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    stops = set(_end_of_generation_ids(source)) - set(known)
+    if stops:
+        model.generation_config.eos_token_id = sorted({*known, *stops})
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
+
+
+EOG_FIELDS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+              "tokenizer.ggml.eom_token_id")
+"""The GGUF fields of the tokens that end a generation in llama.cpp. transformers reads only
+the first, so a Llama 3 GGUF whose end of turn (``<|eot_id|>``) is stored as ``eot`` would
+otherwise run on past the end of its answer."""
+
+
+def _end_of_generation_ids(source: Path) -> list[int]:
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(source)).fields
+    return [int(fields[name].parts[fields[name].data[0]][0])
+            for name in EOG_FIELDS if name in fields and fields[name].data]
 
 
 def _manifest(source: Path, out: Path) -> dict[str, Any]:

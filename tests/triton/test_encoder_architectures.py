@@ -1,0 +1,70 @@
+"""Every encoder architecture, served by tritonserver from its folder, equals sentence-transformers.
+
+The ``enc-<name>`` resources of the session server (conftest) were prepared from tiny
+sentence-transformers folders, one per architecture. Queries are embedded as
+``encode_query`` does (query prompt), the corpus as ``encode_document`` does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.support.encoders import TINY_ENCODERS, reference_documents
+from tests.triton.conftest import TINY_TEXTS
+
+pytestmark = pytest.mark.triton
+
+SPECS = {spec.name: spec for spec in TINY_ENCODERS}
+QUERIES = [
+    "europe climate change storm",
+    "Zürich, São Paulo and 北京: non-ASCII queries work",
+    "a python text editor",
+    "a text longer than the tiny models' maximum length " * 12,  # truncated to 48 tokens
+]
+
+
+@pytest.fixture(scope="module")
+def references(tiny_encoders):  # -> dict[str, SentenceTransformer]
+    from sentence_transformers import SentenceTransformer
+
+    return {name: SentenceTransformer(str(path), device="cpu")
+            for name, path in tiny_encoders.items()}
+
+
+def served(triton, name: str) -> np.ndarray:
+    rows = []
+    for text in QUERIES:
+        status, body = triton.generate(f"enc-{name}_embedding", {"text": text})
+        assert status == 200, body
+        rows.append(body["embedding"])
+    return np.array(rows, dtype=np.float32)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_embeddings_equal_sentence_transformers(triton, references, name):
+    actual = served(triton, name)
+    expected = references[name].encode_query(QUERIES)
+    cosine = np.sum(actual * expected, axis=1) / (
+        np.linalg.norm(actual, axis=1) * np.linalg.norm(expected, axis=1))
+    assert np.all(cosine >= 0.9999), cosine
+    # Unit length exactly where the model has a Normalize module (xlmr has none).
+    np.testing.assert_allclose(np.linalg.norm(actual, axis=1),
+                               np.linalg.norm(expected, axis=1), rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_search_top5_equals_brute_force_over_sentence_transformers(triton, references, name):
+    model = references[name]
+    documents = reference_documents(model, SPECS[name], TINY_TEXTS)
+    scores = model.encode_query(QUERIES, normalize_embeddings=True) @ documents.T
+    for text, row in zip(QUERIES, scores, strict=True):
+        order = np.argsort(-row, kind="stable")
+        # Served and reference scores differ by ~1e-6: a ranking with gaps of 1e-5 is
+        # decided. The fixture's texts and weights give such gaps; fail, not guess, if not.
+        assert np.all(-np.diff(row[order[:6]]) > 1e-5), row[order]
+        status, body = triton.generate(f"enc-{name}", {"text": text, "num_results": 5})
+        assert status == 200, body
+        assert body["ids"] == order[:5].tolist()
+        np.testing.assert_allclose(body["scores"], row[order[:5]], atol=1e-5)
+        assert body["texts"] == [TINY_TEXTS[i] for i in order[:5]]
