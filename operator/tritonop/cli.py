@@ -15,12 +15,30 @@ from tritonop.runtime.local import ServerError
 from tritonop_backend.artifacts import ArtifactError
 
 
+def _user_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tritonop"
+
+
 def default_artifacts_root() -> Path:
     """Where local artifacts are cached: ``$TRITONOP_ARTIFACTS`` or the XDG cache."""
     if os.environ.get("TRITONOP_ARTIFACTS"):
         return Path(os.environ["TRITONOP_ARTIFACTS"])
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "tritonop" / "artifacts"
+    return _user_cache() / "artifacts"
+
+
+def models_cache(args: argparse.Namespace) -> Path:
+    """Where remote model sources are downloaded: ``--models-cache``, else beside the artifacts.
+
+    Under the XDG cache that is ``~/.cache/tritonop/models``; an artifacts root named
+    otherwise (``--artifacts-root``, ``$TRITONOP_ARTIFACTS``: a pod's volume) holds it in
+    ``<root>/.models``, on the same volume as the artifacts (hard links, not copies), under a
+    name no resource can have.
+    """
+    if args.models_cache is not None:
+        return Path(args.models_cache)
+    if Path(args.artifacts_root) == _user_cache() / "artifacts":
+        return _user_cache() / "models"
+    return Path(args.artifacts_root) / ".models"
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
@@ -58,7 +76,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
     return serve(resources, args.artifacts_root, ports, args.workdir,
                  openai_port=args.openai_port if args.openai else None, host=args.host,
-                 api_key=args.api_key or None)
+                 api_key=args.api_key or None, models_cache=models_cache(args))
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
@@ -110,7 +128,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     if args.base_dir:
         resources = [dataclasses.replace(r, base_dir=args.base_dir) for r in resources]
     prepare(resources, args.artifacts_root, expect=args.expect_fingerprint,
-            keep_only=args.keep_only)
+            keep_only=args.keep_only, models_cache=models_cache(args))
     return 0
 
 
@@ -151,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     def with_artifacts(p: argparse.ArgumentParser) -> None:
         p.add_argument("--artifacts-root", type=Path, default=default_artifacts_root(),
                        help="where exported models and indexes live (default: %(default)s)")
+        p.add_argument("--models-cache", type=Path, metavar="DIR",
+                       help="where hf://, s3:// and https:// model sources are downloaded "
+                       f"(default: {_user_cache() / 'models'} beside the default artifacts "
+                       "root, else <artifacts-root>/.models); credentials come from "
+                       "HF_TOKEN, HF_ENDPOINT and AWS_* in the environment")
 
     def with_api_key(p: argparse.ArgumentParser) -> None:
         # No %(default)s in the help: it would print the key from the environment.

@@ -17,6 +17,7 @@ from tritonop.spec import EmbeddingSearchSpec, LLMServiceSpec, describe_errors
 
 API = f"{API_GROUP}/{API_VERSION}"
 CORPUS_SHA256_ANNOTATION = f"{API_GROUP}/corpus-sha256"
+MODEL_REVISION_ANNOTATION = f"{API_GROUP}/model-revision"
 SPECS: dict[str, type[EmbeddingSearchSpec] | type[LLMServiceSpec]] = {
     "EmbeddingSearch": EmbeddingSearchSpec,
     "LLMService": LLMServiceSpec,
@@ -60,6 +61,11 @@ class Resource:
             ``serving.tritonop.dev/corpus-sha256`` annotation of the resource document it
             hands to prepare), so that prepare names the very version the pods expect;
             ``None``: hash the corpus here (see ``tritonop.artifacts.versions``).
+        model_revision: the exact revision of a remote ``spec.model.source`` (a commit sha, the
+            hash of an S3 listing, an https file's sha256) that the artifacts are built from,
+            once resolved: by prepare before ``tritonop serve`` renders, or carried in the
+            resource document as the ``serving.tritonop.dev/model-revision`` annotation, so
+            that prepare downloads the revision the render named. ``None``: not resolved.
     """
 
     kind: str
@@ -68,6 +74,7 @@ class Resource:
     spec: Spec
     base_dir: Path | None = None
     corpus_sha256: str | None = None
+    model_revision: str | None = None
 
     def resolve_path(self, value: str) -> Path:
         """A path from the spec, made absolute against :attr:`base_dir`."""
@@ -121,9 +128,12 @@ def parse_resource(body: Mapping[str, Any], base_dir: Path | None = None) -> Res
         spec = SPECS[kind].model_validate(body.get("spec") or {})
     except ValidationError as err:
         raise ResourceError(f"{kind} {name}:\n{describe_errors(err)}") from None
-    pinned = (metadata.get("annotations") or {}).get(CORPUS_SHA256_ANNOTATION)
+    annotations = metadata.get("annotations") or {}
+    pinned, revision = (annotations.get(key) for key in (CORPUS_SHA256_ANNOTATION,
+                                                          MODEL_REVISION_ANNOTATION))
     return Resource(kind, name, metadata.get("namespace") or "default", spec, base_dir,
-                    pinned if isinstance(pinned, str) else None)
+                    pinned if isinstance(pinned, str) else None,
+                    revision if isinstance(revision, str) and revision else None)
 
 
 def load_resources(path: Path) -> list[Resource]:

@@ -65,6 +65,12 @@ SERVER_SAYS = {
                                     "spec.resources.limits.memory in body should match",
     "spec: model.device: cuda needs gpus >= 1":
         "spec: Invalid value: model.device: cuda needs gpus >= 1",
+    "spec.model: sha256 is required with an https:// source":
+        "spec.model: Invalid value: sha256 is required with an https:// source",
+    "spec.model: sha256 is required":
+        "spec.model: Invalid value: sha256 is required with an https:// source",
+    "spec.model.sha256": 'spec.model.sha256: Invalid value: "ABC": spec.model.sha256 in body '
+                         "should match",
 }
 
 

@@ -27,7 +27,7 @@ def sha256(data: bytes) -> str:
 
 def revisions(cache: Path, repo_id: str) -> list[str]:
     """What is under the model's cache folder besides its lock: revisions and staging."""
-    folder = cache / "models" / "hf" / repo_id
+    folder = cache / "hf" / repo_id
     return sorted(p.name for p in folder.iterdir() if p.name != ".lock") if folder.exists() else []
 
 
@@ -101,7 +101,7 @@ def test_refusals_name_the_source_and_the_cause(
     for part in expected:
         assert part in str(error.value)
     assert hub.downloads() == []
-    assert not (tmp_path / "models").exists()  # refused at the metadata call, before any folder
+    assert not (tmp_path / "hf").exists()  # refused at the metadata call, before any folder
 
 
 def test_private_repository_with_its_token(hub: HubServer, hub_env: dict[str, str],
@@ -153,7 +153,7 @@ def test_killed_download_restarts_and_completes(hub: HubServer, hub_env: dict[st
         child.wait()
     left = revisions(tmp_path, "tiny/big")
     assert len(left) == 1 and left[0].startswith(".staging-")
-    (tmp_path / "models" / "hf" / "tiny" / "big" / ".staging-0123abcd").mkdir()  # stale
+    (tmp_path / "hf" / "tiny" / "big" / ".staging-0123abcd").mkdir()  # stale
     hub.throttle = 0.0
     hub.requests.clear()
     fetched = fetch("hf://tiny/big", tmp_path, env=hub_env)

@@ -6,6 +6,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -52,7 +53,7 @@ def test_prefix_is_fetched_with_a_reader_key(s3_store: S3Store, uploaded: dict[s
     for name in SERVED:
         assert (fetched.directory / name).read_bytes() == uploaded[name]
     assert progress[0] == (0, sum(len(uploaded[n]) for n in SERVED)) == (0, progress[-1][0])
-    assert fetched.directory == tmp_path / "models" / "s3" / "models" / "bert" / str(
+    assert fetched.directory == tmp_path / "s3" / "models" / "bert" / str(
         fetched.revision)
 
 
@@ -72,6 +73,25 @@ def test_revision_follows_the_etags(s3_store: S3Store, uploaded: dict[str, bytes
     assert (first.directory / "config.json").read_bytes() != b'{"v": 2}'  # the old one intact
 
 
+def test_a_pinned_revision_is_reused_without_a_call_and_a_changed_store_refused(
+        s3_store: S3Store, uploaded: dict[str, bytes], tmp_path: Path) -> None:
+    """What prepare does with the revision a render pinned (the listing's hash)."""
+    s3_store.upload_folder(write_folder(tmp_path / "v1", model_files(32, seed=8)), "models",
+                           "pinned")
+    first = fetch(s3_source(s3_store, "pinned"), tmp_path, env=s3_store.reader.env)
+    unreachable = ModelSource.parse("s3://models/pinned", s3_endpoint="http://127.0.0.1:9")
+    pinned = replace(unreachable, revision=first.revision)
+    assert fetch(pinned, tmp_path, env=s3_store.reader.env) == first  # no call: port 9
+    s3_store.client().put_object(Bucket="models", Key="pinned/config.json", Body=b'{"v": 2}')
+    moved = replace(s3_source(s3_store, "pinned"), revision=first.revision)
+    (first.directory.parent / first.revision).rename(tmp_path / "evicted")  # not cached
+    with pytest.raises(ArtifactError, match=rf"model source s3://models/pinned: the store now "
+                                            rf"holds revision [0-9a-f]{{64}}, not the pinned "
+                                            rf"{first.revision} \(objects changed since\)"):
+        fetch(moved, tmp_path, env=s3_store.reader.env)
+    assert sorted(p.name for p in first.directory.parent.iterdir()) == [".lock"]
+
+
 @pytest.mark.parametrize("key", [Key("AKIAUNKNOWN000000000", "secret"), None],
                          ids=["unknown key", "wrong secret"])
 def test_bad_credentials_are_named(s3_store: S3Store, uploaded: dict[str, bytes],
@@ -81,7 +101,7 @@ def test_bad_credentials_are_named(s3_store: S3Store, uploaded: dict[str, bytes]
                                             r"the credentials \(\w+, HTTP 403\); check "
                                             r"AWS_ACCESS_KEY_ID"):
         fetch(s3_source(s3_store, "bert"), tmp_path, env=key.env)
-    assert not (tmp_path / "models").exists()
+    assert not (tmp_path / "s3").exists()
 
 
 def test_missing_prefix(s3_store: S3Store, uploaded: dict[str, bytes], tmp_path: Path) -> None:
@@ -111,7 +131,7 @@ def test_corrupted_object_is_refused_and_leaves_no_revision(
     with pytest.raises(ArtifactError, match=f"model source s3://models/{prefix}: {name} does "
                                             f"not match its"):
         fetch(s3_source(s3_store, prefix), cache, env=s3_store.reader.env)
-    assert [p.name for p in (cache / "models" / "s3" / "models" / prefix).iterdir()] == [".lock"]
+    assert [p.name for p in (cache / "s3" / "models" / prefix).iterdir()] == [".lock"]
 
 
 class _Files(SimpleHTTPRequestHandler):

@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,15 +27,18 @@ API = "serving.tritonop.dev/v1alpha1"
 
 
 @contextmanager
-def serving(args: list[str], timeout: float = 300) -> Iterator[tuple[subprocess.Popen[str], str]]:
+def serving(args: list[str], timeout: float = 300, env: Mapping[str, str] | None = None
+            ) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """Run ``tritonop serve ARGS`` until it says it serves; kill it at exit if still running.
 
     Yields the process and what it printed up to its ready line, so that a test can
-    check the printed examples and then stop it the way a user does (Ctrl-C).
+    check the printed examples and then stop it the way a user does (Ctrl-C). ``env``:
+    the process's environment (default: this one's).
     """
     command = [sys.executable, "-m", "tritonop.cli", "serve", *args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                               text=True, env={**(os.environ if env is None else env),
+                                               "PYTHONUNBUFFERED": "1"})
     try:
         output: list[str] = []
         deadline = time.monotonic() + timeout

