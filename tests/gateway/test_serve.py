@@ -17,8 +17,7 @@ import httpx
 import pytest
 
 from tests.gateway.conftest import _link_tree
-from tests.support.triton import embedding_search, free_port, seed_export, serving
-from tests.triton.conftest import TINY_TEXTS
+from tests.support.triton import TINY_TEXTS, embedding_search, free_port, seed_export, serving
 
 pytestmark = pytest.mark.triton
 

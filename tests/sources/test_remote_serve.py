@@ -37,8 +37,7 @@ from tests.gateway.test_auth import self_signed
 from tests.support.gguf import write_gguf
 from tests.support.hub import HubRepo, HubServer
 from tests.support.s3 import S3Store
-from tests.support.triton import free_port, serving
-from tests.triton.conftest import TINY_TEXTS
+from tests.support.triton import TINY_TEXTS, free_port, serving
 from tritonop.artifacts.versions import complete_versions, resource_fingerprint
 from tritonop.cli import main
 from tritonop.render.kubernetes import resource_document

@@ -23,15 +23,12 @@ from typing import Any
 
 import pytest
 
+from tests.support.triton import TINY_TEXTS
+
 # What the tiny tokenizers learn their vocabulary from: the texts the tests embed and
 # search, a few more, and non-ASCII letters, so few words end up as the unknown token.
 TRAINING_TEXTS = [
-    "severe storm warning for northern europe", "heatwave and drought in the south",
-    "football club wins the cup", "new python release with faster startup",
-    "linux kernel adds a scheduler", "jazz festival opens downtown",
-    "stock markets fall on rate fears", "flooding closes mountain roads",
-    "climate summit ends without a deal", "text editor for programmers",
-    "database engine with SQL support", "wind farm opens off the coast",
+    *TINY_TEXTS,
     "europe climate change storm", "the quick brown fox jumps over the lazy dog",
     "Zürich, São Paulo and 北京: non-ASCII text is tokenized too",
     "query: passage: Represent this sentence for searching relevant passages:",

@@ -60,6 +60,17 @@ def serving(args: list[str], timeout: float = 300, env: Mapping[str, str] | None
                 process.kill()
 
 
+# A tiny corpus that the tiny servers of the tests search.
+TINY_TEXTS = [
+    "severe storm warning for northern europe", "heatwave and drought in the south",
+    "football club wins the cup", "new python release with faster startup",
+    "linux kernel adds a scheduler", "jazz festival opens downtown",
+    "stock markets fall on rate fears", "flooding closes mountain roads",
+    "climate summit ends without a deal", "text editor for programmers",
+    "database engine with SQL support", "wind farm opens off the coast",
+]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -18,16 +18,13 @@ from pathlib import Path
 import pytest
 
 from tests.support.encoders import TINY_ENCODERS
-from tests.support.triton import RunningTriton, embedding_search, running_triton, seed_export
-
-TINY_TEXTS = [
-    "severe storm warning for northern europe", "heatwave and drought in the south",
-    "football club wins the cup", "new python release with faster startup",
-    "linux kernel adds a scheduler", "jazz festival opens downtown",
-    "stock markets fall on rate fears", "flooding closes mountain roads",
-    "climate summit ends without a deal", "text editor for programmers",
-    "database engine with SQL support", "wind farm opens off the coast",
-]
+from tests.support.triton import (
+    TINY_TEXTS,
+    RunningTriton,
+    embedding_search,
+    running_triton,
+    seed_export,
+)
 
 
 @pytest.fixture(scope="session")

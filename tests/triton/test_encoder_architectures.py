@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.support.encoders import TINY_ENCODERS, reference_documents
-from tests.triton.conftest import TINY_TEXTS
+from tests.support.triton import TINY_TEXTS
 
 pytestmark = pytest.mark.triton
 
