@@ -21,6 +21,7 @@ import pytest
 
 from tests.gateway.test_admission import gauge, settle
 from tests.support.podrunner import write_config_map
+from tests.support.tls import self_signed
 from tests.support.triton import free_port
 from tritonop.gateway.backend import TritonAddress
 from tritonop.gateway.config import ClientLimits, GatewayConfig, gateway_config
@@ -316,29 +317,3 @@ def trusting_only(pem: dict[str, str]) -> ssl.SSLContext:
     return ssl.create_default_context(cadata=pem["tls.crt"])
 
 
-def self_signed(host: str) -> dict[str, str]:
-    """A certificate for ``host`` (an IP address) signed by its own key: the PEM texts of
-    a kubernetes.io/tls Secret's ``tls.crt`` and ``tls.key``."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tritonop test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address(host))]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    return {"tls.crt": cert.public_bytes(serialization.Encoding.PEM).decode(),
-            "tls.key": key.private_bytes(serialization.Encoding.PEM,
-                                         serialization.PrivateFormat.PKCS8,
-                                         serialization.NoEncryption()).decode()}

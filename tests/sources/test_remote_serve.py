@@ -23,7 +23,6 @@ import os
 import ssl
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,10 +32,11 @@ import numpy as np
 import pytest
 import requests
 
-from tests.gateway.test_auth import self_signed
 from tests.support.gguf import write_gguf
 from tests.support.hub import HubRepo, HubServer
+from tests.support.llm import greedy_completions
 from tests.support.s3 import S3Store
+from tests.support.tls import self_signed
 from tests.support.triton import TINY_TEXTS, free_port, serving
 from tritonop.artifacts.versions import complete_versions, resource_fingerprint
 from tritonop.cli import main
@@ -176,14 +176,7 @@ def test_a_decoder_from_s3_or_a_gguf_over_https_completes_as_generate(
         served: Served, references: dict[str, Any], name: str) -> None:
     import torch
 
-    def complete(prompt: str) -> dict[str, Any]:
-        response = requests.post(f"{served.gateway}/completions", timeout=120, json={
-            "model": name, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0})
-        assert response.status_code == 200, response.text
-        return dict(response.json())
-
-    with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        answers = list(pool.map(complete, PROMPTS))
+    answers = greedy_completions(served.gateway, name, PROMPTS, MAX_TOKENS)
     tokenizer, model = references[name]
     for prompt, answer in zip(PROMPTS, answers, strict=True):
         ids = torch.tensor([tokenizer(prompt)["input_ids"]])

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
+import requests
 import torch
 
 from tritonop_backend.llm.engine import GenerationEvent, LLMEngine
@@ -140,3 +143,19 @@ def greedy_mismatch(
         return (f"token {first}: generate rates its {theirs} {margin:.3f} above the engine's "
                 f"{ours}; a rounding tie is at most {bound:.3f} ({ulps:g} ulps of {dtype})")
     return None
+
+
+def greedy_completions(base_url: str, model: str, prompts: list[str], max_tokens: int
+                       ) -> list[dict[str, Any]]:
+    """``/v1/completions`` answers to ``prompts`` sent together (temperature 0), each a 200.
+
+    ``base_url`` ends in ``/v1``.
+    """
+    def complete(prompt: str) -> dict[str, Any]:
+        response = requests.post(f"{base_url}/completions", timeout=120, json={
+            "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(complete, prompts))

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tritonop.render.repository import artifact_dirs
 from tritonop.resources import Resource, parse_resource
 from tritonop.runtime.local import Ports, TritonServer
@@ -149,3 +151,13 @@ def running_triton(resources: list[Resource], artifacts_root: Path, workdir: Pat
         yield RunningTriton(server, artifacts_root, {r.name: r for r in resources})
     finally:
         server.stop()
+
+
+def served_embeddings(triton: RunningTriton, model: str, texts: list[str]) -> np.ndarray:
+    """The embeddings ``<model>_embedding`` serves for ``texts``, one request each."""
+    rows = []
+    for text in texts:
+        status, body = triton.generate(f"{model}_embedding", {"text": text})
+        assert status == 200, body
+        rows.append(body["embedding"])
+    return np.array(rows, dtype=np.float32)

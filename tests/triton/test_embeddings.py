@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.support.triton import served_embeddings
+
 pytestmark = pytest.mark.triton
 
 QUERIES = [
@@ -12,15 +14,6 @@ QUERIES = [
     "Zürich, São Paulo и 北京: non-ASCII queries work",
     "a text longer than the maximum length " * 80,  # ~560 tokens: truncated to 256
 ]
-
-
-def served_embeddings(triton, model: str, texts: list[str]) -> np.ndarray:
-    rows = []
-    for text in texts:
-        status, body = triton.generate(f"{model}_embedding", {"text": text})
-        assert status == 200, body
-        rows.append(body["embedding"])
-    return np.array(rows, dtype=np.float32)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.support.encoders import TINY_ENCODERS, reference_documents
-from tests.support.triton import TINY_TEXTS
+from tests.support.triton import TINY_TEXTS, served_embeddings
 
 pytestmark = pytest.mark.triton
 
@@ -33,12 +33,7 @@ def references(tiny_encoders):  # -> dict[str, SentenceTransformer]
 
 
 def served(triton, name: str) -> np.ndarray:
-    rows = []
-    for text in QUERIES:
-        status, body = triton.generate(f"enc-{name}_embedding", {"text": text})
-        assert status == 200, body
-        rows.append(body["embedding"])
-    return np.array(rows, dtype=np.float32)
+    return served_embeddings(triton, f"enc-{name}", QUERIES)
 
 
 @pytest.mark.parametrize("name", list(SPECS))

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 
 from tests.support.decoders import DECODERS
+from tests.support.llm import greedy_completions
 from tests.support.triton import API, RunningTriton, free_port, running_triton
 from tritonop.gateway.backend import TritonAddress
 from tritonop.gateway.config import gateway_config
@@ -109,14 +109,7 @@ def test_greedy_through_the_gateways_completions_equals_transformers(served, ref
     _, gateway = served
     tokenizer, model = references[name]
 
-    def complete(prompt: str) -> dict[str, Any]:
-        response = requests.post(f"{gateway.url}/v1/completions", timeout=120, json={
-            "model": name, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0})
-        assert response.status_code == 200, response.text
-        return dict(response.json())
-
-    with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        answers = list(pool.map(complete, PROMPTS))
+    answers = greedy_completions(f"{gateway.url}/v1", name, PROMPTS, MAX_TOKENS)
     for prompt, answer in zip(PROMPTS, answers, strict=True):
         ids = list(tokenizer(prompt)["input_ids"])
         text, count = generate(tokenizer, model, ids)
