@@ -23,6 +23,11 @@ is reported against it as a ratio.
     python bench/llm_gpu.py --streams 1 8 32 64
     python bench/llm_gpu.py --tiny --device cpu --out /tmp/x.json   # check the script
 
+First, unless ``--no-served``: the same model saved as a Hugging Face folder and served by
+``tritonop serve`` (a real ``tritonserver`` and the gateway; ``bench/llm_served.py``), its
+streams sent together through ``/v1/completions``, so the served figures sit beside the
+engine's from the same run. ``--served-only`` skips the engine-alone part.
+
 Figures go to ``bench/results/llm_gpu-<UTC timestamp>.json``, which ``python -m
 bench.report`` shows in docs/benchmarks.md (S4, GPU). Without CUDA it says so and exits
 with status 2.
@@ -34,12 +39,15 @@ import argparse
 import json
 import platform
 import random
+import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 RESULTS = Path(__file__).resolve().parent / "results"
 MISTRAL_7B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
               "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 32000}
@@ -82,6 +90,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true",
                         help="a 2-layer model of the same family, to check the script")
+    parser.add_argument("--no-served", action="store_true",
+                        help="skip the same model served by tritonop serve (bench/llm_served.py)")
+    parser.add_argument("--served-only", action="store_true",
+                        help="measure only the served model, not the engine alone")
+    parser.add_argument("--workdir", type=Path, help="where the served model's folder and "
+                        "tritonop serve's files go (default: a temporary folder)")
     parser.add_argument("--out", type=Path, help="write the figures here instead of "
                         "bench/results/llm_gpu-<timestamp>.json (--tiny writes none without it)")
     return parser.parse_args(argv)
@@ -219,6 +233,45 @@ def measure_streams(engine: Any, prompts: list[str], args: argparse.Namespace,
     return best
 
 
+def gpu_processes() -> list[str]:
+    """What ``nvidia-smi`` says holds GPU memory: the proof that a model ran there."""
+    try:
+        return subprocess.run(["nvidia-smi", "--query-compute-apps=pid,process_name,used_memory",
+                               "--format=csv,noheader"], capture_output=True, text=True,
+                              timeout=30).stdout.strip().splitlines()
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return [f"nvidia-smi: {err}"]
+
+
+def measure_served_model(model: Any, prompts: list[str], args: argparse.Namespace,
+                         context: int) -> dict[str, Any]:
+    """The same model, saved as a folder and served by ``tritonop serve``; its figures."""
+    from bench.llm_served import llm_service, measure_served, serving, write_folder
+
+    cuda = args.device.startswith("cuda")
+    with tempfile.TemporaryDirectory(dir=args.workdir) as work:
+        started = time.perf_counter()
+        folder = write_folder(model, Path(work) / "model")
+        saved = time.perf_counter()
+        resource = llm_service(folder, args.dtype, args.max_tokens, context, max(args.streams))
+        if not cuda:
+            resource["spec"]["model"]["device"] = "cpu"
+            resource["spec"]["gpus"] = 0
+        try:
+            with serving(resource, Path(work)) as url:
+                ready = time.perf_counter()
+                processes = gpu_processes() if cuda else []
+                runs = measure_served(url, resource["metadata"]["name"], prompts, args.streams,
+                                      args.max_tokens, args.temperature, args.repeats)
+        except Exception as err:  # the engine-alone figures still count
+            log = Path(work) / "serve.log"
+            print(f"served: {err}", file=sys.stderr, flush=True)
+            return {"served_error": str(err)[-4000:] + (log.read_text()[-4000:]
+                                                        if log.exists() else "")}
+    return {"served": runs, "served_gpu_processes": processes,
+            "served_save_s": round(saved - started, 1), "served_start_s": round(ready - saved, 1)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -250,15 +303,19 @@ def main(argv: list[str] | None = None) -> int:
         if cuda:
             torch.cuda.synchronize()
 
-    # Its warm-up: one whole request, as the engine's runs get one per stream count.
-    measure_generate(model, prompts[:1], args.max_tokens, args.temperature, sync)
-    baseline = measure_generate(model, prompts[:args.baseline_requests], args.max_tokens,
-                                args.temperature, sync)
-    print(f"sequential model.generate: {baseline['tokens_per_s']:9.1f} tokens/s "
-          f"({baseline['requests']} requests)", flush=True)
+    served = None if args.no_served else measure_served_model(model, prompts, args, context)
     # The engine's two decode paths: fixed-shape steps (replayed as CUDA graphs on a GPU)
     # and eager steps over the live window.
-    modes = {"cuda-graphs" if cuda else "fixed-shape": True, "eager": False}
+    modes = {} if args.served_only else {"cuda-graphs" if cuda else "fixed-shape": True,
+                                         "eager": False}
+    baseline = None
+    if modes:
+        # Its warm-up: one whole request, as the engine's runs get one per stream count.
+        measure_generate(model, prompts[:1], args.max_tokens, args.temperature, sync)
+        baseline = measure_generate(model, prompts[:args.baseline_requests], args.max_tokens,
+                                    args.temperature, sync)
+        print(f"sequential model.generate: {baseline['tokens_per_s']:9.1f} tokens/s "
+              f"({baseline['requests']} requests)", flush=True)
     runs = []
     for mode, static in modes.items():
         engine = LLMEngine(model, IdTokenizer(), policy, max_sequences=widest, max_waiting=0,
@@ -298,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         "temperature": args.temperature,
         "generate": baseline,
         "runs": runs,
+        **(served or {}),
     }
     out = args.out or (None if args.tiny else RESULTS / f"llm_gpu-{body['started']}.json")
     if out is not None:

@@ -794,19 +794,57 @@ def section_gpu(s4: dict[str, Any] | None, gpu: dict[str, Any] | None) -> list[s
                 key = (r.get("mode", "eager"), r["streams"])
                 spans.setdefault(key, []).append(r["decode_tokens_per_s"])
         generate = [b["generate"]["tokens_per_s"] for b in gpu["_all"] if "generate" in b]
-        lines += [f"All {len(gpu['_all'])} runs of the script so far (each on a freshly "
-                  "started machine), decode tokens/s: "
+        lines += [f"All {len(gpu['_all'])} runs of the script so far, decode tokens/s: "
                   + "; ".join(f"{mode} {n}: {min(v):.0f}-{max(v):.0f} ({len(v)} runs)"
                               if len(v) > 1 else f"{mode} {n}: {v[0]:.0f} (1 run)"
                               for (mode, n), v in sorted(spans.items()))
                   + (f"; sequential generate {min(generate):.1f}-{max(generate):.1f}"
                      if generate else "") + ".", ""]
+        slower = [f"{r.get('mode', 'eager')} {r['streams']}: {r['decode_tokens_per_s']:.0f} "
+                  f"against {max(spans[(r.get('mode', 'eager'), r['streams'])]):.0f}"
+                  for r in runs if r["decode_tokens_per_s"] < 0.8 * max(
+                      spans[(r.get("mode", "eager"), r["streams"])])]
+        if slower:
+            lines += ["**Slower than an earlier run by more than 20%** (this run against the "
+                      "best so far, decode tokens/s): " + "; ".join(slower) + ".", ""]
     if baseline:
         lines += [f"Baseline, same process: `model.generate` on the same model, "
                   f"{baseline['requests']} requests one after the other, the same sampling and "
                   f"{gpu['max_tokens']} new tokens each: {baseline['tokens_per_s']:.1f} tokens/s "
                   "(prefill included, like the tokens/s with prefill column).", ""]
     lines += [gpu_narrative(gpu), ""]
+    return lines + served_section(gpu)
+
+
+def served_section(gpu: dict[str, Any]) -> list[str]:
+    """The same model served by ``tritonop serve``, against the engine alone and the floor."""
+    weights_gb = gpu["parameters"] * (4 if gpu["dtype"] == "float32" else 2) / 1e9
+    lines = ["#### Served: `tritonop serve` on the GPU", ""]
+    if gpu.get("copy_gb_per_s"):
+        floor_ms = weights_gb / gpu["copy_gb_per_s"] * 1000
+        lines += [f"Memory-bandwidth floor: every decode step reads the {weights_gb:.1f} GB of "
+                  f"weights, {floor_ms:.1f} ms at the {gpu['copy_gb_per_s']:.0f} GB/s of a "
+                  f"device copy, so one stream cannot pass {1000 / floor_ms:.0f} tokens/s; "
+                  "more streams share each read.", ""]
+    served = gpu.get("served")
+    if not served:
+        lines += ["*Not measured yet.* " + (f"The last try (`{gpu['_file']}`): "
+                  f"{gpu['served_error']}." if gpu.get("served_error") else ""), ""]
+        return lines
+    engine = {r["streams"]: r["decode_tokens_per_s"] for r in gpu["runs"]
+              if r.get("mode") in ("cuda-graphs", "fixed-shape")}
+    lines += table(["streams", "decode tokens/s", "per stream", "vs engine alone",
+                    "TTFT ms p50", "tokens/s with prefill", "decode tokens/s, each run"],
+                   [[r["streams"], f"{r['decode_tokens_per_s']:.0f}",
+                     f"{r['decode_tokens_per_s'] / r['streams']:.1f}",
+                     f"{r['decode_tokens_per_s'] / engine[r['streams']]:.2f}x"
+                     if r["streams"] in engine else "–", fmt(r["ttft_ms"]),
+                     f"{r['tokens_per_s']:.0f}",
+                     ", ".join(f"{x:.0f}" for x in r["repeats_decode_tokens_per_s"])]
+                    for r in served])
+    lines += ["Through the gateway's `/v1/completions` with `stream: true`, all streams sent "
+              "together; vs engine alone: against the fixed-shape (CUDA-graph) rows above, same "
+              "run.", ""]
     return lines
 
 

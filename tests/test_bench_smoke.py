@@ -195,10 +195,14 @@ def test_llm_gpu_script_runs_tiny_on_cpu_and_the_report_shows_it(tmp_path):
     assert all(r["decode_tokens_per_s"] > 0 and r["tokens"] == 4 * r["streams"]
                for r in figures["runs"])
     assert figures["generate"]["tokens"] == 4 * 3  # the baseline: 3 requests of 4 tokens
+    # The same model saved as a folder and served by `tritonop serve` (on the CPU here).
+    assert [(r["streams"], r["tokens"]) for r in figures["served"]] == [(1, 4), (2, 8)]
+    assert all(r["decode_tokens_per_s"] > 0 and r["ttft_ms"] > 0 for r in figures["served"])
     assert all(r["vs_generate"] > 0 and r["warmup_decode_tokens_per_s"] > 0
                for r in figures["runs"])
     section = "\n".join(report.section_gpu(None, {**figures, "_file": out.name}))
     assert out.name in section and "| fixed-shape | 2 |" in section
     assert "model.generate" in section and "Eager, a decode step took" in section
+    assert "#### Served: `tritonop serve` on the GPU" in section and "| 2 | " in section
     if not torch.cuda.is_available():
         assert llm_gpu.main(["--streams", "1"]) == 2  # a clear message, nothing measured

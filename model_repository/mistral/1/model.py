@@ -120,6 +120,8 @@ class TritonPythonModel:
                                 trust_remote_code=params.get("trust_remote_code") == "true")
         if loaded.note:
             pb_utils.Logger.log_warn(loaded.note)
+        pb_utils.Logger.log_info(f"{args['model_name']}: {params['model_dir']} loaded on "
+                                 f"{loaded.device} in {str(loaded.dtype).removeprefix('torch.')}")
         # None lets the engine decide: CUDA graphs where the model is on a GPU.
         graphs = params.get("cuda_graphs", "true") == "true"
         engine = LLMEngine(loaded.model, loaded.tokenizer, self.policy,
