@@ -210,6 +210,27 @@ class TestWhatPrepareRefuses:
             "is not run unless model.trustRemoteCode is true")
         prepare([llm_service(custom_code_model, trustRemoteCode=True)], tmp_path / "artifacts")
 
+    def test_a_base_model_without_a_chat_template_unless_chat_template_is_off(
+            self, tiny_decoders: dict[str, Path], tmp_path: Path) -> None:
+        folder = tmp_path / "base"
+        shutil.copytree(tiny_decoders["mistral"], folder)
+        config = folder / "tokenizer_config.json"
+        config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items()
+                                      if k != "chat_template"}))
+        (folder / "chat_template.jinja").unlink(missing_ok=True)
+        with pytest.raises(ArtifactError) as caught:
+            prepare([llm_service(folder)], tmp_path / "artifacts")
+        assert str(caught.value).startswith(
+            f"model source {folder}: spec.generation.chatTemplate is true, but the model's "
+            "tokenizer has no chat template")
+        loaded = load_causal_lm(folder, "float32", "cpu")  # what the Triton model would say
+        with pytest.raises(ValueError, match="the tokenizer has none"):
+            LLMEngine(loaded.model, loaded.tokenizer, POLICY, max_sequences=1)
+        off = parse_resource({"apiVersion": API, "kind": "LLMService", "metadata": {"name": "x"},
+                              "spec": {"model": {"source": str(folder)},
+                                       "generation": {"chatTemplate": False}}})
+        prepare([off], tmp_path / "artifacts")
+
     def test_a_gguf_of_an_architecture_the_engine_does_not_serve(self, tmp_path: Path) -> None:
         import gguf
 

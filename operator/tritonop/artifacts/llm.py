@@ -10,6 +10,7 @@ safetensors folder hard-linked there, a GGUF converted.
 
 from __future__ import annotations
 
+import json
 import logging
 from importlib import metadata
 from pathlib import Path, PurePosixPath
@@ -117,6 +118,32 @@ def check_llm_architecture(resource: Resource, path: Path) -> str:
         raise ArtifactError(f"model source {spec.model.source}: {error}") from None
 
 
+def has_chat_template(folder: Path) -> bool:
+    """Whether a Hugging Face folder's tokenizer declares a chat template, where
+    ``transformers`` looks for one (``tokenizer_config.json``, ``chat_template.jinja`` or
+    ``chat_template.json``)."""
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    try:
+        return bool(json.loads((folder / "tokenizer_config.json").read_text()).get(
+            "chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_chat_template(resource: Resource, folder: Path) -> None:
+    """Refuse ``generation.chatTemplate: true`` for a model whose tokenizer has no template
+    (a base model), at prepare: the Triton model would refuse to load it."""
+    spec = resource.spec
+    assert isinstance(spec, LLMServiceSpec)
+    if spec.generation.chat_template and not has_chat_template(folder):
+        raise ArtifactError(
+            f"model source {spec.model.source}: spec.generation.chatTemplate is true, but the "
+            "model's tokenizer has no chat template (no chat_template in tokenizer_config.json, "
+            "no chat_template.jinja): set spec.generation.chatTemplate: false to serve a base "
+            "model, whose prompts are then taken verbatim")
+
+
 def prepare_llm(resource: Resource, artifacts_root: Path, *, models_cache: Path | None = None,
                 progress: bool = False, fetched: Fetched | None = None) -> None:
     """Put the resource's model in its model directory (a GGUF converted, a downloaded folder
@@ -136,12 +163,15 @@ def prepare_llm(resource: Resource, artifacts_root: Path, *, models_cache: Path 
     model_type = check_llm_architecture(resource, source)
     log.info("%s: model_type %s", resource.name, model_type)
     if serves_in_place(resource):
+        check_chat_template(resource, source)
         log.info("%s: serving the Hugging Face model in %s", resource.name, source)
         return
     target = Path(llm_model_dir(resource, str(artifacts_root)))
     if source.is_dir():
+        check_chat_template(resource, source)
         assert fetched is not None
         place_folder(fetched, target)
     else:
         prepare_gguf(source, target)
+        check_chat_template(resource, target)
     log.info("%s: model from %s ready in %s", resource.name, source.name, target)
