@@ -955,6 +955,51 @@ def section_s8(result: dict[str, Any], img: Path) -> list[str]:
     return lines
 
 
+def downloads_results(results_dir: Path = RESULTS) -> dict[str, Any] | None:
+    """The newest figures of ``bench/downloads.py``, if it has been run."""
+    found = sorted(Path(results_dir).glob("downloads-*.json"))
+    if not found:
+        return None
+    body: dict[str, Any] = json.loads(found[-1].read_text())
+    body["_file"] = found[-1].name
+    return body
+
+
+def section_downloads(downloads: dict[str, Any] | None) -> list[str]:
+    """Cold and cached ``fetch`` of one model from the Hub, S3 and https."""
+    lines = ["## Model downloads", "",
+             "What: how long `fetch` (`operator/tritonop/artifacts/fetch.py`) takes to bring a "
+             "model into an empty cache (cold: listing, download, every file checked against "
+             "the store's hash, renamed into place) and to find it there again (cached), from "
+             "each kind of remote source: the project's Hub-compatible server (`hf://`), moto's "
+             "S3 server (`s3://`, uploaded in 5 MiB parts) and an https file server with TLS "
+             "(one `.gguf` file with its sha256).", "",
+             "```",
+             "python -m bench.downloads                 # a 500 MB model; --megabytes N for "
+             "another size",
+             "python -m bench.report                    # put the figures on this page",
+             "```", ""]
+    if downloads is None:
+        return [*lines, "*Not run yet: no `bench/results/downloads-*.json`.*", ""]
+    m = downloads["machine"]
+    packages = ", ".join(f"{name} {version}" for name, version in m["packages"].items())
+    lines += [f"From `{downloads['_file']}`: {m['cpu_count']} x {m['cpu_model']}, "
+              f"Python {m['python']}, {packages}; load average "
+              f"{downloads['load_average_start'][0]:.1f} at the start, "
+              f"{downloads['load_average_end'][0]:.1f} at the end.", ""]
+    lines += table(["source", "size MB", "cold s", "MB/s", "cached s"],
+                   [[r["source"], fmt(r["bytes"] / 1e6), fmt(r["cold_s"]), fmt(r["mb_per_s"]),
+                     fmt(r["cached_s"])] for r in downloads["runs"]])
+    calls = "; ".join(f"{r['source']}: {r['cached_calls']}" for r in downloads["runs"])
+    lines += [f"The servers run on loopback on this machine, in a process of their own, so "
+              f"these figures are the client's own cost (the client library, hashing every "
+              f"file, writing it into the cache), not a network's: over a real link, the "
+              f"slower of the link and these figures sets the pace. The servers read the "
+              f"model from the page cache and share the {m['cpu_count']} cores with the "
+              f"client. What a cached fetch still asks the store: {calls}.", ""]
+    return lines
+
+
 SECTIONS = {"S1": section_s1, "S2": section_s2, "S3": section_s3, "S4": section_s4,
             "S5": section_s5, "S6": section_s6, "S7": section_s7, "S8": section_s8}
 
@@ -1063,6 +1108,7 @@ def write_report(paths: Iterable[Path], docs_dir: Path = DOCS, *,
             shown.add(why)
         if key == "S4":
             lines += section_gpu(result, gpu)
+    lines += section_downloads(downloads_results(Path(paths[0]).parent) if paths else None)
     lines += ["## Settings", "", SETTINGS_NOTE]
     page = Path(docs_dir) / "benchmarks.md"
     page.write_text("\n".join(lines).rstrip() + "\n")

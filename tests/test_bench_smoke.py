@@ -206,3 +206,31 @@ def test_llm_gpu_script_runs_tiny_on_cpu_and_the_report_shows_it(tmp_path):
     assert "#### Served: `tritonop serve` on the GPU" in section and "| 2 | " in section
     if not torch.cuda.is_available():
         assert llm_gpu.main(["--streams", "1"]) == 2  # a clear message, nothing measured
+
+
+def test_downloads_script_fetches_from_each_source_and_the_report_shows_it(tmp_path):
+    import os
+
+    from bench import downloads, report
+    from safetensors import safe_open
+
+    downloads.build_model(tmp_path / "model", 1)
+    with safe_open(str(tmp_path / "model" / "model.safetensors"), "np") as weights:
+        assert weights.get_slice("model.embed_tokens.weight").get_shape() == [122, 4096]
+    certificates = os.environ.get("SSL_CERT_FILE")
+    out = tmp_path / "downloads-test.json"
+    assert downloads.main(["--megabytes", "4", "--out", str(out)]) == 0
+    assert os.environ.get("SSL_CERT_FILE") == certificates
+    figures = json.loads(out.read_text())
+    model = figures["model"]
+    assert [r["source"] for r in figures["runs"]] == ["hf", "s3", "https"]
+    for run in figures["runs"]:
+        whole = run["source"] != "https"  # https: the weights alone, as one .gguf file
+        assert run["files"] == (len(model) if whole else 1), run
+        assert run["bytes"] == (sum(model.values()) if whole else model["model.safetensors"])
+        assert run["mb_per_s"] > 0 and 0 <= run["cached_s"] < run["cold_s"], run
+    assert figures["machine"]["packages"]["huggingface_hub"] and figures["machine"]["cpu_count"]
+    section = "\n".join(report.section_downloads({**figures, "_file": out.name}))
+    assert "## Model downloads" in section and out.name in section
+    assert all(f"| {source} | " in section for source in ("hf", "s3", "https"))
+    assert "Not run yet" in "\n".join(report.section_downloads(None))

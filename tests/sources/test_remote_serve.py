@@ -17,13 +17,9 @@ one line naming it and the 401.
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import os
-import ssl
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +32,7 @@ from tests.support.gguf import write_gguf
 from tests.support.hub import HubRepo, HubServer
 from tests.support.llm import greedy_completions
 from tests.support.s3 import S3Store
-from tests.support.tls import self_signed
+from tests.support.tls import https_files, self_signed
 from tests.support.triton import TINY_TEXTS, free_port, serving
 from tritonop.artifacts.versions import complete_versions, resource_fingerprint
 from tritonop.cli import main
@@ -54,28 +50,6 @@ MAX_TOKENS = 12
 LLM_SPEC = ("dtype: float32, maxContextLength: 256}\n"
             "  generation: {limits: {maxTokens: 64}, defaults: {maxTokens: 16}}\n"
             "  engine: {maxSequences: 2, maxWaiting: 4, threads: 1}\n")
-
-
-class _Files(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-@contextmanager
-def https_files(folder: Path, certificate: Path, key: Path) -> Iterator[str]:
-    """The files of ``folder`` over HTTPS on loopback; yields the base URL."""
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), lambda *a: _Files(*a, directory=str(folder)))
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(certificate, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"https://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @dataclass(frozen=True)
