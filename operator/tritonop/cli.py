@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from tritonop.resources import ResourceError, iter_resources, parse_resource
+from tritonop.resources import Resource, ResourceError, iter_resources, parse_resource
 from tritonop.runtime.local import ServerError
 from tritonop_backend.artifacts import ArtifactError
 
@@ -112,14 +113,10 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         return 2
 
 
-def _cmd_prepare(args: argparse.Namespace) -> int:
+def _read_resources(args: argparse.Namespace) -> list[Resource]:
+    """The resources of ``-f`` files, or the one in ``--resource-env``'s variable (a Job's)."""
     import dataclasses
 
-    from tritonop.artifacts.prepare import prepare
-
-    if bool(args.file) == bool(args.resource_env):
-        print("error: give either resource files (-f) or --resource-env", file=sys.stderr)
-        return 2
     if args.resource_env:
         text = os.environ.get(args.resource_env, "")
         resources = [parse_resource(yaml.safe_load(text) or {}, args.base_dir)]
@@ -127,9 +124,72 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         resources = list(iter_resources(args.file))
     if args.base_dir:
         resources = [dataclasses.replace(r, base_dir=args.base_dir) for r in resources]
-    prepare(resources, args.artifacts_root, expect=args.expect_fingerprint,
+    return resources
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from tritonop.artifacts.prepare import prepare
+
+    if bool(args.file) == bool(args.resource_env):
+        print("error: give either resource files (-f) or --resource-env", file=sys.stderr)
+        return 2
+    prepare(_read_resources(args), args.artifacts_root, expect=args.expect_fingerprint,
             keep_only=args.keep_only, models_cache=models_cache(args))
     return 0
+
+
+TERMINATION_LOG = Path("/dev/termination-log")
+
+
+def default_termination_log() -> Path | None:
+    """The kubelet's termination message file when this runs in a container that has one.
+
+    The kubelet creates it (mode 0666) before the container starts; outside a pod it is not
+    there, and nothing is written (not even as root, into a machine's /dev).
+    """
+    if TERMINATION_LOG.is_file() and os.access(TERMINATION_LOG, os.W_OK):
+        return TERMINATION_LOG
+    return None
+
+
+def _cmd_resolve(args: argparse.Namespace) -> int:
+    """Print, per resource with a remote model source, the exact revision it means now.
+
+    One JSON line per resource, ``{"name", "source", "revision"}``; the same JSON (one object,
+    or a list for several resources) goes to the termination log, where the operator reads
+    it. A failure is one ``error: ...`` line, on stderr and in the termination log, and exit
+    status 1. Credentials come from the environment and are never printed.
+    """
+    from tritonop.artifacts.resolve import current_revision
+
+    if bool(args.file) == bool(args.resource_env):
+        print("error: give either resource files (-f) or --resource-env", file=sys.stderr)
+        return 2
+    log_path = args.termination_log or default_termination_log()
+    results: list[dict[str, str]] = []
+    try:
+        for resource in _read_resources(args):
+            try:
+                revision = current_revision(resource)
+            except ArtifactError as err:
+                raise ArtifactError(f"{resource.name}: {err}") from None
+            if revision is not None:
+                result = {"name": resource.name, "source": resource.spec.model.source,
+                          "revision": revision}
+                print(json.dumps(result), flush=True)
+                results.append(result)
+    except (ResourceError, ArtifactError) as err:
+        message = f"error: {err}"
+        print(message, file=sys.stderr)
+        _write_termination_log(log_path, message)
+        return 1
+    _write_termination_log(log_path, json.dumps(results[0] if len(results) == 1 else results))
+    return 0
+
+
+def _write_termination_log(path: Path | None, text: str) -> None:
+    if path is not None:
+        path.write_text(text)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -245,6 +305,23 @@ def build_parser() -> argparse.ArgumentParser:
                          help="then remove the resource's other artifacts versions")
     with_artifacts(prepare)
     prepare.set_defaults(run=_cmd_prepare)
+
+    resolve = commands.add_parser(
+        "resolve", help="print the exact revision each remote model source means now (one "
+        "metadata call, nothing downloaded)")
+    resolve.add_argument("-f", "--file", type=Path, nargs="+")
+    resolve.add_argument("--resource-env", metavar="NAME",
+                         help="read the one resource from this environment variable (YAML); "
+                         "the operator's resolve Job passes it so")
+    resolve.add_argument("--base-dir", type=Path,
+                         help="resolve relative paths in the spec against this directory "
+                         "instead of the file's own")
+    resolve.add_argument("--termination-log", type=Path, metavar="PATH",
+                         help=f"also write the JSON result, or the error, here (default: "
+                         f"{TERMINATION_LOG} where the kubelet made it, else nowhere); "
+                         "credentials come from HF_TOKEN, HF_ENDPOINT and AWS_* in the "
+                         "environment")
+    resolve.set_defaults(run=_cmd_resolve)
 
     crds = commands.add_parser("crds", help="write the CustomResourceDefinitions")
     crds.add_argument("--output", type=Path, default=Path("crds"))

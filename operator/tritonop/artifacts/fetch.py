@@ -23,8 +23,8 @@ so a folder under its revision's name is always complete; a download killed midw
 from the staging folder (whole files, and the bytes of a partial S3 or https file), and every
 file is checked against the hash the store lists before the rename. A revision named exactly
 (a commit sha, an https sha256) is reused without any network call; a moving one (a branch,
-an S3 prefix) costs one metadata call. A lock per model id lets concurrent prepares download
-once.
+an S3 prefix) costs one metadata call, which :func:`resolve_revision` makes alone (the
+revision, nothing downloaded). A lock per model id lets concurrent prepares download once.
 
 Only what serving needs is downloaded (:func:`select_files`): configs, tokenizer files,
 safetensors and sentence-transformers module configs. Pickled weights run code when loaded,
@@ -224,14 +224,40 @@ def fetch(source: ModelSource | str, cache_root: Path, *, env: Mapping[str, str]
         if path.is_file():  # one file, a GGUF
             return Fetched(path.parent, None, source.text, (path.name,))
         return Fetched(path, None, source.text, ())
-    remote: _Remote
+    return _fetch_remote(_remote(source, env, timeout), source, cache_root, progress)
+
+
+def resolve_revision(source: ModelSource | str, env: Mapping[str, str] | None = None, *,
+                     timeout: float = 60.0) -> str:
+    """The exact revision a remote source means now, as :func:`fetch` would record it.
+
+    A revision the source names exactly (a commit sha, an https sha256, an S3 revision a
+    caller pinned) is returned with no call; a moving one (a branch, a tag, an S3 prefix)
+    costs the one metadata call that :func:`fetch` makes first, through the same listing, so
+    the string is the same, and the same files are refused (pickled weights). Nothing is
+    downloaded and nothing is cached.
+
+    Raises:
+        ArtifactError: naming the source and the cause (401, 403, 404, revision not found),
+            or that the source is local and has no revision.
+    """
+    if isinstance(source, str):
+        source = ModelSource.parse(source)
+    if not source.remote:
+        raise ArtifactError(f"model source {source.text}: a {source.scheme} source is read "
+                            f"where it is and has no revision to resolve")
+    if source.exact_revision:
+        return source.exact_revision
+    return _remote(source, os.environ if env is None else env, timeout).listing()[0]
+
+
+def _remote(source: ModelSource, env: Mapping[str, str], timeout: float) -> _Remote:
+    """The resolver of a remote source's scheme."""
     if source.scheme == "hf":
-        remote = _Hub(source, env, timeout)
-    elif source.scheme == "s3":
-        remote = _S3(source, env, timeout)
-    else:
-        remote = _Https(source, timeout)
-    return _fetch_remote(remote, source, cache_root, progress)
+        return _Hub(source, env, timeout)
+    if source.scheme == "s3":
+        return _S3(source, env, timeout)
+    return _Https(source, timeout)
 
 
 def select_files(paths: Sequence[str], source: ModelSource, named: str = "") -> list[str]:

@@ -21,9 +21,17 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
-from tritonop.artifacts.fetch import COMPLETE_MARKER, Fetched, ModelSource, console_progress, fetch
+from tritonop.artifacts.fetch import (
+    COMPLETE_MARKER,
+    Fetched,
+    ModelSource,
+    console_progress,
+    fetch,
+    resolve_revision,
+)
 from tritonop.resources import Resource
 from tritonop_backend.artifacts import ArtifactError
 
@@ -75,6 +83,20 @@ def model_revision(resource: Resource) -> str | None:
     if not source.remote:
         return None
     return source.exact_revision or UNRESOLVED
+
+
+def current_revision(resource: Resource, env: Mapping[str, str] | None = None) -> str | None:
+    """The exact revision the resource's remote source means now; None for a local source.
+
+    What ``tritonop resolve`` (the operator's resolve Job) reports: at most one metadata call
+    (none for a commit sha or an https sha256) and no download. A revision the resource
+    document pinned is not taken, so a branch that moved since gives its new commit.
+    Credentials come from ``env`` (default: the process environment).
+    """
+    source = model_source(dataclasses.replace(resource, model_revision=None))
+    if not source.remote:
+        return None
+    return resolve_revision(source, env)
 
 
 def fetch_model(resource: Resource, cache: Path, *, progress: bool = False) -> Fetched:

@@ -9,13 +9,16 @@ from the spec alone.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 from tritonop import API_GROUP, __version__
+from tritonop.artifacts.resolve import UNRESOLVED, model_revision, source_scheme
 from tritonop.artifacts.versions import corpus_sha256, resource_fingerprint
 from tritonop.gateway.config import API_KEYS_PATH, gateway_config, openai_enabled
 from tritonop.render.repository import render_repository
@@ -67,6 +70,17 @@ ARTIFACTS_LABEL = f"{API_GROUP}/artifacts"
 FINGERPRINT_LABEL = f"{API_GROUP}/artifacts-fingerprint"
 JOB_BACKOFF_LIMIT = 2
 JOB_TTL_SECONDS = 3600  # the operator records a finished version in status; the Job may go
+PURPOSE_LABEL = f"{API_GROUP}/purpose"
+# The resolve Job makes one metadata call: a failure is a wrong name or credentials, which a
+# retry storm would not fix, and a hub that does not answer within minutes will not later.
+RESOLVE_BACKOFF_LIMIT = 1
+RESOLVE_DEADLINE_SECONDS = 300
+RESOLVE_REQUESTS = {"cpu": "100m", "memory": "256Mi"}
+# The keys of spec.model.credentials' Secret that the downloading step reads, each optional:
+# a Hub token (and a private hub's address), or S3 credentials.
+CREDENTIAL_KEYS = ("HF_TOKEN", "HF_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                   "AWS_SESSION_TOKEN")
+REMOTE_SCHEMES = ("hf", "s3", "https")
 # Probes poll every second while Triton starts (a cheap GET), so a pod with prepared
 # artifacts is Ready within a second of Triton, instead of at the next 10 s tick.
 STARTUP_PERIOD_SECONDS = 1
@@ -283,6 +297,31 @@ def _environment(resource: Resource) -> list[Manifest]:
     return [{"name": name, "value": value} for name, value in env.items()]
 
 
+def model_source_env(resource: Resource) -> list[Manifest]:
+    """What a container that downloads the model adds to its environment: nothing for a
+    local source; for a remote one, ``HF_HUB_OFFLINE=0`` and, with
+    ``spec.model.credentials``, each credential key of that Secret by ``secretKeyRef``
+    (optional: a Hub Secret has no AWS keys). Only the resolve and prepare steps get it:
+    the keys never reach Triton's or the gateway's containers, nor the pod spec as values.
+    """
+    if source_scheme(resource) not in REMOTE_SCHEMES:
+        return []
+    env: list[Manifest] = [{"name": "HF_HUB_OFFLINE", "value": "0"}]
+    credentials = resource.spec.model.credentials
+    if credentials is not None:
+        env += [{"name": key, "valueFrom": {"secretKeyRef": {
+            "name": credentials.secret_name, "key": key, "optional": True}}}
+            for key in CREDENTIAL_KEYS]
+    return env
+
+
+def _downloading(env: list[Manifest], resource: Resource) -> list[Manifest]:
+    """``env`` with :func:`model_source_env`'s entries in place of those of the same name."""
+    override = {entry["name"]: entry for entry in model_source_env(resource)}
+    merged = [override.pop(entry["name"], entry) for entry in env]
+    return [*merged, *override.values()]
+
+
 def _triton_resources(resource: Resource) -> Manifest:
     """The spec's resources over the default requests, plus the GPUs the model needs."""
     spec = resource.spec
@@ -461,7 +500,7 @@ def _prepare_container(resource: Resource, images: Images) -> Manifest:
         "image": artifacts.prepare_image or images.operator,
         "command": ["tritonop"],
         "args": _prepare_args(resource, ["-f", f"/config/{RESOURCE_FILE}"]),
-        "env": _environment(resource),
+        "env": _downloading(_environment(resource), resource),
         "resources": {"requests": dict(PREPARE_REQUESTS)},
         # The CLI's last lines ("error: ...") become the status's reason for a failure.
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -594,13 +633,13 @@ def _volume_label(resource: Resource) -> dict[str, str]:
     return {ARTIFACTS_LABEL: f"{resource.kind.lower()}.{resource.name}"}
 
 
-def _placement(resource: Resource) -> Manifest:
-    """nodeSelector, tolerations and affinity of the spec, for Triton's and the Job's pods.
+def _placement(resource: Resource, *, volume: bool = True) -> Manifest:
+    """nodeSelector, tolerations and affinity of the spec, for Triton's and the Jobs' pods.
 
     A ReadWriteOnce claim of the operator's attaches to one node at a time, so every pod
-    that mounts it gets a required affinity to the others (hostname topology); the first
-    one scheduled may go anywhere (a pod may match its own affinity term). An affinity
-    of the user's replaces it: they have chosen.
+    that mounts it (``volume``) gets a required affinity to the others (hostname topology);
+    the first one scheduled may go anywhere (a pod may match its own affinity term). An
+    affinity of the user's replaces it: they have chosen.
     """
     spec = resource.spec
     placement: Manifest = {}
@@ -610,7 +649,7 @@ def _placement(resource: Resource) -> Manifest:
         placement["tolerations"] = [dict(t) for t in spec.tolerations]
     if spec.affinity:
         placement["affinity"] = dict(spec.affinity)
-    elif _volume_label(resource):
+    elif volume and _volume_label(resource):
         together = {"labelSelector": {"matchLabels": _volume_label(resource)},
                     "topologyKey": "kubernetes.io/hostname"}
         placement["affinity"] = {
@@ -651,7 +690,8 @@ def prepare_job(resource: Resource, images: Images = Images(), *,
         "image": artifacts.prepare_image or images.operator,
         "command": ["tritonop"],
         "args": args,
-        "env": [*_environment(resource),
+        "env": [*(_environment(resource) if cleanup
+                  else _downloading(_environment(resource), resource)),
                 {"name": "TRITONOP_RESOURCE", "value": resource_document(resource)}],
         "resources": {"requests": dict(PREPARE_REQUESTS)},
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -688,6 +728,79 @@ def prepare_job(resource: Resource, images: Images = Images(), *,
             "ttlSecondsAfterFinished": JOB_TTL_SECONDS,
             "template": {"metadata": {"labels": {**pod_labels, **_volume_label(resource)}},
                          "spec": pod_spec},
+        },
+    }
+
+
+def needs_resolve(resource: Resource) -> bool:
+    """Whether the model source moves (a hub branch or tag, an S3 prefix) and no revision is
+    pinned yet: then :func:`resolve_job` asks the store which one it means, before a render
+    names an artifacts version or a pod downloads anything."""
+    return model_revision(resource) == UNRESOLVED
+
+
+def model_source_digest(resource: Resource) -> str:
+    """16 hex digits of the settings that decide what a model source means: its text, the S3
+    endpoint and region, and the sha256 (not the credentials, nor any pinned revision)."""
+    model = resource.spec.model
+    settings = {"source": model.source, "sha256": model.sha256,
+                "s3": model.s3.model_dump(exclude_none=True) if model.s3 else None}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_job(resource: Resource, images: Images = Images()) -> Manifest:
+    """The Job that asks a remote model source which exact revision it means now.
+
+    ``tritonop resolve`` makes one metadata call (no file is downloaded) and writes
+    ``{"name", "source", "revision"}`` as JSON to its termination message, or ``error: ...``
+    when the store refuses; the operator reads it back from the pod's status. Named after
+    the source's settings (:func:`model_source_digest`), so a spec change that keeps the
+    source creates no Job. The document it reads carries no pinned revision: the Job says
+    what the source means now. Only this container (and prepare's) gets the credentials
+    Secret's keys; the pod mounts no artifacts volume and has a small /tmp only.
+    """
+    unpinned = dataclasses.replace(resource, model_revision=None)
+    artifacts = resource.spec.artifacts
+    # The cache variables of the serving containers, pointed at /tmp; no GPU, no artifacts.
+    env = [entry for entry in _environment(resource)
+           if entry["name"] not in ("TRITONOP_ARTIFACTS", "NVIDIA_VISIBLE_DEVICES")]
+    env.append({"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"})
+    container = {
+        "name": "resolve",
+        "image": artifacts.prepare_image or images.operator,
+        "command": ["tritonop"],
+        "args": ["resolve", "--resource-env", "TRITONOP_RESOURCE",
+                 "--base-dir", "/opt/tritonop/examples"],
+        "env": [*_downloading(env, resource),
+                {"name": "TRITONOP_RESOURCE", "value": resource_document(unpinned)}],
+        "resources": {"requests": dict(RESOLVE_REQUESTS)},
+        # The JSON result, or the error, is the termination message; logs if it is empty.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": _RESTRICTED,
+        "volumeMounts": [{"name": "tmp", "mountPath": TMP_PATH}],
+    }
+    labels = {**_labels(resource), PURPOSE_LABEL: "resolve"}
+    pod_spec: Manifest = {
+        "restartPolicy": "Never",
+        "serviceAccountName": names(resource)["account"],
+        "automountServiceAccountToken": False,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID,
+                            "fsGroup": UID, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
+        **_placement(resource, volume=False),
+    }
+    # The Triton pods' selector labels stay off: a Job pod is no serving replica.
+    pod_labels = {k: v for k, v in labels.items() if k not in selector_labels(resource)}
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": _metadata(resource, job_name(resource, model_source_digest(resource),
+                                                 "resolve"), labels=labels),
+        "spec": {
+            "backoffLimit": RESOLVE_BACKOFF_LIMIT,
+            "activeDeadlineSeconds": RESOLVE_DEADLINE_SECONDS,
+            "ttlSecondsAfterFinished": JOB_TTL_SECONDS,
+            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
         },
     }
 
