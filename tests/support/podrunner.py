@@ -31,6 +31,10 @@ probes decide when the pod is Ready. :class:`PodRunner` reproduces those parts a
   ``status.podIP``); ``$(VAR)`` in ``command`` and ``args`` is expanded from the
   container's env as the kubelet does (``$$`` escapes). A field of ``env``, volumes or
   mounts the runner does not implement fails the pod with its name, never dropped.
+  Each container gets its own empty, world-writable file at ``terminationMessagePath``
+  (``/dev/termination-log`` by default), as the kubelet binds one in;
+  :meth:`PodRunner.termination_message` is what the container's status reports from it
+  (``FallbackToLogsOnError`` included).
 * **Images** are stood in for by this machine: ``tritonop`` from the project's venv
   at ``/opt/tritonop`` (with the examples at ``/opt/tritonop/examples``, as
   ``Dockerfile.operator`` copies them) for the operator image; the pinned
@@ -43,7 +47,8 @@ probes decide when the pod is Ready. :class:`PodRunner` reproduces those parts a
   kubelet's do. Nothing outside the machine is reachable from it. :meth:`PodRunner.forward`
   is ``kubectl port-forward`` (a port on this machine's loopback to the pod's loopback),
   and :class:`OtherPod` is another pod's network namespace, routed to pods through the
-  host as pod-to-pod traffic crosses a node.
+  host as pod-to-pod traffic crosses a node (from the pod's start with ``peers``, as a
+  pod network makes every pod reachable before its containers run).
 * **Probes** are the rendered ``startupProbe``, ``readinessProbe`` and ``livenessProbe``
   (``httpGet``, ``tcpSocket`` or ``exec``), with their periods and thresholds; a failed
   liveness or startup probe, or an exit, restarts the container (``restartPolicy:
@@ -52,7 +57,8 @@ probes decide when the pod is Ready. :class:`PodRunner` reproduces those parts a
 What it cannot show: image contents (it runs this machine's Python and Triton 2.51),
 scheduling, resource limits and cgroups, GPUs, Services and DNS, NetworkPolicies (no
 traffic is filtered), and how fast a node pulls images. Mount points such as ``/models``
-and ``/artifacts`` are created (empty) on the host's root, since the containers share it.
+and ``/artifacts`` are created (empty) on the host's root, since the containers share it;
+``/dev/termination-log``'s is a null device (``c 1 3``).
 """
 
 from __future__ import annotations
@@ -75,7 +81,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -586,12 +592,15 @@ class PodRunner:
         workdir: where the volumes, image stand-ins and logs are kept.
         name: the pod's name (its hostname, and part of its network namespace's name).
         namespace: the pod's namespace (``fieldRef: metadata.namespace``).
+        peers: other pods' namespaces routed to this one from its start, before any
+            container runs (a server a test runs as another pod of the cluster).
     """
 
     def __init__(self, manifest: Manifest, config_maps: Mapping[str, Mapping[str, str]],
                  workdir: Path, *, claims: Mapping[str, Path] | None = None,
                  secrets: Mapping[str, SecretData] | None = None,
-                 name: str = "pod", namespace: str = "default") -> None:
+                 name: str = "pod", namespace: str = "default",
+                 peers: Sequence[OtherPod] = ()) -> None:
         template = manifest["spec"]["template"] if manifest.get("kind") == "Deployment" \
             else manifest
         self.pod: Manifest = template["spec"]
@@ -602,6 +611,7 @@ class PodRunner:
         self.config_maps = {k: dict(v) for k, v in config_maps.items()}
         self.secrets = {k: dict(v) for k, v in (secrets or {}).items()}
         self.claims = dict(claims or {})
+        self.peers = list(peers)
         self._forwards: dict[int, socket.socket] = {}
         self.images = stand_in_images(self.workdir)
         self.volumes: dict[str, Path] = {}
@@ -703,6 +713,8 @@ class PodRunner:
         _run(["ip", "-n", ns, "addr", "add", f"{self.ip}/30", "dev", "eth0"])
         _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
         _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        for peer in self.peers:
+            peer.reach(self)
 
     def _script(self, container: Container) -> Path:
         """The shell script that makes a container's mount namespace and starts it."""
@@ -741,6 +753,15 @@ class PodRunner:
         lines = ["set -e"]
         # Mount points on the shared root (created once, empty, on the host).
         lines += [f"mkdir -p {shlex.quote(target)}" for _, target, _ in mounts]
+        # The termination message file, first: no volume hides its source yet. Its mount
+        # point on the shared root is a null device, not a file: a program that writes its
+        # message only where the file is there finds none outside a pod.
+        message = shlex.quote(spec.get("terminationMessagePath", "/dev/termination-log"))
+        lines += [f"mkdir -p $(dirname {message})",
+                  f"[ -e {message} ] || mknod -m 666 {message} c 1 3 2>/dev/null "
+                  f"|| [ -e {message} ]",
+                  f"mount --bind {shlex.quote(str(self._termination_file(container)))} "
+                  f"{message}"]
         for index, hidden in enumerate(_hidden_interpreter_dirs()):
             keep = self.workdir / "images" / f"hidden{index}"
             keep.mkdir(parents=True, exist_ok=True)
@@ -1128,6 +1149,31 @@ class PodRunner:
         for volume in self.pod.get("volumes", []):
             if volume.get("secret", {}).get("secretName") == name:
                 self._write_api_volume(volume)
+
+    def _termination_file(self, container: Container) -> Path:
+        """A new empty file for this run of the container, writable by any uid (0666, as
+        the kubelet makes it), bound at its ``terminationMessagePath``."""
+        path = self.workdir / "termination" / container.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+        os.chmod(path, 0o666)
+        return path
+
+    def termination_message(self, name: str) -> str:
+        """What the container's terminated state reports as its ``message``.
+
+        The file it wrote at its ``terminationMessagePath`` (the first 4096 bytes, as the
+        kubelet reads it); with ``FallbackToLogsOnError``, an empty file and a non-zero
+        exit, the end of its log (80 lines, 2048 bytes at most).
+        """
+        container = self.container(name)
+        path = self.workdir / "termination" / name
+        message = path.read_bytes()[:4096].decode(errors="replace") if path.exists() else ""
+        if (not message and container.exit_codes and container.exit_codes[-1] != 0
+                and container.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError"):
+            tail = "\n".join(self.logs(name).splitlines()[-80:]).encode()
+            message = tail[-2048:].decode(errors="replace")
+        return message
 
     def logs(self, name: str) -> str:
         """A container's output, every restart included (``kubectl logs``, roughly)."""
