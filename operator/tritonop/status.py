@@ -37,6 +37,16 @@ class Endpoints(_StatusModel):
     metrics: str
 
 
+class ModelStatus(_StatusModel):
+    """The model source and the exact revision its artifacts are built from."""
+
+    source: str = Field(..., description="spec.model.source, as resolved.")
+    resolved_revision: str = Field(
+        ..., description="The exact revision (a commit sha, the hash of an S3 listing, a "
+        "file's sha256) pinned by the serving.tritonop.dev/model-revision annotation or named "
+        "by the source itself; remove the annotation to resolve a moving source again.")
+
+
 class ResourceStatus(_StatusModel):
     """What tritonop observed, for people (kubectl get/describe) and for the scale API."""
 
@@ -54,6 +64,9 @@ class ResourceStatus(_StatusModel):
         "prepare: job switches the pods to a new one only once its Job has finished.")
     artifacts_cleaned: Optional[str] = Field(
         None, description="The version whose clean-up Job removed the older ones.")
+    model: Optional[ModelStatus] = Field(
+        None, description="Only while the resource has an exact model revision (a remote "
+        "source, pinned or named exactly).")
     # A map keyed by type, as metav1.Condition lists are: server-side apply and strategic
     # merges then treat each condition as one entry instead of replacing the whole list.
     conditions: list[Condition] = Field(default_factory=list, json_schema_extra={

@@ -13,11 +13,18 @@ where it was:
   the Deployment are held as they are, so the running pods keep serving the old version
   (and a pod that restarts meanwhile reads the old ConfigMap); when the Job completes
   the new version is recorded and the children rendered from the new spec roll the pods.
+
+A moving remote model source (a hub branch, an S3 prefix) is resolved before any of that,
+in both prepare modes: a resolve Job asks the store which exact revision it means now, and
+the operator pins the answer in the resource's ``serving.tritonop.dev/model-revision``
+annotation (:func:`resolve`). Only the pinned resource names an artifacts version; until
+then the pods' own children are held, as while preparing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -26,8 +33,10 @@ from tritonop.controller.kube import Obj
 from tritonop.render.kubernetes import (
     Images,
     artifacts_children,
+    needs_resolve,
     prepare_job,
     prepare_mode,
+    resolve_job,
 )
 from tritonop.resources import Resource
 from tritonop.status import ConditionStatus, ResourceStatus
@@ -36,6 +45,9 @@ from tritonop.status import ConditionStatus, ResourceStatus
 HELD_WHILE_PREPARING = frozenset({"ConfigMap", "Deployment"})
 Apply = Callable[[Obj], Obj]
 Get = Callable[[Obj], Optional[Obj]]
+Pods = Callable[[str], list[Obj]]  # the pods of the Job of that name
+# The most of a pod's termination message that a condition repeats.
+MESSAGE_LIMIT = 1000
 
 
 @dataclass(frozen=True)
@@ -71,8 +83,112 @@ def job_state(job: Mapping[str, Any]) -> tuple[str, str]:
         f"{int(status.get('failed') or 0)} failed"
 
 
+def termination_message(pods: Sequence[Mapping[str, Any]], container: str) -> str:
+    """What ``container`` of a Job's pods said as it ended: a succeeded pod's, else the
+    newest failed one's (``state`` or ``lastState``); "" when none said anything."""
+    said: list[tuple[int, str, str]] = []
+    for pod in pods:
+        status = pod.get("status") or {}
+        for entry in status.get("containerStatuses") or []:
+            if entry.get("name") != container:
+                continue
+            terminated = (entry.get("state") or {}).get("terminated") or \
+                (entry.get("lastState") or {}).get("terminated") or {}
+            message = str(terminated.get("message") or "").strip()
+            if message:
+                succeeded = int(status.get("phase") == "Succeeded")
+                said.append((succeeded, str(terminated.get("finishedAt") or ""), message))
+    return max(said)[2] if said else ""
+
+
+def failure_text(message: str) -> str:
+    """A CLI's failure from its termination message: its ``error: ...`` lines, else its last
+    line (the logs stand in when the command wrote no message), cut to a condition's size."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    text = " ".join(errors or lines[-1:])
+    return text if len(text) <= MESSAGE_LIMIT else f"...{text[-MESSAGE_LIMIT:]}"
+
+
+def resolved_revision(message: str) -> str:
+    """The revision in a resolve Job's termination message (``{"name", "source",
+    "revision"}``).
+
+    Raises:
+        ValueError: the message is not such an object.
+    """
+    try:
+        result = json.loads(message)
+    except ValueError:
+        result = None
+    revision = result.get("revision") if isinstance(result, dict) else None
+    if not isinstance(revision, str) or not revision:
+        shown = message if len(message) <= 200 else f"{message[:200]}..."
+        raise ValueError(f"no revision in its termination message {shown!r}")
+    return revision
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Where resolving a moving model source stands.
+
+    Attributes:
+        plan: what the reconcile holds meanwhile, and ArtifactsReady.
+        job: the resolve Job as rendered.
+        revision: the revision its pod reported, to pin (the Job completed); else None.
+    """
+
+    plan: ArtifactsPlan
+    job: Obj
+    revision: Optional[str] = None
+
+
+def resolve(resource: Resource, previous: ResourceStatus, apply: Apply, get: Get,
+            pods: Pods, images: Images) -> Resolution | None:
+    """Run the resolve Job of a resource whose model source moves; None when it needs none.
+
+    The Job is applied once and then only read. Complete: its pod's termination message
+    gives the revision, for the reconcile to pin. Failed: the failure stands, with the
+    pod's ``error: ...``, and the Job is kept, so no new one runs (and fails again) until
+    the spec, or the credentials, are fixed and the Job deleted. Meanwhile the children
+    that would serve or prepare the unpinned version are held: no prepare Job, no
+    Deployment change, and a resource already serving keeps serving.
+
+    Args:
+        pods: lists the pods of the Job of that name.
+    """
+    if not needs_resolve(resource):
+        return None
+    job = resolve_job(resource, images)
+    name = job["metadata"]["name"]
+    source = resource.spec.model.source
+    serving = previous.artifacts_version
+    keep = (f"pods keep serving version {serving}" if serving
+            else "the pods stay as they are until it is pinned")
+    state, detail = job_state(get(job) or apply(job))
+    if state == "Running":
+        return Resolution(ArtifactsPlan(HELD_WHILE_PREPARING, (
+            "False", "Resolving", f"Job {name} is resolving model source {source} to an "
+            f"exact revision ({detail}); {keep}"), serving), job)
+    said = termination_message(pods(name), "resolve")
+    if state == "Complete":
+        try:
+            revision = resolved_revision(said)
+        except ValueError as err:
+            detail = f"Job {name} completed, but with {err}"
+        else:
+            return Resolution(ArtifactsPlan(HELD_WHILE_PREPARING, (
+                "False", "Resolving", f"model source {source} resolved to revision "
+                f"{revision} by Job {name}; {keep}"), serving), job, revision)
+    elif said:
+        detail = failure_text(said)
+    return Resolution(ArtifactsPlan(HELD_WHILE_PREPARING, (
+        "False", "PrepareFailed", f"resolving model source {source} failed: {detail}; fix "
+        f"the spec or credentials, or delete Job {name} to try again"), serving), job)
+
+
 def plan(resource: Resource, previous: ResourceStatus, apply: Apply, get: Get,
-         images: Images) -> ArtifactsPlan | None:
+         images: Images, pods: Pods | None = None) -> ArtifactsPlan | None:
     """Apply the claim and the Job a job-mode resource needs; None for other modes.
 
     A Job that exists is only read: its pod template is immutable, and one created for
@@ -81,6 +197,8 @@ def plan(resource: Resource, previous: ResourceStatus, apply: Apply, get: Get,
     Args:
         apply: applies one child (owner reference added) and returns it as stored.
         get: reads a child as the server has it (None when absent).
+        pods: lists the pods of the Job of that name: a failed Job's pod says why
+            (prepare's ``error: ...`` lines, its termination message).
     """
     if prepare_mode(resource) != "job":
         return None
@@ -101,6 +219,8 @@ def plan(resource: Resource, previous: ResourceStatus, apply: Apply, get: Get,
     keep = (f"pods keep serving version {serving}" if serving
             else "no version to serve yet: the Deployment waits for it")
     if state == "Failed":
+        said = failure_text(termination_message(pods(name), "prepare")) if pods else ""
+        detail = f"{detail}; {said}" if said else detail
         return ArtifactsPlan(HELD_WHILE_PREPARING, (
             "False", "PrepareFailed", f"Job {name} failed to prepare artifacts version "
             f"{wanted}: {detail}; {keep}; fix the spec or delete the Job to try again"),

@@ -25,6 +25,7 @@ from tritonop.controller.observe import APPLY_FAILING, failing_status
 from tritonop.controller.policy import OperatorPolicy
 from tritonop.controller.reconcile import (
     InvalidResource,
+    Pinned,
     RetryLater,
     get_owner,
     now,
@@ -35,7 +36,8 @@ from tritonop.controller.reconcile import (
     status_dict,
 )
 from tritonop.controller.serial import PerObject, Rejections
-from tritonop.render.kubernetes import Images
+from tritonop.render.kubernetes import Images, needs_resolve
+from tritonop.resources import MODEL_REVISION_ANNOTATION, ResourceError, parse_resource
 from tritonop.status import ResourceStatus
 
 RESYNC_SECONDS = float(os.environ.get("TRITONOP_RESYNC_SECONDS", "30"))
@@ -103,12 +105,35 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 def announce(body: Mapping[str, Any], before: ResourceStatus, after: ResourceStatus) -> None:
-    """An Event on the resource for every phase change, and for every new failure."""
+    """An Event on the resource for every phase change, and for every new failure.
+
+    A new ArtifactsReady failure (a resolve or prepare Job failed) gets its own Warning
+    where the phase's Event does not say it already: a resource that keeps serving stays
+    Ready, and its users would not learn otherwise that the new version will not come.
+    """
+    told = None
     if before.phase != after.phase or (after.phase == "Failed" and (
             before.observed_generation != after.observed_generation
             or before.message != after.message)):
         kind = "Warning" if after.phase in ("Degraded", "Failed") else "Normal"
         kopf.event(dict(body), type=kind, reason=after.phase, message=after.message)
+        told = after.message
+    failure = new_artifacts_failure(before, after)
+    if failure is not None and failure != told:
+        kopf.event(dict(body), type="Warning", reason=PREPARE_FAILED, message=failure)
+
+
+PREPARE_FAILED = "PrepareFailed"
+
+
+def new_artifacts_failure(before: ResourceStatus, after: ResourceStatus) -> str | None:
+    """The message of an ArtifactsReady PrepareFailed that ``before`` did not report."""
+    def failed(status: ResourceStatus) -> str | None:
+        found = next((c for c in status.conditions if c.type == "ArtifactsReady"), None)
+        return found.message if found is not None and found.reason == PREPARE_FAILED else None
+
+    message = failed(after)
+    return message if message is not None and message != failed(before) else None
 
 
 def publish(kube: kube_api.Kube, body: Mapping[str, Any], before: ResourceStatus,
@@ -190,8 +215,14 @@ def _reconcile_and_publish(body: Mapping[str, Any], before: ResourceStatus, *,
     uid = body["metadata"]["uid"]
     generation = int(body["metadata"].get("generation") or 1)
     try:
-        after = reconcile(kube, body, _images(), _children, resync=resync and not full,
-                          policy=POLICY)
+        try:
+            after = reconcile(kube, body, _images(), _children, resync=resync and not full,
+                              policy=POLICY)
+        except Pinned as pinned:
+            # The model revision was just pinned: render the pinned version now, and write
+            # the status onto the resource as the annotation left it.
+            body, before = pinned.body, previous_status(pinned.body)
+            after = reconcile(kube, body, _images(), _children, policy=POLICY)
     except InvalidResource as err:
         if rejected(err.status, generation):
             pause = _rejections.refused(uid, generation)
@@ -229,6 +260,34 @@ for _plural in PLURALS:
     def resync(body: kopf.Body, retry: int = 0, **_: Any) -> None:
         """Put back children deleted or edited by hand; refresh the status."""
         _run(body, resync=True, retry=retry)
+
+    @kopf.on.event(API_GROUP, API_VERSION, _plural)
+    def revision_unpinned(body: kopf.Body, type: str | None, **_: Any) -> None:
+        """The model-revision annotation was removed: resolve the source again now.
+
+        kopf's change handlers do not see it (it ignores the annotations under the prefix
+        its own bookkeeping uses), and the next resync could be minutes away.
+        """
+        if type == "MODIFIED" and unpinned(body):
+            try:
+                _run(body, resync=False, retry=0)
+            except (kopf.TemporaryError, kopf.PermanentError):
+                pass  # the status says so; the timer's next run tries again
+
+
+def unpinned(body: Mapping[str, Any]) -> bool:
+    """Whether the status shows a model revision that the resource no longer pins: someone
+    removed the ``serving.tritonop.dev/model-revision`` annotation of a moving source."""
+    meta = body.get("metadata") or {}
+    if MODEL_REVISION_ANNOTATION in (meta.get("annotations") or {}) or not (
+            body.get("status") or {}).get("model"):
+        return False
+    try:
+        resource = parse_resource({k: body.get(k) for k in ("apiVersion", "kind", "metadata",
+                                                             "spec")})
+    except ResourceError:
+        return False
+    return needs_resolve(resource)
 
 
 def _timers_without_finalizer(registry: kopf.OperatorRegistry) -> None:
@@ -274,10 +333,12 @@ def deployment_changed(body: Mapping[str, Any]) -> None:
 
 
 def job_changed(body: Mapping[str, Any]) -> None:
-    """A prepare Job finished or failed: reconcile its owner now, not at the next resync.
+    """A prepare or resolve Job finished or failed: reconcile its owner now, not at the
+    next resync.
 
     The owner's pods switch to the new artifacts version when the reconcile sees the Job
-    complete; waiting for the timer would add up to its period to every spec change.
+    complete, and a resolved revision is pinned then; waiting for the timer would add up to
+    its period to every spec change.
     """
     conditions = (body.get("status") or {}).get("conditions") or []
     if not any(c.get("status") == "True" and c.get("type") in ("Complete", "Failed")

@@ -69,7 +69,7 @@ def path(api_version: str, kind: str, namespace: str, name: str | None = None) -
 
 
 class Kube:
-    """A thin, synchronous client: apply, get, delete, list, and patch a status."""
+    """A thin, synchronous client: apply, get, delete, list, and patch an object or a status."""
 
     def __init__(self, api: client.ApiClient | None = None,
                  timeout: tuple[float, float] = REQUEST_TIMEOUT) -> None:
@@ -108,10 +108,17 @@ class Kube:
                 return None
             raise
 
-    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
-        """Delete if present; True when something was deleted."""
+    def delete(self, api_version: str, kind: str, namespace: str, name: str,
+               propagation: str | None = None) -> bool:
+        """Delete if present; True when something was deleted.
+
+        Args:
+            propagation: ``Background`` or ``Foreground`` for an object with dependents (a
+                Job's pods); the API server's default for the kind otherwise.
+        """
+        query = [("propagationPolicy", propagation)] if propagation else None
         try:
-            self._call("DELETE", path(api_version, kind, namespace, name))
+            self._call("DELETE", path(api_version, kind, namespace, name), query=query)
             return True
         except ApiException as err:
             if err.status == 404:
@@ -152,6 +159,18 @@ class Kube:
         items = self._call("GET", path(api_version, kind, namespace), query=query).get("items")
         return [item for item in items or []
                 if selector.items() <= ((item.get("metadata") or {}).get("labels") or {}).items()]
+
+    def patch(self, body: Obj, patch: Obj) -> Obj:
+        """Merge-patch ``body``'s object, only if ``body`` is still current (else 409).
+
+        Returns:
+            The object as the server stored it.
+        """
+        meta = body["metadata"]
+        url = path(body["apiVersion"], body["kind"], meta["namespace"], meta["name"])
+        merged = {**patch, "metadata": {**(patch.get("metadata") or {}),
+                                        "resourceVersion": meta["resourceVersion"]}}
+        return self._call("PATCH", url, merged, content_type=MERGE_PATCH)
 
     def patch_status(self, body: Obj, status: Obj) -> bool:
         """Merge-patch the ``status`` subresource, only if ``body`` is still current.

@@ -23,8 +23,8 @@ class Observed:
     desired_replicas: int
     deployment: Optional[Obj] = None
     pods: list[Obj] = field(default_factory=list)
-    # ArtifactsReady as the prepare Job says (prepare: job); None: from the pods' init
-    # containers (perPod), or from the last status.
+    # ArtifactsReady as the prepare or resolve Job says (prepare: job, or a model source
+    # being resolved); None: from the pods' init containers (perPod), or the last status.
     artifacts: Optional[tuple[ConditionStatus, str, str]] = None
 
 
@@ -134,8 +134,8 @@ def observed_status(
     else:
         artifacts = ("True", "Ready", "a Triton pod loaded them") if ready else \
             _prepare_state(observed.pods)
-    # A new version being prepared while the old pods serve is no fault.
-    preparing = observed.artifacts is not None and artifacts[1] == "Preparing"
+    # A new version being resolved or prepared while the old pods serve is no fault.
+    preparing = observed.artifacts is not None and artifacts[1] in ("Resolving", "Preparing")
 
     phase: Phase
     if desired == 0:
@@ -173,4 +173,5 @@ def observed_status(
         ready_replicas=ready, ready=f"{ready}/{desired}", selector=selector,
         endpoints=Endpoints(**endpoints), config_hash=config_hash, conditions=conditions,
         artifacts_version=previous.artifacts_version, artifacts_cleaned=previous.artifacts_cleaned,
+        model=previous.model,
     )

@@ -17,6 +17,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from tritonop import API_GROUP, API_VERSION
+from tritonop.artifacts.resolve import UNRESOLVED, model_revision
 from tritonop.artifacts.versions import read_corpus_sha256
 from tritonop.controller import artifacts
 from tritonop.controller.cache import ChildCache, key_of
@@ -35,14 +36,15 @@ from tritonop.render.kubernetes import (
     Images,
     endpoints,
     names,
+    needs_resolve,
     prepare_mode,
     render_children,
     selector_labels,
     selector_string,
 )
-from tritonop.resources import Resource, ResourceError, parse_resource
+from tritonop.resources import MODEL_REVISION_ANNOTATION, Resource, ResourceError, parse_resource
 from tritonop.spec import EmbeddingSearchSpec
-from tritonop.status import ResourceStatus
+from tritonop.status import ModelStatus, ResourceStatus
 
 # Children that exist only when the spec asks for them: removed when it stops asking.
 OPTIONAL_CHILDREN = (
@@ -74,6 +76,16 @@ class RetryLater(Exception):
     def __init__(self, message: str, delay: float | None = None) -> None:
         super().__init__(message)
         self.delay = delay
+
+
+class Pinned(Exception):
+    """The resolve Job's revision is pinned in the resource: reconcile ``body`` (the resource
+    as the annotation left it) now, rather than wait for an event (kopf reports no change of
+    the operator's own annotations)."""
+
+    def __init__(self, body: Obj) -> None:
+        super().__init__(f"model revision pinned on {body['metadata']['name']}")
+        self.body = body
 
 
 def now() -> str:
@@ -353,8 +365,10 @@ def observe(kube: Kube, body: Mapping[str, Any], resource: Resource,
         CONFIG_HASH_ANNOTATION, "")
     if generation is None:
         generation = int(body["metadata"].get("generation") or 1)
-    if artifacts_state is None and prepare_mode(resource) == "job":
-        # A status-only refresh: the prepare Job's verdict stands until the next reconcile.
+    if artifacts_state is None and (prepare_mode(resource) == "job"
+                                    or needs_resolve(resource)):
+        # A status-only refresh: the prepare (or resolve) Job's verdict stands until the
+        # next reconcile.
         last = next((c for c in previous_status(body).conditions
                      if c.type == "ArtifactsReady"), None)
         if last is not None:
@@ -388,15 +402,32 @@ def reconcile(kube: Kube, body: Mapping[str, Any], images: Images,
         meta = child["metadata"]
         return kube.get(child["apiVersion"], child["kind"], meta["namespace"], meta["name"])
 
-    plan = artifacts.plan(resource, previous, apply_owned, get_child, images)
+    def job_pods(job: str) -> list[Obj]:
+        return job_pods_of(kube, resource.namespace, job)
+
+    # A moving model source is resolved first: nothing names an artifacts version before.
+    resolving = needs_resolve(resource)
+    plan = None if resolving else artifacts.plan(resource, previous, apply_owned, get_child,
+                                                  images, job_pods)
     hold = plan.hold if plan else frozenset()
+    if resolving:
+        hold = artifacts.HELD_WHILE_PREPARING
     stored = apply_children(kube, body, resource, images, cache, resync=resync, hold=hold)
+    if resolving:
+        # After the other children: the resolve pod runs as the resource's ServiceAccount.
+        resolution = artifacts.resolve(resource, previous, apply_owned, get_child, job_pods,
+                                       images)
+        assert resolution is not None
+        if resolution.revision is not None:
+            raise Pinned(pin(kube, body, resolution))
+        plan = resolution.plan
     deployment = stored.get("Deployment")
     if deployment is None and cache is not None and resync:
         deployment = cache.live(("apps/v1", "Deployment", resource.namespace,
                                  names(resource)["deployment"]))
     status = observe(kube, body, resource, deployment,
                      artifacts_state=plan.condition if plan else None)
+    status = status.model_copy(update={"model": model_status(resource)})
     if plan is None:
         return status
     cleaned = artifacts.clean_up(resource, previous, plan.version,
@@ -405,6 +436,43 @@ def reconcile(kube: Kube, body: Mapping[str, Any], images: Images,
         previous.artifacts_cleaned
     return status.model_copy(update={"artifacts_version": plan.version,
                                      "artifacts_cleaned": cleaned})
+
+
+def job_pods_of(kube: Kube, namespace: str, job: str) -> list[Obj]:
+    """The pods of Job ``job``, by the label the Job controller puts on them (its older
+    name where the newer one finds none: clusters before Kubernetes 1.27)."""
+    for label in ("batch.kubernetes.io/job-name", "job-name"):
+        pods = kube.list("v1", "Pod", namespace, {label: job})
+        if pods:
+            return pods
+    return []
+
+
+def pin(kube: Kube, body: Mapping[str, Any], resolution: artifacts.Resolution) -> Obj:
+    """Pin the resolved revision in the resource's annotation; then delete the resolve Job.
+
+    The merge patch carries the resourceVersion the reconcile read: a spec changed since
+    (another source) gets a 409 and a retry, never the old source's revision. The Job goes
+    (its pods with it) once its answer is kept, so that removing the annotation later
+    resolves afresh instead of reading this Job again.
+
+    Returns:
+        The resource as the server stored it.
+    """
+    assert resolution.revision is not None
+    stored = kube.patch(dict(body), {"metadata": {"annotations": {
+        MODEL_REVISION_ANNOTATION: resolution.revision}}})
+    meta = resolution.job["metadata"]
+    kube.delete("batch/v1", "Job", meta["namespace"], meta["name"], propagation="Background")
+    return stored
+
+
+def model_status(resource: Resource) -> ModelStatus | None:
+    """``status.model``: the source and its exact revision, while the resource has one."""
+    revision = model_revision(resource)
+    if revision is None or revision == UNRESOLVED:
+        return None
+    return ModelStatus(source=resource.spec.model.source, resolved_revision=revision)
 
 
 def status_deployment(kube: Kube, resource: Resource) -> Obj | None:
@@ -447,10 +515,12 @@ def get_owner(kube: Kube, child: Mapping[str, Any]) -> Obj | None:
 
 def status_dict(status: ResourceStatus) -> Obj:
     """The status as a merge patch: the endpoints carry nulls, which remove an address
-    that no longer answers (``api.triton.expose`` turned off, or an older release's)."""
+    that no longer answers (``api.triton.expose`` turned off, or an older release's), and
+    so does ``model`` when the resource has no exact revision (the annotation removed)."""
     body = status.model_dump(by_alias=True, exclude_none=True)
     if status.endpoints is not None:
         body["endpoints"] = status.endpoints.model_dump(by_alias=True)
+    body.setdefault("model", None)
     return body
 
 
