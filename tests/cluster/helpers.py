@@ -112,3 +112,12 @@ def sample(seconds: float, probe: Callable[[], Any], interval: float = 0.2) -> l
         seen.append(probe())
         time.sleep(interval)
     return seen
+
+
+def volume_for(cluster: ControlPlane, name: str, namespace: str) -> None:
+    """A PersistentVolume reserved for the operator's claim ``<name>-artifacts``."""
+    cluster.apply({
+        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"{name}-pv"},
+        "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteOnce"],
+                 "hostPath": {"path": f"/var/tmp/{name}"},
+                 "claimRef": {"namespace": namespace, "name": f"{name}-artifacts"}}})

@@ -13,20 +13,11 @@ import json
 from typing import Any
 
 from tests.cluster.conftest import NAMESPACE
-from tests.cluster.helpers import condition, example, sample, wait_ready, wait_status
+from tests.cluster.helpers import condition, example, sample, volume_for, wait_ready, wait_status
 from tests.support.cluster import ControlPlane, wait_for
 
 ES = "EmbeddingSearch"
 FINGERPRINT = "serving.tritonop.dev/artifacts-fingerprint"
-
-
-def volume_for(cluster: ControlPlane, name: str) -> None:
-    """A PersistentVolume reserved for the operator's claim ``<name>-artifacts``."""
-    cluster.apply({
-        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"{name}-pv"},
-        "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteOnce"],
-                 "hostPath": {"path": f"/var/tmp/{name}"},
-                 "claimRef": {"namespace": NAMESPACE, "name": f"{name}-artifacts"}}})
 
 
 def jobs(cluster: ControlPlane, name: str) -> list[dict[str, Any]]:
@@ -60,7 +51,7 @@ def complete(job: dict[str, Any]) -> bool:
 
 def test_one_job_prepares_for_three_replicas_that_never_prepare(cluster, live_operator):
     name = "jobbed"
-    volume_for(cluster, name)
+    volume_for(cluster, name, NAMESPACE)
     cluster.apply(example(ES, name, NAMESPACE, replicas=3, artifacts={"prepare": "job"}))
     states: list[tuple[str, str]] = []
 
@@ -92,7 +83,7 @@ def test_one_job_prepares_for_three_replicas_that_never_prepare(cluster, live_op
 
 def test_a_new_fingerprint_prepares_while_the_old_pods_serve(cluster, live_operator):
     name = "versioned"
-    volume_for(cluster, name)
+    volume_for(cluster, name, NAMESPACE)
     cluster.apply(example(ES, name, NAMESPACE, replicas=2, artifacts={"prepare": "job"}))
     wait_ready(cluster, ES, name, NAMESPACE)
     old = pod_fingerprint(deployment(cluster, name))
@@ -124,7 +115,7 @@ def test_a_new_fingerprint_prepares_while_the_old_pods_serve(cluster, live_opera
 
 def test_replicas_and_batching_prepare_nothing(cluster, live_operator):
     name = "steady"
-    volume_for(cluster, name)
+    volume_for(cluster, name, NAMESPACE)
     cluster.apply(example(ES, name, NAMESPACE, replicas=1, artifacts={"prepare": "job"}))
     wait_ready(cluster, ES, name, NAMESPACE)
     before = {j["metadata"]["name"] for j in prepare_jobs(cluster, name)}
@@ -144,7 +135,7 @@ def test_replicas_and_batching_prepare_nothing(cluster, live_operator):
 def test_a_default_storage_class_makes_a_job_the_default(cluster, live_operator):
     """An EmbeddingSearch naming no volume is prepared by a Job where a claim can be made."""
     name = "defaulted"
-    volume_for(cluster, name)
+    volume_for(cluster, name, NAMESPACE)
     storage = {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
                "metadata": {"name": "tritonop-test-default", "annotations": {
                    "storageclass.kubernetes.io/is-default-class": "true"}},

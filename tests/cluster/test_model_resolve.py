@@ -16,7 +16,15 @@ from contextlib import contextmanager
 from typing import Any
 
 from tests.cluster.conftest import NAMESPACE
-from tests.cluster.helpers import condition, example, get, sample, wait_ready, wait_status
+from tests.cluster.helpers import (
+    condition,
+    example,
+    get,
+    sample,
+    volume_for,
+    wait_ready,
+    wait_status,
+)
 from tests.support.cluster import ControlPlane, wait_for
 from tritonop.artifacts.versions import resource_fingerprint
 from tritonop.controller.reconcile import parse
@@ -26,15 +34,6 @@ SOURCE = "hf://acme/bert"
 REVISION = "serving.tritonop.dev/model-revision"
 FINGERPRINT = "serving.tritonop.dev/artifacts-fingerprint"
 OLD, NEW = "1" * 40, "2" * 40
-
-
-def volume_for(cluster: ControlPlane, name: str) -> None:
-    """A PersistentVolume reserved for the operator's claim ``<name>-artifacts``."""
-    cluster.apply({
-        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"{name}-pv"},
-        "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteOnce"],
-                 "hostPath": {"path": f"/var/tmp/{name}"},
-                 "claimRef": {"namespace": NAMESPACE, "name": f"{name}-artifacts"}}})
 
 
 @contextmanager
@@ -117,7 +116,7 @@ def pinned_at(revision: str):
 def test_a_moving_source_is_pinned_and_a_new_revision_rolls_out_as_a_new_version(
         cluster, live_operator):
     name = "resolved"
-    volume_for(cluster, name)
+    volume_for(cluster, name, NAMESPACE)
     body = example(ES, name, NAMESPACE, replicas=2, artifacts={"prepare": "job"},
                    model={"source": SOURCE, "format": "onnx"})
     first = expected_fingerprint(body, OLD)

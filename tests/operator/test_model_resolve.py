@@ -22,13 +22,14 @@ from tests.support.kube_emulator import (
     CONFIG_MAP,
     DEPLOYMENT,
     EMBEDDING_SEARCH,
-    EVENT,
     LLM_SERVICE,
-    MERGE_PATCH,
     POD,
     TRITONOP_RESOURCES,
     KubeEmulator,
     ResourceSpec,
+    create_in,
+    events_in,
+    merge_patch,
     resource_path,
     running_emulator,
     running_operator,
@@ -78,19 +79,11 @@ def pinned(body: dict[str, Any], revision: str):
 
 
 async def create(kube: KubeEmulator, kind: ResourceSpec, body: dict[str, Any]) -> None:
-    response = await kube.post(resource_path(kind, NS), json=body)
-    assert response.status == 201, await response.text()
-
-
-async def merge_patch(kube: KubeEmulator, path: str, patch: dict[str, Any]) -> None:
-    response = await kube.patch(path, json=patch, headers={"Content-Type": MERGE_PATCH})
-    assert response.status == 200, await response.text()
+    await create_in(kube, kind, NS, body)
 
 
 async def events_for(kube: KubeEmulator, name: str) -> list[dict[str, Any]]:
-    response = await kube.get(resource_path(EVENT, NS))
-    items = (await response.json()).get("items", [])
-    return [e for e in items if (e.get("involvedObject") or {}).get("name") == name]
+    return await events_in(kube, NS, name)
 
 
 def condition(body: dict[str, Any] | None, kind: str = "ArtifactsReady") -> dict[str, Any]:

@@ -17,15 +17,16 @@ from tests.support.kube_emulator import (
     CONFIG_MAP,
     DEPLOYMENT,
     EMBEDDING_SEARCH,
-    EVENT,
     HORIZONTAL_POD_AUTOSCALER,
     LLM_SERVICE,
-    MERGE_PATCH,
     POD_DISRUPTION_BUDGET,
     SERVICE,
     SERVICE_ACCOUNT,
     KubeEmulator,
     ResourceSpec,
+    create_in,
+    events_in,
+    merge_patch,
     resource_path,
     running_operator,
     wait_for,
@@ -52,13 +53,7 @@ def llm_body(name: str = "chat", **spec: Any) -> dict[str, Any]:
 
 
 async def create(kube: KubeEmulator, kind: ResourceSpec, body: dict[str, Any]) -> None:
-    response = await kube.post(resource_path(kind, NS), json=body)
-    assert response.status == 201, await response.text()
-
-
-async def merge_patch(kube: KubeEmulator, path: str, patch: dict[str, Any]) -> None:
-    response = await kube.patch(path, json=patch, headers={"Content-Type": MERGE_PATCH})
-    assert response.status == 200, await response.text()
+    await create_in(kube, kind, NS, body)
 
 
 def live(kube: KubeEmulator, kind: ResourceSpec, name: str) -> dict[str, Any] | None:
@@ -72,9 +67,7 @@ def status_where(kube, kind, name, **expected) -> dict[str, Any] | None:
 
 
 async def events_for(kube: KubeEmulator, name: str) -> list[dict[str, Any]]:
-    response = await kube.get(resource_path(EVENT, NS))
-    items = (await response.json()).get("items", [])
-    return [e for e in items if (e.get("involvedObject") or {}).get("name") == name]
+    return await events_in(kube, NS, name)
 
 
 async def report_ready(kube: KubeEmulator, name: str, ready: int) -> None:

@@ -762,3 +762,24 @@ def resource_path(
     parts += [name] if name else []
     parts += [subresource] if subresource else []
     return "/".join(parts)
+
+
+async def create_in(kube: KubeEmulator, kind: ResourceSpec, namespace: str,
+                    body: dict[str, Any]) -> None:
+    """POST ``body`` into ``namespace``; the emulator must answer 201."""
+    response = await kube.post(resource_path(kind, namespace), json=body)
+    assert response.status == 201, await response.text()
+
+
+async def merge_patch(kube: KubeEmulator, path: str, patch: dict[str, Any]) -> None:
+    """A JSON merge patch of the object at ``path``; the emulator must answer 200."""
+    response = await kube.patch(path, json=patch, headers={"Content-Type": MERGE_PATCH})
+    assert response.status == 200, await response.text()
+
+
+async def events_in(kube: KubeEmulator, namespace: str, name: str) -> list[dict[str, Any]]:
+    """The Events in ``namespace`` about the object named ``name``."""
+    response = await kube.get(resource_path(EVENT, namespace))
+    items = (await response.json()).get("items", [])
+    return [e for e in items if (e.get("involvedObject") or {}).get("name") == name]
+

@@ -668,6 +668,22 @@ def artifacts_claim(resource: Resource) -> Manifest:
             "metadata": _metadata(resource, names(resource)["claim"]), "spec": spec}
 
 
+def _job_pod_spec(resource: Resource, container: Manifest, volumes: list[Manifest], *,
+                  volume: bool = True) -> Manifest:
+    """A Job's pod: one try, the resource's ServiceAccount without a token, non-root, and
+    the spec's placement (``volume``: it mounts the artifacts claim)."""
+    return {
+        "restartPolicy": "Never",
+        "serviceAccountName": names(resource)["account"],
+        "automountServiceAccountToken": False,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID,
+                            "fsGroup": UID, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": volumes,
+        **_placement(resource, volume=volume),
+    }
+
+
 def prepare_job(resource: Resource, images: Images = Images(), *,
                 cleanup: bool = False) -> Manifest:
     """The Job that builds this spec's artifacts version into the shared volume, once.
@@ -703,16 +719,8 @@ def prepare_job(resource: Resource, images: Images = Images(), *,
         ],
     }
     labels = {**_labels(resource), FINGERPRINT_LABEL: fingerprint}
-    pod_spec: Manifest = {
-        "restartPolicy": "Never",
-        "serviceAccountName": names(resource)["account"],
-        "automountServiceAccountToken": False,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID,
-                            "fsGroup": UID, "seccompProfile": {"type": "RuntimeDefault"}},
-        "containers": [container],
-        "volumes": [_artifacts_volume(resource), {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}}],
-        **_placement(resource),
-    }
+    pod_spec = _job_pod_spec(resource, container, [
+        _artifacts_volume(resource), {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}}])
     if _artifacts_owner(resource, images):
         pod_spec["initContainers"] = _artifacts_owner(resource, images)
     # The Triton pods' selector labels stay off: a Job pod is no serving replica.
@@ -780,16 +788,8 @@ def resolve_job(resource: Resource, images: Images = Images()) -> Manifest:
         "volumeMounts": [{"name": "tmp", "mountPath": TMP_PATH}],
     }
     labels = {**_labels(resource), PURPOSE_LABEL: "resolve"}
-    pod_spec: Manifest = {
-        "restartPolicy": "Never",
-        "serviceAccountName": names(resource)["account"],
-        "automountServiceAccountToken": False,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID,
-                            "fsGroup": UID, "seccompProfile": {"type": "RuntimeDefault"}},
-        "containers": [container],
-        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
-        **_placement(resource, volume=False),
-    }
+    pod_spec = _job_pod_spec(resource, container,
+                             [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}], volume=False)
     # The Triton pods' selector labels stay off: a Job pod is no serving replica.
     pod_labels = {k: v for k, v in labels.items() if k not in selector_labels(resource)}
     return {
