@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 SERVE_FILES ?= examples/news-search.yaml examples/chat.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-cluster cluster lint render bench clean kind-e2e
+.PHONY: install serve test test-cluster cluster lint render helm images bench clean kind-e2e
 
 install: $(STAMP)
 
@@ -30,8 +30,8 @@ test: install cluster
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The real control plane of the cluster tier (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, kwok), built from the Go modules pinned in tests/cluster/ into a
-# cache outside the repository; does nothing when the binaries are already there.
+# kube-scheduler, kubectl, kwok) and helm, built from the Go modules pinned in tests/cluster/
+# into a cache outside the repository; does nothing when the binaries are already there.
 cluster:
 	bash tests/cluster/build.sh
 
@@ -56,6 +56,31 @@ render: install
 	$(BIN)/tritonop render -f $(EXAMPLES) --repository model_repository
 	for f in $(EXAMPLES); do \
 	  $(BIN)/tritonop render -f $$f > tests/golden/$$(basename $$f); done
+	$(BIN)/python deploy/helm/generate.py
+
+# The Helm chart deploy/helm/tritonop, generated from deploy/'s manifests and the CRDs (tests
+# fail when it drifts): run after changing anything under deploy/ or crds/.
+helm: install
+	$(BIN)/python deploy/helm/generate.py
+
+# The two images, deploy/Dockerfile.operator and deploy/Dockerfile.triton, built with docker,
+# podman or buildah (the first found; BUILDER= picks one) and tagged $(REGISTRY)/operator:$(TAG)
+# and $(REGISTRY)/triton:$(TAG); PUSH=1 pushes them. TRITON_BASE_IMAGE= changes the Triton
+# image they are built on. Then point the install at them (README, On Kubernetes).
+REGISTRY ?= ghcr.io/tritonop
+TAG ?= $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
+PUSH ?=
+TRITON_BASE_IMAGE ?=
+BUILDER ?= $(firstword $(foreach b,docker podman buildah,$(if $(shell command -v $(b)),$(b))))
+images:
+	@test -n "$(BUILDER)" || { echo "make images: needs docker, podman or buildah" >&2; exit 1; }
+	@test -n "$(TAG)" || { echo "make images: TAG is empty" >&2; exit 1; }
+	$(BUILDER) build -f deploy/Dockerfile.operator -t $(REGISTRY)/operator:$(TAG) .
+	$(BUILDER) build -f deploy/Dockerfile.triton \
+	  $(if $(TRITON_BASE_IMAGE),--build-arg TRITON_IMAGE=$(TRITON_BASE_IMAGE)) \
+	  -t $(REGISTRY)/triton:$(TAG) .
+	$(if $(PUSH),$(BUILDER) push $(REGISTRY)/operator:$(TAG))
+	$(if $(PUSH),$(BUILDER) push $(REGISTRY)/triton:$(TAG))
 
 # End to end on a local kind cluster (needs Docker, kind, kubectl): builds both images,
 # installs the operator, applies the examples and sends real requests.
