@@ -36,6 +36,7 @@ from tests.pods.conftest import record, resource
 from tests.support.hub import HubRepo, HubServer, _Handler
 from tests.support.podrunner import OtherPod, PodRunner
 from tests.support.triton import TINY_TEXTS
+from tritonop.artifacts.progress import DownloadProgress, parse_progress
 from tritonop.artifacts.versions import complete_versions, resource_fingerprint
 from tritonop.render.kubernetes import prepare_job, render_children, resolve_job
 from tritonop.resources import Resource
@@ -253,6 +254,20 @@ def test_each_file_is_downloaded_once_by_the_job_with_the_token(cluster: Cluster
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(anonymous, timeout=10)
     assert refused.value.code == 401
+
+
+def test_the_prepare_job_prints_its_download_progress(cluster: Cluster, served: Served):
+    """With no terminal, the Job's pod prints ``progress: ...`` lines on stdout, which the
+    operator reads from its log for ArtifactsReady: the first at once, the last when every
+    byte of the model folder is there; none shows the token."""
+    log = served.job.logs("prepare")
+    said = [progress for line in log.splitlines() if (progress := parse_progress(line))]
+    folder = cluster.claim / ".models" / "hf" / Path(*REPO.split("/")) / cluster.first_commit
+    total = sum((folder / name).stat().st_size for name in cluster.cached_files(
+        cluster.first_commit))
+    assert said and said[0].done < total, log
+    assert said[-1] == DownloadProgress(NAME, f"hf://{REPO}", total, total)
+    assert TOKEN not in log
 
 
 def _secret_names(container: dict[str, Any]) -> set[str]:

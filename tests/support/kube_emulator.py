@@ -310,6 +310,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
     _changed: asyncio.Condition = attrs.field(init=False)
     _custom: set[kmock.resource] = attrs.field(factory=set, init=False)
     _last_request_at: float = attrs.field(default=0.0, init=False)
+    # Containers' logs, as the kubelet would serve them: (namespace, pod, container) -> text.
+    pod_logs: dict[tuple[str, str, str], str] = attrs.field(factory=dict, init=False)
+    # The status every pods/log read is refused with (403: RBAC grants no pods/log), or None.
+    refuse_logs: int | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -334,6 +338,11 @@ class KubeEmulator(kmock.KubernetesEmulator):
         obj = self._stored((spec.resource, namespace, name))
         history = obj.history if obj is not None else []
         return [version.raw for version in history if version is not None]
+
+    def write_log(self, namespace: str, pod: str, container: str, text: str) -> None:
+        """Append to a container's log, as its process would print."""
+        key = (namespace, pod, container)
+        self.pod_logs[key] = self.pod_logs.get(key, "") + text
 
     @property
     def last_request_at(self) -> float:
@@ -504,6 +513,28 @@ class KubeEmulator(kmock.KubernetesEmulator):
             owners = [] if dependent.deleted else dependent.raw["metadata"].get("ownerReferences")
             if any(owner.get("uid") == uid for owner in owners or []):
                 self._delete(dependent_key)
+
+    async def _serve_fetch(self, request: kmock.Request) -> kmock.Payload:
+        """GET of an object, and of a pod's ``log`` (text: ``tailLines``, then
+        ``limitBytes``, as the kubelet applies them; 400 for a container with no log yet)."""
+        if request.subresource != "log" or request.resource != POD.resource:
+            return await super()._serve_fetch(request)
+        if self.refuse_logs is not None:
+            raise _error(self.refuse_logs, "Forbidden", f"pods \"{request.name}\" is forbidden: "
+                         f"cannot get resource \"pods/log\"")
+        async with self._lock:
+            self._existing((POD.resource, request.namespace, str(request.name)))
+        container = request.params.get("container", "")
+        text = self.pod_logs.get((str(request.namespace), str(request.name), container))
+        if text is None:
+            raise _error(400, "BadRequest", f"container \"{container}\" in pod "
+                                            f"\"{request.name}\" is waiting to start")
+        data = text.encode()
+        if tail := request.params.get("tailLines"):
+            data = b"".join(data.splitlines(keepends=True)[-int(tail):])
+        if limit := request.params.get("limitBytes"):
+            data = data[:int(limit)]
+        return data
 
     async def _serve_create(self, request: kmock.Request) -> kmock.Payload:
         """The created object with 201 Created, as the API server answers a POST (kmock: 200)."""

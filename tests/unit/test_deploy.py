@@ -38,7 +38,11 @@ APPLY_PATCH = "application/apply-patch+yaml"
 Obj = dict[str, Any]
 Permission = tuple[str, str, str]  # (apiGroup, resource, verb)
 
-YAML_FILES = sorted(DEPLOY.rglob("*.yaml"))
+# Kubernetes objects and kustomizations; the Helm chart (generated from these) and
+# kustomize's own configuration are checked by tests/unit/test_helm_chart.py.
+YAML_FILES = sorted(p for p in DEPLOY.rglob("*.yaml")
+                    if "helm" not in p.relative_to(DEPLOY).parts
+                    and p.name != "kustomizeconfig.yaml")
 KUSTOMIZATIONS = [*(p for p in YAML_FILES if p.name == "kustomization.yaml"),
                   ROOT / "crds" / "kustomization.yaml"]
 MANIFEST_FILES = [p for p in YAML_FILES if p.name != "kustomization.yaml"]
@@ -150,8 +154,9 @@ class RecordingKube(Kube):
     """A Kube whose HTTP calls are recorded instead of sent.
 
     Every object asked for exists and belongs to the resource being reconciled
-    (``owner_uid``), as on a resync; lists are empty. So every call a reconcile can make
-    is made, deleting an optional child included.
+    (``owner_uid``), as on a resync; lists are empty but for pods: one, whose ``prepare``
+    container and init container run (its log is read for a download's progress). So every
+    call a reconcile can make is made, deleting an optional child included.
     """
 
     def __init__(self) -> None:
@@ -164,7 +169,20 @@ class RecordingKube(Kube):
         self.calls.append((method, url, content_type))
         if method == "GET" and not query:
             return {"metadata": {"ownerReferences": [{"uid": self.owner_uid}]}}
+        if method == "GET" and url.endswith("/pods"):
+            selector = dict(query or []).get("labelSelector", "")
+            running = [{"name": "prepare", "state": {"running": {}}}]
+            return {"items": [{"metadata": {"name": "preparing", "labels": dict(
+                pair.split("=", 1) for pair in selector.split(",") if pair)}, "status": {
+                "containerStatuses": running, "initContainerStatuses": running}}]}
         return {}
+
+    def _send(self, method: str, url: str, body: Any = None,
+              query: list[tuple[str, str]] | None = None,
+              content_type: str = "application/json", accept: str = "application/json"
+              ) -> bytes:
+        self.calls.append((method, url, content_type))  # a pod's log
+        return b""
 
 
 class FreshKube(RecordingKube):

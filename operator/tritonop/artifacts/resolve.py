@@ -20,18 +20,22 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from tritonop.artifacts.fetch import (
     COMPLETE_MARKER,
     Fetched,
     ModelSource,
+    Progress,
     console_progress,
     fetch,
     resolve_revision,
 )
+from tritonop.artifacts.progress import progress_lines
 from tritonop.resources import Resource
 from tritonop_backend.artifacts import ArtifactError
 
@@ -107,7 +111,7 @@ def fetch_model(resource: Resource, cache: Path, *, progress: bool = False) -> F
     """
     source = model_source(resource)
     if progress and source.remote:
-        with console_progress(f"{resource.name}: {source.text}") as report:
+        with download_progress(resource, source) as report:
             fetched = fetch(source, cache, progress=report, base_dir=resource.base_dir)
     else:
         fetched = fetch(source, cache, base_dir=resource.base_dir)
@@ -119,6 +123,17 @@ def fetch_model(resource: Resource, cache: Path, *, progress: bool = False) -> F
         log.info("%s: model source %s at revision %s in %s", resource.name, source.text,
                  fetched.revision, fetched.directory)
     return fetched
+
+
+def download_progress(resource: Resource, source: ModelSource
+                      ) -> AbstractContextManager[Progress]:
+    """How a download shows its progress: a bar on a terminal; where there is none (a pod:
+    the prepare Job, the prepare init container), a ``progress: ...`` line on stdout every
+    few seconds and at the end, which the operator reads from the pod's log
+    (:mod:`tritonop.artifacts.progress`)."""
+    if sys.stderr.isatty():
+        return console_progress(f"{resource.name}: {source.text}")
+    return progress_lines(resource.name, source.text)
 
 
 def resolve(resource: Resource, cache: Path, *,

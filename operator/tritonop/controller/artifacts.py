@@ -13,6 +13,8 @@ where it was:
   the Deployment are held as they are, so the running pods keep serving the old version
   (and a pod that restarts meanwhile reads the old ConfigMap); when the Job completes
   the new version is recorded and the children rendered from the new spec roll the pods.
+  While it runs, the newest ``progress: ...`` line in its pod's log says how much of the
+  model is downloaded (:func:`download_progress`).
 
 A moving remote model source (a hub branch, an S3 prefix) is resolved before any of that,
 in both prepare modes: a resolve Job asks the store which exact revision it means now, and
@@ -28,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from tritonop.artifacts.progress import last_progress
 from tritonop.artifacts.versions import resource_fingerprint
 from tritonop.controller.kube import Obj
 from tritonop.render.kubernetes import (
@@ -46,6 +49,9 @@ HELD_WHILE_PREPARING = frozenset({"ConfigMap", "Deployment"})
 Apply = Callable[[Obj], Obj]
 Get = Callable[[Obj], Optional[Obj]]
 Pods = Callable[[str], list[Obj]]  # the pods of the Job of that name
+PodLog = Callable[[str, str], str]  # the tail of a pod's container's log; "" if unreadable
+# The most running pods whose logs are read for a download's progress, per reconcile.
+LOGS_READ = 3
 # The most of a pod's termination message that a condition repeats.
 MESSAGE_LIMIT = 1000
 
@@ -99,6 +105,33 @@ def termination_message(pods: Sequence[Mapping[str, Any]], container: str) -> st
                 succeeded = int(status.get("phase") == "Succeeded")
                 said.append((succeeded, str(terminated.get("finishedAt") or ""), message))
     return max(said)[2] if said else ""
+
+
+def download_progress(pods: Sequence[Mapping[str, Any]], container: str, log: PodLog,
+                      resource: str, *, init: bool = False) -> str:
+    """What a running ``container`` of these pods last said of its model download, from
+    its log's ``progress: ...`` lines (:mod:`tritonop.artifacts.progress`), e.g.
+    "downloaded 120 MB of 500 MB (24%)"; "" when none is running or none said any (no
+    download, a cached model, a log that cannot be read).
+
+    Args:
+        log: reads the tail of a container's log, by pod and container name.
+        resource: the resource whose download counts.
+        init: ``container`` is an init container (per-pod prepare), not a Job's container.
+    """
+    key = "initContainerStatuses" if init else "containerStatuses"
+    running = []
+    for pod in pods:
+        name = (pod.get("metadata") or {}).get("name")
+        statuses = (pod.get("status") or {}).get(key) or []
+        if name and any(entry.get("name") == container and "running" in (
+                entry.get("state") or {}) for entry in statuses):
+            running.append(str(name))
+    for name in running[:LOGS_READ]:
+        progress = last_progress(log(name, container), resource)
+        if progress is not None:
+            return progress.describe()
+    return ""
 
 
 def failure_text(message: str) -> str:
@@ -188,7 +221,8 @@ def resolve(resource: Resource, previous: ResourceStatus, apply: Apply, get: Get
 
 
 def plan(resource: Resource, previous: ResourceStatus, apply: Apply, get: Get,
-         images: Images, pods: Pods | None = None) -> ArtifactsPlan | None:
+         images: Images, pods: Pods | None = None,
+         log: PodLog | None = None) -> ArtifactsPlan | None:
     """Apply the claim and the Job a job-mode resource needs; None for other modes.
 
     A Job that exists is only read: its pod template is immutable, and one created for
@@ -199,6 +233,9 @@ def plan(resource: Resource, previous: ResourceStatus, apply: Apply, get: Get,
         get: reads a child as the server has it (None when absent).
         pods: lists the pods of the Job of that name: a failed Job's pod says why
             (prepare's ``error: ...`` lines, its termination message).
+        log: reads the tail of a pod's log: while the Job runs, its pod's newest progress
+            line says how much of the model is downloaded. The Job's status stays the same
+            meanwhile, so the resync timer's reconciles are what bring it up to date.
     """
     if prepare_mode(resource) != "job":
         return None
@@ -225,6 +262,9 @@ def plan(resource: Resource, previous: ResourceStatus, apply: Apply, get: Get,
             "False", "PrepareFailed", f"Job {name} failed to prepare artifacts version "
             f"{wanted}: {detail}; {keep}; fix the spec or delete the Job to try again"),
             serving)
+    if pods is not None and log is not None:
+        said = download_progress(pods(name), "prepare", log, resource.name)
+        detail = f"{detail}; {said}" if said else detail
     return ArtifactsPlan(HELD_WHILE_PREPARING, (
         "False", "Preparing", f"Job {name} is preparing artifacts version {wanted} "
         f"({detail}); {keep}"), serving)

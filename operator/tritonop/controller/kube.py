@@ -14,6 +14,7 @@ import os
 import time
 from typing import Any
 
+import urllib3.exceptions
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
@@ -49,6 +50,11 @@ PLURALS = {
 }
 
 
+# The tail of a pod's log that is read for a download's progress line: the newest lines
+# within the byte limit (the server cuts the tail's end beyond it).
+LOG_TAIL_LINES = 20
+LOG_LIMIT_BYTES = 8192
+
 STORAGE_CLASS_SECONDS = float(os.environ.get("TRITONOP_STORAGE_CLASS_SECONDS", "600"))
 DEFAULT_CLASS_ANNOTATIONS = ("storageclass.kubernetes.io/is-default-class",
                              "storageclass.beta.kubernetes.io/is-default-class")
@@ -80,9 +86,17 @@ class Kube:
     def _call(self, method: str, url: str, body: Any = None,
               query: list[tuple[str, str]] | None = None,
               content_type: str = "application/json") -> Obj:
+        data = self._send(method, url, body, query, content_type)
+        return json.loads(data) if data else {}
+
+    def _send(self, method: str, url: str, body: Any = None,
+              query: list[tuple[str, str]] | None = None,
+              content_type: str = "application/json", accept: str = "application/json"
+              ) -> bytes:
+        """One request; the answer's bytes, or the ApiException of a status not 2xx."""
         serialized = self.api.param_serialize(
             method, url, query_params=query or [], body=body, auth_settings=["BearerToken"],
-            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            header_params={"Content-Type": content_type, "Accept": accept},
         )
         response = self.api.call_api(*serialized, _request_timeout=self.timeout)
         data = response.read()
@@ -90,7 +104,7 @@ class Kube:
             error = ApiException(status=response.status, reason=response.reason, body=data)
             error.headers = response.getheaders()
             raise error
-        return json.loads(data) if data else {}
+        return bytes(data or b"")
 
     def apply(self, manifest: Obj, field_manager: str = FIELD_MANAGER) -> Obj:
         """Server-side apply; the object as the server stored it."""
@@ -159,6 +173,23 @@ class Kube:
         items = self._call("GET", path(api_version, kind, namespace), query=query).get("items")
         return [item for item in items or []
                 if selector.items() <= ((item.get("metadata") or {}).get("labels") or {}).items()]
+
+    def pod_log(self, namespace: str, name: str, container: str) -> str:
+        """The last lines of a container's log (``kubectl logs --tail``): at most
+        :data:`LOG_TAIL_LINES` lines and :data:`LOG_LIMIT_BYTES` bytes of them.
+
+        "" when it cannot be read: a pod gone (404), a container not started yet (400), an
+        install whose RBAC grants no ``pods/log`` (403), a server that does not answer. What
+        is read from it only adds to a status message, so none of these stops a reconcile.
+        """
+        url = path("v1", "Pod", namespace, name) + "/log"
+        query = [("container", container), ("tailLines", str(LOG_TAIL_LINES)),
+                 ("limitBytes", str(LOG_LIMIT_BYTES))]
+        try:
+            data = self._send("GET", url, query=query, accept="text/plain")
+        except (ApiException, urllib3.exceptions.HTTPError):
+            return ""
+        return data.decode("utf-8", errors="replace")
 
     def patch(self, body: Obj, patch: Obj) -> Obj:
         """Merge-patch ``body``'s object, only if ``body`` is still current (else 409).

@@ -26,14 +26,18 @@ class Observed:
     # ArtifactsReady as the prepare or resolve Job says (prepare: job, or a model source
     # being resolved); None: from the pods' init containers (perPod), or the last status.
     artifacts: Optional[tuple[ConditionStatus, str, str]] = None
+    # What a running prepare init container's log says of its model download ("downloaded
+    # 120 MB of 500 MB (24%)"), or "".
+    download: str = ""
 
 
 def _deployment_conditions(deployment: Obj) -> dict[str, Obj]:
     return {c.get("type", ""): c for c in (deployment.get("status") or {}).get("conditions", [])}
 
 
-def _prepare_state(pods: list[Obj]) -> tuple[ConditionStatus, str, str]:
-    """ArtifactsReady from the prepare init containers of the pods."""
+def _prepare_state(pods: list[Obj], download: str = "") -> tuple[ConditionStatus, str, str]:
+    """ArtifactsReady from the prepare init containers of the pods (and what the log of a
+    running one says of its download)."""
     for pod in pods:
         for state in (pod.get("status") or {}).get("initContainerStatuses", []):
             if state.get("name") != "prepare":
@@ -51,7 +55,10 @@ def _prepare_state(pods: list[Obj]) -> tuple[ConditionStatus, str, str]:
             terminated = (state.get("state") or {}).get("terminated") or {}
             if state.get("name") == "prepare" and terminated.get("exitCode") == 0:
                 return "True", "Prepared", "the prepare init container finished"
-    return "Unknown", "Preparing", "waiting for a pod to prepare or mount the artifacts"
+    waiting = "waiting for a pod to prepare or mount the artifacts"
+    if download:
+        waiting = f"{waiting}: a prepare init container has {download}"
+    return "Unknown", "Preparing", waiting
 
 
 def _unready_pod(pods: list[Obj]) -> str | None:
@@ -133,7 +140,7 @@ def observed_status(
         artifacts = observed.artifacts
     else:
         artifacts = ("True", "Ready", "a Triton pod loaded them") if ready else \
-            _prepare_state(observed.pods)
+            _prepare_state(observed.pods, observed.download)
     # A new version being resolved or prepared while the old pods serve is no fault.
     preparing = observed.artifacts is not None and artifacts[1] in ("Resolving", "Preparing")
 

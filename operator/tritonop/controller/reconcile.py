@@ -373,7 +373,15 @@ def observe(kube: Kube, body: Mapping[str, Any], resource: Resource,
                      if c.type == "ArtifactsReady"), None)
         if last is not None:
             artifacts_state = (last.status, last.reason, last.message)
-    observed = Observed(generation, desired, deployment, pods, artifacts_state)
+    download = ""
+    if artifacts_state is None and pods and not int(status.get("readyReplicas") or 0):
+        # Per-pod prepare, no pod ready yet: a prepare init container may be downloading.
+        def pod_log(pod: str, container: str) -> str:
+            return kube.pod_log(resource.namespace, pod, container)
+
+        download = artifacts.download_progress(pods, "prepare", pod_log, resource.name,
+                                               init=True)
+    observed = Observed(generation, desired, deployment, pods, artifacts_state, download)
     return observed_status(observed, previous_status(body), selector=selector_string(resource),
                            endpoints=endpoints(resource), config_hash=config_hash, now=now())
 
@@ -405,10 +413,13 @@ def reconcile(kube: Kube, body: Mapping[str, Any], images: Images,
     def job_pods(job: str) -> list[Obj]:
         return job_pods_of(kube, resource.namespace, job)
 
+    def pod_log(pod: str, container: str) -> str:
+        return kube.pod_log(resource.namespace, pod, container)
+
     # A moving model source is resolved first: nothing names an artifacts version before.
     resolving = needs_resolve(resource)
     plan = None if resolving else artifacts.plan(resource, previous, apply_owned, get_child,
-                                                  images, job_pods)
+                                                  images, job_pods, pod_log)
     hold = plan.hold if plan else frozenset()
     if resolving:
         hold = artifacts.HELD_WHILE_PREPARING
