@@ -32,9 +32,8 @@ class Sizes:
     s1_queries: int = 1000
     s1_warmup: int = 50
     s2_concurrency: tuple[int, ...] = (1, 4, 16, 64)
-    s2_seconds: float = 9.0
+    s2_seconds: float = 9.0  # per server and level, split over the alternations
     s2_warmup: float = 0.7
-    s2_rounds: int = 3
     s2_workers: tuple[int, ...] = (1, 2)
     s2_floor_threads: tuple[int, ...] = (1, 2)
     s2_floor_seconds: float = 5.0
@@ -46,24 +45,26 @@ class Sizes:
     s5_overload_seconds: float = 10.0
     s5_overload_factor: float = 3.0
     s4_concurrency: tuple[int, ...] = (1, 4, 8, 16)
-    s4_seconds: float = 20.0  # measured per level, after the warm-up
+    s4_seconds: float = 20.0  # measured per level, after the warm-up, split as s2_seconds
     s4_warmup: float = 3.0
     s4_max_tokens: int = 64
     s4_baseline_requests: int = 6  # sequential generate: half before the server, half after
     s4_prompts: int = 64
     query_count: int = 1000
+    alternations: int = 3  # S2, S4, S6: each server started, measured and stopped this often
+    settle_seconds: float = 180.0  # before each of them: the most to wait for a quiet load
 
     def s3_queries(self, vectors: int) -> int:
         return int(min(300, max(30, self.s3_scan_budget // vectors)))
 
 
 QUICK = Sizes(
-    s1_queries=20, s1_warmup=5, s2_concurrency=(1, 4), s2_seconds=1.5, s2_warmup=0.3, s2_rounds=1,
+    s1_queries=20, s1_warmup=5, s2_concurrency=(1, 4), s2_seconds=1.5, s2_warmup=0.3,
     s2_workers=(1, 2), s2_floor_threads=(1,), s2_floor_seconds=0.5,
     s3_vectors=(1_000, 5_000), s3_scan_budget=1e5, s5_unloaded=20, s5_capacity_seconds=1.5,
     s5_capacity_concurrency=4, s5_overload_seconds=2.0, s4_concurrency=(1, 4),
     s4_seconds=2.0, s4_warmup=0.5, s4_max_tokens=8, s4_baseline_requests=1, s4_prompts=8,
-    query_count=200,
+    query_count=200, alternations=1, settle_seconds=0.0,
 )
 
 

