@@ -5,8 +5,9 @@ Two directories make an embedding-search deployment:
 * the *model directory*: an exported encoder (``encoder.pt`` or ``encoder.onnx``), the
   tokenizer, and ``manifest.json`` (:class:`ModelManifest`);
 * the *index directory*: ``embeddings.safetensors`` (one L2-normalized row per corpus
-  text), ``texts.jsonl`` (one JSON string per line, same order) and ``manifest.json``
-  (:class:`IndexManifest`).
+  text), ``texts.jsonl`` (one JSON string per line, same order), the columns of the
+  record fields kept for filters (``field.<name>.*``, see :mod:`tritonop_backend.filters`)
+  and ``manifest.json`` (:class:`IndexManifest`).
 
 The manifests carry a fingerprint of the source model, so that an index is never
 searched with query embeddings from another model or pooling: that mistake returns
@@ -123,6 +124,8 @@ class IndexManifest(_Manifest):
 
     ``document_prompt`` is the text put before every corpus text when it was embedded
     (default ``""`` for indexes written before prompts existed, which used none).
+    ``fields`` names the record fields kept beside the vectors (name -> type, see
+    :mod:`tritonop_backend.filters`), empty for an index that keeps none.
     """
 
     model_source: str
@@ -133,6 +136,7 @@ class IndexManifest(_Manifest):
     count: int
     corpus_sha256: str
     document_prompt: str = ""
+    fields: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @staticmethod
     def _kind() -> str:

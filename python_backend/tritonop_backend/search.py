@@ -3,6 +3,10 @@
 The corpus rows are L2-normalized when the index is built, and queries are normalized
 here, so cosine similarity is one matrix product. ``np.argpartition`` then finds the
 k best in linear time and only those k are sorted.
+
+A filter (:mod:`tritonop_backend.filters`) becomes the sorted ids of the rows it keeps
+before the scan; the top k are then found among those rows only, so a filtered search is
+as exact as an unfiltered one.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from tritonop_backend.artifacts import (
     IndexManifest,
 )
 from tritonop_backend.errors import RequestError
+from tritonop_backend.filters import FieldColumns, write_columns
 from tritonop_backend.pooling import l2_normalize
 
 
@@ -57,15 +62,18 @@ class CorpusIndex:
     Args:
         embeddings: ``float32 [count, dim]`` with unit-length rows.
         texts: the ``count`` texts, in the same order.
+        fields: the record fields kept beside the rows, for filters (None: none).
     """
 
-    def __init__(self, embeddings: np.ndarray, texts: list[str]) -> None:
+    def __init__(self, embeddings: np.ndarray, texts: list[str],
+                 fields: FieldColumns | None = None) -> None:
         if embeddings.ndim != 2 or embeddings.shape[0] != len(texts):
             raise ArtifactError(
                 f"index has {embeddings.shape[0]} embeddings but {len(texts)} texts"
             )
         self.columns = np.ascontiguousarray(embeddings.T, dtype=np.float32)
         self.texts = np.array([t.encode("utf-8") for t in texts], dtype=object)
+        self.fields = fields if fields is not None else FieldColumns({}, {}, len(texts))
 
     @property
     def embeddings(self) -> np.ndarray:
@@ -79,24 +87,49 @@ class CorpusIndex:
     def dimension(self) -> int:
         return self.columns.shape[0]
 
-    def search(self, queries: np.ndarray, k: int) -> SearchResult:
+    def search(self, queries: np.ndarray, k: int, rows: np.ndarray | None = None
+               ) -> SearchResult:
         """Find the ``k`` most similar corpus rows for each query row.
 
         ``k`` larger than the corpus returns the whole corpus, ranked. Ties are broken
         by corpus position, so results are deterministic.
+
+        Args:
+            rows: search only these rows (sorted ids, a filter's matches): the result
+                is the exact top ``k`` among them, fewer where fewer rows are given.
         """
-        k = min(k, len(self))
-        scores = l2_normalize(np.atleast_2d(queries).astype(np.float32)) @ self.columns
-        if k < len(self):
-            candidates = np.argpartition(scores, len(self) - k, axis=1)[:, len(self) - k :]
-            candidates = _lowest_ids_among_ties(scores, candidates)
+        queries = l2_normalize(np.atleast_2d(queries).astype(np.float32))
+        if rows is None:
+            scores = queries @ self.columns
+        elif 4 * len(rows) <= len(self):
+            # Few rows: gathering their columns costs less than scanning every row.
+            scores = queries @ np.take(self.columns, rows, axis=1)
         else:
-            candidates = np.broadcast_to(np.arange(len(self)), scores.shape)
-        candidate_scores = np.take_along_axis(scores, candidates, axis=1)
-        # lexsort: last key is primary; sort by descending score, then ascending id.
-        order = np.lexsort((candidates, -candidate_scores), axis=1)
-        ids = np.take_along_axis(candidates, order, axis=1).astype(np.int64)
-        return SearchResult(ids, np.take_along_axis(candidate_scores, order, axis=1))
+            scores = np.take(queries @ self.columns, rows, axis=1)
+        found = _top_k(scores, k)
+        if rows is None:
+            return found
+        return SearchResult(rows[found.ids].astype(np.int64), found.scores)
+
+
+def _top_k(scores: np.ndarray, k: int) -> SearchResult:
+    """The ``k`` best columns of ``scores [queries, n]`` per row, lowest positions first
+    among equal scores."""
+    count = scores.shape[1]
+    k = min(k, count)
+    if k == 0:
+        empty = np.zeros((scores.shape[0], 0), dtype=np.int64)
+        return SearchResult(empty, empty.astype(np.float32))
+    if k < count:
+        candidates = np.argpartition(scores, count - k, axis=1)[:, count - k :]
+        candidates = _lowest_ids_among_ties(scores, candidates)
+    else:
+        candidates = np.broadcast_to(np.arange(count), scores.shape)
+    candidate_scores = np.take_along_axis(scores, candidates, axis=1)
+    # lexsort: last key is primary; sort by descending score, then ascending id.
+    order = np.lexsort((candidates, -candidate_scores), axis=1)
+    ids = np.take_along_axis(candidates, order, axis=1).astype(np.int64)
+    return SearchResult(ids, np.take_along_axis(candidate_scores, order, axis=1))
 
 
 def _lowest_ids_among_ties(scores: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -148,13 +181,19 @@ def load_index(directory: Path) -> tuple[CorpusIndex, IndexManifest]:
         raise ArtifactError(
             f"{directory}: manifest says {manifest.count} texts, found {len(texts)}"
         )
-    return CorpusIndex(embeddings, texts), manifest
+    fields = FieldColumns.load(directory, manifest.fields, manifest.count)
+    return CorpusIndex(embeddings, texts, fields), manifest
 
 
 def write_index(
-    directory: Path, embeddings: np.ndarray, texts: list[str], manifest: IndexManifest
+    directory: Path, embeddings: np.ndarray, texts: list[str], manifest: IndexManifest,
+    fields: dict[str, list] | None = None,
 ) -> None:
-    """Write an index directory; the manifest goes last, so a torn write never looks complete."""
+    """Write an index directory; the manifest goes last, so a torn write never looks complete.
+
+    ``fields``: each of ``manifest.fields``' values, one per text (see
+    :func:`tritonop_backend.filters.write_columns`).
+    """
     from safetensors.numpy import save_file
 
     directory = Path(directory)
@@ -165,4 +204,5 @@ def write_index(
     with open(directory / TEXTS_FILE, "w", encoding="utf-8") as out:
         for text in texts:
             out.write(json.dumps(text, ensure_ascii=False) + "\n")
+    write_columns(directory, manifest.fields, fields or {})
     manifest.write(directory)

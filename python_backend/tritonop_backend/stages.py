@@ -195,16 +195,22 @@ class PoolingStage:
 class _Query:
     embeddings: np.ndarray
     k: int
+    rows: np.ndarray | None = None  # a filter's matching rows; None: every row
 
 
 class SearchStage:
-    """``embedding``, optional ``num_results`` -> ``ids``, ``scores``, ``texts`` (``[rows, k]``).
+    """``embedding``, optional ``num_results`` and ``filter`` -> ``ids``, ``scores``,
+    ``texts`` (``[rows, k]``).
+
+    ``filter`` is a JSON filter over the corpus fields (:mod:`tritonop_backend.filters`),
+    the same for every row of a request; the results are the exact top k among the rows
+    it keeps, fewer than k (down to none) where fewer rows match.
 
     Loading fails, with a message that says how to fix it, when the index was built
     with another model, pooling or maximum length than the queries will be.
     """
 
-    inputs = ("embedding", "num_results")
+    inputs = ("embedding", "num_results", "filter")
 
     def __init__(self, parameters: Parameters, device: str = "cpu") -> None:
         from threadpoolctl import threadpool_limits
@@ -234,7 +240,20 @@ class SearchStage:
             raise RequestError("embedding", f"expected [rows, {self.index.dimension}], "
                                f"got {list(embeddings.shape)}")
         check_finite(embeddings)
-        return _Query(embeddings, self._top_k(inputs.get("num_results"), len(embeddings)))
+        k = self._top_k(inputs.get("num_results"), len(embeddings))
+        return _Query(embeddings, k, self._rows(inputs.get("filter"), len(embeddings)))
+
+    def _rows(self, requested: np.ndarray | None, rows: int) -> np.ndarray | None:
+        """The ids of the rows a request's filter keeps (None without a filter)."""
+        if requested is None:
+            return None
+        values = set(requested.reshape(-1).tolist())
+        if requested.size != rows or len(values) != 1:
+            raise RequestError("filter", "give one filter, the same for every text in the "
+                               "request")
+        text = values.pop()
+        node = self.index.fields.parse(text if isinstance(text, (bytes, str)) else str(text))
+        return np.flatnonzero(self.index.fields.mask(node))
 
     def _top_k(self, requested: np.ndarray | None, rows: int) -> int:
         if requested is None:
@@ -252,18 +271,28 @@ class SearchStage:
         return k
 
     def _search(self, queries: list[object]) -> list[Outputs]:
+        """One scan for the unfiltered requests together, one per filtered request."""
         parts: list[_Query] = queries  # type: ignore[assignment]
-        found = self.index.search(np.concatenate([q.embeddings for q in parts]),
-                                  max(q.k for q in parts))
-        outputs = []
-        start = 0
-        for query in parts:
-            rows = slice(start, start + len(query.embeddings))
-            start += len(query.embeddings)
-            ids = found.ids[rows, : query.k]
-            outputs.append({"ids": ids, "scores": found.scores[rows, : query.k],
-                            "texts": self.index.texts[ids]})
-        return outputs
+        outputs: list[Outputs | None] = [None] * len(parts)
+        plain = [i for i, q in enumerate(parts) if q.rows is None]
+        if plain:
+            found = self.index.search(np.concatenate([parts[i].embeddings for i in plain]),
+                                      max(parts[i].k for i in plain))
+            start = 0
+            for i in plain:
+                query = parts[i]
+                rows = slice(start, start + len(query.embeddings))
+                start += len(query.embeddings)
+                outputs[i] = self._outputs(found.ids[rows, : query.k],
+                                           found.scores[rows, : query.k])
+        for i, query in enumerate(parts):
+            if query.rows is not None:
+                found = self.index.search(query.embeddings, query.k, query.rows)
+                outputs[i] = self._outputs(found.ids, found.scores)
+        return outputs  # type: ignore[return-value]
+
+    def _outputs(self, ids: np.ndarray, scores: np.ndarray) -> Outputs:
+        return {"ids": ids, "scores": scores, "texts": self.index.texts[ids]}
 
     def run(self, batch: list[Inputs]) -> list[Result]:
         return run_valid(batch, self._check, self._search)

@@ -73,6 +73,16 @@ TINY_TEXTS = [
 ]
 
 
+# The tiny texts as JSONL records with fields to filter on (some missing, one null).
+FILTER_FIELDS = {"lang": "string", "year": "number", "draft": "boolean", "tags": "stringList"}
+FILTER_RECORDS = [
+    {"text": text, **({"lang": ("en", "de", "fr")[i % 3]} if i != 5 else {}),
+     "year": None if i == 7 else 2015 + i, "draft": i % 4 == 0,
+     "tags": [("news", "tech", "weather")[i % 3]] + (["europe"] if i % 2 else [])}
+    for i, text in enumerate(TINY_TEXTS)
+]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -4,6 +4,7 @@
 * ``ox``: ONNX encoder, mean pooling;
 * ``mx``: TorchScript encoder, max pooling;
 * ``tiny``: a 12-text corpus and a one-slot encoder queue, for backpressure;
+* ``flt``: the 12 texts as JSONL records with fields (``FILTER_RECORDS``), for filters;
 * ``enc-<name>``: each tiny random-weight encoder of tests/support/encoders.py (every
   architecture tritonop serves) over the 12-text corpus, prepared from its
   sentence-transformers folder with its own pooling, normalization and prompts, ONNX and
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,12 +21,16 @@ import pytest
 
 from tests.support.encoders import TINY_ENCODERS
 from tests.support.triton import (
+    API,
+    FILTER_FIELDS,
+    FILTER_RECORDS,
     TINY_TEXTS,
     RunningTriton,
     embedding_search,
     running_triton,
     seed_export,
 )
+from tritonop.resources import parse_resource
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +41,14 @@ def tiny_corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def triton(tmp_path_factory, exported, corpus, tiny_corpus, tiny_encoders
+def fields_corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("fields") / "fields.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in FILTER_RECORDS))
+    return path
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory, exported, corpus, tiny_corpus, fields_corpus, tiny_encoders
            ) -> Iterator[RunningTriton]:
     root = tmp_path_factory.mktemp("artifacts")
     one_slot = {"maxBatchSize": 1, "maxQueueSize": 1, "threads": 1}
@@ -45,6 +58,9 @@ def triton(tmp_path_factory, exported, corpus, tiny_corpus, tiny_encoders
         embedding_search("mx", corpus, model={"pooling": "max"}),
         embedding_search("tiny", tiny_corpus, stages={"encoder": one_slot},
                          search={"defaultTopK": 3, "maxTopK": 100}),
+        parse_resource({"apiVersion": API, "kind": "EmbeddingSearch", "metadata": {"name": "flt"},
+                        "spec": {"corpus": {"source": str(fields_corpus), "fields": [
+                            {"name": n, "type": t} for n, t in FILTER_FIELDS.items()]}}}),
     ]
     for resource in resources:
         seed_export(resource, root, exported)

@@ -74,7 +74,8 @@ def test_ensembles_chain_the_steps():
     assert embedding_steps == ["s_tokenizer", "s_encoder", "s_pooling"]
     assert [o.name for o in models["s"].output] == ["ids", "scores", "texts"]
     assert {i.name: i.optional for i in models["s"].input} == {"text": False,
-                                                                "num_results": True}
+                                                                "num_results": True,
+                                                                "filter": True}
 
 
 @pytest.mark.parametrize("enabled", [True, False])

@@ -1,12 +1,16 @@
-"""Reading a corpus file: JSONL, CSV or plain lines, one text per record."""
+"""Reading a corpus file: JSONL, CSV or plain lines, one text per record, and the record
+fields kept beside each vector (JSONL only)."""
 
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from tritonop_backend.artifacts import ArtifactError
+from tritonop_backend.filters import field_value
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 
@@ -40,6 +44,42 @@ def read_corpus(path: Path, text_field: str = "text") -> list[str]:
     if not texts:
         raise ArtifactError(f"corpus {path} has no texts")
     return texts
+
+
+def read_fields(path: Path, fields: Mapping[str, str]) -> dict[str, list[Any]]:
+    """Each named field's value in every record, in the order of :func:`read_corpus`.
+
+    A record without the field (or a bare JSON string record) has None there.
+
+    Args:
+        fields: field name -> type (``string``, ``number``, ``boolean``, ``stringList``).
+
+    Raises:
+        ArtifactError: naming the file and line of a record whose value has another type,
+            a field that no record has, or a corpus that is not JSONL.
+    """
+    path = Path(path)
+    if FORMATS.get(path.suffix.lower()) != "jsonl":
+        raise ArtifactError(f"corpus {path}: corpus.fields needs a JSONL corpus (.jsonl or "
+                            ".ndjson), whose records have fields")
+    values: dict[str, list[Any]] = {name: [] for name in fields}
+    with open(path, encoding="utf-8") as data:
+        for number, line in enumerate(data, start=1):
+            if not line.strip():
+                continue
+            record = json.loads(line)  # read_corpus has already refused lines that are not
+            for name, kind in fields.items():
+                value = record.get(name) if isinstance(record, dict) else None
+                try:
+                    values[name].append(field_value(kind, value))
+                except ValueError as err:
+                    raise ArtifactError(f"corpus {path}:{number}: field {name!r} ({kind}) "
+                                        f"{err}") from None
+    for name, column in values.items():
+        if all(value is None for value in column):
+            raise ArtifactError(f"corpus {path}: no record has field {name!r} "
+                                "(corpus.fields); check its spelling")
+    return values
 
 
 def _json_text(path: Path, number: int, line: str, field: str) -> str:

@@ -11,12 +11,13 @@ cosine.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from tritonop.artifacts.corpus import read_corpus
+from tritonop.artifacts.corpus import read_corpus, read_fields
 from tritonop_backend.artifacts import TOKENIZER_FILE, ArtifactError, IndexManifest, ModelManifest
 from tritonop_backend.encoder import load_encoder
 from tritonop_backend.pooling import l2_normalize, pool
@@ -45,6 +46,7 @@ def build_index(
     directory: Path,
     *,
     text_field: str = "text",
+    fields: Mapping[str, str] | None = None,
     pooling: str | None = None,
     max_length: int | None = None,
     document_prompt: str | None = None,
@@ -56,9 +58,14 @@ def build_index(
     """Embed ``corpus`` with the model exported in ``model_dir`` into ``directory``.
 
     Skips the work when ``directory`` already holds an index of the same corpus
-    content built with the same model, pooling, maximum length and document prompt.
-    Settings left None are the model's own (its manifest's).
+    content built with the same model, pooling, maximum length, document prompt and
+    fields. Settings left None are the model's own (its manifest's).
+
+    Args:
+        fields: record fields kept beside the vectors for filters (name -> type); their
+            values are read and checked before any text is embedded.
     """
+    fields = dict(fields or {})
     model = ModelManifest.read(model_dir)
     pooling = pooling or model.pooling
     max_length = max_length or model.max_sequence_length
@@ -71,19 +78,20 @@ def build_index(
         try:
             existing = IndexManifest.read(directory)
             existing.check_compatible(model, pooling, max_length, document_prompt)
-            if existing.corpus_sha256 == corpus_hash:
+            if existing.corpus_sha256 == corpus_hash and existing.fields == fields:
                 return IndexResult(existing, Path(directory), skipped=True)
         except ArtifactError:
             pass
     texts = read_corpus(corpus, text_field)
+    values = read_fields(corpus, fields) if fields else {}
     embeddings = embed_texts(texts, model_dir, pooling, max_length, batch_size, threads, progress,
                              prompt=document_prompt)
     manifest = IndexManifest(
         model_source=model.source, model_fingerprint=model.fingerprint, pooling=pooling,
         max_sequence_length=max_length, dimension=model.dimension, count=len(texts),
-        corpus_sha256=corpus_hash, document_prompt=document_prompt,
+        corpus_sha256=corpus_hash, document_prompt=document_prompt, fields=fields,
     )
-    write_index(directory, embeddings, texts, manifest)
+    write_index(directory, embeddings, texts, manifest, values)
     return IndexResult(manifest, Path(directory), skipped=False)
 
 

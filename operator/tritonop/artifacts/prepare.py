@@ -203,6 +203,7 @@ def prepare_embedding_search(
         built = build_index(
             corpus, staging / "model", staging / "index",
             text_field=spec.corpus.text_field, pooling=spec.model.pooling,
+            fields={field.name: field.type for field in spec.corpus.fields},
             max_length=spec.model.max_sequence_length,
             document_prompt=spec.model.document_prompt,
             # Before the server starts: every CPU the container may use (its cgroup quota).

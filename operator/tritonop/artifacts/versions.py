@@ -1,12 +1,13 @@
 """Versioned artifacts: the one definition of what decides an EmbeddingSearch's artifacts.
 
 An EmbeddingSearch's exported encoder and corpus index depend on the model (source and
-export format), the pooling, the maximum sequence length and the corpus content, and on
-nothing else: replicas, batching, threads or the cache change how they are served, not
-what is built. :func:`resource_fingerprint` hashes exactly those, and everything that
-names a version uses it: the renderer (the folder the models read, the prepare Job's
-name), ``tritonop prepare`` (the folder it builds) and, through the rendered
-``artifacts_fingerprint`` parameter, the models in Triton (which refuse another version).
+export format), the pooling, the maximum sequence length, the corpus content and the
+record fields kept beside it, and on nothing else: replicas, batching, threads or the
+cache change how they are served, not what is built. :func:`resource_fingerprint` hashes
+exactly those, and everything that names a version uses it: the renderer (the folder the
+models read, the prepare Job's name), ``tritonop prepare`` (the folder it builds) and,
+through the rendered ``artifacts_fingerprint`` parameter, the models in Triton (which
+refuse another version).
 
 A version lives in ``<root>/<resource name>/<fingerprint>/`` (``model/``, ``index/``,
 ``version.json`` written last), built in a staging folder beside it and renamed into
@@ -123,6 +124,7 @@ def read_corpus_sha256(resource: Resource, *, confined: bool = False,
 def fingerprint_inputs(resource: Resource) -> dict[str, str]:
     """The settings a version is built from, by their spec field names.
 
+    ``corpus.fields`` is in only when the spec names some (prepare writes their columns).
     ``model.documentPrompt`` is in only when the spec sets it (the corpus is embedded
     after it); unset, the model's own prompt is part of what ``model.source`` names, and
     leaving the key out keeps the versions of specs written before prompts existed.
@@ -146,6 +148,8 @@ def fingerprint_inputs(resource: Resource) -> dict[str, str]:
     }
     if model.document_prompt is not None:
         inputs["model.documentPrompt"] = json.dumps(model.document_prompt)
+    if corpus.fields:  # the columns kept for filters; none keeps the versions made before
+        inputs["corpus.fields"] = json.dumps([[f.name, f.type] for f in corpus.fields])
     revision = model_revision(resource)
     if revision is not None:
         inputs["model.revision"] = revision

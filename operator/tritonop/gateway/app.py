@@ -17,7 +17,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -125,8 +125,8 @@ class Gateway:
     async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
         self.backend = backend = TritonBackend(self.triton)
         self.searches = {
-            name: Coalescer(functools.partial(backend.search, name,
-                                              timeout=entry.limits.triton_timeout_seconds),
+            name: Coalescer(functools.partial(_search_group, backend, name,
+                                              entry.limits.triton_timeout_seconds),
                             entry.max_batch)
             for name, entry in self.models.items() if entry.kind == "embedding"}
         poller = asyncio.create_task(self._poll_ready())
@@ -398,7 +398,8 @@ class Gateway:
         args = protocol.parse_search(body, self.models)
         await self._check_ready(args.model)
         async with self._placed(args.model):
-            hits = await self.searches[args.model].submit(args.text, args.num_results)
+            hits = await self.searches[args.model].submit(
+                args.text, (args.num_results, args.filter))
         return JSONResponse({"object": "list", "model": args.model, "data": [
             {"id": h.id, "score": h.score, "text": h.text} for h in hits]})
 
@@ -409,6 +410,14 @@ class Gateway:
             yield
         finally:
             self._leave(model, bound)
+
+
+async def _search_group(backend: TritonBackend, model: str, timeout: float,
+                        texts: Sequence[str], key: tuple[int, str | None]) -> list[list[Hit]]:
+    """One Triton search for the coalesced ``texts`` sharing ``key``: (count, filter)."""
+    num_results, search_filter = key
+    return await backend.search(model, texts, num_results, timeout=timeout,
+                                search_filter=search_filter)
 
 
 T = TypeVar("T")

@@ -217,6 +217,8 @@ class TritonBackend:
             inputs.append(_scalar_input(name, value, datatype, dtype))
         if args.stop:
             inputs.append(_bytes_input("stop", args.stop, [1, len(args.stop)]))
+        if args.response_format is not None:
+            inputs.append(_bytes_input("response_format", [args.response_format], [1, 1]))
         request = {"model_name": args.model, "inputs": inputs,
                    "request_id": str(next(self._ids))}
 
@@ -273,19 +275,25 @@ class TritonBackend:
         return outputs["embedding"], [int(row.sum()) for row in mask]
 
     async def search(self, model: str, texts: Sequence[str], num_results: int,
-                     timeout: float | None = None) -> list[list[Hit]]:
+                     timeout: float | None = None, search_filter: str | None = None
+                     ) -> list[list[Hit]]:
         """The search ensemble's answers to ``texts`` (one Triton request), best first.
 
-        All rows share ``num_results``, as the search model takes one value per request.
+        All rows share ``num_results`` and ``search_filter`` (JSON text), as the search
+        model takes one value of each per request; under a filter a row may get fewer.
         """
         rows = len(texts)
-        body = {"inputs": [
+        inputs = [
             {"name": "text", "shape": [rows, 1], "datatype": "BYTES", "data": list(texts)},
             {"name": "num_results", "shape": [rows, 1], "datatype": "INT32",
-             "data": [num_results] * rows}]}
-        reply = await self._post(f"/v2/models/{model}/infer", body,
-                                 {"text": "text", "num_results": "num_results"}, timeout)
-        outputs = {o["name"]: o["data"] for o in json.loads(reply.body)["outputs"]}
+             "data": [num_results] * rows}]
+        if search_filter is not None:
+            inputs.append({"name": "filter", "shape": [rows, 1], "datatype": "BYTES",
+                           "data": [search_filter] * rows})
+        reply = await self._post(f"/v2/models/{model}/infer", {"inputs": inputs},
+                                 {"text": "text", "num_results": "num_results",
+                                  "filter": "filter"}, timeout)
+        outputs = {o["name"]: o.get("data", []) for o in json.loads(reply.body)["outputs"]}
         k = len(outputs["ids"]) // rows
         return [[Hit(int(i), float(s), t) for i, s, t in zip(
             outputs["ids"][r * k:(r + 1) * k], outputs["scores"][r * k:(r + 1) * k],

@@ -9,20 +9,20 @@ them together, as the seed's ``batched-fn`` did in front of its model.
 
 Nothing waits on purpose: a batch is what has arrived by the time the event loop gets
 round to sending (``call_soon``), so a query alone goes at once, as before. Rows in one
-Triton request share ``num_results`` (the search model takes one value per request), so
-searches are grouped by it.
+Triton request share ``num_results`` and ``filter`` (the search model takes one value of
+each per request), so searches are grouped by them: the key ``k``, any hashable value.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from typing import Any, Generic, TypeVar
 
 from tritonop.gateway.errors import APIError
 
 T = TypeVar("T")
-Send = Callable[[Sequence[str], int], Awaitable[list[T]]]
+Send = Callable[[Sequence[str], Any], Awaitable[list[T]]]
 
 
 class Coalescer(Generic[T]):
@@ -37,11 +37,11 @@ class Coalescer(Generic[T]):
     def __init__(self, send: Send[T], max_rows: int) -> None:
         self.send = send
         self.max_rows = max(1, max_rows)
-        self._pending: list[tuple[str, int, asyncio.Future[T]]] = []
+        self._pending: list[tuple[str, Hashable, asyncio.Future[T]]] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def submit(self, text: str, k: int) -> T:
+    async def submit(self, text: str, k: Hashable) -> T:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._pending.append((text, k, future))
@@ -53,7 +53,7 @@ class Coalescer(Generic[T]):
     def _flush(self) -> None:
         self._scheduled = False
         pending, self._pending = self._pending, []
-        groups: dict[int, list[tuple[str, asyncio.Future[T]]]] = {}
+        groups: dict[Hashable, list[tuple[str, asyncio.Future[T]]]] = {}
         for text, k, future in pending:
             if not future.done():  # its client left before it was sent
                 groups.setdefault(k, []).append((text, future))
@@ -66,7 +66,7 @@ class Coalescer(Generic[T]):
         self._tasks.add(task)  # held until done: the loop keeps only weak references
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, rows: list[tuple[str, asyncio.Future[T]]], k: int) -> None:
+    async def _run(self, rows: list[tuple[str, asyncio.Future[T]]], k: Hashable) -> None:
         try:
             results = await self.send([text for text, _ in rows], k)
         except APIError as err:

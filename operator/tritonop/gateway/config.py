@@ -92,6 +92,7 @@ class ModelEntry:
         limits: bounds on inputs, stalled streams and calls to Triton.
         client_limits: limits of every API client on this model.
         named_limits: limits of named clients, replacing ``client_limits`` for them.
+        fields: the corpus fields searches may filter on, name -> type (EmbeddingSearch).
     """
 
     name: str
@@ -105,6 +106,7 @@ class ModelEntry:
     limits: InputLimits = InputLimits()
     client_limits: ClientLimits = ClientLimits()
     named_limits: dict[str, ClientLimits] = field(default_factory=dict)
+    fields: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -196,7 +198,8 @@ def model_entry(resource: Resource) -> ModelEntry:
                                            stages.search))
     return ModelEntry(resource.name, EMBEDDING, admission, max_top_k=spec.search.max_top_k,
                       default_top_k=spec.search.default_top_k, max_batch=batch, limits=limits,
-                      client_limits=every, named_limits=named)
+                      client_limits=every, named_limits=named,
+                      fields={f.name: f.type for f in spec.corpus.fields})
 
 
 def openai_enabled(resource: Resource) -> bool:

@@ -16,6 +16,9 @@ from typing import Any
 
 from tritonop.gateway.config import ModelEntry
 from tritonop.gateway.errors import APIError, invalid
+from tritonop_backend.errors import RequestError
+from tritonop_backend.filters import canonical_text
+from tritonop_backend.llm.grammar import parse_response_format
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_STOP_STRINGS = 16
@@ -38,7 +41,6 @@ NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "echo": lambda v: v in (None, False),
     "best_of": lambda v: v in (None, 1),
     "suffix": lambda v: v is None,
-    "response_format": lambda v: v is None or v == {"type": "text"},
     "tools": lambda v: v is None or v == [],
     "tool_choice": lambda v: v in (None, "none"),
     "parallel_tool_calls": lambda v: v is None or isinstance(v, bool),
@@ -60,6 +62,8 @@ class GenerationArgs:
         stop: stop strings.
         stream: answer with server-sent events.
         include_usage: a last streamed chunk carries ``usage``.
+        response_format: the ``response_format`` object as JSON text when it constrains the
+            output (``json_object``, ``json_schema``); None for plain text.
     """
 
     model: str
@@ -69,6 +73,7 @@ class GenerationArgs:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    response_format: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,9 +85,12 @@ class EmbeddingArgs:
 
 @dataclass(frozen=True)
 class SearchArgs:
+    """A validated search; ``filter`` is the checked filter as compact JSON text, or None."""
+
     model: str
     text: str
     num_results: int
+    filter: str | None = None
 
 
 def check_content_type(value: str | None) -> None:
@@ -303,7 +311,23 @@ def _generation(fields: Fields, entry: ModelEntry, prompt: str, prompt_format: s
         if not isinstance(include_usage, bool):
             raise invalid("stream_options.include_usage", "must be a boolean")
     return GenerationArgs(entry.name, prompt, prompt_format, sampling,
-                          _stop(fields.get("stop")), stream, include_usage)
+                          _stop(fields.get("stop")), stream, include_usage,
+                          _response_format(fields.get("response_format")))
+
+
+def _response_format(value: Any) -> str | None:
+    """``response_format`` checked and its schema compiled as the LLM model will (the same
+    function: llguidance, without the model's vocabulary), so that a schema it cannot use is
+    a 400 before the request takes an admission place; its JSON text for Triton."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise invalid("response_format", f"must be an object with a type, got {_kind(value)}")
+    try:
+        constraint = parse_response_format(value)
+    except RequestError as err:
+        raise invalid(err.field, err.problem) from None
+    return None if constraint is None else json.dumps(value, ensure_ascii=False)
 
 
 def _stop(value: Any) -> tuple[str, ...]:
@@ -354,7 +378,8 @@ def parse_embeddings(body: Mapping[str, Any],
 
 
 def parse_search(body: Mapping[str, Any], models: Mapping[str, ModelEntry]) -> SearchArgs:
-    """A ``/v1/search`` body: ``text`` (or ``query``) and ``num_results`` (or ``top_k``)."""
+    """A ``/v1/search`` body: ``text`` (or ``query``), ``num_results`` (or ``top_k``) and
+    ``filter`` over the corpus fields (:mod:`tritonop_backend.filters`)."""
     fields = Fields(body)
     entry = model_name(fields, models, "embedding", "/v1/search")
     query = _alias(fields, "text", "query")
@@ -369,8 +394,14 @@ def parse_search(body: Mapping[str, Any], models: Mapping[str, ModelEntry]) -> S
     count_name = "num_results" if fields.body.get("num_results") is not None else "top_k"
     num_results = (entry.default_top_k if count is None
                    else integer(count, count_name, 1, entry.max_top_k))
+    search_filter = fields.get("filter")
+    if search_filter is not None:
+        try:  # the same check as the search model's, before the request takes a place
+            search_filter = canonical_text(search_filter, entry.fields)
+        except RequestError as err:
+            raise invalid(err.field, err.problem) from None
     fields.finish()
-    return SearchArgs(entry.name, query, num_results)
+    return SearchArgs(entry.name, query, num_results, search_filter)
 
 
 def _alias(fields: Fields, name: str, alias: str) -> Any:

@@ -2,7 +2,8 @@
 
 An ``EmbeddingSearch`` named ``news`` becomes six models:
 
-* ``news``: ensemble ``text`` [+ ``num_results``] -> ``ids``, ``scores``, ``texts``
+* ``news``: ensemble ``text`` [+ ``num_results``, ``filter``] -> ``ids``, ``scores``,
+  ``texts``
   (the model clients call, also through ``/v2/models/news/generate``);
 * ``news_embedding``: ensemble ``text`` -> ``embedding``, ``attention_mask``;
 * ``news_tokenizer``, ``news_encoder``, ``news_pooling``, ``news_search``: the
@@ -72,6 +73,8 @@ def embedding_search_models(resource: Resource, artifacts_root: str) -> list[Con
     hidden = tensor("token_embeddings", "FP32", [-1, -1])
     embedding = tensor("embedding", "FP32", [-1])
     num_results = tensor("num_results", "INT32", [1], optional=True)
+    # JSON text over the corpus fields (tritonop_backend.filters), one per request.
+    search_filter = tensor("filter", "STRING", [1], optional=True)
     results = [
         tensor("ids", "INT64", [-1]),
         tensor("scores", "FP32", [-1]),
@@ -84,13 +87,14 @@ def embedding_search_models(resource: Resource, artifacts_root: str) -> list[Con
     pool = (f"{name}_pooling",
             {"token_embeddings": "token_embeddings", "attention_mask": "attention_mask"},
             {"embedding": "embedding"})
-    search = (f"{name}_search", {"embedding": "embedding", "num_results": "num_results"},
+    search = (f"{name}_search", {"embedding": "embedding", "num_results": "num_results",
+                                 "filter": "filter"},
               {"ids": "ids", "scores": "scores", "texts": "texts"})
     # A client batch must fit every step it passes through.
     batch = min(s.max_batch_size for s in (stages.tokenizer, stages.encoder, stages.pooling,
                                            stages.search))
     return [
-        ensemble(name, batch, [text, num_results], results,
+        ensemble(name, batch, [text, num_results, search_filter], results,
                  [tokenize, encode, pool, search], response_cache=spec.cache.enabled),
         # attention_mask too: its row sums are the token counts the gateway reports as usage.
         ensemble(f"{name}_embedding", batch, [text], [embedding, mask],
@@ -115,7 +119,7 @@ def embedding_search_models(resource: Resource, artifacts_root: str) -> list[Con
             [embedding], {"stage": "pooling", "normalize": _auto(spec.model.normalize), **shared},
         ),
         python_model(
-            f"{name}_search", stages.search, [embedding, num_results], results,
+            f"{name}_search", stages.search, [embedding, num_results, search_filter], results,
             {"stage": "search", "index_dir": index_dir,
              "threads": str(stages.search.threads),
              "default_top_k": str(spec.search.default_top_k),
@@ -138,6 +142,8 @@ LLM_INPUTS = [
     ("stream", "BOOL", [1]),
     # text | raw | messages: how text_input is tokenized (the gateway's chat and completions).
     ("prompt_format", "STRING", [1]),
+    # OpenAI's response_format object as JSON text: the output follows JSON or a JSON Schema.
+    ("response_format", "STRING", [1]),
 ]
 
 

@@ -109,6 +109,36 @@ class EmbeddingModelSpec(SpecModel):
         return self
 
 
+MAX_CORPUS_FIELDS = 32
+FILTER_WORDS = ("and", "or")
+
+
+class CorpusField(SpecModel):
+    """A field of the corpus records kept beside each vector, for search filters."""
+
+    model_config = ConfigDict(json_schema_extra=cel_rules(
+        ("!(self.name in ['and', 'or'])", "name: 'and' and 'or' combine filters; they cannot "
+         "name a field"),
+    ))
+
+    name: str = Field(
+        ..., min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="The field's key in each JSONL record (letters, digits and '_').",
+    )
+    type: Literal["string", "number", "boolean", "stringList"] = Field(
+        ..., description="What the field holds: a string, a number, true/false, or a list of "
+        "strings. A record whose value has another type fails the prepare step; a record "
+        "without the field (or null) matches no filter on it.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_filter_word(cls, value: str) -> str:
+        if value in FILTER_WORDS:
+            raise ValueError("'and' and 'or' combine filters; they cannot name a field")
+        return value
+
+
 class CorpusSpec(SpecModel):
     """The texts to search, embedded once into an index."""
 
@@ -122,6 +152,13 @@ class CorpusSpec(SpecModel):
     text_field: str = Field(
         "text", min_length=1, description="Field holding the text in JSONL or CSV."
     )
+    fields: list[CorpusField] = Field(
+        default_factory=list, max_length=MAX_CORPUS_FIELDS,
+        description="Record fields kept beside each vector, which search requests can "
+        "filter on (JSONL corpora only).",
+        json_schema_extra={"x-kubernetes-list-type": "map",
+                           "x-kubernetes-list-map-keys": ["name"]},
+    )
 
     @field_validator("source", mode="before")
     @classmethod
@@ -130,6 +167,15 @@ class CorpusSpec(SpecModel):
         if isinstance(value, str) and ".." in value.split("/"):
             raise ValueError("must not contain '..' path segments: a relative path names a "
                              "file inside the folder it resolves against")
+        return value
+
+    @field_validator("fields")
+    @classmethod
+    def _unique_names(cls, value: list[CorpusField]) -> list[CorpusField]:
+        names = [field.name for field in value]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"field names must be unique; repeated: {', '.join(repeated)}")
         return value
 
 

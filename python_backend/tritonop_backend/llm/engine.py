@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import torch
 
 from tritonop_backend.errors import RequestError
+from tritonop_backend.llm.grammar import GrammarTokens
 from tritonop_backend.llm.graphs import StaticDecoder, width_bucket
 from tritonop_backend.llm.kv import KVBuffer, KVShape, Window, cache_keyword
 from tritonop_backend.llm.params import GenerationPolicy, GenerationRequest
@@ -29,7 +30,8 @@ from tritonop_backend.llm.text import TextStream
 LOGGER = logging.getLogger(__name__)
 
 STOP, LENGTH, CANCELLED, CONTEXT, ERROR = "stop", "length", "cancelled", "context", "error"
-"""Finish reasons: eos or a stop string; max_tokens; cancel(); the context is full; a failure."""
+"""Finish reasons: eos, a stop string or a complete structured output; max_tokens; cancel();
+the context is full; a failure."""
 
 
 MAX_FAILED_STEPS = 3
@@ -87,6 +89,8 @@ class _Sequence:
     """Tokens held in the KV cache for this sequence."""
     reported: int = 0
     """Generated tokens already handed out in events."""
+    matcher: Any = None
+    """The llguidance matcher of a request with a ``response_format``; None without one."""
 
     def event(self, text: str, reason: str | None, error: str | None = None) -> GenerationEvent:
         """The next event of this sequence, carrying the tokens not reported yet."""
@@ -156,6 +160,7 @@ class LLMEngine:
         self.device = torch.device(device) if device is not None else _model_device(model)
         self._check_model(model, tokenizer, policy)
         self._eos = _eos_ids(model, tokenizer)
+        self._grammar = GrammarTokens(tokenizer, self._eos)
         self._kv = _allocate_cache(model, policy, max_sequences, self.device)
         self._cache = self._kv.cache()
         self._cache_keyword = cache_keyword(model)
@@ -188,7 +193,8 @@ class LLMEngine:
         cannot take (and callers waiting behind it do not pay for that time either).
 
         Raises:
-            RequestError: on ``text_input`` when the prompt leaves no room to generate.
+            RequestError: on ``text_input`` when the prompt leaves no room to generate, on
+                ``response_format`` when its grammar cannot be used with this model.
             QueueFullError: when all slots and queue places are taken.
             EngineFailedError: when the engine has failed for good (see :attr:`ready`).
             ValueError: when ``request_id`` is already queued or running.
@@ -208,6 +214,8 @@ class LLMEngine:
                 request=request,
                 stream=TextStream(self.tokenizer, request.params.stop),
                 generator=make_generator(request.params.seed),
+                matcher=(self._grammar.matcher(request.response_format)
+                         if request.response_format is not None else None),
             )
         except BaseException:
             with self._lock:
@@ -511,7 +519,12 @@ class LLMEngine:
         sequences = self._running[lo:hi]
         history, history_mask = self._history(sequences, lo) if params.penalised else (None, None)
         generators = [seq.generator for seq in sequences]
-        tokens = select_next_tokens(logits, params, generators, history, history_mask).tolist()
+        constrained = [row for row, seq in enumerate(sequences) if seq.matcher is not None]
+        allowed = (constrained, self._grammar.masks(
+            [sequences[row].matcher for row in constrained], logits.shape[-1], logits.device)
+        ) if constrained else None
+        tokens = select_next_tokens(
+            logits, params, generators, history, history_mask, allowed).tolist()
         events: list[GenerationEvent] = []
         finished: list[_Sequence] = []
         for seq, token in zip(sequences, tokens, strict=True):
@@ -550,9 +563,14 @@ class LLMEngine:
         if token in self._eos:
             reason = STOP
         else:
+            if seq.matcher is not None and not seq.matcher.consume_token(token):
+                raise RuntimeError(f"the grammar refused token {token}: "
+                                   f"{seq.matcher.get_error()[:300]}")
             text = seq.stream.push(token)
             if seq.stream.stopped:
                 reason = STOP
+            elif seq.matcher is not None and seq.matcher.is_stopped():
+                reason = STOP  # the structured output is complete: nothing else may follow
             elif len(seq.generated) >= params.max_tokens:
                 reason = LENGTH
             elif seq.total >= self.policy.max_context_tokens:

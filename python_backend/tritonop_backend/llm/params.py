@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from tritonop_backend.errors import RequestError
+from tritonop_backend.llm.grammar import ResponseFormat, parse_response_format
 
 MAX_STOP_STRINGS = 16
 """Stop strings are matched against the text after every token; a bound keeps that cheap."""
@@ -147,6 +148,7 @@ class GenerationRequest:
         messages: the chat turns when the prompt came as ``messages``; then ``prompt`` is
             their JSON text.
         raw: tokenize ``prompt`` verbatim, without the chat template.
+        response_format: the grammar the output must follow (JSON or a JSON Schema), or None.
     """
 
     prompt: str
@@ -154,6 +156,7 @@ class GenerationRequest:
     stream: bool = False
     messages: tuple[tuple[str, str], ...] | None = None
     raw: bool = False
+    response_format: ResponseFormat | None = None
 
 
 def parse_request(values: Mapping[str, object], policy: GenerationPolicy) -> GenerationRequest:
@@ -204,6 +207,7 @@ def parse_request(values: Mapping[str, object], policy: GenerationPolicy) -> Gen
     return GenerationRequest(
         prompt=prompt, params=params, stream=_as_bool("stream", given.get("stream", False)),
         messages=messages, raw=prompt_format == "raw",
+        response_format=parse_response_format(given.get("response_format")),
     )
 
 

@@ -201,6 +201,7 @@ def select_next_tokens(
     generators: Sequence[torch.Generator],
     history: torch.Tensor | None = None,
     history_mask: torch.Tensor | None = None,
+    allowed: tuple[Sequence[int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Choose each row's next token: argmax for greedy rows, a seeded draw for the others.
 
@@ -210,11 +211,15 @@ def select_next_tokens(
         generators: one per row; greedy rows' generators are left untouched.
         history: ``(rows, window)`` recent token ids for the repetition penalty, or None.
         history_mask: which ``history`` entries count, same shape.
+        allowed: rows under a grammar and, for each, a ``(vocab,)`` bool of the tokens it
+            may take (see :func:`mask_disallowed`); other rows are left as they are.
 
     Returns:
         ``(rows,)`` token ids on the logits' device.
     """
     logits = logits.float()
+    if allowed is not None:
+        logits = mask_disallowed(logits, *allowed)
     if params.penalised and history is not None and history_mask is not None:
         logits = apply_repetition_penalty(logits, history, history_mask, params.penalty)
     tokens = logits.argmax(dim=-1)
@@ -227,6 +232,24 @@ def select_next_tokens(
             uniforms = draw_uniforms([generators[row] for row in rows], logits.device)
             tokens[index] = sample(logits.index_select(0, index), params, rows, uniforms)
     return tokens
+
+
+def mask_disallowed(logits: torch.Tensor, rows: Sequence[int], allowed: torch.Tensor
+                    ) -> torch.Tensor:
+    """Logits with the tokens a grammar forbids set to ``-inf`` in the given rows.
+
+    This comes before the penalty, temperature, top-k and top-p, so that the filters and
+    the draw see only the tokens the grammar allows (the order vLLM uses). A new
+    tensor is returned: ``logits`` may be a recorded CUDA graph's output buffer.
+
+    Args:
+        logits: ``(batch, vocab)`` float scores.
+        rows: the constrained rows; the others keep their logits bit for bit.
+        allowed: ``(len(rows), vocab)`` bool, True for the tokens each row may take.
+    """
+    index = torch.tensor(list(rows), device=logits.device)
+    constrained = logits.index_select(0, index).masked_fill(~allowed, float("-inf"))
+    return logits.index_copy(0, index, constrained)
 
 
 def _scaled(logits: torch.Tensor, params: RowParams, rows: Sequence[int]) -> torch.Tensor:

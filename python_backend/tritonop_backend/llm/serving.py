@@ -43,6 +43,7 @@ INPUTS = (
     "stop",
     "stream",
     "prompt_format",
+    "response_format",
 )
 
 
