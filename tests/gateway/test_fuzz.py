@@ -51,7 +51,8 @@ GENERATION_BAD = {
     "n": [2, 0, "1", True, -3],
     "stream": ["yes", 1, [], {}],
     "stream_options": [{"include_usage": True}, "x", {"other": 1}],
-    "logprobs": [True], "presence_penalty": [0.5], "frequency_penalty": [-1],
+    "logprobs": ["yes", 21], "top_logprobs": [21],
+    "presence_penalty": [0.5], "frequency_penalty": [-1],
     "echo": [True], "best_of": [3], "tools": [[{"type": "function"}]],
     "unknown_field": [1, "x", {}],
 }

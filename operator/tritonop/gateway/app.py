@@ -48,8 +48,10 @@ log = logging.getLogger(__name__)
 READY_INTERVAL_SECONDS = 1.0
 FINISH_REASONS = {"stop": "stop", "length": "length", "context": "length"}
 # Triton input names as each route's clients know them, for error messages.
-CHAT_FIELDS = {"text_input": "messages", "max_tokens": "max_tokens", "stop": "stop"}
-COMPLETION_FIELDS = {"text_input": "prompt", "max_tokens": "max_tokens", "stop": "stop"}
+CHAT_FIELDS = {"text_input": "messages", "max_tokens": "max_tokens", "stop": "stop",
+               "logprobs": "top_logprobs"}
+COMPLETION_FIELDS = {"text_input": "prompt", "max_tokens": "max_tokens", "stop": "stop",
+                     "logprobs": "logprobs"}
 CANCELLED = "cancelled"  # the finish reason of a request the model server stopped
 EMBEDDING_CHUNKS_IN_FLIGHT = 2
 """Triton requests one /v1/embeddings request has out at once, under its one admission
@@ -303,7 +305,7 @@ class Gateway:
                 if result[1].finish_reason == CANCELLED:
                     raise cancelled()
                 self._used(args.model, result[1].prompt_tokens + result[1].completion_tokens)
-                return JSONResponse(_completion_body(kind, args.model, *result))
+                return JSONResponse(_completion_body(kind, args, *result))
             # The first response before the headers: a prompt Triton refuses is still a 400.
             first = await until_disconnected(request, pieces.next())
             if first is None:
@@ -331,15 +333,21 @@ class Gateway:
                 body["usage"] = usage
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-        def choice(text: str | None, reason: str | None) -> dict[str, Any]:
+        def choice(text: str | None, reason: str | None,
+                   entries: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+            nonlocal offset
             if kind == "chat.completion":
                 delta = {} if text is None else {"content": text}
                 if text is not None and role_pending:
                     delta["role"] = "assistant"
-                return {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
-            return {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
+                return {"index": 0, "delta": delta, "finish_reason": reason,
+                        "logprobs": _chat_logprobs(entries)}
+            listed = _completion_logprobs(entries, offset)
+            offset += len(text or "")
+            return {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": listed}
 
         role_pending = True
+        offset = 0
         last = time.perf_counter()
         ttft = self.metrics.ttft.labels(args.model)
         itl = self.metrics.itl.labels(args.model)
@@ -355,13 +363,14 @@ class Gateway:
                     (itl if seen_text else ttft).observe(
                         now - (last if seen_text else started))
                     seen_text, last = True, now
-                    yield event(choice(piece.text, None))
+                    yield event(choice(piece.text, None, piece.logprobs))
                 if piece.finish_reason == CANCELLED:
                     raise cancelled()
                 if piece.finish_reason is not None:
                     self._used(args.model, piece.prompt_tokens + piece.completion_tokens)
                     reason = FINISH_REASONS.get(piece.finish_reason, piece.finish_reason)
-                    yield event(choice(None if kind == "chat.completion" else "", reason))
+                    left = piece.logprobs if not piece.text else None  # sent with its text
+                    yield event(choice(None if kind == "chat.completion" else "", reason, left))
                     if args.include_usage:
                         yield event(None, _usage(piece))
                     break
@@ -495,12 +504,16 @@ class FirstAwareIterator:
             await close()
 
 
-async def _collect(pieces: FirstAwareIterator) -> tuple[str, Piece]:
+async def _collect(pieces: FirstAwareIterator
+                   ) -> tuple[str, Piece, list[dict[str, Any]] | None]:
     parts = []
+    entries: list[dict[str, Any]] | None = None
     while (piece := await pieces.next()) is not None:
         parts.append(piece.text)
+        if piece.logprobs is not None:
+            entries = (entries or []) + piece.logprobs
         if piece.finish_reason is not None:
-            return "".join(parts), piece
+            return "".join(parts), piece, entries
     raise APIError(502, "Triton ended the stream without a final response",
                    code="upstream_error")
 
@@ -534,15 +547,40 @@ def _usage(piece: Piece) -> dict[str, int]:
             "total_tokens": piece.prompt_tokens + piece.completion_tokens}
 
 
-def _completion_body(kind: str, model: str, text: str, last: Piece) -> dict[str, Any]:
+def _completion_body(kind: str, args: protocol.GenerationArgs, text: str, last: Piece,
+                     entries: list[dict[str, Any]] | None) -> dict[str, Any]:
     reason = FINISH_REASONS.get(last.finish_reason or "", last.finish_reason)
     if kind == "chat.completion":
         choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "finish_reason": reason, "logprobs": None}
+                  "finish_reason": reason, "logprobs": _chat_logprobs(entries)}
     else:
-        choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
-    return {"id": _ident(kind), "object": kind, "created": int(time.time()), "model": model,
-            "choices": [choice], "usage": _usage(last)}
+        choice = {"index": 0, "text": text, "finish_reason": reason,
+                  "logprobs": _completion_logprobs(entries, 0)}
+    return {"id": _ident(kind), "object": kind, "created": int(time.time()),
+            "model": args.model, "choices": [choice], "usage": _usage(last)}
+
+
+def _chat_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """Chat's ``logprobs`` object: the model's entries as they are (see ``Piece``)."""
+    return None if entries is None else {"content": entries, "refusal": None}
+
+
+def _completion_logprobs(entries: list[dict[str, Any]] | None,
+                         offset: int) -> dict[str, Any] | None:
+    """The legacy completions shape: parallel lists, ``top_logprobs`` as token -> logprob
+    dicts (empty for ``logprobs: 0``), ``text_offset`` counted from ``offset`` in characters
+    of the tokens' text."""
+    if entries is None:
+        return None
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry["token"])
+    return {"tokens": [entry["token"] for entry in entries],
+            "token_logprobs": [entry["logprob"] for entry in entries],
+            "top_logprobs": [{top["token"]: top["logprob"] for top in entry["top_logprobs"]}
+                             for entry in entries],
+            "text_offset": offsets}
 
 
 async def _http_error(_: Request, exc: Exception) -> Response:

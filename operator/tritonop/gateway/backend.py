@@ -23,6 +23,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -56,12 +57,17 @@ class TritonAddress:
 
 @dataclass(frozen=True)
 class Piece:
-    """One response of the LLM model: new text, and on the last one why it ended."""
+    """One response of the LLM model: new text, and on the last one why it ended.
+
+    ``logprobs`` are the entries of the response's tokens in OpenAI's chat shape (``token``,
+    ``logprob``, ``bytes``, ``top_logprobs``) when the request asked for them, else None.
+    """
 
     text: str
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -219,6 +225,8 @@ class TritonBackend:
             inputs.append(_bytes_input("stop", args.stop, [1, len(args.stop)]))
         if args.response_format is not None:
             inputs.append(_bytes_input("response_format", [args.response_format], [1, 1]))
+        if args.logprobs is not None:
+            inputs.append(_scalar_input("logprobs", args.logprobs, "INT32", np.int32))
         request = {"model_name": args.model, "inputs": inputs,
                    "request_id": str(next(self._ids))}
 
@@ -243,7 +251,8 @@ class TritonBackend:
                 piece = Piece(result.as_numpy("text_output").reshape(-1)[0].decode("utf-8"),
                               reason or None,
                               int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
-                              int(result.as_numpy("completion_tokens").reshape(-1)[0]))
+                              int(result.as_numpy("completion_tokens").reshape(-1)[0]),
+                              _logprobs(result) if args.logprobs is not None else None)
                 if reason:
                     closed = await _read_to_end(stream)
                     yield piece
@@ -314,6 +323,17 @@ class TritonBackend:
         if reply.status != 200:
             raise http_error(reply, fields)
         return reply
+
+
+def _logprobs(result: Any) -> list[dict[str, Any]]:
+    """The ``logprobs`` output of one response: a JSON list of entries."""
+    listed = result.as_numpy("logprobs")
+    text = b"" if listed is None else listed.reshape(-1)[0]
+    if not text:
+        log.warning("the model sent no logprobs output; is its config from an older release?")
+        raise upstream_failed()
+    entries: list[dict[str, Any]] = json.loads(text)
+    return entries
 
 
 def _binary_outputs(reply: Reply) -> dict[str, np.ndarray]:

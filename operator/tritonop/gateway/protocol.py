@@ -28,6 +28,9 @@ MAX_STOP_CHARACTERS = 256
 MAX_SEED = 2**64 - 1
 JSON_TYPE = "application/json"
 ROLES = ("system", "user", "assistant")
+MAX_LOGPROBS = 20
+"""Most likely tokens an answer may list per token, as the LLM model bounds them
+(``tritonop_backend.llm.params``) and OpenAI bounds ``top_logprobs``."""
 
 # Fields that OpenAI clients send and that change nothing here when left at their neutral
 # value; any other value is refused rather than silently ignored.
@@ -35,8 +38,7 @@ NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "user": lambda v: v is None or isinstance(v, str),
     "presence_penalty": lambda v: v in (None, 0),
     "frequency_penalty": lambda v: v in (None, 0),
-    "logprobs": lambda v: v in (None, False),
-    "top_logprobs": lambda v: v in (None, 0),
+    "top_logprobs": lambda v: v in (None, 0),  # /v1/completions: its logprobs is the count
     "logit_bias": lambda v: v is None or v == {},
     "echo": lambda v: v in (None, False),
     "best_of": lambda v: v in (None, 1),
@@ -64,6 +66,8 @@ class GenerationArgs:
         include_usage: a last streamed chunk carries ``usage``.
         response_format: the ``response_format`` object as JSON text when it constrains the
             output (``json_object``, ``json_schema``); None for plain text.
+        logprobs: None for no log probabilities, else how many most likely tokens each
+            token's entry lists (chat's ``top_logprobs``, completions' ``logprobs``).
     """
 
     model: str
@@ -74,6 +78,7 @@ class GenerationArgs:
     stream: bool
     include_usage: bool
     response_format: str | None = None
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -210,7 +215,8 @@ def parse_chat(body: Mapping[str, Any], models: Mapping[str, ModelEntry]) -> Gen
     characters(sum(len(turn["content"]) for turn in turns), "messages", entry,
                "all message contents together")
     prompt = json.dumps(turns, ensure_ascii=False)
-    args = _generation(fields, entry, prompt, "messages", "max_completion_tokens")
+    args = _generation(fields, entry, prompt, "messages", "max_completion_tokens",
+                       _chat_logprobs(fields))
     fields.finish()
     return args
 
@@ -232,9 +238,24 @@ def parse_completion(body: Mapping[str, Any],
     characters(len(prompt), "prompt", entry)
     if not prompt.strip():
         raise invalid("prompt", "must not be empty")
-    args = _generation(fields, entry, prompt, "raw", None)
+    count = fields.get("logprobs")
+    logprobs = None if count is None else integer(count, "logprobs", 0, MAX_LOGPROBS)
+    args = _generation(fields, entry, prompt, "raw", None, logprobs)
     fields.finish()
     return args
+
+
+def _chat_logprobs(fields: Fields) -> int | None:
+    """Chat's ``logprobs`` (a boolean) and ``top_logprobs`` (0 to 20, only with it)."""
+    wanted, top = fields.get("logprobs"), fields.get("top_logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise invalid("logprobs", f"must be a boolean, got {_kind(wanted)}")
+    if top is not None:
+        count = integer(top, "top_logprobs", 0, MAX_LOGPROBS)
+        if not wanted:
+            raise invalid("top_logprobs", "needs logprobs: true")
+        return count
+    return 0 if wanted else None
 
 
 def _message(item: Any, index: int) -> dict[str, str]:
@@ -268,7 +289,7 @@ def _text_parts(parts: list[Any], where: str) -> str:
 
 
 def _generation(fields: Fields, entry: ModelEntry, prompt: str, prompt_format: str,
-                alias: str | None) -> GenerationArgs:
+                alias: str | None, logprobs: int | None = None) -> GenerationArgs:
     sampling: dict[str, int | float] = {}
     max_tokens = fields.get("max_tokens")
     if alias is not None:
@@ -312,7 +333,7 @@ def _generation(fields: Fields, entry: ModelEntry, prompt: str, prompt_format: s
             raise invalid("stream_options.include_usage", "must be a boolean")
     return GenerationArgs(entry.name, prompt, prompt_format, sampling,
                           _stop(fields.get("stop")), stream, include_usage,
-                          _response_format(fields.get("response_format")))
+                          _response_format(fields.get("response_format")), logprobs)
 
 
 def _response_format(value: Any) -> str | None:

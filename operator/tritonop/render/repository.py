@@ -144,6 +144,8 @@ LLM_INPUTS = [
     ("prompt_format", "STRING", [1]),
     # OpenAI's response_format object as JSON text: the output follows JSON or a JSON Schema.
     ("response_format", "STRING", [1]),
+    # Most likely tokens listed beside each generated token's log probability; -1: none.
+    ("logprobs", "INT32", [1]),
 ]
 
 
@@ -182,7 +184,9 @@ def llm_models(resource: Resource, artifacts_root: str) -> list[ConfigDict]:
     inputs = [tensor(name, dtype, dims, optional=name != "text_input")
               for name, dtype, dims in LLM_INPUTS]
     outputs = [tensor("text_output", "STRING", [1]), tensor("finish_reason", "STRING", [1]),
-               tensor("prompt_tokens", "INT32", [1]), tensor("completion_tokens", "INT32", [1])]
+               tensor("prompt_tokens", "INT32", [1]), tensor("completion_tokens", "INT32", [1]),
+               # JSON list of the response's tokens' log probabilities; empty when not asked.
+               tensor("logprobs", "STRING", [1])]
     config = python_model(resource.name, spec.batching, inputs, outputs, parameters,
                           gpu=spec.gpus > 0 or spec.model.device == "cuda")
     # Decoupled: the model answers each request with a stream of responses, sent from

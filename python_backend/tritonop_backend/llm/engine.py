@@ -51,6 +51,24 @@ class EngineFailedError(RuntimeError):
     """
 
 
+class TokenLogprob(NamedTuple):
+    """One generated token's log probability and the most likely tokens at its step.
+
+    Log probabilities are ``log_softmax`` of the model's raw logits for that step, in
+    float32: before the repetition penalty, temperature, top-k, top-p and any grammar mask,
+    as OpenAI and vLLM report them. They describe the model, not the sampler.
+
+    Attributes:
+        token: the generated token's id.
+        logprob: its log probability.
+        top: ``(token, logprob)`` of the most likely tokens, best first, as many as asked.
+    """
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
 class GenerationEvent(NamedTuple):
     """What one step produced for one request.
 
@@ -64,6 +82,9 @@ class GenerationEvent(NamedTuple):
         token_ids: the tokens generated since the previous event (a token that completes
             no character yet, or is held back as a possible stop string, waits for one).
         error: what went wrong, when ``finish_reason`` is "error".
+        logprobs: for a request that asked for them, an entry for each token in
+            ``token_ids`` except an end-of-sequence token, which ends the text and is no
+            part of it.
     """
 
     request_id: Hashable
@@ -73,6 +94,7 @@ class GenerationEvent(NamedTuple):
     completion_tokens: int
     token_ids: tuple[int, ...] = ()
     error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(eq=False)
@@ -91,11 +113,18 @@ class _Sequence:
     """Generated tokens already handed out in events."""
     matcher: Any = None
     """The llguidance matcher of a request with a ``response_format``; None without one."""
+    logprobs: list[TokenLogprob] | None = None
+    """Entries of the generated tokens (end of sequence left out) when the request asked."""
+    logprobs_reported: int = 0
 
     def event(self, text: str, reason: str | None, error: str | None = None) -> GenerationEvent:
         """The next event of this sequence, carrying the tokens not reported yet."""
         fresh = tuple(self.generated[self.reported :])
         self.reported = len(self.generated)
+        entries: tuple[TokenLogprob, ...] = ()
+        if self.logprobs is not None:
+            entries = tuple(self.logprobs[self.logprobs_reported :])
+            self.logprobs_reported = len(self.logprobs)
         return GenerationEvent(
             self.request_id,
             text,
@@ -104,6 +133,7 @@ class _Sequence:
             len(self.generated),
             fresh,
             error,
+            entries,
         )
 
     @property
@@ -171,6 +201,7 @@ class LLMEngine:
             if static_decode and StaticDecoder.supports(model)
             else None
         )
+        self._token_bytes: dict[int, bytes] = {}
         self._running: list[_Sequence] = []
         self._rows: RowParams | None = None
         self._waiting: deque[_Sequence] = deque()
@@ -216,6 +247,7 @@ class LLMEngine:
                 generator=make_generator(request.params.seed),
                 matcher=(self._grammar.matcher(request.response_format)
                          if request.response_format is not None else None),
+                logprobs=[] if request.logprobs is not None else None,
             )
         except BaseException:
             with self._lock:
@@ -295,6 +327,21 @@ class LLMEngine:
             )
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return list(self.tokenizer(prompt)["input_ids"])
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for in the text (a piece of a character, possibly).
+
+        From llguidance's reading of the vocabulary, which undoes byte-level and
+        SentencePiece byte encodings; a tokenizer it cannot read decodes the token alone.
+        """
+        cached = self._token_bytes.get(token)
+        if cached is None:
+            try:
+                cached = bytes(self._grammar.tokens().decode_bytes([token]))
+            except RequestError:
+                cached = self.tokenizer.decode([token]).encode("utf-8")
+            self._token_bytes[token] = cached
+        return cached
 
     @property
     def ready(self) -> bool:
@@ -523,11 +570,15 @@ class LLMEngine:
         allowed = (constrained, self._grammar.masks(
             [sequences[row].matcher for row in constrained], logits.shape[-1], logits.device)
         ) if constrained else None
-        tokens = select_next_tokens(
-            logits, params, generators, history, history_mask, allowed).tolist()
+        chosen = select_next_tokens(logits, params, generators, history, history_mask, allowed)
+        tokens = chosen.tolist()
+        asking = [row for row, seq in enumerate(sequences) if seq.logprobs is not None]
+        entries = _logprobs(logits, chosen, tokens, asking, sequences) if asking else {}
         events: list[GenerationEvent] = []
         finished: list[_Sequence] = []
-        for seq, token in zip(sequences, tokens, strict=True):
+        for row, (seq, token) in enumerate(zip(sequences, tokens, strict=True)):
+            if seq.logprobs is not None and int(token) not in self._eos:
+                seq.logprobs.append(entries[row])
             try:
                 event = self._advance(seq, int(token))
             except Exception as error:  # this sequence's text handling, not the batch's
@@ -650,6 +701,27 @@ def _final(seq: _Sequence, reason: str, error: str | None = None) -> GenerationE
     """The last event of a sequence that was stopped from outside."""
     text = "" if reason == ERROR else seq.stream.finish()
     return seq.event(text, reason, error)
+
+
+def _logprobs(logits: torch.Tensor, chosen: torch.Tensor, tokens: list[int], rows: list[int],
+              sequences: list[_Sequence]) -> dict[int, TokenLogprob]:
+    """The entries of the rows that asked for log probabilities, computed for those rows only.
+
+    ``logits`` are the model's own (the sampler works on copies): ``log_softmax`` in float32
+    of the raw distribution, before penalty, temperature, top-k, top-p and grammar mask.
+    """
+    index = torch.tensor(rows, device=logits.device)
+    logp = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
+    picked = logp.gather(1, chosen.index_select(0, index)[:, None]).squeeze(1).tolist()
+    width = max(sequences[row].request.logprobs or 0 for row in rows)
+    values, ids = (logp.topk(width, dim=-1) if width else (logp[:, :0], logp[:, :0].long()))
+    values_list, ids_list = values.tolist(), ids.tolist()
+    entries = {}
+    for place, row in enumerate(rows):
+        count = sequences[row].request.logprobs or 0
+        top = tuple(zip(ids_list[place][:count], values_list[place][:count], strict=True))
+        entries[row] = TokenLogprob(int(tokens[row]), picked[place], top)
+    return entries
 
 
 def _row_params(sequences: list[_Sequence], device: torch.device) -> RowParams:

@@ -40,6 +40,9 @@ tokenizer templates (``/v1/chat/completions``), so the template is applied exact
 
 CHAT_ROLES = ("system", "user", "assistant")
 
+MAX_LOGPROBS = 20
+"""Most likely tokens a request may ask to see at each step (OpenAI's ``top_logprobs`` bound)."""
+
 GREEDY_BELOW = 1e-5
 """Temperatures below this (0 included) select the most likely token, as vLLM's
 ``_SAMPLING_EPS`` does: dividing logits by a tiny temperature overflows to infinities, whose
@@ -149,6 +152,8 @@ class GenerationRequest:
             their JSON text.
         raw: tokenize ``prompt`` verbatim, without the chat template.
         response_format: the grammar the output must follow (JSON or a JSON Schema), or None.
+        logprobs: None for no log probabilities; else how many of the most likely tokens each
+            generated token's entry lists beside it (0 to :data:`MAX_LOGPROBS`).
     """
 
     prompt: str
@@ -157,6 +162,7 @@ class GenerationRequest:
     messages: tuple[tuple[str, str], ...] | None = None
     raw: bool = False
     response_format: ResponseFormat | None = None
+    logprobs: int | None = None
 
 
 def parse_request(values: Mapping[str, object], policy: GenerationPolicy) -> GenerationRequest:
@@ -208,7 +214,22 @@ def parse_request(values: Mapping[str, object], policy: GenerationPolicy) -> Gen
         prompt=prompt, params=params, stream=_as_bool("stream", given.get("stream", False)),
         messages=messages, raw=prompt_format == "raw",
         response_format=parse_response_format(given.get("response_format")),
+        logprobs=_parse_logprobs(given.get("logprobs")),
     )
+
+
+def _parse_logprobs(value: object) -> int | None:
+    """``logprobs``: -1 (or absent) for none, else the count of top entries per token."""
+    if value is None:
+        return None
+    count = _as_int("logprobs", value)
+    if count == -1:
+        return None
+    if not 0 <= count <= MAX_LOGPROBS:
+        raise RequestError(
+            "logprobs", f"must lie in [0, {MAX_LOGPROBS}] (or -1 for none), got {count}"
+        )
+    return count
 
 
 def _check_prompt_length(

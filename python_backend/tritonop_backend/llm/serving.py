@@ -8,6 +8,7 @@ when clients go away, sends fail or the model is unloaded are tested directly.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import threading
 import time
@@ -25,6 +26,7 @@ from tritonop_backend.llm.engine import (
     GenerationEvent,
     LLMEngine,
     QueueFullError,
+    TokenLogprob,
 )
 from tritonop_backend.llm.params import GenerationPolicy, parse_request
 
@@ -44,7 +46,11 @@ INPUTS = (
     "stream",
     "prompt_format",
     "response_format",
+    "logprobs",
 )
+LOWEST_LOGPROB = -9999.0
+"""What a token the model rules out (``-inf``) is reported as: JSON has no infinity, and
+OpenAI reports such tokens the same way."""
 
 
 def policy_from_parameters(parameters: Mapping[str, str]) -> GenerationPolicy:
@@ -63,14 +69,38 @@ def policy_from_parameters(parameters: Mapping[str, str]) -> GenerationPolicy:
     ).validate()
 
 
-def outputs(text: str, event: GenerationEvent, final: bool) -> Outputs:
-    """One response's tensors; token counts are only final on the last response."""
+def outputs(text: str, event: GenerationEvent, final: bool,
+            logprobs: list[dict[str, object]] | None = None) -> Outputs:
+    """One response's tensors; token counts are only final on the last response.
+
+    ``logprobs`` is the JSON text of the response's tokens' entries (see
+    :func:`logprob_entries`) for a request that asked for them, else empty.
+    """
+    listed = "" if logprobs is None else json.dumps(logprobs, ensure_ascii=False)
     return {
         "text_output": np.array([[text.encode("utf-8")]], dtype=object),
         "finish_reason": np.array([[(event.finish_reason or "").encode()]], dtype=object),
         "prompt_tokens": np.array([[event.prompt_tokens]], dtype=np.int32),
         "completion_tokens": np.array([[event.completion_tokens if final else 0]], dtype=np.int32),
+        "logprobs": np.array([[listed.encode("utf-8")]], dtype=object),
     }
+
+
+def logprob_entries(entries: tuple[TokenLogprob, ...],
+                    token_bytes: Callable[[int], bytes]) -> list[dict[str, object]]:
+    """Entries in OpenAI's chat shape: ``token``, ``logprob``, ``bytes``, ``top_logprobs``.
+
+    ``token`` is the token's bytes as text (a piece of a character shows as U+FFFD);
+    ``bytes`` are exact.
+    """
+    def piece(token: int, logprob: float) -> dict[str, object]:
+        raw = token_bytes(token)
+        return {"token": raw.decode("utf-8", "replace"),
+                "logprob": max(logprob, LOWEST_LOGPROB), "bytes": list(raw)}
+
+    return [{**piece(entry.token, entry.logprob),
+             "top_logprobs": [piece(token, logprob) for token, logprob in entry.top]}
+            for entry in entries]
 
 
 @dataclass
@@ -78,21 +108,30 @@ class Delivery:
     """How one request's events become responses.
 
     Streamed requests get every non-empty delta as it comes and a final response; the
-    others get a single response holding the whole text, as ``/generate`` expects.
+    others get a single response holding the whole text, as ``/generate`` expects. A
+    request that asked for log probabilities gets its tokens' entries with each response.
     """
 
     stream: bool
     parts: list[str] = field(default_factory=list)
+    logprobs: list[dict[str, object]] | None = None
+    token_bytes: Callable[[int], bytes] | None = None
 
     def responses(self, event: GenerationEvent) -> list[tuple[Outputs, bool]]:
         """``(outputs, is_final)`` pairs to send for ``event``, possibly none."""
         final = event.finish_reason is not None
+        fresh = None
+        if self.logprobs is not None:
+            assert self.token_bytes is not None, "log probabilities need the token bytes"
+            fresh = logprob_entries(event.logprobs, self.token_bytes)
         if self.stream:
             if event.text or final:
-                return [(outputs(event.text, event, final), final)]
+                return [(outputs(event.text, event, final, fresh), final)]
             return []
         self.parts.append(event.text)
-        return [(outputs("".join(self.parts), event, True), True)] if final else []
+        if self.logprobs is not None and fresh is not None:
+            self.logprobs.extend(fresh)
+        return [(outputs("".join(self.parts), event, True, self.logprobs), True)] if final else []
 
 
 @dataclass
@@ -100,9 +139,12 @@ class Deliveries:
     """Open requests by id, so the engine thread knows where each event goes."""
 
     open: dict[Hashable, Delivery] = field(default_factory=dict)
+    token_bytes: Callable[[int], bytes] | None = None
+    """The bytes of a token id, for log probability entries (the engine's)."""
 
-    def add(self, request_id: Hashable, stream: bool) -> None:
-        self.open[request_id] = Delivery(stream)
+    def add(self, request_id: Hashable, stream: bool, logprobs: bool = False) -> None:
+        self.open[request_id] = Delivery(stream, logprobs=[] if logprobs else None,
+                                         token_bytes=self.token_bytes)
 
     def route(self, event: GenerationEvent) -> list[tuple[Outputs, bool]]:
         delivery = self.open.get(event.request_id)
@@ -161,7 +203,7 @@ class Server:
         self.engine = engine
         self.streaming = streaming
         self.on_step = on_step
-        self.deliveries = Deliveries()
+        self.deliveries = Deliveries(token_bytes=engine.token_bytes)
         self.handles: dict[int, Handle] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -201,7 +243,8 @@ class Server:
                 raise RequestError("stream", "streaming is turned off for this service")
             request_id = next(self._ids)
             with self._lock:
-                self.deliveries.add(request_id, generation.stream)
+                self.deliveries.add(request_id, generation.stream,
+                                    generation.logprobs is not None)
                 self.handles[request_id] = handle
             self.engine.add(request_id, generation)
         except Exception as error:
