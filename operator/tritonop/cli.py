@@ -221,6 +221,17 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def resource_arguments(parser: argparse.ArgumentParser, job: str) -> None:
+    """Where a command reads its resources: files, or the one the operator's Job passes."""
+    parser.add_argument("-f", "--file", type=Path, nargs="+")
+    parser.add_argument("--resource-env", metavar="NAME",
+                        help="read the one resource from this environment variable (YAML); "
+                        f"the operator's {job} Job passes it so")
+    parser.add_argument("--base-dir", type=Path,
+                        help="resolve relative paths in the spec against this directory "
+                        "instead of the file's own")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tritonop", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -291,13 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.set_defaults(run=_cmd_gateway)
 
     prepare = commands.add_parser("prepare", help="export models and build indexes")
-    prepare.add_argument("-f", "--file", type=Path, nargs="+")
-    prepare.add_argument("--resource-env", metavar="NAME",
-                         help="read the one resource from this environment variable (YAML); "
-                         "the operator's prepare Job passes it so")
-    prepare.add_argument("--base-dir", type=Path,
-                         help="resolve relative paths in the spec against this directory "
-                         "instead of the file's own")
+    resource_arguments(prepare, "prepare")
     prepare.add_argument("--expect-fingerprint", metavar="FP",
                          help="fail unless the spec's artifacts fingerprint is FP (the one the "
                          "operator rendered into the pods)")
@@ -309,13 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     resolve = commands.add_parser(
         "resolve", help="print the exact revision each remote model source means now (one "
         "metadata call, nothing downloaded)")
-    resolve.add_argument("-f", "--file", type=Path, nargs="+")
-    resolve.add_argument("--resource-env", metavar="NAME",
-                         help="read the one resource from this environment variable (YAML); "
-                         "the operator's resolve Job passes it so")
-    resolve.add_argument("--base-dir", type=Path,
-                         help="resolve relative paths in the spec against this directory "
-                         "instead of the file's own")
+    resource_arguments(resolve, "resolve")
     resolve.add_argument("--termination-log", type=Path, metavar="PATH",
                          help=f"also write the JSON result, or the error, here (default: "
                          f"{TERMINATION_LOG} where the kubelet made it, else nowhere); "
