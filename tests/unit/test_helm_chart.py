@@ -7,6 +7,7 @@ and installs it; this file needs neither binary.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -85,8 +86,11 @@ def test_helm_generator_names_a_kustomize_field_it_does_not_understand(tmp_path)
 
 
 def make_images(*args: str) -> list[str]:
+    # Under `make test` the environment carries the outer make's MAKEFLAGS and MAKELEVEL,
+    # which would make this one print "Entering directory" lines: run it as a user would.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     result = subprocess.run(["make", "-n", "images", *args], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60, check=False)
+                            text=True, timeout=60, check=False, env=env)
     assert result.returncode == 0, result.stderr
     commands = result.stdout.replace("\\\n", " ").splitlines()  # one line per command
     return [" ".join(c.split()) for c in commands if not c.startswith("test ")]
