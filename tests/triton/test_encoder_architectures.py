@@ -55,11 +55,17 @@ def test_search_top5_equals_brute_force_over_sentence_transformers(triton, refer
     scores = model.encode_query(QUERIES, normalize_embeddings=True) @ documents.T
     for text, row in zip(QUERIES, scores, strict=True):
         order = np.argsort(-row, kind="stable")
-        # Served and reference scores differ by ~1e-6: a ranking with gaps of 1e-5 is
-        # decided. The fixture's texts and weights give such gaps; fail, not guess, if not.
-        assert np.all(-np.diff(row[order[:6]]) > 1e-5), row[order]
         status, body = triton.generate(f"enc-{name}", {"text": text, "num_results": 5})
         assert status == 200, body
-        assert body["ids"] == order[:5].tolist()
+        ids = body["ids"]
+        # Rank by rank, the served scores are the reference's best five, and each served
+        # id has, in the reference, the score served for it: the same ranking, where two
+        # texts closer than the ~1e-6 between served and reference scores may swap (the
+        # tiny tokenizers' training breaks ties differently from run to run, so such
+        # near-ties come and go with the fixture).
         np.testing.assert_allclose(body["scores"], row[order[:5]], atol=1e-5)
-        assert body["texts"] == [TINY_TEXTS[i] for i in order[:5]]
+        np.testing.assert_allclose(row[ids], body["scores"], atol=1e-5)
+        assert len(set(ids)) == 5
+        if row[order[4]] - row[order[5]] > 1e-5:  # the fifth place is decided
+            assert set(ids) == set(order[:5].tolist())
+        assert body["texts"] == [TINY_TEXTS[i] for i in ids]

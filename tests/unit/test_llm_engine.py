@@ -308,7 +308,7 @@ class TestScheduling:
         engine.cancel("queued")
         outcomes = run(engine, {})
         size = len(engine.encode_prompt("Hello"))
-        assert outcomes["queued"].last == ("queued", "", "cancelled", size, 0, (), None)
+        assert outcomes["queued"].last == ("queued", "", "cancelled", size, 0, (), None, ())
         assert outcomes["running"].last.finish_reason in ("length", "stop")
 
     def test_driver_thread_with_adds_from_other_threads(
