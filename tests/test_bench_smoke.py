@@ -235,7 +235,9 @@ def test_downloads_script_fetches_from_each_source_and_the_report_shows_it(tmp_p
         whole = run["source"] != "https"  # https: the weights alone, as one .gguf file
         assert run["files"] == (len(model) if whole else 1), run
         assert run["bytes"] == (sum(model.values()) if whole else model["model.safetensors"])
-        assert run["mb_per_s"] > 0 and 0 <= run["cached_s"] < run["cold_s"], run
+        # No timed comparison: on a loaded machine a cached S3 listing can take as long as a
+        # cold 4 MB download (that the cache is reused is tests/sources' to show).
+        assert run["mb_per_s"] > 0 and run["cold_s"] > 0 and run["cached_s"] >= 0, run
     assert figures["machine"]["packages"]["huggingface_hub"] and figures["machine"]["cpu_count"]
     section = "\n".join(report.section_downloads({**figures, "_file": out.name}))
     assert "## Model downloads" in section and out.name in section
