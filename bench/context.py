@@ -45,6 +45,7 @@ class Sizes:
     s5_overload_seconds: float = 10.0
     s5_overload_factor: float = 3.0
     s4_concurrency: tuple[int, ...] = (1, 4, 8, 16)
+    s4_greedy_concurrency: tuple[int, ...] = (1, 8, 16)  # the same streams, greedy
     s4_seconds: float = 20.0  # measured per level, after the warm-up, split as s2_seconds
     s4_warmup: float = 3.0
     s4_max_tokens: int = 64
@@ -63,6 +64,7 @@ QUICK = Sizes(
     s2_workers=(1, 2), s2_floor_threads=(1,), s2_floor_seconds=0.5,
     s3_vectors=(1_000, 5_000), s3_scan_budget=1e5, s5_unloaded=20, s5_capacity_seconds=1.5,
     s5_capacity_concurrency=4, s5_overload_seconds=2.0, s4_concurrency=(1, 4),
+    s4_greedy_concurrency=(1,),
     s4_seconds=2.0, s4_warmup=0.5, s4_max_tokens=8, s4_baseline_requests=1, s4_prompts=8,
     query_count=200, alternations=1, settle_seconds=0.0,
 )

@@ -754,6 +754,7 @@ def section_s4(result: dict[str, Any], img: Path) -> list[str]:
         lines += ["Ours over vLLM-CPU, level by level (tokens/s: higher is better; time to "
                   "first token: lower is better):", ""]
         lines += table(["streams", "tokens/s ratio", "TTFT p50 ratio"], ratios)
+    lines += _greedy_lines(result)
     lines += vllm_note(result.get("vllm"))
     lines += [
         "Tokens/s: tokens that reached the clients in the window. TTFT: from sending the "
@@ -770,6 +771,26 @@ def section_s4(result: dict[str, Any], img: Path) -> list[str]:
                   f"**{outcome(t)}**.", ""]
     lines += ["![S4 tokens/s and latency](img/s4_llm.png)", ""]
     return lines
+
+
+def _greedy_lines(result: dict[str, Any]) -> list[str]:
+    """S4's greedy levels (temperature 0), ours beside vLLM-CPU's."""
+    ours = result.get("greedy_levels") or {}
+    if not ours:
+        return []
+    theirs = (result.get("vllm") or {}).get("greedy_levels") or {}
+    rows = []
+    for c, p in sorted(ours.items(), key=lambda item: int(item[0])):
+        other = theirs.get(c) or {}
+        rows.append([c, f"{p['tokens_per_s']:.1f}",
+                     f"{other['tokens_per_s']:.1f}" if other else "",
+                     fmt(p.get("vs_vllm"), "x"),
+                     f"{fmt((p['ttft_ms'] or {}).get('p50'))} / "
+                     f"{fmt((p['itl_ms'] or {}).get('p99'))}"])
+    header = ["streams", "tokens/s", "vLLM-CPU tokens/s", "ratio (median)",
+              "TTFT p50 / inter-token p99 ms"]
+    return ["Greedy decoding (temperature 0), the same streams and prompts, in the same "
+            "alternations:", "", *table(header, rows)]
 
 
 def gpu_results(results_dir: Path = RESULTS) -> dict[str, Any] | None:

@@ -31,7 +31,8 @@ def at_least(key: str, what: str, value: float | None, limit: float, unit: str =
 # Targets measured by alternating ours and theirs (bench/alternation.py); results written
 # before alternations have no spread for them.
 ALTERNATED = ("S2.vs_fastapi", "S2.vs_infinity", "S2.p99_vs_infinity", "S2.search_vs_infinity",
-              "S4.vs_vllm", "S4.ttft_vs_vllm", "S6.p50_ratio", "S6.throughput_ratio")
+              "S4.vs_vllm", "S4.ttft_vs_vllm", "S4.greedy_vs_vllm", "S4.itl_p99_vs_vllm",
+              "S4.ttft_p99_vs_vllm", "S6.p50_ratio", "S6.throughput_ratio")
 
 
 def held(check: Any, key: str, what: str, ratio: dict[str, Any] | None, limit: float,

@@ -173,11 +173,17 @@ def test_s4_streams_tokens_at_every_level_against_generate(quick_run):
     assert baseline["requests"] == body["sizes"]["s4_baseline_requests"]
     assert baseline["threads"] == s4["torch_threads"]
     assert s4["targets"][0]["id"] == "S4.vs_generate"
+    # the same streams, greedy (temperature 0), measured beside the top-p levels
+    greedy = s4["greedy_levels"]
+    assert [int(c) for c in greedy] == body["sizes"]["s4_greedy_concurrency"]
+    for level in greedy.values():
+        assert level["tokens_per_s"] > 0 and set(level["statuses"]) == {"200"}, level
 
 
 def test_report_page_and_plots_are_written(quick_run):
     _, docs = quick_run
     page = (docs / "benchmarks.md").read_text()
+    assert "Greedy decoding (temperature 0)" in page
     for key in ("S1", "S2", "S3", "S4", "S5", "S6", "S7"):
         assert f"## {key}:" in page
     assert "PASS" in page or "MISS" in page

