@@ -26,8 +26,8 @@ from tritonop.status import ResourceStatus
 
 Schema = dict[str, Any]
 _KEPT = ("description", "minimum", "maximum", "minLength", "maxLength", "pattern", "enum",
-         "minItems", "maxItems", "format", "x-kubernetes-validations", "x-kubernetes-list-type",
-         "x-kubernetes-list-map-keys")
+         "minItems", "maxItems", "maxProperties", "format", "x-kubernetes-validations",
+         "x-kubernetes-list-type", "x-kubernetes-list-map-keys")
 
 
 def _resolve(node: Schema, defs: dict[str, Schema]) -> Schema:
@@ -60,7 +60,8 @@ def to_structural(node: Schema, defs: dict[str, Schema]) -> Schema:
         concrete = [v for v in variants if v.get("type") != "null"]
         if {v.get("type") for v in concrete} == {"string", "integer"}:
             out: Schema = {"x-kubernetes-int-or-string": True}
-            return {**out, **{k: node[k] for k in _KEPT if k in node}}
+            default = {"default": node["default"]} if node.get("default") is not None else {}
+            return {**out, **{k: node[k] for k in _KEPT if k in node}, **default}
         if len(concrete) != 1:
             raise ValueError(f"cannot express a union of {concrete} in a structural schema")
         merged = {**_resolve(concrete[0], defs),

@@ -65,6 +65,15 @@ SERVER_SAYS = {
                                     "spec.resources.limits.memory in body should match",
     "spec: model.device: cuda needs gpus >= 1":
         "spec: Invalid value: model.device: cuda needs gpus >= 1",
+    "spec: model.device: cuda needs gpus >= 1 (a pod":
+        "spec: Invalid value: model.device: cuda needs gpus >= 1 (a pod",
+    "spec.resources: nvidia.com/gpu is set by the operator":
+        "spec.resources: Invalid value: nvidia.com/gpu is set by the operator",
+    "spec.resources.requests.cpu: '-1' is not a Kubernetes quantity":
+        'spec.resources.requests.cpu: Invalid value: "-1": spec.resources.requests.cpu in '
+        "body should match",
+    "spec.resources: limits: a resource name is":
+        "spec.resources: Invalid value: limits: a resource name is cpu, memory",
     "spec.model: sha256 is required with an https:// source":
         "spec.model: Invalid value: sha256 is required with an https:// source",
     "spec.model: sha256 is required":

@@ -55,7 +55,8 @@ def claim(tmp_path_factory, exported) -> Path:
 
 def run_job(job: dict[str, Any], claims: dict[str, Path], workdir: Path) -> PodRunner:
     spec = job["spec"]["template"]["spec"]
-    pod = PodRunner({"spec": {**spec, "initContainers": spec["containers"], "containers": []}},
+    init = [*spec.get("initContainers", []), *spec["containers"]]
+    pod = PodRunner({"spec": {**spec, "initContainers": init, "containers": []}},
                     {}, workdir, claims=claims, name="jobs-prepare")
     try:
         pod.start()
@@ -89,6 +90,42 @@ def test_the_job_prepares_once_and_replicas_start_without_preparing(run_pod, cla
     answers = [search(pod) for pod in pods]
     assert answers[0]["ids"] == answers[1]["ids"] and len(answers[0]["ids"]) == 3
     assert pods[0].exec("triton", ["touch", f"/artifacts/jobs/{fingerprint}/x"]).returncode != 0
+
+
+def test_the_job_prepares_on_a_host_path_that_root_made(tmp_path):
+    """A node folder as a user leaves it: made as root (0755) with the corpus copied in,
+    never given to uid 1000 (the test does not chown). The Job's artifacts-owner container
+    hands the folder to the pods' user, and the prepare container builds there."""
+    folder = tmp_path / "node" / "jobs-artifacts"
+    (folder / "corpus").mkdir(parents=True, mode=0o755)
+    folder.chmod(0o755)
+    with open(ROOT / "examples" / "corpus" / "debian-packages.jsonl") as demo:
+        (folder / "corpus" / "texts.jsonl").write_text("".join(itertools.islice(demo, 200)))
+    assert (folder.stat().st_uid, folder.stat().st_mode & 0o777) == (0, 0o755)
+    spec = jobs(artifacts={"hostPath": {"path": str(folder)}, "prepare": "job"})
+    job = run_job(prepare_job(spec), {}, tmp_path / "job")
+    fingerprint = resource_fingerprint(spec)
+    assert job.container("artifacts-owner").exit_codes == [0]
+    assert f"artifacts version {fingerprint} complete" in job.logs("prepare")
+    assert VersionManifest.read(folder / "jobs" / fingerprint).fingerprint == fingerprint
+    assert folder.stat().st_uid == 1000 and (folder / "corpus").stat().st_uid == 0
+
+
+def test_a_folder_root_left_in_the_host_path_is_named_in_one_line(tmp_path):
+    """The resource's folder made by root inside the hostPath (a `tritonop prepare` run as
+    root on the node): artifacts-owner gives the pods the top folder only, and prepare
+    fails with one line naming the folder, its owner and mode, not a traceback."""
+    folder = tmp_path / "node" / "jobs-artifacts"
+    (folder / "corpus").mkdir(parents=True, mode=0o755)
+    (folder / "jobs").mkdir(mode=0o755)
+    with open(ROOT / "examples" / "corpus" / "debian-packages.jsonl") as demo:
+        (folder / "corpus" / "texts.jsonl").write_text("".join(itertools.islice(demo, 20)))
+    spec = jobs(artifacts={"hostPath": {"path": str(folder)}, "prepare": "job"})
+    with pytest.raises(PodFailed) as failed:
+        run_job(prepare_job(spec), {}, tmp_path / "job")
+    assert ("error: /artifacts/jobs (in the artifacts folder /artifacts) is not writable by "
+            "uid 1000 (owned by uid 0, mode 0o755)") in str(failed.value)
+    assert "Traceback" not in str(failed.value)
 
 
 def test_the_cleanup_job_keeps_only_the_version_in_use(claim, tmp_path):

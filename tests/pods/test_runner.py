@@ -86,6 +86,31 @@ def test_probes_gate_readiness_and_a_failing_liveness_probe_restarts(tmp_path):
     assert runner.netns not in namespaces
 
 
+@pytest.mark.parametrize(("policy", "code", "restarted"), [
+    ("Never", 3, False), ("Never", 0, False), ("OnFailure", 0, False), ("OnFailure", 3, True),
+    ("Always", 0, True)])
+def test_restart_policy_decides_whether_an_exited_container_restarts(tmp_path, policy, code,
+                                                                     restarted):
+    """What Job pods (restartPolicy Never) need: a container that exits stays down."""
+    manifest = pod({"command": ["sh", "-c", f"exit {code}"]})
+    manifest["spec"]["restartPolicy"] = policy
+    with PodRunner(manifest, {}, tmp_path, name="policy") as runner:
+        container = runner.container("main")
+        deadline = time.monotonic() + 20
+        while not container.exit_codes and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert container.exit_codes == [code]
+        if restarted:
+            while container.restarts == 0 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert container.restarts == 1
+        else:
+            (monitor,) = runner._monitors
+            monitor.join(10)
+            assert not monitor.is_alive() and container.restarts == 0
+            assert f"not restarted ({policy}): exited with {code}" in runner.logs("main")
+
+
 def test_runner_refuses_root_where_run_as_non_root_and_children_die_with_the_pod(tmp_path):
     # The container starts a child in the background and waits: stopping the pod must
     # end both (process group), even though only the parent was started by the runner.

@@ -33,6 +33,8 @@ def apply_defaults(schema: Schema, value: Any) -> Any:
 def _closed(schema: Schema) -> Schema:
     """A copy where objects with listed properties reject unknown fields."""
     schema = {k: v for k, v in schema.items() if not k.startswith("x-kubernetes-validations")}
+    if schema.get("x-kubernetes-int-or-string"):
+        schema["type"] = ["integer", "string"]  # as the API server reads it: no float, no bool
     if "properties" in schema:
         schema["properties"] = {k: _closed(v) for k, v in schema["properties"].items()}
         if not schema.get("x-kubernetes-preserve-unknown-fields"):

@@ -52,7 +52,8 @@ probes decide when the pod is Ready. :class:`PodRunner` reproduces those parts a
 * **Probes** are the rendered ``startupProbe``, ``readinessProbe`` and ``livenessProbe``
   (``httpGet``, ``tcpSocket`` or ``exec``), with their periods and thresholds; a failed
   liveness or startup probe, or an exit, restarts the container (``restartPolicy:
-  Always``) with the kubelet's doubling back-off.
+  Always``) with the kubelet's doubling back-off; ``Never`` leaves it down, ``OnFailure``
+  leaves it down after an exit with 0.
 
 What it cannot show: image contents (it runs this machine's Python and Triton 2.51),
 scheduling, resource limits and cgroups, GPUs, Services and DNS, NetworkPolicies (no
@@ -1019,6 +1020,12 @@ class PodRunner:
             if self._stop.is_set():
                 return
             self._kill(container)
+            # restartPolicy: Never keeps every container down; OnFailure, one that exited 0.
+            policy = self.pod.get("restartPolicy", "Always")
+            if policy == "Never" or (policy == "OnFailure"
+                                     and restart_reason == "exited with 0"):
+                self._log(container, f"[podrunner] not restarted ({policy}): {restart_reason}")
+                return
             self._log(container, f"[podrunner] restarting: {restart_reason}")
             container.restarts += 1
             if self._stop.wait(backoff):

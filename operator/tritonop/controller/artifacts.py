@@ -42,7 +42,7 @@ from tritonop.render.kubernetes import (
     resolve_job,
 )
 from tritonop.resources import Resource
-from tritonop.status import ConditionStatus, ResourceStatus
+from tritonop.status import ConditionStatus, IndexStatus, ResourceStatus
 
 # Children left as they are while a new version is prepared: the running pods' own.
 HELD_WHILE_PREPARING = frozenset({"ConfigMap", "Deployment"})
@@ -64,11 +64,14 @@ class ArtifactsPlan:
         hold: kinds of children not to apply now.
         condition: ArtifactsReady (status, reason, message).
         version: the complete version the pods load, for ``status.artifactsVersion``.
+        index: ``status.index``: what the prepare Job of a version reported of its search
+            index (kept from the previous status until another version completes).
     """
 
     hold: frozenset[str]
     condition: tuple[ConditionStatus, str, str]
     version: Optional[str]
+    index: Optional[IndexStatus] = None
 
 
 def job_state(job: Mapping[str, Any]) -> tuple[str, str]:
@@ -141,6 +144,18 @@ def failure_text(message: str) -> str:
     errors = [line for line in lines if line.startswith("error:")]
     text = " ".join(errors or lines[-1:])
     return text if len(text) <= MESSAGE_LIMIT else f"...{text[-MESSAGE_LIMIT:]}"
+
+
+def prepared_index(message: str, version: str) -> IndexStatus | None:
+    """``status.index`` from a prepare Job's termination message (``{"name", "version",
+    "index": {...}}``, see ``tritonop prepare``); None when it carries no such report (an
+    older image, or a message cut short)."""
+    try:
+        result = json.loads(message)
+        index = result["index"] if result.get("version") == version else None
+        return IndexStatus(version=version, **index) if isinstance(index, dict) else None
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def resolved_revision(message: str) -> str:
@@ -242,16 +257,18 @@ def plan(resource: Resource, previous: ResourceStatus, apply: Apply, get: Get,
     wanted = resource_fingerprint(resource)
     if previous.artifacts_version == wanted:
         return ArtifactsPlan(frozenset(), ("True", "Prepared",
-                                           f"artifacts version {wanted} is complete"), wanted)
+                                           f"artifacts version {wanted} is complete"), wanted,
+                             previous.index)
     stored: Obj = {}
     for child in artifacts_children(resource, images):
         name = child["metadata"]["name"]
         stored = (get(child) if child["kind"] == "Job" else None) or apply(child)
     state, detail = job_state(stored)
     if state == "Complete":
+        said = termination_message(pods(name), "prepare") if pods else ""
         return ArtifactsPlan(frozenset(), ("True", "Prepared",
                                            f"Job {name} prepared artifacts version {wanted}"),
-                             wanted)
+                             wanted, prepared_index(said, wanted))
     serving = previous.artifacts_version
     keep = (f"pods keep serving version {serving}" if serving
             else "no version to serve yet: the Deployment waits for it")
@@ -261,13 +278,13 @@ def plan(resource: Resource, previous: ResourceStatus, apply: Apply, get: Get,
         return ArtifactsPlan(HELD_WHILE_PREPARING, (
             "False", "PrepareFailed", f"Job {name} failed to prepare artifacts version "
             f"{wanted}: {detail}; {keep}; fix the spec or delete the Job to try again"),
-            serving)
+            serving, previous.index)
     if pods is not None and log is not None:
         said = download_progress(pods(name), "prepare", log, resource.name)
         detail = f"{detail}; {said}" if said else detail
     return ArtifactsPlan(HELD_WHILE_PREPARING, (
         "False", "Preparing", f"Job {name} is preparing artifacts version {wanted} "
-        f"({detail}); {keep}"), serving)
+        f"({detail}); {keep}"), serving, previous.index)
 
 
 def rolled_out(resource: Resource, deployment: Mapping[str, Any] | None) -> bool:

@@ -194,14 +194,26 @@ def _run(live_body: Mapping[str, Any], *, resync: bool, retry: int) -> None:
         try:
             _reconcile_and_publish(body, before, resync=resync, full=retrying)
         except RetryLater as err:
-            if _failed_apply(uid, generation) >= APPLY_FAILING_AFTER:
-                report_failing(body, before, generation, f"{err}; retrying")
+            _count_failure(body, before, generation, str(err))
             raise kopf.TemporaryError(str(err), delay=retry_delay(retry, err.delay)) from None
         except (ApiException, urllib3.exceptions.HTTPError) as err:
             # A read or a status write failed or timed out: nothing was refused, so try
             # again, backing off.
-            raise kopf.TemporaryError(f"API request failed: {err}",
-                                      delay=retry_delay(retry)) from None
+            message = f"API request failed: {kube_api.describe_error(err)}"
+            _count_failure(body, before, generation, message)
+            raise kopf.TemporaryError(message, delay=retry_delay(retry)) from None
+
+
+def _count_failure(body: Mapping[str, Any], before: ResourceStatus, generation: int,
+                   message: str) -> None:
+    """Count a failed try; from the third in a row on, say so in the status (the status
+    write may fail too: the next try says it then)."""
+    if _failed_apply(body["metadata"]["uid"], generation) < APPLY_FAILING_AFTER:
+        return
+    try:
+        report_failing(body, before, generation, f"{message}; retrying")
+    except (ApiException, urllib3.exceptions.HTTPError):
+        pass
 
 
 def _reconcile_and_publish(body: Mapping[str, Any], before: ResourceStatus, *,

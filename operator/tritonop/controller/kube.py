@@ -239,14 +239,32 @@ def is_permanent(err: ApiException) -> bool:
     return not any(transient in message for transient in TRANSIENT_REFUSALS)
 
 
+# The most of a server's message that goes into a status, a condition or an Event.
+MAX_MESSAGE = 1024
+
+
 def server_message(err: ApiException) -> str:
-    """The API server's own message from a ``Status`` body, else the HTTP reason."""
+    """The API server's own message from a ``Status`` body, else the HTTP reason.
+
+    Cut at :data:`MAX_MESSAGE` characters: a webhook's or a proxy's answer can be a whole
+    page, and an Event or condition message is no place for it.
+    """
     try:
         body = json.loads(err.body or b"{}")
     except (TypeError, ValueError):
         body = {}
-    message = body.get("message") if isinstance(body, dict) else None
-    return str(message or err.reason or f"HTTP {err.status}")
+    message = str((body.get("message") if isinstance(body, dict) else None)
+                  or err.reason or f"HTTP {err.status}")
+    return message if len(message) <= MAX_MESSAGE else f"{message[:MAX_MESSAGE]}..."
+
+
+def describe_error(err: Exception) -> str:
+    """A failed request in one line: the status and the server's message, not the response
+    headers that ``str(ApiException)`` prints."""
+    if isinstance(err, ApiException):
+        return f"({err.status}) {server_message(err)}"
+    text = " ".join(str(err).split())
+    return text if len(text) <= MAX_MESSAGE else f"{text[:MAX_MESSAGE]}..."
 
 
 def retry_after(err: ApiException) -> float | None:

@@ -110,11 +110,18 @@ APPLY_FAILING = "ApplyFailing"
 def failing_status(message: str, generation: int, previous: ResourceStatus, now: str
                    ) -> ResourceStatus:
     """The status of a resource whose children the API server keeps failing to take (a 5xx,
-    a timeout): still retried, but said in a condition instead of in silence."""
+    a timeout): still retried, but said in a condition instead of in silence.
+
+    A resource that served keeps its phase (its pods still serve the last generation
+    applied); any other is Pending, never an earlier generation's Failed.
+    """
     condition = _condition(previous.conditions, "ConfigRendered", "False", APPLY_FAILING,
                            message, generation, now)
     others = [c for c in previous.conditions if c.type != "ConfigRendered"]
-    return previous.model_copy(update={"message": message, "conditions": [condition, *others]})
+    serving = previous.phase in ("Ready", "Degraded", "Progressing")
+    return previous.model_copy(update={
+        "phase": previous.phase if serving else "Pending", "message": message,
+        "conditions": [condition, *others]})
 
 
 def observed_status(

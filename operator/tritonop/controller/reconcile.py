@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -217,7 +217,11 @@ def apply_children(kube: Kube, body: Mapping[str, Any], resource: Resource, imag
     for child in pending:
         if child["kind"] == "Deployment" and resource.spec.autoscaling is not None:
             _hand_replicas_to_hpa(kube, body, resource, child, live_deployment)
-        stored[child["kind"]] = _apply(kube, body, child, cache)
+        # Every child before this one is on the server by now (applied, or unchanged since):
+        # named the same on every try, so that a failure's message does not change.
+        applied = [f"{c['kind']} {c['metadata']['name']!r}"
+                   for c in children[:children.index(child)]]
+        stored[child["kind"]] = _apply(kube, body, child, cache, applied=applied)
     wanted = {child["kind"] for child in children}
     for api_version, kind, role in OPTIONAL_CHILDREN:
         if kind in wanted:
@@ -253,13 +257,22 @@ def _known(kube: Kube, cache: ChildCache | None, api_version: str, kind: str, na
 
 
 def _apply(kube: Kube, body: Mapping[str, Any], child: Obj, cache: ChildCache | None,
-           field_manager: str = FIELD_MANAGER) -> Obj:
-    """Apply one child; a refusal is this generation's failure, anything else a retry."""
+           field_manager: str = FIELD_MANAGER, applied: Sequence[str] = ()) -> Obj:
+    """Apply one child; a refusal is this generation's failure, anything else a retry.
+
+    The children before it in the render order (``applied``: on the server by now) are
+    named in the message and left in place: they are owned by the resource (the garbage
+    collector removes them with it), the next try applies them again unchanged, and without
+    the Deployment they serve nothing. Deleting them on every failed try would only add
+    churn.
+    """
     try:
         stored = kube.apply(child, field_manager)
     except ApiException as err:
         what = f"{child['kind']} {child['metadata']['name']!r}"
         message = f"the API server refused {what} ({err.status}): {server_message(err)}"
+        if applied:
+            message += f" (applied before it, and kept: {', '.join(applied)})"
         if is_permanent(err):
             raise invalid(body, message, reason=APPLY_REJECTED) from None
         raise RetryLater(message, retry_after(err)) from None
@@ -445,8 +458,10 @@ def reconcile(kube: Kube, body: Mapping[str, Any], images: Images,
                                  lambda: deployment or status_deployment(kube, resource),
                                  apply_owned, images) if not plan.hold else \
         previous.artifacts_cleaned
-    return status.model_copy(update={"artifacts_version": plan.version,
-                                     "artifacts_cleaned": cleaned})
+    index = plan.index or previous.index  # what the version's prepare Job reported
+    return status.model_copy(update={
+        "artifacts_version": plan.version, "artifacts_cleaned": cleaned,
+        "index": index if index is not None and index.version == plan.version else None})
 
 
 def job_pods_of(kube: Kube, namespace: str, job: str) -> list[Obj]:

@@ -30,6 +30,10 @@ class SpecModel(BaseModel):
 
 _QUANTITY_PATTERN = r"^([0-9]+(\.[0-9]+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?$"
 _QUANTITY = re.compile(_QUANTITY_PATTERN)
+# A size above zero: a zero-byte claim, volume or cache is refused on the child, or useless.
+_SIZE_PATTERN = (r"^([0-9]*[1-9][0-9]*(\.[0-9]+)?|[0-9]+\.[0-9]*[1-9][0-9]*)"
+                 r"(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+_SIZE = re.compile(_SIZE_PATTERN)
 _FACTORS = {
     None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
     "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
@@ -47,23 +51,35 @@ def quantity_bytes(value: str | int) -> int:
 
 
 def _check_quantity(value: Any) -> Any:
-    if isinstance(value, (str, int)) and not isinstance(value, bool):
-        quantity_bytes(value)
+    """A size in bytes (``512Mi``, ``2Gi``, 1000000), as the CRD's pattern takes it: no
+    spaces, no other suffix (an ``m`` suffix or an exponent means nothing for bytes here)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError("must be a quantity such as 512Mi or 2Gi")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"{value} is not a size above zero such as 512Mi or 2Gi")
         return str(value)
-    raise ValueError("must be a quantity such as 512Mi or 2Gi")
+    if not _SIZE.match(value):
+        raise ValueError(f"{value!r} is not a quantity such as 512Mi or 2Gi (a number above "
+                         "zero, then Ki, Mi, Gi, Ti, k, M, G or T)")
+    return value
 
 
 MemoryQuantity = Annotated[
-    str,
+    Union[str, int],
     BeforeValidator(_check_quantity),
-    Field(json_schema_extra={"pattern": _QUANTITY_PATTERN}),
+    Field(json_schema_extra={"pattern": _SIZE_PATTERN, "minimum": 1}),
 ]
 
 
-# A Kubernetes quantity as the API server parses it (resource.Quantity): a decimal number
-# with an optional binary (Ki..Ei) or decimal (n, u, m, k, M..E) suffix or an exponent.
-_K8S_QUANTITY_PATTERN = (r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)"
-                         r"(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)))?$")
+# A resource amount as the API server parses it (resource.Quantity, whose parse error quotes
+# the looser '^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$'): a decimal number with an
+# optional binary (Ki..Ei) or decimal (n, u, m, k, M..E) suffix or an integer exponent.
+# No minus sign: a container's requests and limits must not be negative (the API server
+# would refuse the Deployment with a 422). tests/cluster/test_quantities.py checks this
+# pattern against the API server's own parser.
+_K8S_QUANTITY_PATTERN = (r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)"
+                         r"(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?[0-9]+))?$")
 _K8S_QUANTITY = re.compile(_K8S_QUANTITY_PATTERN)
 
 
@@ -75,15 +91,18 @@ def _check_resource_quantity(value: Any) -> Any:
     """
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise ValueError("must be a quantity such as 500m, 2 or 4Gi")
+    if isinstance(value, int) and value < 0:
+        raise ValueError(f"{value} is negative: requests and limits are >= 0")
     if isinstance(value, str) and not _K8S_QUANTITY.match(value):
-        raise ValueError(f"{value!r} is not a Kubernetes quantity such as 500m, 2 or 4Gi")
+        raise ValueError(f"{value!r} is not a Kubernetes quantity such as 500m, 2 or 4Gi "
+                         "(a number >= 0, then an optional suffix: m, k, M, G, Ki, Mi, Gi...)")
     return value
 
 
 ResourceQuantity = Annotated[
     Union[str, int],
     BeforeValidator(_check_resource_quantity),
-    Field(json_schema_extra={"pattern": _K8S_QUANTITY_PATTERN}),
+    Field(json_schema_extra={"pattern": _K8S_QUANTITY_PATTERN, "minimum": 0}),
 ]
 
 

@@ -30,23 +30,61 @@ class StageSettings(SpecModel):
     instances: int = Field(1, ge=1, le=64, description="Model instances (processes).")
 
 
+_CONTAINER_RESOURCES = ("cpu", "memory", "ephemeral-storage")
+_GPU_RESOURCE = "nvidia.com/gpu"
+
+
+def _resource_names_rule(name: str) -> str:
+    return (f"!has(self.{name}) || self.{name}.all(k, k in {list(_CONTAINER_RESOURCES)} || "
+            "k.startsWith('hugepages-') || k.contains('/'))")
+
+
+_RESOURCE_NAMES_MESSAGE = ("a resource name is cpu, memory, ephemeral-storage, "
+                           "hugepages-<size> or an extended resource such as example.com/fpga")
+_NO_GPU_RULE = " && ".join(f"(!has(self.{name}) || !('{_GPU_RESOURCE}' in self.{name}))"
+                           for name in ("requests", "limits"))
+_NO_GPU_MESSAGE = (f"{_GPU_RESOURCE} is set by the operator: give gpus (LLMService) or "
+                   "model.device: gpu (EmbeddingSearch) instead")
+
+
 class ResourceRequirements(SpecModel):
     """Kubernetes container resources of the Triton container.
 
     Requests default to ``cpu: 1`` and ``memory: 2Gi`` (an LLMService ``4Gi``): a pod
     without requests is BestEffort, evicted first, and invisible to a CPU autoscaler.
-    A key given here replaces that default; the others stay.
+    A key given here replaces that default; the others stay. Names and amounts are checked
+    here and by the CRD, as the API server would check the Deployment's (a name such as
+    ``cpus`` or an amount such as ``fast`` would otherwise be refused on the Deployment, to
+    the operator rather than to the user); ``nvidia.com/gpu`` is the operator's, from
+    ``gpus`` or ``model.device: gpu``, so that a GPU model never gets zero GPUs.
     """
 
+    model_config = ConfigDict(json_schema_extra=cel_rules(
+        (_resource_names_rule("requests"), f"requests: {_RESOURCE_NAMES_MESSAGE}"),
+        (_resource_names_rule("limits"), f"limits: {_RESOURCE_NAMES_MESSAGE}"),
+        (_NO_GPU_RULE, _NO_GPU_MESSAGE),
+    ))
+
     requests: dict[str, ResourceQuantity] = Field(
-        default_factory=dict,
+        default_factory=dict, max_length=16,
         description="Requests; cpu and memory default to 1 and 2Gi (LLMService: 4Gi).",
     )
     limits: dict[str, ResourceQuantity] = Field(
-        default_factory=dict,
+        default_factory=dict, max_length=16,
         description="Limits; nvidia.com/gpu is added for GPU models. threads: auto and "
         "prepare size their thread pools by the CPU limit.",
     )
+
+    @model_validator(mode="after")
+    def _known_names(self) -> ResourceRequirements:
+        for field, amounts in (("requests", self.requests), ("limits", self.limits)):
+            for name in amounts:
+                if not (name in _CONTAINER_RESOURCES or name.startswith("hugepages-")
+                        or "/" in name):
+                    raise ValueError(f"{field}: {_RESOURCE_NAMES_MESSAGE}")
+        if _GPU_RESOURCE in self.requests or _GPU_RESOURCE in self.limits:
+            raise ValueError(_NO_GPU_MESSAGE)
+        return self
 
 
 class PersistentVolumeClaimVolume(SpecModel):

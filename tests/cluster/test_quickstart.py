@@ -1,0 +1,309 @@
+"""The README's "On Kubernetes" commands, verbatim, on a node whose pods really run.
+
+A :class:`~tests.support.node_agent.NodeAgent` joins the session's control plane for this
+module; the kwok nodes are cordoned meanwhile, so every new pod lands on it and runs under
+the pod runner (images stood in for by this machine's programs). The operator runs as its own
+pod, in-cluster (projected service-account token, ``KUBERNETES_SERVICE_HOST``), under
+deploy/'s ServiceAccount; the example's pods prepare their artifacts, load Triton, pass
+their probes and answer the seed's request by the pod IPs that the Service's EndpointSlices
+list. The tests run in order, each on what the one before set up.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.cluster.helpers import get, wait_status
+from tests.support.cluster import ROOT, ControlPlane, Operator, wait_for
+from tests.support.node_agent import NodeAgent
+from tests.support.podrunner import can_run_pods
+
+REASON = can_run_pods()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+
+SYSTEM = "tritonop-system"
+SEED_REQUEST = {"text": "europe climate change storm", "num_results": 5}
+KWOK_NODES = ("kwok-node-0", "kwok-node-1")
+
+
+def kubectl(cluster: ControlPlane, command: str, timeout: float = 120) -> str:
+    """A README command line (``kubectl ...``), run from the repository root as written."""
+    argv = command.split()
+    assert argv[0] == "kubectl"
+    result = subprocess.run([cluster.binary("kubectl"),
+                             f"--kubeconfig={cluster.admin_kubeconfig}", *argv[1:]],
+                            cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                            check=False)
+    assert result.returncode == 0, f"{command}: {result.stderr}"
+    return result.stdout
+
+
+def pods(cluster: ControlPlane, namespace: str, selector: str) -> list[dict[str, Any]]:
+    return cluster.get_json("pods", "-n", namespace, "-l", selector)["items"]
+
+
+def ready(pod: dict[str, Any]) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True"
+               for c in pod.get("status", {}).get("conditions", []))
+
+
+def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def node(cluster: ControlPlane, operator: Operator, tmp_path_factory: pytest.TempPathFactory
+         ) -> Iterator[NodeAgent]:
+    """The node agent, alone schedulable; the host-run operator stopped meanwhile (the next
+    test's ``live_operator`` starts it again), deploy/'s Deployment back at 0 at the end."""
+    operator.stop()
+    for name in KWOK_NODES:
+        cluster.kubectl("cordon", name)
+    agent = NodeAgent(cluster, tmp_path_factory.mktemp("node")).start()
+    try:
+        yield agent
+    finally:
+        cluster.kubectl("delete", "esearch", "--all", "-n", "default", "--timeout=120s",
+                        check=False)
+        cluster.kubectl("delete", "esearch", "quickstart-probe", "-n", "tritonop-test",
+                        "--ignore-not-found", "--timeout=60s", check=False)
+        cluster.kubectl("scale", "deployment/tritonop", "-n", SYSTEM, "--replicas=0",
+                        check=False)
+        try:
+            wait_for(lambda: not cluster.get_json("pods", "-n", "default")["items"]
+                     and not pods(cluster, SYSTEM, "app.kubernetes.io/name=tritonop"),
+                     120, "the quickstart's pods to go")
+        finally:
+            agent.stop()
+            for name in KWOK_NODES:
+                cluster.kubectl("uncordon", name, check=False)
+
+
+def operator_pod(cluster: ControlPlane) -> dict[str, Any] | None:
+    found = pods(cluster, SYSTEM, "app.kubernetes.io/name=tritonop")
+    return found[0] if len(found) == 1 else None
+
+
+def test_quickstart_operator_runs_as_its_own_pod(cluster, node):
+    """`kubectl apply -k deploy/`: the operator's pod runs on the node, in-cluster, under
+    its ServiceAccount, is Ready and live, and reconciles a resource."""
+    kubectl(cluster, "kubectl apply -k deploy/")
+    pod = wait_for(lambda: (p := operator_pod(cluster)) and ready(p) and p, 120,
+                   "the operator's pod Ready")
+    assert pod["spec"]["nodeName"] == node.name
+    assert pod["status"]["podIP"] == node.pod(SYSTEM, pod["metadata"]["name"]).runner.ip
+    worker = node.pod(SYSTEM, pod["metadata"]["name"])
+    process = worker.runner.container("operator").process
+    status = Path(f"/proc/{process.pid}/status").read_text()
+    assert "\nUid:\t1000\t1000\t1000\t1000\n" in status, status
+    # Its liveness probe's endpoint, from the node, at the pod's IP (Ready comes first: the
+    # pod has no readiness probe, an operator serves no traffic).
+    def healthy() -> bool:
+        with urllib.request.urlopen(f"http://{pod['status']['podIP']}:8080/healthz",
+                                    timeout=10) as response:
+            return response.status == 200
+
+    try:
+        wait_for(healthy, 90, "the operator's /healthz")
+    except TimeoutError as error:
+        raise AssertionError(f"{error}\n{worker.runner.log_tail('operator')}") from None
+    # In-cluster: no kubeconfig, the projected token and the kubernetes Service's address.
+    environ = Path(f"/proc/{process.pid}/environ").read_bytes().split(b"\0")
+    assert b"KUBERNETES_SERVICE_HOST=" + node.service_ip.encode() in environ
+    assert not [e for e in environ if e.startswith(b"KUBECONFIG=")]
+    assert b"POD_NAMESPACE=" + SYSTEM.encode() in environ
+    # Its memory limit (512Mi), through the container's cgroup.
+    (memory,) = [line.split(":", 2)[2] for line in
+                 Path(f"/proc/{process.pid}/cgroup").read_text().splitlines()
+                 if line.split(":")[1] == "memory"]
+    limit = Path("/sys/fs/cgroup/memory", memory.lstrip("/"), "memory.limit_in_bytes")
+    assert memory.endswith("/operator") and limit.read_text().strip() == str(512 * 2**20)
+
+    probe = yaml.safe_load((ROOT / "examples" / "news-search.yaml").read_text())
+    probe["metadata"] = {"name": "quickstart-probe", "namespace": "tritonop-test"}
+    # No pod and no prepare Job: only the operator's own work is looked at here.
+    probe["spec"].update(replicas=0, artifacts={"prepare": "perPod"})
+    cluster.apply(probe)
+    done = wait_status(cluster, "EmbeddingSearch", "quickstart-probe", "tritonop-test",
+                       lambda r: (r.get("status") or {}).get("phase") == "Pending"
+                       and (r.get("status") or {}).get("observedGeneration") == 1,
+                       "reconciled by the in-cluster operator", timeout=120)
+    assert done["status"]["message"] == "scaled to zero replicas"
+    for kind in ("configmap", "service", "deployment"):
+        assert get(cluster, kind, "quickstart-probe-triton" if kind != "service"
+                   else "quickstart-probe", "tritonop-test"), kind
+    cluster.kubectl("delete", "esearch", "quickstart-probe", "-n", "tritonop-test",
+                    "--timeout=60s")
+    assert not node.errors, node.errors
+    pod = operator_pod(cluster)
+    assert pod is not None
+    assert pod["status"]["containerStatuses"][0]["restartCount"] == 0
+
+
+def news_pods(cluster: ControlPlane) -> list[dict[str, Any]]:
+    return [p for p in pods(cluster, "default", "app.kubernetes.io/instance=news")
+            if not p["metadata"].get("deletionTimestamp")]
+
+
+def ready_endpoints(cluster: ControlPlane) -> tuple[list[str], int]:
+    """The ready addresses of the news Service's EndpointSlices, and its gateway port."""
+    slices = cluster.get_json("endpointslices", "-n", "default", "-l",
+                              "kubernetes.io/service-name=news")["items"]
+    addresses = sorted(a for s in slices for e in s.get("endpoints") or []
+                       if e["conditions"].get("ready") for a in e["addresses"])
+    ports = {p["port"] for s in slices for p in s.get("ports") or [] if p["name"] == "openai"}
+    return addresses, ports.pop() if len(ports) == 1 else 0
+
+
+def reference_top5(node: NodeAgent, pod_name: str) -> list[int]:
+    """The seed's top 5 by sentence-transformers and numpy over the pod's own index."""
+    from safetensors.numpy import load_file
+    from sentence_transformers import SentenceTransformer
+
+    from tritonop.artifacts.sources import locate
+    from tritonop.resources import iter_resources
+
+    (news,) = iter_resources([ROOT / "examples" / "news-search.yaml"])
+    (index,) = (node.pod("default", pod_name).runner.volumes["artifacts"] / "news").glob(
+        "*/index")
+    matrix = load_file(str(index / "embeddings.safetensors"))["embeddings"]
+    query = SentenceTransformer(str(locate(news.spec.model.source)), device="cpu").encode(
+        SEED_REQUEST["text"], normalize_embeddings=True)
+    return np.argsort(-(matrix @ query), kind="stable")[:5].tolist()
+
+
+def assert_every_endpoint_answers(cluster: ControlPlane, expected_pods: int) -> list[int]:
+    """The seed's search through each ready endpoint of the Service; the ids they agree on."""
+    def listed() -> tuple[list[str], int] | None:
+        found = ready_endpoints(cluster)
+        return found if len(found[0]) == expected_pods else None
+
+    addresses, port = wait_for(listed, 60, f"{expected_pods} ready endpoints")
+    ips = sorted(p["status"]["podIP"] for p in news_pods(cluster) if ready(p))
+    assert addresses == ips and port == 8080
+    answers = [post(f"http://{ip}:{port}/v1/search", {"model": "news", **SEED_REQUEST})
+               for ip in addresses]
+    ids = [[hit["id"] for hit in answer["data"]] for answer in answers]
+    assert all(i == ids[0] and len(i) == 5 for i in ids), ids
+    return ids[0]
+
+
+def test_quickstart_news_search_answers_through_its_service(cluster, node,
+                                                            record_testsuite_property):
+    """`kubectl apply -f examples/news-search.yaml`: the prepare Job's pod fills a claim, the
+    Triton pod loads it, turns Ready and answers the seed's search at the pod IPs that its
+    Service's EndpointSlices list."""
+    started = time.monotonic()
+    kubectl(cluster, "kubectl apply -f examples/news-search.yaml")
+    resource = wait_status(cluster, "EmbeddingSearch", "news", "default",
+                           lambda r: (r.get("status") or {}).get("phase") == "Ready",
+                           "Ready", timeout=900)
+    ids = assert_every_endpoint_answers(cluster, 1)
+    seconds = time.monotonic() - started
+    record_testsuite_property("quickstart_news_first_answer_seconds", round(seconds, 1))
+    print(f"\nkubectl apply -f examples/news-search.yaml to the first answer: {seconds:.0f} s")
+    assert resource["status"]["readyReplicas"] == 1
+    (pod,) = news_pods(cluster)
+    assert pod["spec"]["nodeName"] == node.name
+    # The cluster has a default StorageClass (the node's provisioner): the artifacts were
+    # prepared once, by the prepare Job's pod on this node, into a bound claim.
+    claim = cluster.get_json("pvc", "news-artifacts", "-n", "default")
+    assert claim["status"]["phase"] == "Bound"
+    assert claim["spec"]["storageClassName"] == "tritonop-local"
+    jobs = cluster.get_json("jobs", "-n", "default")["items"]
+    assert [j["status"].get("succeeded") for j in jobs] == [1], jobs
+    assert not pod["spec"].get("initContainers")
+    assert {c["name"]: c["ready"] for c in pod["status"]["containerStatuses"]} == {
+        "triton": True, "gateway": True}
+    # Triton itself listens on the pod's loopback: reached as `kubectl port-forward` does.
+    runner = node.pod("default", pod["metadata"]["name"]).runner
+    triton = post(f"{runner.forward(8000)}/v2/models/news/generate", SEED_REQUEST)
+    assert triton["ids"] == ids
+    assert ids == reference_top5(node, pod["metadata"]["name"])
+    listed = kubectl(cluster, "kubectl get esearch")
+    assert listed.split("\n")[1].split()[:3] == ["news", "Ready", "1/1"], listed
+    assert "Ready" in kubectl(cluster, "kubectl describe esearch news")
+    assert not node.errors, node.errors
+
+
+def test_quickstart_scale_to_three_and_a_deleted_pod_is_replaced(cluster, node):
+    """`kubectl scale esearch news --replicas=3`: three Ready pods behind the Service, on
+    the prepared claim; a deleted pod is stopped and replaced by a new one that serves."""
+    started = time.monotonic()
+    kubectl(cluster, "kubectl scale esearch news --replicas=3")
+    wait_status(cluster, "EmbeddingSearch", "news", "default",
+                lambda r: (r.get("status") or {}).get("readyReplicas") == 3
+                and r["status"].get("phase") == "Ready", "3 ready replicas", timeout=900)
+    print(f"\nkubectl scale esearch news --replicas=3 to 3 Ready: "
+          f"{time.monotonic() - started:.0f} s")
+    assert_every_endpoint_answers(cluster, 3)
+    victim = news_pods(cluster)[0]["metadata"]
+    runner = node.pod("default", victim["name"]).runner
+    cluster.kubectl("delete", "pod", victim["name"], "-n", "default", "--wait=false")
+    wait_for(lambda: cluster.kubectl("get", "pod", victim["name"], "-n", "default",
+                                     check=False).returncode != 0, 120,
+             "the deleted pod stopped and removed")
+    # Removed only once its containers were gone, and its network namespace with them.
+    assert all(c.process is None or c.process.poll() is not None for c in runner.containers)
+    assert not Path(f"/run/netns/{runner.netns}").exists()
+
+    def replaced() -> bool:
+        running = news_pods(cluster)
+        return len(running) == 3 and all(ready(p) for p in running) \
+            and victim["uid"] not in {p["metadata"]["uid"] for p in running}
+
+    wait_for(replaced, 600, "3 Ready pods again, the deleted one replaced")
+    wait_status(cluster, "EmbeddingSearch", "news", "default",
+                lambda r: (r.get("status") or {}).get("readyReplicas") == 3, "3 ready again",
+                timeout=120)
+    assert_every_endpoint_answers(cluster, 3)
+    assert not node.errors, node.errors
+
+
+def plain_pod(name: str, command: str, **spec: Any) -> dict[str, Any]:
+    """A pod of the Triton image (its stand-in) running a shell command, with an emptyDir."""
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"containers": [{"name": "main", "image": "ghcr.io/tritonop/triton:0.1.0",
+                                     "command": ["sh", "-c", command],
+                                     "volumeMounts": [{"name": "work", "mountPath": "/work"}]}],
+                     "volumes": [{"name": "work", "emptyDir": {}}], **spec}}
+
+
+def test_quickstart_node_runs_pre_stop_then_kills_after_the_grace_period(cluster, node):
+    """A deleted pod: its preStop hook runs, then SIGTERM, and SIGKILL once the grace period
+    is over for a process that ignores SIGTERM; then the pod object goes."""
+    pod = plain_pod("stubborn", "trap '' TERM; touch /work/started; while true; do sleep 1; done",
+                    terminationGracePeriodSeconds=3)
+    pod["spec"]["containers"][0]["lifecycle"] = {
+        "preStop": {"exec": {"command": ["sh", "-c", "echo hook > /work/pre-stop"]}}}
+    cluster.apply(pod)
+    wait_for(lambda: ready(cluster.get_json("pod", "stubborn", "-n", "default")), 60,
+             "the pod Ready")
+    runner = node.pod("default", "stubborn").runner
+    wait_for(lambda: (runner.volumes["work"] / "started").exists(), 30, "the command running")
+    process = runner.container("main").process
+    cluster.kubectl("delete", "pod", "stubborn", "-n", "default", "--timeout=60s")
+    assert (runner.volumes["work"] / "pre-stop").read_text() == "hook\n"
+    assert process.returncode == -9  # it ignored SIGTERM: killed at the end of the grace
+
+
+def test_quickstart_node_fails_a_pod_it_cannot_honour_with_a_message(cluster, node):
+    cluster.apply(plain_pod("host-network", "sleep 60", hostNetwork=True))
+    pod = wait_for(lambda: (p := cluster.get_json("pod", "host-network", "-n", "default"))
+                   ["status"].get("phase") == "Failed" and p, 60, "the pod Failed")
+    assert "hostNetwork" in pod["status"]["message"]
+    assert "not supported by the node agent" in pod["status"]["message"]
+    cluster.kubectl("delete", "pod", "host-network", "-n", "default", "--timeout=60s")
