@@ -47,6 +47,18 @@ class ModelStatus(_StatusModel):
         "by the source itself; remove the annotation to resolve a moving source again.")
 
 
+class IndexStatus(_StatusModel):
+    """The search index of an artifacts version, as its prepare Job reported it."""
+
+    version: str = Field(..., description="The artifacts version (fingerprint) it belongs to.")
+    kind: Literal["exact", "hnsw"]
+    quantization: Optional[str] = Field(None, description="hnsw only: none, int8 or binary.")
+    recall_at_10: Optional[float] = Field(
+        None, description="hnsw only: recall@10 against the exact index, measured by prepare "
+        "with recallQueries of the corpus's own texts as queries.")
+    recall_queries: Optional[int] = None
+
+
 class ResourceStatus(_StatusModel):
     """What tritonop observed, for people (kubectl get/describe) and for the scale API."""
 
@@ -64,6 +76,9 @@ class ResourceStatus(_StatusModel):
         "prepare: job switches the pods to a new one only once its Job has finished.")
     artifacts_cleaned: Optional[str] = Field(
         None, description="The version whose clean-up Job removed the older ones.")
+    index: Optional[IndexStatus] = Field(
+        None, description="The search index of the version prepared last (prepare: job), "
+        "with the recall measured for an approximate one.")
     model: Optional[ModelStatus] = Field(
         None, description="Only while the resource has an exact model revision (a remote "
         "source, pinned or named exactly).")

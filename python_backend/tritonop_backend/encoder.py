@@ -9,7 +9,7 @@ Both take ``input_ids`` and ``attention_mask`` (``int64 [rows, length]``) and re
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -45,19 +45,25 @@ class TorchScriptEncoder:
             return self._module(ids, mask).float().cpu().numpy()
 
 
+def onnx_session(path: Path, threads: int, device: str = "cpu") -> Any:
+    """An onnxruntime session with ``threads`` intra-op threads, on CUDA when ``device``
+    asks for it and the provider is there (the CPU provider otherwise)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
 class OnnxEncoder:
     """An ONNX encoder run with onnxruntime (CUDA provider when asked and available)."""
 
     def __init__(self, path: Path, threads: int, device: str = "cpu") -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        providers = ["CPUExecutionProvider"]
-        if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        self._session = ort.InferenceSession(str(path), options, providers=providers)
+        self._session = onnx_session(path, threads, device)
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask}

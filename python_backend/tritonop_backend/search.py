@@ -7,6 +7,9 @@ k best in linear time and only those k are sorted.
 A filter (:mod:`tritonop_backend.filters`) becomes the sorted ids of the rows it keeps
 before the scan; the top k are then found among those rows only, so a filtered search is
 as exact as an unfiltered one.
+
+An index built with an HNSW graph (``spec.search.index: hnsw``) loads as an
+:class:`ApproximateIndex` instead, with the same interface (:mod:`tritonop_backend.ann`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tritonop_backend.ann import ANN_FILE, HnswSearcher, HnswSettings
 from tritonop_backend.artifacts import (
     EMBEDDINGS_FILE,
     MANIFEST_FILE,
@@ -112,6 +116,45 @@ class CorpusIndex:
         return SearchResult(rows[found.ids].astype(np.int64), found.scores)
 
 
+class ApproximateIndex(CorpusIndex):
+    """A corpus searched through an HNSW graph (:mod:`tritonop_backend.ann`).
+
+    The float32 rows stay memory-mapped (no transposed copy: the graph, not a scan, finds
+    the candidates, and only their rows are read to rescore them).
+    """
+
+    def __init__(self, embeddings: np.ndarray, texts: list[str], fields: FieldColumns | None,
+                 searcher: HnswSearcher) -> None:
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(texts):
+            raise ArtifactError(
+                f"index has {embeddings.shape[0]} embeddings but {len(texts)} texts"
+            )
+        self.rows = embeddings
+        self.texts = np.array([t.encode("utf-8") for t in texts], dtype=object)
+        self.fields = fields if fields is not None else FieldColumns({}, {}, len(texts))
+        self.searcher = searcher
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        return self.rows
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def dimension(self) -> int:
+        return self.rows.shape[1]
+
+    def search(self, queries: np.ndarray, k: int, rows: np.ndarray | None = None
+               ) -> SearchResult:
+        """Like :meth:`CorpusIndex.search`, within the graph's recall; a filter's ``rows``
+        are always respected."""
+        queries = l2_normalize(np.atleast_2d(queries).astype(np.float32))
+        ids, scores = self.searcher.search(queries, k, rows)
+        return SearchResult(np.stack(ids).astype(np.int64),
+                            np.stack(scores).astype(np.float32))
+
+
 def _top_k(scores: np.ndarray, k: int) -> SearchResult:
     """The ``k`` best columns of ``scores [queries, n]`` per row, lowest positions first
     among equal scores."""
@@ -170,8 +213,12 @@ def _mapped_tensor(path: Path, name: str) -> np.ndarray:
     return np.memmap(path, dtype="<f4", mode="r", offset=8 + length + begin, shape=shape)
 
 
-def load_index(directory: Path) -> tuple[CorpusIndex, IndexManifest]:
-    """Read an index directory written by ``tritonop index build``."""
+def load_index(directory: Path, threads: int = 1) -> tuple[CorpusIndex, IndexManifest]:
+    """Read an index directory written by ``tritonop index build``.
+
+    An index whose manifest names an ``hnsw`` graph is searched through it
+    (:class:`ApproximateIndex`, the graph memory-mapped); ``threads`` search it.
+    """
     directory = Path(directory)
     manifest = IndexManifest.read(directory)
     embeddings = _mapped_tensor(directory / EMBEDDINGS_FILE, "embeddings")
@@ -182,6 +229,13 @@ def load_index(directory: Path) -> tuple[CorpusIndex, IndexManifest]:
             f"{directory}: manifest says {manifest.count} texts, found {len(texts)}"
         )
     fields = FieldColumns.load(directory, manifest.fields, manifest.count)
+    if manifest.index_kind == "hnsw":
+        settings = HnswSettings.from_manifest(manifest.index)
+        searcher = HnswSearcher(directory / ANN_FILE, embeddings, settings, threads)
+        return ApproximateIndex(embeddings, texts, fields, searcher), manifest
+    if manifest.index_kind != "exact":
+        raise ArtifactError(f"{directory}: unknown index kind {manifest.index_kind!r}; "
+                            + manifest._hint())
     return CorpusIndex(embeddings, texts, fields), manifest
 
 

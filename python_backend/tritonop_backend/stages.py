@@ -19,6 +19,8 @@ import numpy as np
 
 from tritonop_backend.artifacts import (
     TOKENIZER_FILE,
+    ArtifactError,
+    IndexManifest,
     ModelManifest,
     check_version,
     resolve_prompt,
@@ -216,9 +218,16 @@ class SearchStage:
         from threadpoolctl import threadpool_limits
 
         # The server starts stubs with one BLAS thread; a large corpus scans faster on more.
-        threadpool_limits(limits=int(parameters.get("threads", "1")), user_api="blas")
+        threads = int(parameters.get("threads", "1"))
+        threadpool_limits(limits=threads, user_api="blas")
         _, manifest, max_length, pooling = _model_settings(parameters)
-        self.index, index_manifest = load_index(Path(parameters["index_dir"]))
+        self.index, index_manifest = load_index(Path(parameters["index_dir"]), threads)
+        self.description = describe_index(index_manifest)
+        expected = parameters.get("index", index_manifest.index_kind)
+        if expected != index_manifest.index_kind:
+            raise ArtifactError(f"{parameters['index_dir']} holds an {index_manifest.index_kind} "
+                                f"index, but this model's config says {expected}: prepare "
+                                "this spec's artifacts")
         document_prompt = None
         if "document_prompt" in parameters:
             document_prompt = resolve_prompt(parameters["document_prompt"],
@@ -232,6 +241,7 @@ class SearchStage:
         """A search stage over an index already in memory (for tests and benchmarks)."""
         stage = cls.__new__(cls)
         stage.index, stage.default_k, stage.max_k = index, default_k, max_k
+        stage.description = ""
         return stage
 
     def _check(self, inputs: Inputs) -> _Query:
@@ -296,6 +306,18 @@ class SearchStage:
 
     def run(self, batch: list[Inputs]) -> list[Result]:
         return run_valid(batch, self._check, self._search)
+
+
+def describe_index(manifest: IndexManifest) -> str:
+    """One line for the server's log: which index a search model serves, and its recall."""
+    index = manifest.index
+    if manifest.index_kind != "hnsw":
+        return f"exact index of {manifest.count} vectors"
+    return (f"hnsw index of {manifest.count} vectors ({index.get('library', 'usearch')}, "
+            f"quantization {index.get('quantization')}, connectivity "
+            f"{index.get('connectivity')}, efSearch {index.get('ef_search')}), recall@10 "
+            f"{index.get('recall_at_10')} against exact on {index.get('recall_queries')} "
+            "corpus texts at prepare")
 
 
 def _vocab_size(tokenizer_file: Path) -> int:

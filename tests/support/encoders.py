@@ -247,3 +247,31 @@ def make_decoder_only_model(target: Path) -> Path:
     GPT2Model(GPT2Config(vocab_size=64, n_embd=HIDDEN, n_layer=1, n_head=2,
                          n_positions=32)).save_pretrained(target)
     return target
+
+
+def make_cross_encoder(target: Path, model_type: str = "bert", seed: int = 0,
+                       activation: str | None = None) -> Path:
+    """A tiny random cross-encoder (one-label sequence classifier) saved by
+    sentence-transformers' ``CrossEncoder``, in the layout it writes (``modules.json`` of
+    one Transformer, ``config_sentence_transformers.json`` with its ``activation_fn``).
+
+    ``activation``: a torch activation class path to save instead of the default sigmoid.
+    """
+    import torch
+    from sentence_transformers import CrossEncoder
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer, config = _tokenizer_and_config(model_type)
+    config.num_labels = 1
+    torch.manual_seed(seed)
+    hf_dir = target.parent / f"{target.name}-transformers"
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(hf_dir)
+    tokenizer.save_pretrained(hf_dir)
+    kwargs: dict[str, Any] = {}
+    if activation is not None:
+        from sentence_transformers.util import import_from_string
+
+        kwargs["activation_fn"] = import_from_string(activation)()
+    CrossEncoder(str(hf_dir), max_length=MAX_SEQ_LENGTH, device="cpu", **kwargs).save(
+        str(target))
+    return target

@@ -5,6 +5,7 @@
 * ``mx``: TorchScript encoder, max pooling;
 * ``tiny``: a 12-text corpus and a one-slot encoder queue, for backpressure;
 * ``flt``: the 12 texts as JSONL records with fields (``FILTER_RECORDS``), for filters;
+* ``hn``: the ``ox`` corpus through an int8 hnsw index, its ``package`` field kept;
 * ``enc-<name>``: each tiny random-weight encoder of tests/support/encoders.py (every
   architecture tritonop serves) over the 12-text corpus, prepared from its
   sentence-transformers folder with its own pooling, normalization and prompts, ONNX and
@@ -61,6 +62,12 @@ def triton(tmp_path_factory, exported, corpus, tiny_corpus, fields_corpus, tiny_
         parse_resource({"apiVersion": API, "kind": "EmbeddingSearch", "metadata": {"name": "flt"},
                         "spec": {"corpus": {"source": str(fields_corpus), "fields": [
                             {"name": n, "type": t} for n, t in FILTER_FIELDS.items()]}}}),
+        # The approximate index (test_search_hnsw.py): int8 graph over the real corpus.
+        parse_resource({"apiVersion": API, "kind": "EmbeddingSearch", "metadata": {"name": "hn"},
+                        "spec": {"corpus": {"source": str(corpus), "fields": [
+                            {"name": "package", "type": "string"}]},
+                            "model": {"format": "onnx"},
+                            "search": {"index": "hnsw", "quantization": "int8"}}}),
     ]
     for resource in resources:
         seed_export(resource, root, exported)

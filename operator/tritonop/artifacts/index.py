@@ -10,6 +10,7 @@ cosine.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,8 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
+from tritonop.artifacts.approximate import build_approximate, check_recall, same_index
 from tritonop.artifacts.corpus import read_corpus, read_fields
-from tritonop_backend.artifacts import TOKENIZER_FILE, ArtifactError, IndexManifest, ModelManifest
+from tritonop.artifacts.embedding_cache import cache_key, cached_embeddings
+from tritonop_backend.ann import HnswSettings
+from tritonop_backend.artifacts import (
+    MANIFEST_FILE,
+    TOKENIZER_FILE,
+    ArtifactError,
+    IndexManifest,
+    ModelManifest,
+)
 from tritonop_backend.encoder import load_encoder
 from tritonop_backend.pooling import l2_normalize, pool
 from tritonop_backend.search import write_index
@@ -54,6 +64,9 @@ def build_index(
     threads: int = 2,
     progress: bool = True,
     force: bool = False,
+    embedding_cache: Path | None = None,
+    hnsw: HnswSettings | None = None,
+    min_recall: float = 0.0,
 ) -> IndexResult:
     """Embed ``corpus`` with the model exported in ``model_dir`` into ``directory``.
 
@@ -64,6 +77,10 @@ def build_index(
     Args:
         fields: record fields kept beside the vectors for filters (name -> type); their
             values are read and checked before any text is embedded.
+        embedding_cache: where vectors are kept between builds
+            (:mod:`tritonop.artifacts.embedding_cache`); texts found there are not embedded.
+        hnsw: also build this approximate index (:mod:`tritonop.artifacts.approximate`),
+            and fail when its measured recall@10 is below ``min_recall``.
     """
     fields = dict(fields or {})
     model = ModelManifest.read(model_dir)
@@ -78,19 +95,28 @@ def build_index(
         try:
             existing = IndexManifest.read(directory)
             existing.check_compatible(model, pooling, max_length, document_prompt)
-            if existing.corpus_sha256 == corpus_hash and existing.fields == fields:
+            if existing.corpus_sha256 == corpus_hash and existing.fields == fields and \
+                    same_index(existing, hnsw):
+                check_recall(existing.index, min_recall)
                 return IndexResult(existing, Path(directory), skipped=True)
         except ArtifactError:
             pass
     texts = read_corpus(corpus, text_field)
     values = read_fields(corpus, fields) if fields else {}
-    embeddings = embed_texts(texts, model_dir, pooling, max_length, batch_size, threads, progress,
-                             prompt=document_prompt)
+    embeddings = cached_embeddings(
+        texts, lambda missing: embed_texts(missing, model_dir, pooling, max_length, batch_size,
+                                           threads, progress, prompt=document_prompt),
+        embedding_cache, cache_key(model, pooling, max_length, document_prompt)).vectors
     manifest = IndexManifest(
         model_source=model.source, model_fingerprint=model.fingerprint, pooling=pooling,
         max_sequence_length=max_length, dimension=model.dimension, count=len(texts),
         corpus_sha256=corpus_hash, document_prompt=document_prompt, fields=fields,
     )
+    if hnsw is not None:
+        (Path(directory) / MANIFEST_FILE).unlink(missing_ok=True)
+        report = build_approximate(directory, embeddings, hnsw, threads)
+        check_recall(report, min_recall)  # before the manifest: no complete index
+        manifest = dataclasses.replace(manifest, index=report)
     write_index(directory, embeddings, texts, manifest, values)
     return IndexResult(manifest, Path(directory), skipped=False)
 

@@ -132,6 +132,12 @@ def fingerprint_inputs(resource: Resource) -> dict[str, str]:
     ``model.revision`` is in for a remote source only (hf://, s3://, https://), whose text
     can name other bytes tomorrow: the revision prepare resolved (see
     :mod:`tritonop.artifacts.resolve`); a local source keeps the fingerprint it had.
+    ``search.index`` is in only for an approximate index: its kind, quantization and graph
+    settings (efSearch and rescoreFactor too: the recall prepare measures and reports is
+    that of these); ``search.minRecall`` is not (it builds nothing: prepare checks it
+    against the version's measured recall, also when the version exists).
+    ``rerank.model`` is in only with a reranker (its source, format and sha256); a moving
+    remote source of it (a hub branch) is not pinned: name a commit to roll a new one out.
     """
     spec = resource.spec
     assert isinstance(spec, EmbeddingSearchSpec)
@@ -153,6 +159,16 @@ def fingerprint_inputs(resource: Resource) -> dict[str, str]:
     revision = model_revision(resource)
     if revision is not None:
         inputs["model.revision"] = revision
+    if spec.search.index != "exact":  # the graph, and the recall measured with these
+        hnsw = spec.search.hnsw
+        inputs["search.index"] = json.dumps(
+            [spec.search.index, spec.search.quantization, hnsw.connectivity,
+             hnsw.ef_construction, hnsw.ef_search, hnsw.rescore_factor])
+    if spec.rerank is not None:  # the exported cross-encoder; none keeps earlier versions
+        rerank = spec.rerank.model
+        inputs["rerank.model"] = json.dumps(
+            [rerank.source, rerank.format, rerank.sha256 or "",
+             (rerank.s3.endpoint or "") if rerank.s3 else ""])
     return inputs
 
 

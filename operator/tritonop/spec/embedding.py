@@ -179,20 +179,53 @@ class CorpusSpec(SpecModel):
         return value
 
 
+class HnswSpec(SpecModel):
+    """The graph of the ``hnsw`` index (usearch): more of each is better recall, slower."""
+
+    connectivity: int = Field(
+        16, ge=4, le=128,
+        description="Neighbours per node (HNSW's M): memory and build time grow with it.")
+    ef_construction: int = Field(
+        128, ge=8, le=4096, description="Candidates considered while linking a node (build).")
+    ef_search: int = Field(
+        64, ge=8, le=4096, description="Candidates considered per query (raised to the number "
+        "of candidates fetched when that is more).")
+    rescore_factor: int = Field(
+        4, ge=1, le=100,
+        description="With quantization: fetch k x this many candidates from the quantized "
+        "graph and rank them by their float32 vectors.")
+
+
 class SearchSpec(SpecModel):
-    """How many results a query gets."""
+    """How many results a query gets, and the index that finds them."""
 
     model_config = ConfigDict(json_schema_extra=cel_rules(
         ("self.defaultTopK <= self.maxTopK", "defaultTopK must be <= maxTopK"),
+        ("self.index == 'hnsw' || self.quantization == 'none'",
+         "quantization needs index: hnsw (the exact index scans float32 vectors)"),
     ))
 
     default_top_k: int = Field(10, ge=1, le=10000, description="Results when not asked.")
     max_top_k: int = Field(100, ge=1, le=10000, description="Most results one query may ask.")
+    index: Literal["exact", "hnsw"] = Field(
+        "exact", description="exact: a scan of every vector (exact results; fine up to about "
+        "1M vectors of 384 floats). hnsw: an approximate graph index built by prepare, whose "
+        "recall@10 against exact is measured there (docs/models.md, choosing an index).")
+    hnsw: HnswSpec = HnswSpec()
+    quantization: Literal["none", "int8", "binary"] = Field(
+        "none", description="How the hnsw index stores vectors: int8 (a quarter of float32) "
+        "or binary (1 bit per dimension), candidates rescored with the float32 vectors.")
+    min_recall: float = Field(
+        0.95, ge=0.0, le=1.0,
+        description="Prepare fails when the hnsw index's measured recall@10 is below this.")
 
     @model_validator(mode="after")
     def _default_within_max(self) -> SearchSpec:
         if self.default_top_k > self.max_top_k:
             raise ValueError("defaultTopK must be <= maxTopK")
+        if self.index != "hnsw" and self.quantization != "none":
+            raise ValueError("quantization needs index: hnsw (the exact index scans float32 "
+                             "vectors)")
         return self
 
 
@@ -220,3 +253,58 @@ class EmbeddingSearchSpec(DeploymentSpec):
     search: SearchSpec = SearchSpec()
     stages: EmbeddingStages = EmbeddingStages()
     cache: CacheSpec = CacheSpec()
+    rerank: Optional[RerankSpec] = Field(
+        None, description="A cross-encoder reranker for this search (see docs/models.md).")
+
+
+class RerankModelSpec(SpecModel):
+    """The cross-encoder that re-scores (query, document) pairs."""
+
+    model_config = ConfigDict(json_schema_extra=cel_rules(HTTPS_NEEDS_SHA256))
+
+    source: str = Field(
+        ..., min_length=1,
+        description="A sentence-transformers CrossEncoder (a folder with config.json of a "
+        "*ForSequenceClassification model with one label, tokenizer files and "
+        "model.safetensors): " + SOURCE_SCHEMES + " Private sources are read with "
+        "spec.model.credentials.",
+    )
+    s3: Optional[S3Settings] = Field(None, description=S3_DESCRIPTION)
+    sha256: Optional[str] = Field(None, pattern=SHA256_PATTERN, description=SHA256_DESCRIPTION)
+    allow_pickle: bool = Field(False, description=ALLOW_PICKLE_DESCRIPTION)
+    # No credentials of its own: the prepare step that downloads it runs with
+    # spec.model.credentials' Secret, which serves both downloads.
+    format: Literal["torchscript", "onnx"] = Field(
+        "torchscript", description="Export format the cross-encoder runs in."
+    )
+    max_sequence_length: int | None = Field(
+        None, ge=8, le=8192,
+        description="Tokens per (query, document) pair; longer pairs are truncated, the "
+        "longer text first, as CrossEncoder does. Default: the model's own.",
+    )
+    # No device of its own: it runs where spec.model.device puts the encoder, so that a
+    # pod asks for a GPU exactly when its encoder has one.
+
+    @model_validator(mode="after")
+    def _https_needs_sha256(self) -> RerankModelSpec:
+        check_https_sha256(self.source, self.sha256)
+        return self
+
+
+class RerankSpec(SpecModel):
+    """A cross-encoder served beside the search: ``/v1/rerank`` and ``rerank`` on search."""
+
+    model: RerankModelSpec
+    candidates: int = Field(
+        50, ge=1, le=1000,
+        description="Search results a reranked search re-scores (at most search.maxTopK are "
+        "searched); the best num_results of them are returned.",
+    )
+    max_documents: int = Field(
+        1000, ge=1, le=10000, description="Documents one /v1/rerank request may send."
+    )
+    stage: EncoderSettings = Field(
+        EncoderSettings(max_batch_size=8),
+        description="Batching of the rerank model: a batch is up to maxBatchSize requests, "
+        "each with its documents.",
+    )
