@@ -79,7 +79,9 @@ def test_defaults_follow_batching_and_spec_api_overrides(tmp_path):
      "max_tokens"),
     ({"model": "chat", "messages": [{"role": "user", "content": "x"}],
       "max_completion_tokens": 0}, "max_completion_tokens"),
-    ({"model": "chat", "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ({"model": "chat", "messages": [{"role": "bot", "content": "x"}]}, "messages[0].role"),
+    ({"model": "chat", "messages": [{"role": "tool", "content": "x"}]},
+     "messages[0].tool_call_id"),
     ({"model": "news", "messages": [{"role": "user", "content": "x"}]}, "model"),
 ])
 def test_chat_errors_name_the_field(body, param):

@@ -48,7 +48,7 @@ GENERATION_BAD = {
     "repeat_last_n": [-1, 1.5, "x", 10**9],
     "seed": [-1, 2**64, 1.5, "x", True],
     "stop": ["", [""], 5, [1], ["a"] * 17, {}, [None]],
-    "n": [2, 0, "1", True, -3],
+    "n": [17, 0, "1", True, -3],
     "stream": ["yes", 1, [], {}],
     "stream_options": [{"include_usage": True}, "x", {"other": 1}],
     "logprobs": ["yes", 21], "top_logprobs": [21],

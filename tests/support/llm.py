@@ -159,3 +159,19 @@ def greedy_completions(base_url: str, model: str, prompts: list[str], max_tokens
 
     with ThreadPoolExecutor(len(prompts)) as pool:
         return list(pool.map(complete, prompts))
+
+
+class IdsEngine(LLMEngine):
+    """The engine with prompts given as space-separated token ids, to place them exactly."""
+
+    def encode_request(self, request: GenerationRequest) -> list[int]:
+        return [int(token) for token in request.prompt.split()]
+
+
+def generate_ids(model: Any, ids: list[int], max_tokens: int = 12) -> list[int]:
+    """Greedy tokens from ``transformers``' ``generate``, the independent reference."""
+    inputs = torch.tensor([ids], device=model.device)
+    with torch.no_grad():
+        output = model.generate(inputs, attention_mask=torch.ones_like(inputs),
+                                max_new_tokens=max_tokens, do_sample=False)
+    return list(output[0, len(ids):].tolist())

@@ -6,6 +6,12 @@ waiting requests into free slots (one batched prefill), then runs one batched de
 pass for every running sequence and samples each row with its own parameters. A new
 request therefore joins the running batch at the next step, and a sequence that
 finishes leaves at once, handing its slot and its cache rows to the next one.
+
+A prefill computes only what it must. Keys and values of prompt prefixes are kept in
+blocks (``prefix.py``) and copied into a new prompt's row instead of being computed
+again; identical prompts admitted together are computed once. A prompt with more than
+``prefill_chunk_tokens`` left to compute goes in chunks, one a step, so that running
+sequences keep getting a token every step instead of waiting for a whole long prefill.
 """
 
 from __future__ import annotations
@@ -24,6 +30,13 @@ from tritonop_backend.llm.grammar import GrammarTokens
 from tritonop_backend.llm.graphs import StaticDecoder, width_bucket
 from tritonop_backend.llm.kv import KVBuffer, KVShape, Window, cache_keyword
 from tritonop_backend.llm.params import GenerationPolicy, GenerationRequest
+from tritonop_backend.llm.prefix import (
+    BLOCK_TOKENS,
+    DEFAULT_BUDGET_BYTES,
+    BlockKey,
+    PrefixCache,
+    block_keys,
+)
 from tritonop_backend.llm.sampling import RowParams, make_generator, select_next_tokens
 from tritonop_backend.llm.text import TextStream
 
@@ -32,6 +45,17 @@ LOGGER = logging.getLogger(__name__)
 STOP, LENGTH, CANCELLED, CONTEXT, ERROR = "stop", "length", "cancelled", "context", "error"
 """Finish reasons: eos, a stop string or a complete structured output; max_tokens; cancel();
 the context is full; a failure."""
+
+
+DEFAULT_CHUNK_TOKENS = 512
+"""Prompt tokens computed in one step, by default, when a prompt is longer: a chunk of
+SmolLM2-135M takes about as long as a few decode steps of a full batch on one core."""
+
+
+DEFER_MIN_TOKENS = 128
+"""Prompt tokens that a prompt must be able to take from the cache one step later (blocks
+that another prompt admitted with it is about to store) for it to wait that step: for
+fewer, computing them costs less than the wait."""
 
 
 MAX_FAILED_STEPS = 3
@@ -116,6 +140,13 @@ class _Sequence:
     logprobs: list[TokenLogprob] | None = None
     """Entries of the generated tokens (end of sequence left out) when the request asked."""
     logprobs_reported: int = 0
+    blocks: list[BlockKey] | None = None
+    """The prompt's whole blocks as the prefix cache keys them, once computed."""
+    done: int = 0
+    """Prompt tokens computed so far, while the prompt is computed in chunks."""
+    computed: torch.Tensor | None = None
+    """Their keys and values meanwhile, laid out as ``KVBuffer.read_row`` gives them: out of
+    the buffer, whose free rows the padding rows of a fixed-shape decode step write."""
 
     def event(self, text: str, reason: str | None, error: str | None = None) -> GenerationEvent:
         """The next event of this sequence, carrying the tokens not reported yet."""
@@ -162,6 +193,8 @@ class LLMEngine:
         max_prefill_tokens: int = 4096,
         device: torch.device | str | None = None,
         static_decode: bool | None = None,
+        prefix_cache_bytes: int = DEFAULT_BUDGET_BYTES,
+        prefill_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     ) -> None:
         """Wrap a loaded model; nothing runs until the first step.
 
@@ -177,6 +210,13 @@ class LLMEngine:
             static_decode: run decode steps at fixed shapes, recorded once and replayed
                 as CUDA graphs on a GPU (see ``graphs.py``); None means on for CUDA. On
                 the CPU it runs the same fixed-shape step eagerly (slower: for tests).
+            prefix_cache_bytes: keys and values of prompt prefixes kept for later prompts
+                that begin alike (see ``prefix.py``), at most this many bytes; 0 turns
+                prefix caching off, and with it the single prefill of identical prompts
+                admitted together.
+            prefill_chunk_tokens: a prompt with more tokens to compute than this is computed
+                in chunks of this many, one a step, with the running sequences decoding a
+                token between two chunks; 0 computes every prompt whole.
         """
         policy.validate()
         if max_sequences < 1 or max_waiting < 0:
@@ -187,6 +227,11 @@ class LLMEngine:
         self.max_sequences = max_sequences
         self.max_waiting = max_waiting
         self.max_prefill_tokens = max_prefill_tokens
+        if prefill_chunk_tokens < 0:
+            raise ValueError("prefill_chunk_tokens must be >= 0")
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self._partial: _Sequence | None = None
+        """The prompt being computed in chunks, holding a slot; None when there is none."""
         self.device = torch.device(device) if device is not None else _model_device(model)
         self._check_model(model, tokenizer, policy)
         self._eos = _eos_ids(model, tokenizer)
@@ -194,6 +239,9 @@ class LLMEngine:
         self._kv = _allocate_cache(model, policy, max_sequences, self.device)
         self._cache = self._kv.cache()
         self._cache_keyword = cache_keyword(model)
+        self.prefix_cache = (PrefixCache(self._kv.shape, prefix_cache_bytes, self.device)
+                             if prefix_cache_bytes > 0 else None)
+        """The kept prompt prefixes; None when prefix caching is off."""
         if static_decode is None:
             static_decode = self.device.type == "cuda"
         self._static = (
@@ -372,8 +420,9 @@ class LLMEngine:
         with torch.inference_mode():
             events = self._apply_cancellations()
             admitted = self._admit()
-            if admitted:
-                events += self._guarded(admitted, self._prefill, admitted)
+            if admitted or self._partial is not None:
+                chunked = [self._partial] if self._partial is not None else []
+                events += self._guarded([*admitted, *chunked], self._prefill, admitted)
             if self._running:
                 events += self._guarded(list(self._running), self._decode)
         return events
@@ -384,20 +433,98 @@ class LLMEngine:
             queued = [seq for seq in self._waiting if seq.request_id in cancelled]
             self._waiting = deque(seq for seq in self._waiting if seq.request_id not in cancelled)
         running = [seq for seq in self._running if seq.request_id in cancelled]
+        if self._partial is not None and self._partial.request_id in cancelled:
+            queued.append(self._partial)
+            self._partial = None
         self._release(running)
         self._forget(queued)
         return [_final(seq, CANCELLED) for seq in queued + running]
 
     def _admit(self) -> list[_Sequence]:
-        """Pop as many waiting requests as free slots and the prefill budget allow."""
+        """Pop as many waiting requests as free slots and the prefill budget allow.
+
+        The budget counts the prompt tokens that the pass computes: not those found in the
+        prefix cache, nor a prompt identical to one admitted with it. Some prompts wait
+        for the next step (the first in the queue never does): one whose uncached part is
+        mostly blocks that a prompt admitted in this step is about to store, so that it
+        finds them in the cache; and one that would make a pass of prompts found in the
+        cache compute many more tokens in each row (a pass computes as many in every row).
+
+        A prompt with more than ``prefill_chunk_tokens`` to compute becomes the one computed
+        in chunks (:attr:`_partial`), which holds a slot but joins the batch only with its
+        last chunk; one at a time: a second such prompt waits at the head of the queue.
+        """
         admitted: list[_Sequence] = []
+        chunk = self.prefill_chunk_tokens
+        partial = self._partial
+        width = min(chunk, len(partial.prompt_ids) - partial.done) if partial else 0
+        reusing = False
+        prompts: set[tuple[int, ...]] = set()
+        pending: set[bytes] = set()
         with self._lock:
-            while self._waiting and len(self._running) + len(admitted) < self.max_sequences:
-                width = max(len(seq.prompt_ids) for seq in [*admitted, self._waiting[0]])
-                if admitted and width * (len(admitted) + 1) > self.max_prefill_tokens:
+            while self._waiting and len(self._running) + len(admitted) + \
+                    (self._partial is not None) < self.max_sequences:
+                seq = self._waiting[0]
+                prompt = tuple(seq.prompt_ids)
+                computed, shared, fresh = self._uncached(seq, prompt in prompts, pending)
+                chunked = 0 < chunk < computed
+                if chunked and self._partial is not None:
                     break
-                admitted.append(self._waiting.popleft())
+                if admitted and shared >= DEFER_MIN_TOKENS and computed <= 2 * shared:
+                    break
+                cost = chunk if chunked else computed
+                if reusing and cost > 2 * width + BLOCK_TOKENS:
+                    break
+                if admitted and max(width, cost) * (len(admitted) + 1) > \
+                        self.max_prefill_tokens:
+                    break
+                reusing = reusing or computed < len(prompt)
+                width = max(width, cost)
+                prompts.add(prompt)
+                pending.update(fresh[: cost // BLOCK_TOKENS])
+                self._waiting.popleft()
+                if chunked:
+                    self._partial = seq
+                else:
+                    admitted.append(seq)
         return admitted
+
+    def _uncached(
+        self, seq: _Sequence, duplicate: bool, pending: set[bytes]
+    ) -> tuple[int, int, list[bytes]]:
+        """What a prefill of ``seq`` would compute, given the prefix cache.
+
+        Returns:
+            Prompt tokens to compute; of those, tokens in blocks that prompts admitted in
+            this step will store (``pending``); the digests of the blocks it would store.
+        """
+        if self.prefix_cache is None:
+            return len(seq.prompt_ids), 0, []
+        if duplicate:
+            return 0, 0, []
+        keys = self._block_keys(seq)
+        usable = self._usable_blocks(seq)
+        held = self.prefix_cache.lookup(keys, usable)
+        shared = 0
+        for key in keys[held:usable]:
+            if key.digest not in pending:
+                break
+            shared += 1
+        size = self.prefix_cache.block_tokens
+        return (len(seq.prompt_ids) - held * size, shared * size,
+                [key.digest for key in keys[held:]])
+
+    def _block_keys(self, seq: _Sequence) -> list[BlockKey]:
+        if seq.blocks is None:
+            assert self.prefix_cache is not None
+            seq.blocks = block_keys(seq.prompt_ids, self.prefix_cache.block_tokens)
+        return seq.blocks
+
+    def _usable_blocks(self, seq: _Sequence) -> int:
+        """Blocks a prompt may take from the cache: its last token is always computed, for
+        the logits of the first generated token."""
+        assert self.prefix_cache is not None
+        return (len(seq.prompt_ids) - 1) // self.prefix_cache.block_tokens
 
     def _guarded(
         self,
@@ -419,6 +546,8 @@ class LLMEngine:
         except Exception as error:  # reported to each affected request, not swallowed
             LOGGER.exception("generation step failed for %d sequences", len(sequences))
             running = [seq for seq in sequences if seq in self._running]
+            if self._partial in sequences:
+                self._partial = None
             self._release(running)
             self._forget([seq for seq in sequences if seq not in running])
             message = f"{type(error).__name__}: {error}"
@@ -451,33 +580,147 @@ class LLMEngine:
         with self._lock:
             leaving = [*self._running, *self._waiting]
             self._waiting.clear()
+        if self._partial is not None:
+            leaving.append(self._partial)
+            self._partial = None
         self._running = []
         self._rows = None
         self._forget(leaving)
         return [_final(seq, ERROR, error=f"the engine failed: {reason}") for seq in leaving]
 
     def _prefill(self, admitted: list[_Sequence]) -> list[GenerationEvent]:
-        """Run the new prompts as one left-padded batch into fresh rows; sample a first token."""
+        """Run the new prompts as one left-padded batch into fresh rows; sample a first token.
+
+        Each row's prompt ends at column ``end - 1``, as every running row does. The pass
+        computes the last ``width`` tokens of each row, ``width`` being the longest part of
+        a prompt not found in the prefix cache; the tokens before those are copied from the
+        cache. A prompt identical to an earlier one in the batch is not computed at all: it
+        takes a copy of that one's row and samples from its logits.
+
+        A prompt computed in chunks (:attr:`_partial`) comes last, in the row after the
+        others: the pass computes its next chunk after a copy of the part computed before,
+        kept aside between passes; with its last chunk it joins the batch.
+        """
         first = len(self._running)
-        rows = (first, first + len(admitted))
-        width = max(len(seq.prompt_ids) for seq in admitted)
+        partial = self._partial
+        unique, copies, sources = self._distinct(admitted) if partial is None else \
+            (admitted, [], list(range(len(admitted))))
+        rows_in_pass = [*unique, *([partial] if partial is not None else [])]
+        targets = [len(seq.prompt_ids) for seq in unique]
+        known = [self._cached_tokens(seq) for seq in unique]
+        if partial is not None:
+            have = partial.done or self._cached_tokens(partial)
+            targets.append(min(len(partial.prompt_ids), have + self.prefill_chunk_tokens))
+            known.append(have)
+        width = max(target - have for target, have in zip(targets, known, strict=True))
+        span = max(targets)
         if not self._running:
             self._kv.start = self._kv.end = 0
-        self._kv.make_room(first, width)
-        ids, mask = self._pad_prompts(admitted, width)
+        self._kv.make_room(first, span)
         end = self._kv.end
-        self._kv.tokens[rows[0] : rows[1], end - width : end] = ids
-        positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
-        self._kv.window = Window(rows=rows, read_from=end - width, write_at=end - width)
-        logits = self._forward(ids, mask, positions)
+        reused = [self._reused(seq, target - width) if target > width else None
+                  for seq, target in zip(rows_in_pass, targets, strict=True)]
+        rows = (first, first + len(rows_in_pass))
+        prompts, mask = self._pad_prompts(
+            [seq.prompt_ids[:target] for seq, target in zip(rows_in_pass, targets, strict=True)],
+            span)
+        self._kv.tokens[rows[0] : rows[1], end - span : end] = prompts
+        for row, (data, target) in enumerate(zip(reused, targets, strict=True)):
+            if data is not None:
+                self._kv.write_row(first + row, end - target, data)
+        positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, span - width :]
+        self._kv.window = Window(rows=rows, read_from=end - span, write_at=end - width)
+        logits = self._forward(prompts[:, span - width :], mask, positions)
         if not bool(mask.all()):
             self._kv.clear_padding(rows, mask)
-        self._kv.start = min(self._kv.start, end - width) if self._running else end - width
+        self._store_prefixes(rows_in_pass, targets, first, end)
+        if partial is not None:
+            if targets[-1] < len(partial.prompt_ids):  # more chunks to come
+                partial.done = targets[-1]
+                partial.computed = self._kv.read_row(rows[1] - 1, end - partial.done, end)
+                logits = logits[:-1]
+            else:
+                unique.append(partial)
+                partial.computed = None
+                self._partial = None
+        if copies:
+            self._kv.copy_rows([first + source for source in sources[len(unique) :]],
+                               list(range(first + len(unique), first + len(unique) +
+                                          len(copies))), end - span)
+            logits = logits.index_select(0, torch.tensor(sources, device=logits.device))
+        admitted = unique + copies
+        if not admitted:
+            return []
+        longest = max(len(seq.prompt_ids) for seq in admitted)
+        self._kv.start = min(self._kv.start, end - longest) if self._running else end - longest
         for seq in admitted:
             seq.length = len(seq.prompt_ids)
         self._running.extend(admitted)
         self._rows = None
-        return self._sample_and_emit(logits, rows, _row_params(admitted, self.device))
+        return self._sample_and_emit(logits, (first, first + len(admitted)),
+                                     _row_params(admitted, self.device))
+
+    def _reused(self, seq: _Sequence, tokens: int) -> torch.Tensor:
+        """Keys and values of a prompt's first ``tokens`` tokens, computed before: from the
+        prompt's own row of the previous step (a chunked prompt), or from the prefix cache."""
+        if seq.computed is not None and seq.done >= tokens:
+            return seq.computed[:, :, :tokens]
+        assert self.prefix_cache is not None
+        return self.prefix_cache.fetch(self._block_keys(seq), tokens)
+
+    def _distinct(
+        self, admitted: list[_Sequence]
+    ) -> tuple[list[_Sequence], list[_Sequence], list[int]]:
+        """Split prompts into those to compute and copies of them (prefix caching on).
+
+        Returns:
+            The distinct prompts, the repeats, and for each of both, in that order, the
+            index of the distinct prompt whose row and logits it takes.
+        """
+        if self.prefix_cache is None:
+            return admitted, [], list(range(len(admitted)))
+        index: dict[tuple[int, ...], int] = {}
+        unique: list[_Sequence] = []
+        copies: list[_Sequence] = []
+        copy_sources: list[int] = []
+        for seq in admitted:
+            prompt = tuple(seq.prompt_ids)
+            if prompt in index:
+                copies.append(seq)
+                copy_sources.append(index[prompt])
+            else:
+                index[prompt] = len(unique)
+                unique.append(seq)
+        return unique, copies, [*range(len(unique)), *copy_sources]
+
+    def _cached_tokens(self, seq: _Sequence) -> int:
+        """Leading prompt tokens whose keys and values the prefix cache holds."""
+        if self.prefix_cache is None:
+            return 0
+        held = self.prefix_cache.lookup(self._block_keys(seq), self._usable_blocks(seq))
+        return held * self.prefix_cache.block_tokens
+
+    def _store_prefixes(
+        self, sequences: list[_Sequence], lengths: list[int], first: int, end: int
+    ) -> None:
+        """Keep the whole blocks of the prompts just computed; a failure only loses them."""
+        if self.prefix_cache is None:
+            return
+        kv = self._kv
+        for row, (seq, size) in enumerate(zip(sequences, lengths, strict=True)):
+            column = end - size
+
+            def read(lo: int, hi: int, row: int = first + row, column: int = column
+                     ) -> torch.Tensor:
+                return kv.read_row(row, column + lo, column + hi)
+
+            whole = size // self.prefix_cache.block_tokens
+            try:
+                self.prefix_cache.store(self._block_keys(seq)[:whole], read)
+            except Exception:  # memory, say: the requests go on without it
+                LOGGER.exception("could not keep a prompt's prefix; emptying the prefix cache")
+                self.prefix_cache.clear()
+                return
 
     def _decode(self) -> list[GenerationEvent]:
         """One token for every running sequence, in one forward pass."""
@@ -547,15 +790,14 @@ class LLMEngine:
         return logits
 
     def _pad_prompts(
-        self, sequences: list[_Sequence], width: int
+        self, prompts: list[list[int]], width: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompt ids and their mask, built on the host and copied once."""
-        ids = torch.zeros((len(sequences), width), dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.bool)
-        for row, seq in enumerate(sequences):
-            size = len(seq.prompt_ids)
-            ids[row, width - size :] = torch.tensor(seq.prompt_ids)
-            mask[row, width - size :] = True
+        ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = True
         return ids.to(self.device), mask.to(self.device)
 
     def _sample_and_emit(

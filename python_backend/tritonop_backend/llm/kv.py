@@ -151,14 +151,33 @@ class KVBuffer:
 
     def move_rows(self, sources: list[int], targets: list[int]) -> None:
         """Copy live rows into freed ones so that the rows in use stay contiguous."""
+        self.copy_rows(sources, targets, self.start)
+
+    def copy_rows(self, sources: list[int], targets: list[int], first: int) -> None:
+        """Copy rows' keys, values and tokens from column ``first`` to ``end`` into others."""
         if not sources:
             return
         src = torch.tensor(sources, device=self.device)
         dst = torch.tensor(targets, device=self.device)
-        columns = slice(self.start, self.end)
+        columns = slice(first, self.end)
         for storage in (*self.keys, *self.values):
             storage[dst, :, columns] = storage[src, :, columns]
         self.tokens[dst, columns] = self.tokens[src, columns]
+
+    def read_row(self, row: int, first: int, last: int) -> torch.Tensor:
+        """One row's keys and values in columns ``first..last``, every layer's keys first.
+
+        Returns:
+            ``[2 * layers, heads, last - first, head_dim]``, a new tensor.
+        """
+        columns = slice(first, last)
+        return torch.stack([storage[row, :, columns] for storage in (*self.keys, *self.values)])
+
+    def write_row(self, row: int, first: int, data: torch.Tensor) -> None:
+        """Put keys and values laid out as :meth:`read_row` gives them at column ``first``."""
+        columns = slice(first, first + data.shape[2])
+        for storage, layer in zip((*self.keys, *self.values), data, strict=True):
+            storage[row, :, columns] = layer
 
     def clear_padding(self, rows: tuple[int, int], mask: torch.Tensor) -> None:
         """Zero keys and values written for padding, which some kernels leave non-finite."""

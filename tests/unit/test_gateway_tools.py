@@ -1,0 +1,233 @@
+"""Tool calls and n choices in the gateway's pure parts: parsing, prompts, answers, deltas.
+
+The served behaviour (a real model behind a real tritonserver) is in tests/gateway/test_tools.py
+and test_choices.py; here each rule is pinned on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import jsonschema
+import pytest
+
+from tritonop.gateway.admission import AdmissionBound
+from tritonop.gateway.config import Admission, ModelEntry
+from tritonop.gateway.errors import APIError
+from tritonop.gateway.protocol import parse_chat, parse_completion
+from tritonop.gateway.tools import AutoStream, CallStream, parse_auto, split_call
+from tritonop_backend.llm.grammar import parse_response_format
+
+MODELS = {"chat": ModelEntry("chat", "chat", Admission(2, 2), max_tokens_limit=100,
+                             max_choices=4)}
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"},
+                                            "unit": {"enum": ["c", "f"]}},
+           "required": ["city"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather.",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "noop"}}]
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def chat(**body):
+    return parse_chat({"model": "chat", "messages": ASK, **body}, MODELS)
+
+
+@pytest.mark.parametrize(("body", "param", "words"), [
+    ({"tools": [{"type": "function", "function": {"description": "x"}}]},
+     "tools[0].function.name", "is required"),
+    ({"tools": [{"type": "function", "function": {"name": "a b"}}]},
+     "tools[0].function.name", "letters, digits"),
+    ({"tools": [{"type": "function", "function": {"name": "x" * 65}}]},
+     "tools[0].function.name", "1 to 64"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "thing"}}}]}, "tools[0].function.parameters", "Invalid type: thing"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "string", "pattern": "(("}}}]}, "tools[0].function.parameters", "unclosed"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]},
+     "tools[0].function.parameters", "JSON Schema"),
+    ({"tools": [{"type": "retrieval"}]}, "tools[0].type", "must be function"),
+    ({"tools": [TOOLS[1], TOOLS[1]]}, "tools[1].function.name", "names two tools"),
+    ({"tools": {"a": 1}}, "tools", "must be a list"),
+    ({"tools": [TOOLS[1]] * 65}, "tools", "at most 64"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice.function.name", "not one of the tools"),
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"tool_choice": {"type": "function", "function": {"name": "noop"}}},
+     "tool_choice.function.name", "not one of the tools"),
+    ({"tools": TOOLS, "tool_choice": "always"}, "tool_choice", "must be none"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+     "response_format", "cannot be combined"),
+    ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls", "boolean"),
+    ({"n": 5}, "n", "[1, 4]"),
+    ({"n": 0}, "n", "[1, 4]"),
+])
+def test_bad_tools_and_n_are_400s_naming_the_field(body, param, words):
+    with pytest.raises(APIError) as caught:
+        chat(**body)
+    assert caught.value.status == 400 and caught.value.param == param, caught.value.message
+    assert words in caught.value.message
+
+
+def test_completions_refuse_tools_and_take_n():
+    with pytest.raises(APIError) as caught:
+        parse_completion({"model": "chat", "prompt": "x", "tools": TOOLS}, MODELS)
+    assert caught.value.param == "tools"
+    assert parse_completion({"model": "chat", "prompt": "x", "n": 3}, MODELS).n == 3
+
+
+def test_required_and_named_choices_constrain_the_output_to_a_call():
+    for choice, names in [("required", ("get_weather", "noop")),
+                          ({"type": "function", "function": {"name": "get_weather"}},
+                           ("get_weather",))]:
+        args = chat(tools=TOOLS, tool_choice=choice)
+        assert args.tools is not None and args.tools.names == names
+        constraint = parse_response_format(args.response_format)
+        assert constraint is not None and constraint.type == "json_schema"
+        schema = json.loads(args.response_format)["json_schema"]["schema"]
+        jsonschema.validate({"name": "get_weather", "arguments": {"city": "Paris"}}, schema)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({"name": "get_weather", "arguments": {"town": "P"}}, schema)
+    auto = chat(tools=TOOLS)
+    assert auto.tools.choice == "auto"
+    assert json.loads(auto.response_format)["type"] == "tool_calls"
+    formatted = chat(tools=TOOLS, response_format={"type": "json_object"})
+    assert json.loads(formatted.response_format) == {"type": "json_object"}
+    none = chat(tools=TOOLS, tool_choice="none")
+    assert none.tools.names == () and "# Tools" not in none.prompt
+
+
+def test_tools_are_described_in_the_system_turn_and_history_is_rendered():
+    args = chat(tools=TOOLS, messages=[
+        {"role": "system", "content": "Be brief."}, *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}])
+    turns = json.loads(args.prompt)
+    assert [t["role"] for t in turns] == ["system", "user", "assistant", "user"]
+    assert turns[0]["content"].startswith("Be brief.\n\n# Tools")
+    assert '"name": "get_weather"' in turns[0]["content"] and "<tool_call>" in turns[0][
+        "content"]
+    assert turns[2]["content"] == ('<tool_call>\n{"name": "get_weather", "arguments": '
+                                   '{"city": "Paris"}}\n</tool_call>')
+    assert turns[3]["content"] == "<tool_response>\n18 C\n</tool_response>"
+
+
+def test_choice_seeds_follow_the_first():
+    args = chat(n=3, seed=7, temperature=0.5)
+    assert [args.choice(i).sampling["seed"] for i in range(3)] == [7, 8, 9]
+    unseeded = chat(n=2)
+    assert "seed" not in unseeded.choice(1).sampling
+
+
+def test_answers_are_parsed_into_calls():
+    names = ("get_weather", "noop")
+    written = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}'
+    assert split_call(written, names) == ("get_weather", '{"city": "Paris", "unit": "c"}')
+    assert split_call('{"name": "other", "arguments": {}}', names) is None
+    assert split_call('{"name": "noop", "arguments": 3}', names) is None
+    assert parse_auto("Sure.\n<tool_call>\n" + written + "\n</tool_call>", names) == (
+        "Sure.", [("get_weather", '{"city": "Paris", "unit": "c"}')])
+    two = f"<tool_call>{written}</tool_call>\n<tool_call>" + '{"name": "noop", "arguments": {}}'
+    assert [c[0] for c in parse_auto(two, names)[1]] == ["get_weather", "noop"]
+    assert parse_auto("[TOOL_CALLS] [" + written + "]", names)[1][0][0] == "get_weather"
+    assert parse_auto(written, names) == (None, [("get_weather",
+                                                  '{"city": "Paris", "unit": "c"}')])
+    for text in ("Paris is sunny.", "<tool_call>{broken</tool_call>",
+                 '<tool_call>{"name": "rm", "arguments": {}}</tool_call>', "{not json"):
+        assert parse_auto(text, names) == (text, [])
+
+
+def test_streamed_call_deltas_join_into_the_call():
+    written = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    stream = CallStream(("noop", "get_weather"))
+    deltas = [d for i in range(0, len(written), 3) for d in stream.push(written[i:i + 3])]
+    tail, is_call = stream.finish()
+    deltas += tail
+    assert is_call
+    first = deltas[0]["tool_calls"][0]
+    assert first["index"] == 0 and first["type"] == "function"
+    assert first["id"].startswith("call_") and first["function"] == {
+        "name": "get_weather", "arguments": ""}
+    arguments = "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas[1:])
+    assert arguments == '{"city": "Paris"}'
+
+
+def test_auto_stream_sends_text_and_holds_calls():
+    stream = AutoStream(("noop",))
+    pieces = ["Let me check", " <tool", "_call>", '{"name": "noop", ', '"arguments": {}}',
+              "</tool_call>"]
+    deltas = [d for piece in pieces for d in stream.push(piece)]
+    assert "".join(d["content"] for d in deltas) == "Let me check "
+    tail, is_call = stream.finish()
+    assert is_call and tail[0]["tool_calls"][0]["function"] == {"name": "noop",
+                                                                "arguments": "{}"}
+    text = AutoStream(("noop",))
+    sent = [d for piece in ["A <tool", "box> here"] for d in text.push(piece)]
+    tail, is_call = text.finish()
+    assert not is_call and "".join(d["content"] for d in sent + tail) == "A <toolbox> here"
+
+
+def test_admission_takes_all_places_of_a_request_at_once():
+    async def run() -> list[str]:
+        bound = AdmissionBound(3, 4)
+        order: list[str] = []
+        await bound.acquire(2)
+        big = asyncio.ensure_future(bound.acquire(3))  # needs the whole bound
+        await asyncio.sleep(0)
+        small = asyncio.ensure_future(bound.acquire(1))  # waits behind it, in line
+        await asyncio.sleep(0)
+        assert not big.done() and not small.done() and bound.in_flight == 2
+        bound.release(2)
+        await big
+        order.append(f"big {bound.in_flight}")
+        bound.release(3)
+        await small
+        order.append(f"small {bound.in_flight}")
+        bound.release(1)
+        await bound.acquire(10)  # more than the bound: the whole bound
+        order.append(f"all {bound.in_flight}")
+        return order
+
+    assert asyncio.run(run()) == ["big 3", "small 1", "all 3"]
+
+
+@pytest.mark.parametrize(("text", "allowed"), [
+    ("Paris is sunny today.", True),
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+     True),
+    ('<tool_call>\n{"name": "noop", "arguments": {}}\n</tool_call>\n<tool_call>\n'
+     '{"name": "get_weather", "arguments": {"city": "Rome", "unit": "c"}}\n</tool_call>', True),
+    ('Let me see. <tool_call>\n{"name": "noop", "arguments": {}}\n</tool_call>', False),
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"town": "Paris"}}', False),
+    ('<tool_call>\n{"name": "rm", "arguments": {}}', False),
+])
+def test_auto_grammar_allows_text_or_valid_calls(text, allowed):
+    """What ``tool_choice: auto`` lets the model write, checked byte by byte."""
+    import llguidance
+
+    constraint = parse_response_format(chat(tools=TOOLS).response_format)
+    matcher = llguidance.LLMatcher(llguidance.LLTokenizer("byte"), constraint.grammar,
+                                   log_level=0)
+    consumed = all(matcher.consume_token(byte) for byte in text.encode())
+    assert (consumed and matcher.is_accepting()) == allowed
+    if allowed:
+        content, calls = parse_auto(text, ("get_weather", "noop"))
+        assert (content is None) == bool(calls)
+
+
+@pytest.mark.parametrize(("value", "field"), [
+    ({"type": "tool_calls", "tools": []}, "response_format.tools"),
+    ({"type": "tool_calls", "tools": [{"name": "a b"}]}, "response_format.tools[0].name"),
+    ({"type": "tool_calls", "tools": [{"name": "f", "parameters": {"type": "thing"}}]},
+     "response_format.tools[0].parameters"),
+    ({"type": "tool_calls", "tools": [{"name": "f"}], "extra": 1}, "response_format.extra"),
+])
+def test_triton_refuses_bad_tool_call_formats_naming_the_part(value, field):
+    from tritonop_backend.errors import RequestError
+
+    with pytest.raises(RequestError) as caught:
+        parse_response_format(json.dumps(value))
+    assert caught.value.field == field
