@@ -1065,8 +1065,18 @@ def section_downloads(downloads: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def section_change(result: dict[str, Any], img: Path) -> list[str]:
+    """CHANGE: the three prepares' times, one run each (bench/scenarios/change.py)."""
+    rows = [[step, fmt(s), fmt(result["load_average_after"][step])]
+            for step, s in result["prepare_seconds"].items()]
+    return [f"{result['changed_texts']} of {result['texts']} texts changed: the new version "
+            f"is ready in {result['ratio']:.1%} of a full prepare's time.", "",
+            *table(["prepare", "seconds", "load average after"], rows)]
+
+
 SECTIONS = {"S1": section_s1, "S2": section_s2, "S3": section_s3, "S4": section_s4,
-            "S5": section_s5, "S6": section_s6, "S7": section_s7, "S8": section_s8}
+            "S5": section_s5, "S6": section_s6, "S7": section_s7, "S8": section_s8,
+            "CHANGE": section_change}
 
 
 def settings_line(result: dict[str, Any], run: dict[str, Any]) -> str:

@@ -69,7 +69,8 @@ def test_results_file_describes_the_machine_and_run(quick_run):
     assert machine["packages"]["torch"] and machine["packages"]["numpy"]
     assert "commit" in machine["git"]
     assert body["settings"]["cache"]["enabled"] is False
-    assert set(body["scenarios"]) == {"S1", "S2", "S3", "S4", "S5", "S6", "S7", "S8"}
+    assert set(body["scenarios"]) == {"S1", "S2", "S3", "S4", "S5", "S6", "S7", "S8",
+                                      "CHANGE"}
     assert body["llm_example"] == "examples/chat.yaml"
 
 
@@ -178,6 +179,13 @@ def test_s4_streams_tokens_at_every_level_against_generate(quick_run):
     assert [int(c) for c in greedy] == body["sizes"]["s4_greedy_concurrency"]
     for level in greedy.values():
         assert level["tokens_per_s"] > 0 and set(level["statuses"]) == {"200"}, level
+
+
+def test_change_prepares_a_changed_corpus_from_the_embedding_cache(quick_run):
+    change = quick_run[0]["scenarios"]["CHANGE"]
+    assert (change["texts"], change["changed_texts"]) == (600, 6)
+    assert 0 < change["prepare_seconds"]["1% changed"] and 0 < change["ratio"]
+    assert [t["id"] for t in change["targets"]] == ["CHANGE.ratio"]
 
 
 def test_report_page_and_plots_are_written(quick_run):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.context import Context
-from bench.scenarios import s1, s2, s3, s4, s5, s6, s7, s8
+from bench.scenarios import change, s1, s2, s3, s4, s5, s6, s7, s8
 
 
 @dataclass(frozen=True)
@@ -51,4 +51,7 @@ SCENARIOS: dict[str, Scenario] = {s.key: s for s in (
              "start to Ready of a new search pod under the pod runner: artifacts prepared "
              "once (warm and cold page cache, and with the probe periods of before) against "
              "per-pod prepare", s8.run),
+    Scenario("CHANGE", "corpora that change",
+             "prepare time of a new corpus version with 1% of 200K texts changed (embedding "
+             "cache) against a full prepare of one", change.run),
 )}

@@ -128,13 +128,20 @@ def _read_resources(args: argparse.Namespace) -> list[Resource]:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
+    from tritonop.artifacts.approximate import prepared_reports
     from tritonop.artifacts.prepare import prepare
 
     if bool(args.file) == bool(args.resource_env):
         print("error: give either resource files (-f) or --resource-env", file=sys.stderr)
         return 2
-    prepare(_read_resources(args), args.artifacts_root, expect=args.expect_fingerprint,
-            keep_only=args.keep_only, models_cache=models_cache(args))
+    prepared = prepare(_read_resources(args), args.artifacts_root,
+                       expect=args.expect_fingerprint, keep_only=args.keep_only,
+                       models_cache=models_cache(args))
+    # The search index of each version (its measured recall): the operator's status.index.
+    reports = prepared_reports(prepared, args.artifacts_root)
+    if reports:
+        _write_termination_log(args.termination_log or default_termination_log(),
+                               json.dumps(reports[0] if len(reports) == 1 else reports))
     return 0
 
 
@@ -308,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "operator rendered into the pods)")
     prepare.add_argument("--keep-only", action="store_true",
                          help="then remove the resource's other artifacts versions")
+    prepare.add_argument("--termination-log", type=Path, metavar="PATH",
+                         help=f"write each search index's kind and measured recall here, as "
+                         f"JSON (default: {TERMINATION_LOG} where the kubelet made it)")
     with_artifacts(prepare)
     prepare.set_defaults(run=_cmd_prepare)
 

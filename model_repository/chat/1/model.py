@@ -19,6 +19,7 @@ from tritonop_backend import check_release
 from tritonop_backend.cpus import available_cpus
 from tritonop_backend.llm.engine import LLMEngine
 from tritonop_backend.llm.loading import load_causal_lm
+from tritonop_backend.llm.prefix import DEFAULT_BUDGET_BYTES
 from tritonop_backend.llm.serving import (
     INPUTS,
     INTERNAL,
@@ -127,7 +128,9 @@ class TritonPythonModel:
         engine = LLMEngine(loaded.model, loaded.tokenizer, self.policy,
                            max_sequences=int(params["max_sequences"]),
                            max_waiting=int(params["max_waiting"]),
-                           static_decode=None if graphs else False)
+                           static_decode=None if graphs else False,
+                           prefix_cache_bytes=int(params.get("prefix_cache_bytes",
+                                                             DEFAULT_BUDGET_BYTES)))
         self.metrics = _Metrics(args["model_name"], args["model_instance_name"])
         self.server = Server(engine, streaming=params.get("streaming", "true") == "true",
                              on_step=self.metrics.step)

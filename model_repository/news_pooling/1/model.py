@@ -59,6 +59,8 @@ class TritonPythonModel:
         params = parameters(args)
         check_release(params.get("tritonop_version"))
         self.stage = STAGES[params["stage"]](params, device(args))
+        if description := getattr(self.stage, "description", ""):  # which index: the log says
+            pb_utils.Logger.log_info(f"{args['model_name']}: {description}")
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return execute(requests, self.stage)

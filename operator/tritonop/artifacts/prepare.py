@@ -30,6 +30,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
+from tritonop.artifacts.approximate import check_recall, hnsw_settings
+from tritonop.artifacts.cross_encoder import prepare_cross_encoder
+from tritonop.artifacts.embedding_cache import CACHE_DIR
 from tritonop.artifacts.export import export_model
 from tritonop.artifacts.fetch import Fetched
 from tritonop.artifacts.index import build_index
@@ -50,6 +53,7 @@ from tritonop.resources import Resource
 from tritonop.spec import EmbeddingSearchSpec
 from tritonop_backend.artifacts import (
     ArtifactError,
+    IndexManifest,
     ModelManifest,
     VersionManifest,
 )
@@ -78,16 +82,26 @@ def locked(artifacts_root: Path, name: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _not_writable(folder: Path) -> str:
-    """Why the artifacts cannot be written, with what a user needs to fix it."""
+def _not_writable(path: Path, artifacts_root: Path | None = None) -> str:
+    """Why the artifacts cannot be written, in one line, with what a user needs to do.
+
+    Names the folder that refused (``path``, or the folder of a file that does not exist
+    yet), its owner and mode, and this process's uid.
+    """
+    folder = path if path.is_dir() or not path.parent.is_dir() else path.parent
     try:
         info = folder.stat()
         owner = f"owned by uid {info.st_uid}, mode {oct(info.st_mode & 0o777)}"
     except OSError as err:
         owner = err.strerror or "not readable"
-    return (f"the artifacts folder {folder} is not writable by uid {os.getuid()} ({owner}); "
-            "give that user the folder (a claim gets the pod's fsGroup; a hostPath needs an "
-            "owner the pods' uid, which the operator's artifacts-owner init container sets)")
+    if artifacts_root is None or folder == Path(artifacts_root):
+        subject = f"the artifacts folder {folder}"
+    else:
+        subject = f"{folder} (in the artifacts folder {artifacts_root})"
+    return (f"{subject} is not writable by uid {os.getuid()} ({owner}); give that user the "
+            "folder (a claim gets the pod's fsGroup; a hostPath needs an owner the pods' uid, "
+            "which the operator's artifacts-owner init container sets; on one machine: "
+            f"chown -R {os.getuid()} {artifacts_root or folder})")
 
 
 def _reusable_model(resource_dir: Path, source: SourceModel, fmt: str) -> Path | None:
@@ -156,12 +170,15 @@ def prepare_embedding_search(
         )
     target = Path(version_dir(resource, str(artifacts_root)))
     try:
-        if VersionManifest.read(target).fingerprint == fingerprint:
-            log.info("%s: artifacts version %s already complete in %s", resource.name,
-                     fingerprint, target)
-            return target
+        complete = VersionManifest.read(target).fingerprint == fingerprint
     except ArtifactError:
-        pass
+        complete = False
+    if complete:
+        # minRecall builds nothing: a complete version is checked against today's.
+        check_recall(IndexManifest.read(target / "index").index, spec.search.min_recall)
+        log.info("%s: artifacts version %s already complete in %s", resource.name,
+                 fingerprint, target)
+        return target
     corpus = on_volume(resource.resolve_path(spec.corpus.source), Path(artifacts_root))
     if not corpus.is_file():  # say so before minutes of export, not after
         raise ArtifactError(f"{resource.name}: spec.corpus.source: {corpus} does not exist")
@@ -208,7 +225,12 @@ def prepare_embedding_search(
             document_prompt=spec.model.document_prompt,
             # Before the server starts: every CPU the container may use (its cgroup quota).
             threads=available_cpus(), progress=progress,
+            # Vectors of texts an earlier version embedded with the same model and settings.
+            embedding_cache=resource_dir / CACHE_DIR,
+            hnsw=hnsw_settings(spec), min_recall=spec.search.min_recall,
         )
+        prepare_cross_encoder(resource, staging, models_cache or Path(artifacts_root) / ".models",
+                              progress=progress)
         VersionManifest(fingerprint, fingerprint_inputs(resource),
                         built.manifest.corpus_sha256).write(staging)
         # mkdtemp makes it 0700: readable by the pods' uid only if it is the writer's.
@@ -249,18 +271,31 @@ def prepare(resources: list[Resource], artifacts_root: Path, *, progress: bool =
     cache = models_cache or Path(artifacts_root) / ".models"
     prepared = []
     for resource in resources:
-        with locked(Path(artifacts_root), resource.name):
-            resource, fetched = resolve(resource, cache, progress=progress)
-            if isinstance(resource.spec, EmbeddingSearchSpec):
-                target = prepare_embedding_search(resource, artifacts_root, progress=progress,
-                                                  expect=expect, models_cache=cache,
-                                                  fetched=fetched)
-                if keep_only:
-                    removed = remove_versions(target.parent, {target.name})
-                    log.info("%s: removed old artifacts versions %s", resource.name,
-                             removed or "(none)")
-            else:
-                prepare_llm(resource, artifacts_root, models_cache=cache, progress=progress,
-                            fetched=fetched)
-        prepared.append(resource)
+        try:
+            prepared.append(_prepare_one(resource, Path(artifacts_root), cache,
+                                         progress=progress, expect=expect, keep_only=keep_only))
+        except PermissionError as err:
+            # A folder under the root that another user made (a tritonop prepare run as
+            # root on the node, say): one line naming it, not a traceback.
+            raise ArtifactError(_not_writable(Path(err.filename or artifacts_root),
+                                              artifacts_root)) from None
     return prepared
+
+
+def _prepare_one(resource: Resource, artifacts_root: Path, cache: Path, *, progress: bool,
+                 expect: str | None, keep_only: bool) -> Resource:
+    """Prepare one resource under its lock; the resource with its revision pinned."""
+    with locked(artifacts_root, resource.name):
+        resource, fetched = resolve(resource, cache, progress=progress)
+        if isinstance(resource.spec, EmbeddingSearchSpec):
+            target = prepare_embedding_search(resource, artifacts_root, progress=progress,
+                                              expect=expect, models_cache=cache,
+                                              fetched=fetched)
+            if keep_only:
+                removed = remove_versions(target.parent, {target.name})
+                log.info("%s: removed old artifacts versions %s", resource.name,
+                         removed or "(none)")
+        else:
+            prepare_llm(resource, artifacts_root, models_cache=cache, progress=progress,
+                        fetched=fetched)
+    return resource

@@ -30,43 +30,56 @@ class AdmissionBound:
         self.max_in_flight = max_in_flight
         self.max_waiting = max_waiting
         self.in_flight = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[tuple[asyncio.Future[None], int]] = deque()
 
     @property
     def waiting(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self) -> None:
-        """Take a place, waiting in line if needed.
+    async def acquire(self, places: int = 1) -> None:
+        """Take ``places`` places at once (a request of n choices takes n), waiting in line
+        if needed; all or none, so that two such requests never hold half each.
 
         Raises:
             Overloaded: when the line is full too.
         """
-        if self.in_flight < self.max_in_flight and not self._waiters:
-            self.in_flight += 1
+        places = min(places, self.max_in_flight)
+        if self.in_flight + places <= self.max_in_flight and not self._waiters:
+            self.in_flight += places
             return
         if len(self._waiters) >= self.max_waiting:
             raise Overloaded(f"{self.in_flight} requests in flight and {len(self._waiters)} "
                              "waiting, the most this model takes")
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        entry = (waiter, places)
+        self._waiters.append(entry)
         try:
             await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
-                self.release()  # handed a place just as the client left: pass it on
+                self.release(places)  # handed places just as the client left: pass them on
             else:
-                self._waiters.remove(waiter)
+                if entry in self._waiters:
+                    self._waiters.remove(entry)
+                self._hand_over()
             raise
 
-    def release(self) -> None:
-        """Give a place back: to the first in line, or free it."""
+    def release(self, places: int = 1) -> None:
+        """Give places back: to those first in line that they suffice for, or free them."""
+        self.in_flight -= min(places, self.max_in_flight)
+        self._hand_over()
+
+    def _hand_over(self) -> None:
         while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # the place moves over; in_flight is unchanged
+            waiter, places = self._waiters[0]
+            if waiter.done():  # cancelled: its task takes it out of the line
+                self._waiters.popleft()
+                continue
+            if self.in_flight + places > self.max_in_flight:
                 return
-        self.in_flight -= 1
+            self._waiters.popleft()
+            self.in_flight += places
+            waiter.set_result(None)
 
     @asynccontextmanager
     async def place(self) -> AsyncIterator[None]:

@@ -33,6 +33,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from tritonop.gateway import protocol
+from tritonop.gateway import rerank as reranking
 from tritonop.gateway.admission import AdmissionBound, Overloaded
 from tritonop.gateway.auth import AccessLog, KeyStore, RequireKey, current_client
 from tritonop.gateway.backend import Hit, Piece, TritonAddress, TritonBackend
@@ -42,6 +43,15 @@ from tritonop.gateway.connections import StallGuard
 from tritonop.gateway.errors import APIError
 from tritonop.gateway.limits import ClientLimiter, Limited
 from tritonop.gateway.metrics import GatewayMetrics
+from tritonop.gateway.tools import (
+    AutoStream,
+    CallStream,
+    ToolUse,
+    parse_auto,
+    split_call,
+    tool_call,
+)
+from tritonop_backend.rerank import rank
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +167,9 @@ class Gateway:
             raise APIError(503, f"model '{model}' is not ready in Triton yet; retry shortly",
                            code="model_not_ready", retry_after=1)
 
-    async def _admit(self, model: str) -> AdmissionBound:
-        """A place for the current client's request: its own limits first, then the bound."""
+    async def _admit(self, model: str, places: int = 1) -> AdmissionBound:
+        """Places for the current client's request (one per choice, at most the whole
+        bound): its own limits first, then the bound."""
         client, limiter = current_client.get(), self.client_limits[model]
         try:
             limiter.admit(client)
@@ -170,7 +181,7 @@ class Gateway:
         waiting = self.metrics.waiting.labels(model)
         waiting.inc()
         try:
-            await bound.acquire()
+            await bound.acquire(places)
         except Overloaded as err:
             limiter.leave(client)
             raise APIError(429, f"model '{model}' is at its admission bound ({err}); retry "
@@ -183,8 +194,8 @@ class Gateway:
         self.metrics.in_flight.labels(model).inc()
         return bound
 
-    def _leave(self, model: str, bound: AdmissionBound) -> None:
-        bound.release()
+    def _leave(self, model: str, bound: AdmissionBound, places: int = 1) -> None:
+        bound.release(places)
         self.client_limits[model].leave(current_client.get())
         self.metrics.in_flight.labels(model).dec()
 
@@ -207,8 +218,11 @@ class Gateway:
 
     def _model_card(self, name: str) -> dict[str, Any]:
         entry = self.models[name]
-        return {"id": name, "object": "model", "created": self.created,
+        card = {"id": name, "object": "model", "created": self.created,
                 "owned_by": "tritonop", "kind": entry.kind}
+        if entry.search_index:  # which index a search model serves (its spec's)
+            card["index"] = entry.search_index
+        return card
 
     async def live(self, _: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
@@ -232,6 +246,9 @@ class Gateway:
 
     async def search(self, request: Request) -> Response:
         return await self._measured(request, "/v1/search", self._search)
+
+    async def rerank(self, request: Request) -> Response:
+        return await self._measured(request, reranking.ROUTE, self._rerank)
 
     async def _measured(self, request: Request, route: str,
                         handler: Callable[[Request, dict[str, Any]], Awaitable[Response]]
@@ -284,44 +301,53 @@ class Gateway:
 
     async def _generate(self, request: Request, args: protocol.GenerationArgs, kind: str,
                         fields: dict[str, str]) -> Response:
+        """Run the request's ``n`` choices as Triton requests of their own, at once, under
+        ``n`` admission places (at most the model's whole bound)."""
         await self._check_ready(args.model)
-        bound = await self._admit(args.model)
+        places = args.n
+        bound = await self._admit(args.model, places)
         started = time.perf_counter()
         assert self.backend is not None
         limits = self.models[args.model].limits
-        pieces = FirstAwareIterator(
-            self.backend.generate(args, fields, limits.triton_timeout_seconds))
+        streams = [FirstAwareIterator(self.backend.generate(
+            args.choice(index), fields, limits.triton_timeout_seconds))
+            for index in range(args.n)]
 
         async def close() -> None:
-            await pieces.aclose()  # cancels the Triton request if it is still running
-            self._leave(args.model, bound)
+            for pieces in streams:
+                await pieces.aclose()  # cancels the Triton request if it is still running
+            self._leave(args.model, bound, places)
 
         handed_over = False
         try:
             if not args.stream:
-                result = await until_disconnected(request, _collect(pieces))
-                if result is None:
+                results = await until_disconnected(
+                    request, gather_bounded(_collect, streams, len(streams)))
+                if results is None:
                     return Response(status_code=499)  # nobody is listening any more
-                if result[1].finish_reason == CANCELLED:
+                if any(last.finish_reason == CANCELLED for _, last, _ in results):
                     raise cancelled()
-                self._used(args.model, result[1].prompt_tokens + result[1].completion_tokens)
-                return JSONResponse(_completion_body(kind, args, *result))
-            # The first response before the headers: a prompt Triton refuses is still a 400.
-            first = await until_disconnected(request, pieces.next())
-            if first is None:
+                usage = _usage([last for _, last, _ in results])
+                self._used(args.model, usage["total_tokens"])
+                return JSONResponse(_completion_body(kind, args, results, usage))
+            # The first responses before the headers: a prompt Triton refuses is still a 400.
+            firsts = await until_disconnected(
+                request, gather_bounded(FirstAwareIterator.next, streams, len(streams)))
+            if firsts is None:
                 return Response(status_code=499)
-            if first.finish_reason == CANCELLED:
+            if any(first is not None and first.finish_reason == CANCELLED for first in firsts):
                 raise cancelled()
-            events = self._sse(kind, args, first, pieces, started)
+            events = self._sse(kind, args, firsts, streams, started)
             handed_over = True
             return ClosingStreamingResponse(events, close, limits.stream_stall_seconds)
         finally:
             if not handed_over:
                 await close()
 
-    async def _sse(self, kind: str, args: protocol.GenerationArgs, first: Piece | None,
-                   pieces: FirstAwareIterator, started: float) -> AsyncIterator[str]:
-        """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
+    async def _sse(self, kind: str, args: protocol.GenerationArgs, firsts: list[Piece | None],
+                   streams: list[FirstAwareIterator], started: float) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``; the
+        choices' pieces are sent as they come, each chunk naming its choice's index."""
         ident, created = _ident(kind), int(time.time())
         chunk = "chat.completion.chunk" if kind == "chat.completion" else kind
 
@@ -333,55 +359,54 @@ class Gateway:
                 body["usage"] = usage
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-        def choice(text: str | None, reason: str | None,
-                   entries: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-            nonlocal offset
-            if kind == "chat.completion":
-                delta = {} if text is None else {"content": text}
-                if text is not None and role_pending:
-                    delta["role"] = "assistant"
-                return {"index": 0, "delta": delta, "finish_reason": reason,
-                        "logprobs": _chat_logprobs(entries)}
-            listed = _completion_logprobs(entries, offset)
-            offset += len(text or "")
-            return {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": listed}
-
-        role_pending = True
-        offset = 0
-        last = time.perf_counter()
+        choices = [_StreamedChoice(index, kind, args.tools) for index in range(len(streams))]
+        finals: list[Piece] = []
+        last, seen_text = time.perf_counter(), False
         ttft = self.metrics.ttft.labels(args.model)
         itl = self.metrics.itl.labels(args.model)
+        pending: dict[asyncio.Future[Piece | None], int] = {}
         try:
             if kind == "chat.completion":
-                yield event(choice("", None))
-                role_pending = False
-            piece = first
-            seen_text = False
-            while piece is not None:
-                now = time.perf_counter()
-                if piece.text:
-                    (itl if seen_text else ttft).observe(
-                        now - (last if seen_text else started))
-                    seen_text, last = True, now
-                    yield event(choice(piece.text, None, piece.logprobs))
-                if piece.finish_reason == CANCELLED:
-                    raise cancelled()
-                if piece.finish_reason is not None:
-                    self._used(args.model, piece.prompt_tokens + piece.completion_tokens)
-                    reason = FINISH_REASONS.get(piece.finish_reason, piece.finish_reason)
-                    left = piece.logprobs if not piece.text else None  # sent with its text
-                    yield event(choice(None if kind == "chat.completion" else "", reason, left))
-                    if args.include_usage:
-                        yield event(None, _usage(piece))
-                    break
-                piece = await pieces.next()
+                for choice in choices:
+                    yield event(choice.opening())
+            ready = list(enumerate(firsts))
+            while ready or pending:
+                if not ready:
+                    done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    ready = sorted((pending.pop(task), task.result()) for task in done)
+                for index, piece in ready:
+                    if piece is None:
+                        raise APIError(502, "Triton ended the stream without a final response",
+                                       code="upstream_error")
+                    if piece.text:
+                        now = time.perf_counter()
+                        (itl if seen_text else ttft).observe(
+                            now - (last if seen_text else started))
+                        seen_text, last = True, now
+                    if piece.finish_reason == CANCELLED:
+                        raise cancelled()
+                    for body in choices[index].pieces(piece):
+                        yield event(body)
+                    if piece.finish_reason is None:
+                        pending[asyncio.ensure_future(streams[index].next())] = index
+                    else:
+                        self._used(args.model, piece.completion_tokens
+                                   + (0 if finals else piece.prompt_tokens))
+                        finals.append(piece)
+                ready = []
+            if args.include_usage:
+                yield event(None, _usage(finals))
         except APIError as err:
             yield f"data: {json.dumps(err.body())}\n\n"
         except Exception:
             log.exception("gateway fault in a stream of %s", args.model)
             yield f"data: {json.dumps(internal_error().body())}\n\n"
         finally:
-            await pieces.aclose()
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            for pieces in streams:
+                await pieces.aclose()
         yield "data: [DONE]\n\n"
 
     async def _embeddings(self, _: Request, body: dict[str, Any]) -> Response:
@@ -406,11 +431,43 @@ class Gateway:
     async def _search(self, _: Request, body: dict[str, Any]) -> Response:
         args = protocol.parse_search(body, self.models)
         await self._check_ready(args.model)
+        if args.rerank:
+            return await self._reranked_search(args)
         async with self._placed(args.model):
             hits = await self.searches[args.model].submit(
                 args.text, (args.num_results, args.filter))
         return JSONResponse({"object": "list", "model": args.model, "data": [
             {"id": h.id, "score": h.score, "text": h.text} for h in hits]})
+
+    async def _reranked_search(self, args: protocol.SearchArgs) -> Response:
+        """Search for the model's ``rerank.candidates``, re-score them with its
+        cross-encoder, answer the best ``num_results``: ``score`` is the cross-encoder's,
+        ``search_score`` the cosine. Both calls under one admission place."""
+        entry = self.models[args.model]
+        assert self.backend is not None
+        async with self._placed(args.model):
+            hits = await self.searches[args.model].submit(
+                args.text, (reranking.candidates(entry, args.num_results), args.filter))
+            if not hits:
+                return JSONResponse({"object": "list", "model": args.model, "data": []})
+            scores, tokens = await self.backend.rerank(
+                args.model, args.text, [h.text for h in hits],
+                timeout=entry.limits.triton_timeout_seconds)
+        self._used(args.model, int(tokens.sum()))
+        return JSONResponse({"object": "list", "model": args.model, "data": [
+            {"id": hits[i].id, "score": float(scores[i]), "search_score": hits[i].score,
+             "text": hits[i].text} for i in rank(scores, args.num_results)]})
+
+    async def _rerank(self, _: Request, body: dict[str, Any]) -> Response:
+        args = reranking.parse_rerank(body, self.models)
+        await self._check_ready(args.model)
+        assert self.backend is not None
+        async with self._placed(args.model):
+            scores, tokens = await self.backend.rerank(
+                args.model, args.query, args.documents,
+                timeout=self.models[args.model].limits.triton_timeout_seconds)
+        self._used(args.model, int(tokens.sum()))
+        return JSONResponse(reranking.rerank_body(args, scores, tokens.tolist()))
 
     @asynccontextmanager
     async def _placed(self, model: str) -> AsyncIterator[None]:
@@ -542,22 +599,98 @@ def _ident(kind: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def _usage(piece: Piece) -> dict[str, int]:
-    return {"prompt_tokens": piece.prompt_tokens, "completion_tokens": piece.completion_tokens,
-            "total_tokens": piece.prompt_tokens + piece.completion_tokens}
+def _usage(lasts: Sequence[Piece]) -> dict[str, int]:
+    """The choices' usage: the prompt counted once (it is the same prompt), their
+    completions summed."""
+    prompt = lasts[0].prompt_tokens if lasts else 0
+    completion = sum(last.completion_tokens for last in lasts)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
 
 
-def _completion_body(kind: str, args: protocol.GenerationArgs, text: str, last: Piece,
-                     entries: list[dict[str, Any]] | None) -> dict[str, Any]:
-    reason = FINISH_REASONS.get(last.finish_reason or "", last.finish_reason)
-    if kind == "chat.completion":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "finish_reason": reason, "logprobs": _chat_logprobs(entries)}
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": reason,
-                  "logprobs": _completion_logprobs(entries, 0)}
+def _completion_body(kind: str, args: protocol.GenerationArgs,
+                     results: Sequence[tuple[str, Piece, list[dict[str, Any]] | None]],
+                     usage: dict[str, int]) -> dict[str, Any]:
+    choices = []
+    for index, (text, last, entries) in enumerate(results):
+        reason = FINISH_REASONS.get(last.finish_reason or "", last.finish_reason)
+        if kind == "chat.completion":
+            message, reason = _message(text, reason, args.tools)
+            choices.append({"index": index, "message": message, "finish_reason": reason,
+                            "logprobs": _chat_logprobs(entries)})
+        else:
+            choices.append({"index": index, "text": text, "finish_reason": reason,
+                            "logprobs": _completion_logprobs(entries, 0)})
     return {"id": _ident(kind), "object": kind, "created": int(time.time()),
-            "model": args.model, "choices": [choice], "usage": _usage(last)}
+            "model": args.model, "choices": choices, "usage": usage}
+
+
+def _message(text: str, reason: str | None, tools: ToolUse | None
+             ) -> tuple[dict[str, Any], str | None]:
+    """The assistant's message and finish reason: its calls when the tools were offered and
+    the answer, complete, is calls (:mod:`tritonop.gateway.tools`), else its text."""
+    plain = {"role": "assistant", "content": text}
+    if tools is None or not tools.names or reason != "stop":
+        return plain, reason
+    if tools.constrained:
+        call = split_call(text, tools.names)
+        content, calls = None, [] if call is None else [call]
+    else:
+        content, calls = parse_auto(text, tools.names)
+    if not calls:
+        return plain, reason
+    return {"role": "assistant", "content": content,
+            "tool_calls": [tool_call(None, name, arguments) for name, arguments in calls]
+            }, "tool_calls"
+
+
+class _StreamedChoice:
+    """One choice of a stream: its chunks' ``choices`` entries, piece by piece."""
+
+    def __init__(self, index: int, kind: str, tools: ToolUse | None) -> None:
+        self.index = index
+        self.chat = kind == "chat.completion"
+        self.offset = 0
+        self.calls: CallStream | AutoStream | None = None
+        if self.chat and tools is not None and tools.names:
+            self.calls = (CallStream if tools.constrained else AutoStream)(tools.names)
+
+    def opening(self) -> dict[str, Any]:
+        return {"index": self.index, "delta": {"role": "assistant", "content": ""},
+                "finish_reason": None, "logprobs": None}
+
+    def pieces(self, piece: Piece) -> list[dict[str, Any]]:
+        """The entries one response gives: its text (or deltas of calls), then the end."""
+        entries = piece.logprobs
+        bodies = []
+        if piece.text:
+            deltas = ([{"content": piece.text}] if self.calls is None
+                      else self.calls.push(piece.text))
+            if not deltas and entries:
+                deltas = [{}]  # held text: its log probabilities still go out now
+            for delta in deltas:
+                bodies.append(self._entry(delta, piece.text, None, entries))
+                entries = None
+        if piece.finish_reason is not None:
+            reason = FINISH_REASONS.get(piece.finish_reason, piece.finish_reason)
+            if self.calls is not None:
+                deltas, is_call = self.calls.finish()
+                for delta in deltas:
+                    bodies.append(self._entry(delta, "", None, None))
+                if is_call and reason == "stop":
+                    reason = "tool_calls"
+            left = entries if not piece.text else None  # sent with its text
+            bodies.append(self._entry({} if self.chat else None, "", reason, left))
+        return bodies
+
+    def _entry(self, delta: dict[str, Any] | None, text: str, reason: str | None,
+               entries: list[dict[str, Any]] | None) -> dict[str, Any]:
+        if self.chat:
+            return {"index": self.index, "delta": delta, "finish_reason": reason,
+                    "logprobs": _chat_logprobs(entries)}
+        listed = _completion_logprobs(entries, self.offset)
+        self.offset += len(text)
+        return {"index": self.index, "text": text, "finish_reason": reason, "logprobs": listed}
 
 
 def _chat_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
@@ -620,6 +753,7 @@ def create_app(config: GatewayConfig, triton: TritonAddress, api_key: str | None
         Route("/v1/completions", gateway.completions, methods=["POST"]),
         Route("/v1/embeddings", gateway.embeddings, methods=["POST"]),
         Route("/v1/search", gateway.search, methods=["POST"]),
+        Route(reranking.ROUTE, gateway.rerank, methods=["POST"]),
         Route("/health/live", gateway.live, methods=["GET"]),
         Route("/health/ready", gateway.readiness, methods=["GET"]),
         Route("/metrics", gateway.prometheus, methods=["GET"]),

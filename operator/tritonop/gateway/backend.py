@@ -308,6 +308,21 @@ class TritonBackend:
             outputs["ids"][r * k:(r + 1) * k], outputs["scores"][r * k:(r + 1) * k],
             outputs["texts"][r * k:(r + 1) * k], strict=True)] for r in range(rows)]
 
+    async def rerank(self, model: str, query: str, documents: Sequence[str],
+                     timeout: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The cross-encoder's score of each (query, document) pair (one Triton request to
+        ``<model>_rerank``) and each pair's token count."""
+        body = {"inputs": [
+            {"name": "query", "shape": [1, 1], "datatype": "BYTES", "data": [query]},
+            {"name": "documents", "shape": [1, len(documents)], "datatype": "BYTES",
+             "data": list(documents)}],
+            "outputs": [{"name": name, "parameters": {"binary_data": True}}
+                        for name in ("scores", "tokens")]}
+        reply = await self._post(f"/v2/models/{model}_rerank/infer", body,
+                                 {"query": "query", "documents": "documents"}, timeout)
+        outputs = _binary_outputs(reply)
+        return outputs["scores"].reshape(-1), outputs["tokens"].reshape(-1)
+
     async def _post(self, path: str, body: dict[str, object], fields: dict[str, str],
                     timeout: float | None) -> Reply:
         """One infer call; past ``timeout`` its connection is closed, which is all the

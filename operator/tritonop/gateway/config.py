@@ -85,6 +85,7 @@ class ModelEntry:
         kind: ``chat`` (an LLMService) or ``embedding`` (an EmbeddingSearch).
         admission: the model's admission bound.
         max_tokens_limit: the most tokens a chat request may ask for (LLMService).
+        max_choices: the most choices (``n``) a chat request may ask for (LLMService).
         streaming: whether the LLMService allows streaming.
         max_top_k: the most search results a request may ask for (EmbeddingSearch).
         default_top_k: results when a search names no count (EmbeddingSearch).
@@ -93,12 +94,18 @@ class ModelEntry:
         client_limits: limits of every API client on this model.
         named_limits: limits of named clients, replacing ``client_limits`` for them.
         fields: the corpus fields searches may filter on, name -> type (EmbeddingSearch).
+        rerank_candidates: search results a reranked search re-scores; 0: the model has
+            no reranker (EmbeddingSearch without ``spec.rerank``).
+        max_rerank_documents: documents one ``/v1/rerank`` request may send.
+        search_index: the search index the spec asks for (``exact``, ``hnsw`` or
+            ``hnsw+int8``/``hnsw+binary``), shown on ``/v1/models``; "" for chat models.
     """
 
     name: str
     kind: str
     admission: Admission
     max_tokens_limit: int = 0
+    max_choices: int = 1
     streaming: bool = True
     max_top_k: int = 0
     default_top_k: int = 0
@@ -107,6 +114,9 @@ class ModelEntry:
     client_limits: ClientLimits = ClientLimits()
     named_limits: dict[str, ClientLimits] = field(default_factory=dict)
     fields: dict[str, str] = field(default_factory=dict)
+    rerank_candidates: int = 0
+    max_rerank_documents: int = 0
+    search_index: str = ""
 
 
 @dataclass(frozen=True)
@@ -190,6 +200,7 @@ def model_entry(resource: Resource) -> ModelEntry:
     if isinstance(spec, LLMServiceSpec):
         return ModelEntry(resource.name, CHAT, admission,
                           max_tokens_limit=spec.generation.limits.max_tokens,
+                          max_choices=spec.generation.limits.max_choices,
                           streaming=spec.generation.streaming, max_batch=1, limits=limits,
                           client_limits=every, named_limits=named)
     assert isinstance(spec, EmbeddingSearchSpec)
@@ -199,7 +210,12 @@ def model_entry(resource: Resource) -> ModelEntry:
     return ModelEntry(resource.name, EMBEDDING, admission, max_top_k=spec.search.max_top_k,
                       default_top_k=spec.search.default_top_k, max_batch=batch, limits=limits,
                       client_limits=every, named_limits=named,
-                      fields={f.name: f.type for f in spec.corpus.fields})
+                      fields={f.name: f.type for f in spec.corpus.fields},
+                      rerank_candidates=spec.rerank.candidates if spec.rerank else 0,
+                      max_rerank_documents=spec.rerank.max_documents if spec.rerank else 0,
+                      search_index=spec.search.index + (
+                          f"+{spec.search.quantization}"
+                          if spec.search.quantization != "none" else ""))
 
 
 def openai_enabled(resource: Resource) -> bool:

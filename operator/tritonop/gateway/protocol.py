@@ -8,14 +8,16 @@ a request the gateway let through.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tritonop.gateway.config import ModelEntry
 from tritonop.gateway.errors import APIError, invalid
+from tritonop.gateway.tools import ToolUse, assistant_calls, parse_tools, tool_result, with_tools
 from tritonop_backend.errors import RequestError
 from tritonop_backend.filters import canonical_text
 from tritonop_backend.llm.grammar import parse_response_format
@@ -27,7 +29,7 @@ MAX_STOP_CHARACTERS = 256
 (``tritonop_backend.llm.params``): each token's check scans for every stop string."""
 MAX_SEED = 2**64 - 1
 JSON_TYPE = "application/json"
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 MAX_LOGPROBS = 20
 """Most likely tokens an answer may list per token, as the LLM model bounds them
 (``tritonop_backend.llm.params``) and OpenAI bounds ``top_logprobs``."""
@@ -68,6 +70,8 @@ class GenerationArgs:
             output (``json_object``, ``json_schema``); None for plain text.
         logprobs: None for no log probabilities, else how many most likely tokens each
             token's entry lists (chat's ``top_logprobs``, completions' ``logprobs``).
+        n: choices to generate, each a Triton request of its own.
+        tools: the tools the answer may call, or None (:mod:`tritonop.gateway.tools`).
     """
 
     model: str
@@ -79,6 +83,17 @@ class GenerationArgs:
     include_usage: bool
     response_format: str | None = None
     logprobs: int | None = None
+    n: int = 1
+    tools: ToolUse | None = field(default=None, compare=False)
+
+    def choice(self, index: int) -> GenerationArgs:
+        """The Triton request of choice ``index``: seed + index when a seed is given, so that
+        n choices equal n requests with seeds s, s+1, ..."""
+        seed = self.sampling.get("seed")
+        if seed is None or index == 0:
+            return self
+        sampling = {**self.sampling, "seed": (int(seed) + index) % (MAX_SEED + 1)}
+        return dataclasses.replace(self, sampling=sampling)
 
 
 @dataclass(frozen=True)
@@ -90,12 +105,14 @@ class EmbeddingArgs:
 
 @dataclass(frozen=True)
 class SearchArgs:
-    """A validated search; ``filter`` is the checked filter as compact JSON text, or None."""
+    """A validated search; ``filter`` is the checked filter as compact JSON text, or None;
+    ``rerank``: re-score the search's candidates with the model's cross-encoder."""
 
     model: str
     text: str
     num_results: int
     filter: str | None = None
+    rerank: bool = False
 
 
 def check_content_type(value: str | None) -> None:
@@ -212,11 +229,14 @@ def parse_chat(body: Mapping[str, Any], models: Mapping[str, ModelEntry]) -> Gen
     if not isinstance(messages, list) or not messages:
         raise invalid("messages", "must be a non-empty list of messages")
     turns = [_message(item, index) for index, item in enumerate(messages)]
+    tools = parse_tools(fields.get("tools"), fields.get("tool_choice"),
+                        fields.get("parallel_tool_calls"))
+    turns = with_tools(turns, tools)
     characters(sum(len(turn["content"]) for turn in turns), "messages", entry,
-               "all message contents together")
+               "all message contents together" + (", tools included" if tools else ""))
     prompt = json.dumps(turns, ensure_ascii=False)
     args = _generation(fields, entry, prompt, "messages", "max_completion_tokens",
-                       _chat_logprobs(fields))
+                       _chat_logprobs(fields), tools)
     fields.finish()
     return args
 
@@ -259,6 +279,9 @@ def _chat_logprobs(fields: Fields) -> int | None:
 
 
 def _message(item: Any, index: int) -> dict[str, str]:
+    """One turn as the model's template takes it: a ``tool`` result becomes a user turn
+    holding a ``<tool_response>`` block, an assistant's ``tool_calls`` ``<tool_call>`` blocks
+    after its content (:mod:`tritonop.gateway.tools`)."""
     where = f"messages[{index}]"
     if not isinstance(item, dict):
         raise invalid(where, f"must be an object with role and content, got {_kind(item)}")
@@ -268,13 +291,24 @@ def _message(item: Any, index: int) -> dict[str, str]:
     if role not in ROLES:
         raise invalid(f"{where}.role", f"must be one of {', '.join(ROLES)}, got "
                       f"{_short(role)}")
+    allowed = {"assistant": ("tool_calls", "refusal"), "tool": ("tool_call_id",)}.get(role, ())
+    for key in item:
+        if key not in ("role", "content", "name", *allowed):
+            raise invalid(f"{where}.{_short(key)}", "is not supported")
     content = item.get("content")
+    calls = item.get("tool_calls")
+    if content is None and role == "assistant" and calls:
+        content = ""
     if isinstance(content, list):
         content = _text_parts(content, f"{where}.content")
     content = text(content, f"{where}.content")
-    for key in item:
-        if key not in ("role", "content", "name"):
-            raise invalid(f"{where}.{_short(key)}", "is not supported")
+    if calls:
+        blocks = assistant_calls(calls, f"{where}.tool_calls")
+        content = f"{content}\n{blocks}" if content else blocks
+    if role == "tool":
+        if not isinstance(item.get("tool_call_id"), str):
+            raise invalid(f"{where}.tool_call_id", "is required: the id of the call answered")
+        return {"role": "user", "content": tool_result(content)}
     return {"role": role, "content": content}
 
 
@@ -289,7 +323,8 @@ def _text_parts(parts: list[Any], where: str) -> str:
 
 
 def _generation(fields: Fields, entry: ModelEntry, prompt: str, prompt_format: str,
-                alias: str | None, logprobs: int | None = None) -> GenerationArgs:
+                alias: str | None, logprobs: int | None = None,
+                tools: ToolUse | None = None) -> GenerationArgs:
     sampling: dict[str, int | float] = {}
     max_tokens = fields.get("max_tokens")
     if alias is not None:
@@ -313,8 +348,7 @@ def _generation(fields: Fields, entry: ModelEntry, prompt: str, prompt_format: s
         if value is not None:
             sampling[key] = check(value, key, *bounds)
     n = fields.get("n")
-    if n is not None and (isinstance(n, bool) or n != 1):
-        raise invalid("n", f"only n=1 is supported, got {_short(n)}")
+    n = 1 if n is None else integer(n, "n", 1, entry.max_choices)
     stream = fields.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise invalid("stream", f"must be a boolean, got {_kind(stream)}")
@@ -331,12 +365,18 @@ def _generation(fields: Fields, entry: ModelEntry, prompt: str, prompt_format: s
         include_usage = options.get("include_usage", False)
         if not isinstance(include_usage, bool):
             raise invalid("stream_options.include_usage", "must be a boolean")
+    response_format = _response_format(fields.get("response_format"))
+    if tools is not None and tools.constrained and response_format is not None:
+        raise invalid("response_format", "cannot be combined with a tool_choice that "
+                      "demands a call (required or a named function)")
+    if tools is not None and tools.names and response_format is None:
+        response_format = _response_format(tools.response_format(), "tools")
     return GenerationArgs(entry.name, prompt, prompt_format, sampling,
                           _stop(fields.get("stop")), stream, include_usage,
-                          _response_format(fields.get("response_format")), logprobs)
+                          response_format, logprobs, n, tools)
 
 
-def _response_format(value: Any) -> str | None:
+def _response_format(value: Any, name: str = "response_format") -> str | None:
     """``response_format`` checked and its schema compiled as the LLM model will (the same
     function: llguidance, without the model's vocabulary), so that a schema it cannot use is
     a 400 before the request takes an admission place; its JSON text for Triton."""
@@ -347,7 +387,9 @@ def _response_format(value: Any) -> str | None:
     try:
         constraint = parse_response_format(value)
     except RequestError as err:
-        raise invalid(err.field, err.problem) from None
+        # The call grammar of the tools: its parts were checked one by one, so what fails
+        # here is the whole (its size), which is the tools' fault.
+        raise invalid(err.field if name == "response_format" else name, err.problem) from None
     return None if constraint is None else json.dumps(value, ensure_ascii=False)
 
 
@@ -399,8 +441,8 @@ def parse_embeddings(body: Mapping[str, Any],
 
 
 def parse_search(body: Mapping[str, Any], models: Mapping[str, ModelEntry]) -> SearchArgs:
-    """A ``/v1/search`` body: ``text`` (or ``query``), ``num_results`` (or ``top_k``) and
-    ``filter`` over the corpus fields (:mod:`tritonop_backend.filters`)."""
+    """A ``/v1/search`` body: ``text`` (or ``query``), ``num_results`` (or ``top_k``),
+    ``filter`` over the corpus fields (:mod:`tritonop_backend.filters`) and ``rerank``."""
     fields = Fields(body)
     entry = model_name(fields, models, "embedding", "/v1/search")
     query = _alias(fields, "text", "query")
@@ -421,8 +463,13 @@ def parse_search(body: Mapping[str, Any], models: Mapping[str, ModelEntry]) -> S
             search_filter = canonical_text(search_filter, entry.fields)
         except RequestError as err:
             raise invalid(err.field, err.problem) from None
+    rerank = fields.get("rerank")
+    if rerank is not None and not isinstance(rerank, bool):
+        raise invalid("rerank", f"must be true or false, got {_kind(rerank)}")
+    if rerank and entry.rerank_candidates <= 0:
+        raise invalid("rerank", f"model '{entry.name}' has no reranker (spec.rerank is not set)")
     fields.finish()
-    return SearchArgs(entry.name, query, num_results, search_filter)
+    return SearchArgs(entry.name, query, num_results, search_filter, bool(rerank))
 
 
 def _alias(fields: Fields, name: str, alias: str) -> Any:

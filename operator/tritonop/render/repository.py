@@ -9,6 +9,11 @@ An ``EmbeddingSearch`` named ``news`` becomes six models:
 * ``news_tokenizer``, ``news_encoder``, ``news_pooling``, ``news_search``: the
   Python-backend steps the ensembles share.
 
+With ``spec.rerank``, two more: ``news_rerank``, the cross-encoder (``query`` and
+``documents`` -> ``scores``, ``tokens``), which the gateway calls for ``/v1/rerank`` and
+for a search with ``rerank: true``; and ``news_reranked``, the search re-scored by it for
+Triton's own clients (``news``'s inputs and outputs, plus ``search_scores``).
+
 ``_`` cannot appear in a Kubernetes name, so step names never collide with another
 resource's ensemble.
 """
@@ -25,7 +30,9 @@ from tritonop.artifacts.versions import resource_fingerprint, version_dir
 from tritonop.render.modelconfig import ConfigDict, ensemble, python_model, tensor, to_pbtxt
 from tritonop.resources import Resource
 from tritonop.spec import EmbeddingSearchSpec, LLMServiceSpec
+from tritonop.spec.base import quantity_bytes
 from tritonop_backend.artifacts import render_prompt
+from tritonop_backend.rerank import RERANK_FOLDER
 
 DEFAULT_ARTIFACTS_ROOT = "/artifacts"
 RepositoryFiles = dict[str, bytes]
@@ -124,9 +131,48 @@ def embedding_search_models(resource: Resource, artifacts_root: str) -> list[Con
              "threads": str(stages.search.threads),
              "default_top_k": str(spec.search.default_top_k),
              "max_top_k": str(spec.search.max_top_k),
+             # Which index it serves, for a reader of the config (exact: none, as before).
+             **({"index": "hnsw", "quantization": spec.search.quantization}
+                if spec.search.index == "hnsw" else {}),
              "document_prompt": render_prompt(spec.model.document_prompt), **shared},
         ),
+        *rerank_models(resource, artifacts_root),
     ]
+
+
+def rerank_models(resource: Resource, artifacts_root: str) -> list[ConfigDict]:
+    """``<name>_rerank``, the cross-encoder of ``spec.rerank``: ``query`` and ``documents``
+    (BYTES, a request's documents ragged) -> ``scores`` and ``tokens`` (each pair's token
+    count), one per document; and ``<name>_reranked``, the search re-scored by it."""
+    spec = resource.spec
+    assert isinstance(spec, EmbeddingSearchSpec)
+    if spec.rerank is None:
+        return []
+    rerank = spec.rerank
+    base = PurePosixPath(version_dir(resource, artifacts_root))
+    return [python_model(
+        f"{resource.name}_rerank", rerank.stage,
+        [tensor("query", "STRING", [1]), tensor("documents", "STRING", [-1], ragged=True)],
+        [tensor("scores", "FP32", [-1]), tensor("tokens", "INT32", [-1])],
+        {"artifacts_dir": str(base), "artifacts_fingerprint": resource_fingerprint(resource),
+         "rerank_dir": str(base / RERANK_FOLDER),
+         "max_sequence_length": _auto(rerank.model.max_sequence_length),
+         "max_input_characters": str(spec.api.limits.max_input_characters),
+         "threads": str(rerank.stage.threads)},
+        gpu=spec.model.device == "gpu",  # where the encoder runs: the pod has a GPU then
+    ), python_model(
+        # A search re-scored by the cross-encoder, for Triton's own clients (BLS: it calls
+        # the two models above; the gateway makes the same calls itself).
+        f"{resource.name}_reranked", rerank.stage,
+        [tensor("text", "STRING", [1]), tensor("num_results", "INT32", [1], optional=True),
+         tensor("filter", "STRING", [1], optional=True)],
+        [tensor("ids", "INT64", [-1]), tensor("scores", "FP32", [-1]),
+         tensor("texts", "STRING", [-1]), tensor("search_scores", "FP32", [-1])],
+        {"search_model": resource.name, "rerank_model": f"{resource.name}_rerank",
+         "candidates": str(rerank.candidates),
+         "default_top_k": str(spec.search.default_top_k),
+         "max_top_k": str(spec.search.max_top_k)},
+    )]
 
 
 LLM_INPUTS = [
@@ -170,6 +216,7 @@ def llm_models(resource: Resource, artifacts_root: str) -> list[ConfigDict]:
         "max_waiting": str(spec.engine.max_waiting),
         "threads": _auto(spec.engine.threads),
         "cuda_graphs": _auto(spec.engine.cuda_graphs),
+        "prefix_cache_bytes": str(quantity_bytes(spec.engine.prefix_cache_size)),
         "chat_template": _auto(generation.chat_template),
         "streaming": _auto(generation.streaming),
         "max_tokens_limit": str(generation.limits.max_tokens),
@@ -212,7 +259,9 @@ def render_repository(
                 # Triton wants a version directory even for an ensemble.
                 files[f"{model}/1/.gitkeep"] = b""
             else:
-                files[f"{model}/1/model.py"] = _adapter_source(adapter)
+                # spec.rerank's two models have adapters of their own.
+                own = {f"{resource.name}_{step}": step for step in ("rerank", "reranked")}
+                files[f"{model}/1/model.py"] = _adapter_source(own.get(model, adapter))
     return files
 
 

@@ -6,7 +6,7 @@ from typing import Literal, Optional
 
 from pydantic import ConfigDict, Field, model_validator
 
-from tritonop.spec.base import SpecModel, cel_rules
+from tritonop.spec.base import MemoryQuantity, SpecModel, cel_rules
 from tritonop.spec.common import (
     ALLOW_PICKLE_DESCRIPTION,
     CREDENTIALS_DESCRIPTION,
@@ -87,6 +87,10 @@ class GenerationLimits(SpecModel):
     """What no request may exceed."""
 
     max_tokens: int = Field(1024, ge=1, le=1_048_576)
+    max_choices: int = Field(
+        4, ge=1, le=16, description="The most choices (OpenAI's n) one request may ask for; "
+        "each is sampled as a request of its own and takes an admission place."
+    )
 
 
 class GenerationSpec(SpecModel):
@@ -130,6 +134,12 @@ class EngineSpec(SpecModel):
         True,
         description="On a GPU, replay decode steps as CUDA graphs (one per batch-size "
         "bucket); false decodes eagerly, like vLLM's --enforce-eager. No effect on CPU.",
+    )
+    prefix_cache_size: MemoryQuantity = Field(
+        "256Mi",
+        description="Keys and values of prompt prefixes kept for later prompts that begin "
+        "alike (a shared system prompt, say), on the model's device; least recently used "
+        "blocks of 16 tokens are evicted beyond it.",
     )
 
 
