@@ -68,7 +68,16 @@ def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
 def node(cluster: ControlPlane, operator: Operator, tmp_path_factory: pytest.TempPathFactory
          ) -> Iterator[NodeAgent]:
     """The node agent, alone schedulable; the host-run operator stopped meanwhile (the next
-    test's ``live_operator`` starts it again), deploy/'s Deployment back at 0 at the end."""
+    test's ``live_operator`` starts it again), deploy/'s Deployment back at 0 at the end.
+
+    The quickstart starts as a new user's cluster does, with no resources: those earlier
+    tests left are deleted first (their children go by owner references).
+    Left in place, the in-cluster operator would prepare each of them again on this node
+    (it reads their corpora from its image's examples folder, not the test folders the
+    host-run operator read, so their artifacts versions differ): in CI, ten real prepare
+    pods at once on two cores, and the quickstart's own Job starved past its timeout.
+    """
+    clear_resources(cluster)
     operator.stop()
     for name in KWOK_NODES:
         cluster.kubectl("cordon", name)
@@ -90,6 +99,21 @@ def node(cluster: ControlPlane, operator: Operator, tmp_path_factory: pytest.Tem
             agent.stop()
             for name in KWOK_NODES:
                 cluster.kubectl("uncordon", name, check=False)
+
+
+def clear_resources(cluster: ControlPlane) -> None:
+    """Delete every EmbeddingSearch and LLMService; the finalizers of those whose operator
+    no longer runs (an earlier test's namespaced one) are removed as an admin would."""
+    cluster.kubectl("delete", "esearch,llm", "--all", "--all-namespaces", "--wait=false")
+
+    def remaining() -> list[dict[str, Any]]:
+        return cluster.get_json("esearch,llm", "--all-namespaces")["items"]
+
+    for item in remaining():
+        meta = item["metadata"]
+        cluster.kubectl("patch", item["kind"].lower(), meta["name"], "-n", meta["namespace"],
+                        "--type=merge", "-p", '{"metadata": {"finalizers": null}}', check=False)
+    wait_for(lambda: not remaining(), 120, "earlier tests' resources to go")
 
 
 def operator_pod(cluster: ControlPlane) -> dict[str, Any] | None:
