@@ -587,14 +587,8 @@ class PodWorker:
         base = {"name": container.name, "image": container.spec["image"], "imageID": "",
                 "restartCount": container.restarts, "ready": False, "started": False}
         if container.exit_codes:
-            code = container.exit_codes[-1]
-            terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
-                          "startedAt": runner.launched_at.get(container.name),
-                          "finishedAt": runner.finished_at.setdefault(container.name, now())}
-            message = runner.termination_message(container.name)
-            if message:
-                terminated["message"] = message[-4000:]
-            if code == 0:
+            terminated = self._terminated(container)
+            if terminated["exitCode"] == 0:
                 return {**base, "ready": True, "state": {"terminated": terminated}}
             return {**base, "lastState": {"terminated": terminated}, "state": {"waiting": {
                 "reason": "CrashLoopBackOff",
@@ -603,6 +597,19 @@ class PodWorker:
             return {**base, "started": True, "state": {"running": {
                 "startedAt": runner.launched_at.get(container.name)}}}
         return {**base, "state": {"waiting": {"reason": "PodInitializing"}}}
+
+    def _terminated(self, container: Container) -> dict[str, Any]:
+        """A container's ``state.terminated``, from its last exit and termination message."""
+        runner = self.runner
+        assert runner is not None
+        code = container.exit_codes[-1]
+        terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+                      "startedAt": runner.launched_at.get(container.name),
+                      "finishedAt": runner.finished_at.setdefault(container.name, now())}
+        message = runner.termination_message(container.name)
+        if message:
+            terminated["message"] = message[-4000:]
+        return terminated
 
     def _container_status(self, container: Container, init_done: bool) -> dict[str, Any]:
         runner = self.runner
@@ -615,14 +622,8 @@ class PodWorker:
         policy = self.pod["spec"].get("restartPolicy", "Always")
         if process is not None and process.poll() is not None and container.exit_codes and (
                 policy == "Never" or (policy == "OnFailure" and container.exit_codes[-1] == 0)):
-            code = container.exit_codes[-1]
-            terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
-                          "startedAt": runner.launched_at.get(container.name),
-                          "finishedAt": runner.finished_at.setdefault(container.name, now())}
-            message = runner.termination_message(container.name)
-            if message:
-                terminated["message"] = message[-4000:]
-            return {**base, "ready": False, "state": {"terminated": terminated}}
+            return {**base, "ready": False,
+                    "state": {"terminated": self._terminated(container)}}
         if container.exit_codes:
             base["lastState"] = {"terminated": {"exitCode": container.exit_codes[-1],
                                                 "reason": "Error"}}
