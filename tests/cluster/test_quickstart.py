@@ -11,8 +11,6 @@ list. The tests run in order, each on what the one before set up.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -23,6 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.cluster.agent import SYSTEM, agent_node, kubectl, operator_pod, pods, post, ready
 from tests.cluster.helpers import get, wait_status
 from tests.support.cluster import ROOT, ControlPlane, Operator, wait_for
 from tests.support.node_agent import NodeAgent
@@ -31,94 +30,14 @@ from tests.support.podrunner import can_run_pods
 REASON = can_run_pods()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
-SYSTEM = "tritonop-system"
 SEED_REQUEST = {"text": "europe climate change storm", "num_results": 5}
-KWOK_NODES = ("kwok-node-0", "kwok-node-1")
-
-
-def kubectl(cluster: ControlPlane, command: str, timeout: float = 120) -> str:
-    """A README command line (``kubectl ...``), run from the repository root as written."""
-    argv = command.split()
-    assert argv[0] == "kubectl"
-    result = subprocess.run([cluster.binary("kubectl"),
-                             f"--kubeconfig={cluster.admin_kubeconfig}", *argv[1:]],
-                            cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                            check=False)
-    assert result.returncode == 0, f"{command}: {result.stderr}"
-    return result.stdout
-
-
-def pods(cluster: ControlPlane, namespace: str, selector: str) -> list[dict[str, Any]]:
-    return cluster.get_json("pods", "-n", namespace, "-l", selector)["items"]
-
-
-def ready(pod: dict[str, Any]) -> bool:
-    return any(c["type"] == "Ready" and c["status"] == "True"
-               for c in pod.get("status", {}).get("conditions", []))
-
-
-def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return json.loads(response.read())
 
 
 @pytest.fixture(scope="module")
 def node(cluster: ControlPlane, operator: Operator, tmp_path_factory: pytest.TempPathFactory
          ) -> Iterator[NodeAgent]:
-    """The node agent, alone schedulable; the host-run operator stopped meanwhile (the next
-    test's ``live_operator`` starts it again), deploy/'s Deployment back at 0 at the end.
-
-    The quickstart starts as a new user's cluster does, with no resources: those earlier
-    tests left are deleted first (their children go by owner references).
-    Left in place, the in-cluster operator would prepare each of them again on this node
-    (it reads their corpora from its image's examples folder, not the test folders the
-    host-run operator read, so their artifacts versions differ): in CI, ten real prepare
-    pods at once on two cores, and the quickstart's own Job starved past its timeout.
-    """
-    clear_resources(cluster)
-    operator.stop()
-    for name in KWOK_NODES:
-        cluster.kubectl("cordon", name)
-    agent = NodeAgent(cluster, tmp_path_factory.mktemp("node")).start()
-    try:
+    with agent_node(cluster, operator, tmp_path_factory.mktemp("node")) as agent:
         yield agent
-    finally:
-        cluster.kubectl("delete", "esearch", "--all", "-n", "default", "--timeout=120s",
-                        check=False)
-        cluster.kubectl("delete", "esearch", "quickstart-probe", "-n", "tritonop-test",
-                        "--ignore-not-found", "--timeout=60s", check=False)
-        cluster.kubectl("scale", "deployment/tritonop", "-n", SYSTEM, "--replicas=0",
-                        check=False)
-        try:
-            wait_for(lambda: not cluster.get_json("pods", "-n", "default")["items"]
-                     and not pods(cluster, SYSTEM, "app.kubernetes.io/name=tritonop"),
-                     120, "the quickstart's pods to go")
-        finally:
-            agent.stop()
-            for name in KWOK_NODES:
-                cluster.kubectl("uncordon", name, check=False)
-
-
-def clear_resources(cluster: ControlPlane) -> None:
-    """Delete every EmbeddingSearch and LLMService; the finalizers of those whose operator
-    no longer runs (an earlier test's namespaced one) are removed as an admin would."""
-    cluster.kubectl("delete", "esearch,llm", "--all", "--all-namespaces", "--wait=false")
-
-    def remaining() -> list[dict[str, Any]]:
-        return cluster.get_json("esearch,llm", "--all-namespaces")["items"]
-
-    for item in remaining():
-        meta = item["metadata"]
-        cluster.kubectl("patch", item["kind"].lower(), meta["name"], "-n", meta["namespace"],
-                        "--type=merge", "-p", '{"metadata": {"finalizers": null}}', check=False)
-    wait_for(lambda: not remaining(), 120, "earlier tests' resources to go")
-
-
-def operator_pod(cluster: ControlPlane) -> dict[str, Any] | None:
-    found = pods(cluster, SYSTEM, "app.kubernetes.io/name=tritonop")
-    return found[0] if len(found) == 1 else None
 
 
 def test_quickstart_operator_runs_as_its_own_pod(cluster, node):
