@@ -72,8 +72,8 @@ class HnswSettings:
 def _graph_vectors(vectors: np.ndarray, quantization: str) -> np.ndarray:
     """What the graph stores for these unit rows: float32 (usearch itself scales to int8),
     or the sign bits packed 8 to a byte for binary (compared by Hamming distance)."""
-    if quantization == "binary":
-        return np.packbits(vectors > 0, axis=1)
+    if quantization == "binary":  # packbits keeps a transposed view's order: usearch needs rows
+        return np.ascontiguousarray(np.packbits(vectors > 0, axis=1))
     return np.ascontiguousarray(vectors, dtype=np.float32)
 
 

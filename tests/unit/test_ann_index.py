@@ -82,6 +82,15 @@ def test_rescoring_is_what_makes_binary_usable(tmp_path):
     assert recall(bare, truth) < 0.8 < 0.95 <= recall(rescored, truth)
 
 
+def test_a_binary_graph_builds_from_a_transposed_view(tmp_path):
+    """Rows read as the transpose of a column-major file (an index loaded from disk) build
+    a binary graph as contiguous rows do (usearch refuses rows that are not contiguous)."""
+    chosen = HnswSettings(quantization="binary", rescore_factor=10)
+    build_graph(np.asfortranarray(CORPUS.T).T, chosen, tmp_path / ANN_FILE, threads=2)
+    found = HnswSearcher(tmp_path / ANN_FILE, CORPUS, chosen).search(QUERIES, 10)[0]
+    assert recall(found, numpy_top_k(QUERIES, np.arange(len(CORPUS)), 10)) >= 0.95
+
+
 @pytest.mark.parametrize("exact_below", [ann.EXACT_FILTER_ROWS, 10])
 def test_filtered_results_always_satisfy_the_filter(tmp_path, monkeypatch, exact_below):
     """Small filters scan their rows exactly; large ones (exact_below=10 sends every filter
