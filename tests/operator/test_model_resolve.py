@@ -288,3 +288,38 @@ async def test_a_failed_prepare_job_says_what_its_pod_said(kube, kubeconfig):
                               "limit; error: news: model source hf://acme/bert: revision ")
     assert "Downloading" not in message
     assert message.endswith("fix the spec or delete the Job to try again")
+
+
+@pytest.mark.asyncio
+async def test_a_claim_of_someone_else_with_the_artifacts_name_is_never_adopted(kube,
+                                                                               kubeconfig):
+    """A user's claim named as the operator's would be (``<name>-artifacts``): the resource
+    fails with NameConflict and the claim stays the user's (adopted, it would be deleted
+    with the resource); once it is gone, the operator makes its own."""
+    theirs = {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+              "metadata": {"name": "news-artifacts", "namespace": NS},
+              "spec": {"accessModes": ["ReadWriteOnce"],
+                       "resources": {"requests": {"storage": "1Gi"}}}}
+    await create(kube, CLAIM, theirs)
+    body = search_body()
+    body["metadata"]["annotations"] = {MODEL_REVISION_ANNOTATION: OLD}  # pinned: no resolve
+    async with running_operator(OPERATOR, kubeconfig=kubeconfig):
+        await create(kube, EMBEDDING_SEARCH, body)
+        failed = await wait_for(lambda: (live := kube.live(EMBEDDING_SEARCH, NS, "news"))
+                                and (live.get("status") or {}).get("phase") == "Failed"
+                                and live, what="phase Failed")
+        await asyncio.sleep(2.5)  # resyncs come and go: still left alone
+        kept = kube.live(CLAIM, NS, "news-artifacts")
+        jobs = [key for key in kube.objects if key[0] == JOB.resource]
+        response = await kube.delete(resource_path(CLAIM, NS, "news-artifacts"))
+        assert response.status == 200
+        ours = await wait_for(lambda: (claim := kube.live(CLAIM, NS, "news-artifacts"))
+                              and claim["metadata"].get("ownerReferences") and claim,
+                              what="the operator's own claim")
+    message = failed["status"]["message"]
+    assert "PersistentVolumeClaim 'news-artifacts' already exists in namespace 'ml'" in message
+    assert "not owned by this EmbeddingSearch" in message
+    assert not kept["metadata"].get("ownerReferences")
+    assert jobs == [], "no prepare Job for a claim the operator could not make"
+    [owner] = ours["metadata"]["ownerReferences"]
+    assert owner["uid"] == failed["metadata"]["uid"]

@@ -208,11 +208,7 @@ def apply_children(kube: Kube, body: Mapping[str, Any], resource: Resource, imag
         return {}  # deleted since kopf's timer read it: nothing to put back
     taken = [child for child in pending if _taken(kube, trusted, child, owner["uid"])]
     if taken:
-        listed = "; ".join(f"{c['kind']} {c['metadata']['name']!r} already exists in namespace "
-                           f"{resource.namespace!r} and is not owned by this {resource.kind}"
-                           for c in taken)
-        raise invalid(body, f"{listed}: delete or rename it, or give this resource another "
-                      "name", reason="NameConflict")
+        raise name_conflict(body, resource, taken)
     stored = {}
     for child in pending:
         if child["kind"] == "Deployment" and resource.spec.autoscaling is not None:
@@ -337,6 +333,16 @@ def _hand_replicas_to_hpa(kube: Kube, body: Mapping[str, Any], resource: Resourc
         _apply(kube, body, handover_manifest(resource, live), None, HANDOVER_MANAGER)
 
 
+def name_conflict(body: Mapping[str, Any], resource: Resource,
+                  taken: list[Obj]) -> InvalidResource:
+    """The failure for children whose names belong to objects someone else owns."""
+    listed = "; ".join(f"{c['kind']} {c['metadata']['name']!r} already exists in namespace "
+                       f"{resource.namespace!r} and is not owned by this {resource.kind}"
+                       for c in taken)
+    return invalid(body, f"{listed}: delete or rename it, or give this resource another name",
+                   reason="NameConflict")
+
+
 def _taken(kube: Kube, cache: ChildCache | None, child: Mapping[str, Any], uid: str) -> bool:
     """Whether an object with ``child``'s name exists and belongs to someone else."""
     if cache is not None:
@@ -416,7 +422,12 @@ def reconcile(kube: Kube, body: Mapping[str, Any], images: Images,
     previous = previous_status(body)
 
     def apply_owned(child: Obj) -> Obj:
-        child["metadata"]["ownerReferences"] = [owner_reference(body)]
+        """Apply an artifacts child (claim, Job): never one that someone else owns (a
+        user's claim named like ours would otherwise be adopted, and deleted with us)."""
+        owner = owner_reference(body)
+        if _taken(kube, None, child, owner["uid"]):
+            raise name_conflict(body, resource, [child])
+        child["metadata"]["ownerReferences"] = [owner]
         return _apply(kube, body, child, None)
 
     def get_child(child: Obj) -> Obj | None:
