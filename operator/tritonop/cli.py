@@ -86,9 +86,14 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     from tritonop.gateway.auth import KeyStoreError
     from tritonop.gateway.backend import TritonAddress
     from tritonop.gateway.config import GatewayConfig, gateway_config
-    from tritonop.gateway.server import TLSFiles, run
+    from tritonop.gateway.server import DRAIN_SECONDS, MAX_DRAIN_SECONDS, TLSFiles, run
     from tritonop.runtime.local import is_loopback
 
+    drain = DRAIN_SECONDS if args.drain_seconds is None else args.drain_seconds
+    if not 0 <= drain <= MAX_DRAIN_SECONDS:  # also NaN
+        print(f"error: --drain-seconds: {args.drain_seconds} is not between 0 and "
+              f"{MAX_DRAIN_SECONDS:g}", file=sys.stderr)
+        return 2
     if bool(args.config) == bool(args.file):
         print("error: give either resource files (-f) or --config", file=sys.stderr)
         return 2
@@ -107,7 +112,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     tls = TLSFiles(args.tls_cert, args.tls_key) if args.tls_cert else None
     try:
         return run(config, TritonAddress(args.triton, args.triton_http), args.host, args.port,
-                   api_key=api_key, tls=tls)
+                   api_key=api_key, tls=tls, drain_seconds=drain)
     except KeyStoreError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -306,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate "
                          "chain (PEM)")
     gateway.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
+    gateway.add_argument("--drain-seconds", type=float, metavar="SECONDS",
+                         help="on SIGTERM or Ctrl-C: readiness fails at once and new requests "
+                         "are still served this long (while the pod leaves its Service's "
+                         "endpoints), then those in flight finish (default: 10; 0 to 120)")
     gateway.set_defaults(run=_cmd_gateway)
 
     prepare = commands.add_parser("prepare", help="export models and build indexes")

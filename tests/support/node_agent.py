@@ -8,8 +8,9 @@ restarts, its own network namespace and IP). It writes back what a kubelet write
 status subresource: phase, the conditions PodScheduled, Initialized, ContainersReady and
 Ready from the real probes, ``containerStatuses`` and ``initContainerStatuses`` (state,
 ready, started, restartCount, lastState), ``podIP``, ``hostIP`` and ``startTime``. A deleted
-pod gets its ``preStop`` hooks and then SIGTERM, SIGKILL after the deletion's grace period,
-and is then removed, as a kubelet's final delete does.
+pod's containers are stopped at once, each as the kubelet does: its ``preStop`` hook, then
+SIGTERM when that hook returns, SIGKILL after the deletion's grace period; the pod is then
+removed, as a kubelet's final delete does.
 
 It authenticates as ``system:node:<name>`` (group ``system:nodes``), so the API server's
 Node authorizer gives it what it gives a kubelet: the Secrets, ConfigMaps and service-account
@@ -657,27 +658,38 @@ class PodWorker:
     # -- stopping ----------------------------------------------------------------------
 
     def stop(self, grace: float) -> None:
-        """preStop hooks, then SIGTERM to every container, SIGKILL after the grace period."""
+        """Every container at once, each as the kubelet stops it: its preStop hook, then
+        SIGTERM when its own hook returns (a container with no hook at once), SIGKILL when
+        the grace period is over (at least 2 s after its hook). So a hook that waits for
+        another container to stop (Triton's, for the gateway's) sees it stop."""
         self.stopped.set()
         runner = self.runner
         if runner is None:
             return
         deadline = time.monotonic() + grace
+        # A terminating pod's containers are not restarted: one that exits after its SIGTERM
+        # stays down (the runner's probe loops end).
+        runner._stop.set()
         original = {c["name"]: c for c in self.pod["spec"]["containers"]}
-        hooks = [threading.Thread(target=self._pre_stop, args=(original[c.name], c, grace),
-                                  daemon=True)
-                 for c in runner.containers if not c.init and
-                 (original[c.name].get("lifecycle") or {}).get("preStop")
-                 and c.process is not None and c.process.poll() is None]
-        for hook in hooks:
-            hook.start()
-        for hook in hooks:
-            hook.join(max(0.0, deadline - time.monotonic()))
-        # The kubelet gives at least 2 s after the hooks before SIGKILL.
-        runner.stop(grace=max(2.0, deadline - time.monotonic()))
+        stoppers = [threading.Thread(target=self._stop_container,
+                                     args=(original.get(c.name, {}), c, deadline), daemon=True)
+                    for c in runner.containers]
+        for stopper in stoppers:
+            stopper.start()
+        for stopper in stoppers:
+            stopper.join()
+        runner.stop(grace=2.0)  # every container is gone: the network namespace and mounts
         if self.thread is not None:
             self.thread.join(timeout=30)
         runner.remove_cgroups()
+
+    def _stop_container(self, spec: Manifest, container: Container, deadline: float) -> None:
+        runner = self.runner
+        assert runner is not None
+        if not container.init and (spec.get("lifecycle") or {}).get("preStop") \
+                and container.process is not None and container.process.poll() is None:
+            self._pre_stop(spec, container, max(0.0, deadline - time.monotonic()))
+        runner._kill(container, grace=max(2.0, deadline - time.monotonic()))
 
     def _pre_stop(self, spec: Manifest, container: Container, grace: float) -> None:
         hook = spec["lifecycle"]["preStop"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -12,8 +15,10 @@ from kubernetes_validate.utils import latest_version
 
 from tests.support.pod_security import baseline_violations, pod_spec_of, restricted_violations
 from tests.support.triton import API
+from tritonop.gateway.server import DRAIN_SECONDS, GRACEFUL_SHUTDOWN_SECONDS
 from tritonop.render.kubernetes import (
     CONFIG_HASH_ANNOTATION,
+    GATEWAY_GONE_SCRIPT,
     endpoints,
     prepare_job,
     render_children,
@@ -190,6 +195,47 @@ def test_by_default_triton_listens_on_the_pods_loopback_and_the_service_has_no_t
     assert ports(children["Service"]) == {"metrics": 8002, "openai": 8080}
     assert endpoints(SPREAD["defaults"]) == {"openai": "http://r.ml.svc:8080/v1",
                                              "metrics": "http://r.ml.svc:8002/metrics"}
+
+
+def test_triton_stops_after_the_gateway_within_the_grace_period():
+    """Triton's preStop waits for the gateway's port (the gateway has none: it drains on
+    SIGTERM); the gateway's drain and its graceful shutdown fit in that wait; a pod with
+    no gateway keeps no hook."""
+    _, containers = triton_pod("defaults")
+    pod = by_kind(render_children(SPREAD["defaults"]))["Deployment"]["spec"]["template"]["spec"]
+    command = containers["triton"]["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[:3] == ["python3", "-c", GATEWAY_GONE_SCRIPT] and command[3] == "8080"
+    wait = float(command[4])
+    assert DRAIN_SECONDS + GRACEFUL_SHUTDOWN_SECONDS < wait
+    assert wait + 10 <= pod["terminationGracePeriodSeconds"]  # time left for Triton's stop
+    assert "lifecycle" not in containers["gateway"]
+    _, alone = triton_pod("triton-only")
+    assert "lifecycle" not in alone["triton"]
+
+
+def _wait_for_port(port: int, seconds: float) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", GATEWAY_GONE_SCRIPT, str(port),
+                             str(seconds)])
+
+
+def test_the_pre_stop_script_waits_while_the_port_listens_or_holds_a_connection():
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = listener.accept()
+    waiting = _wait_for_port(port, 600)
+    try:
+        listener.close()  # no longer accepting, but a request is still being answered
+        with pytest.raises(subprocess.TimeoutExpired):
+            waiting.wait(1)
+        accepted.close()  # the gateway gone: its side of the connection is closed
+        assert waiting.wait(30) == 0
+    finally:
+        waiting.kill()
+        client.close()
+    # It is bounded: a port that never frees is given up on after the given seconds.
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        assert _wait_for_port(busy.getsockname()[1], 0.5).wait(30) == 0
 
 
 RESTRICTED = ("model-repository,model-config,shared-memory,statistics,trace,logging:"

@@ -4,11 +4,14 @@ beside a local tritonserver (``tritonop serve``, tests)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import resource
+import signal
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 
@@ -23,6 +26,22 @@ MIN_CONNECTIONS = 1024
 pools keep open, since an idle kept-alive connection counts too."""
 RESERVED_FILES = 128
 """File descriptors left for Triton connections, logs and the process itself."""
+DRAIN_SECONDS = 10.0
+"""How long a stopping gateway keeps taking new requests after its readiness turned 503
+(``--drain-seconds``). A pod's deletion reaches its clients' routes asynchronously: the
+EndpointSlice controller marks the endpoint not ready, then every node's kube-proxy (at
+most one sync a second by default, longer on a busy node) and every ingress controller
+stops sending to it. Until then new connections still arrive; refused, they would be
+failed requests. Ten seconds covers that with room on a loaded cluster and, with
+:data:`GRACEFUL_SHUTDOWN_SECONDS`, leaves Triton its turn within the pod's 60 s grace."""
+MAX_DRAIN_SECONDS = 120.0
+"""The most ``--drain-seconds`` may ask (a pod's grace period must cover it)."""
+GRACEFUL_SHUTDOWN_SECONDS = 30
+"""After the drain, how long in-flight requests and streams may take to finish before
+uvicorn cancels them."""
+CLOSE_HEADER = (b"connection", b"close")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,7 +59,7 @@ def uvicorn_config(config: GatewayConfig, triton: TritonAddress, host: str, port
     # uvicorn's own access log is off: it would log query strings; auth.AccessLog does not.
     return uvicorn.Config(create_app(config, triton, api_key), host=host, port=port,
                           log_level="warning", access_log=False, lifespan="on",
-                          timeout_graceful_shutdown=30,
+                          timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
                           http=protocol_class(header_timeout),
                           limit_concurrency=connection_limit(config),
                           ssl_certfile=tls.cert if tls else None,
@@ -64,25 +83,108 @@ def connection_limit(config: GatewayConfig) -> int:
 
 
 def run(config: GatewayConfig, triton: TritonAddress, host: str = "0.0.0.0",
-        port: int = 8080, *, api_key: str | None = None, tls: TLSFiles | None = None) -> int:
-    """Serve until SIGINT or SIGTERM (uvicorn finishes in-flight requests first)."""
-    GatewayServer(uvicorn_config(config, triton, host, port, api_key=api_key, tls=tls)).run()
+        port: int = 8080, *, api_key: str | None = None, tls: TLSFiles | None = None,
+        drain_seconds: float = DRAIN_SECONDS) -> int:
+    """Serve until SIGINT or SIGTERM, then drain (see :class:`GatewayServer`)."""
+    GatewayServer(uvicorn_config(config, triton, host, port, api_key=api_key, tls=tls),
+                  drain_seconds=drain_seconds).run()
     return 0
 
 
-class GatewayServer(uvicorn.Server):
-    """uvicorn's server, which also reloads a renewed TLS certificate (checked once a
-    second, on uvicorn's own tick)."""
+class Drain:
+    """When a stopping gateway stops taking connections, on the monotonic clock.
 
-    def __init__(self, config: uvicorn.Config) -> None:
+    Args:
+        seconds: how long new requests are still served after the stop was asked for.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.since: float | None = None
+
+    @property
+    def draining(self) -> bool:
+        return self.since is not None
+
+    def begin(self, now: float) -> bool:
+        """Start draining; False when it had started already (a second signal)."""
+        if self.since is not None:
+            return False
+        self.since = now
+        return True
+
+    def over(self, now: float) -> bool:
+        """Whether the drain window has passed: time to close the listening socket."""
+        return self.since is not None and now - self.since >= self.seconds
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server, which drains before it stops and reloads a renewed TLS
+    certificate (checked once a second, on uvicorn's own tick).
+
+    The first SIGTERM or SIGINT starts the drain: ``/health/ready`` answers 503 at once
+    (liveness stays 200), so the kubelet takes the pod out of its Service's endpoints, while
+    new and in-flight requests are served for ``drain_seconds`` (answers then carry
+    ``Connection: close``, which moves kept-alive clients to another pod). Then uvicorn's
+    own shutdown: the listening socket closes and in-flight requests and streams get up to
+    :data:`GRACEFUL_SHUTDOWN_SECONDS` to finish. A second signal exits at once. The exit
+    status is 0: the stop was asked for. (Off the main thread, as in ``tritonop serve``, no
+    signal reaches the server; ``should_exit`` stops it without a drain.)
+
+    Args:
+        config: uvicorn's configuration, its app made by :func:`create_app`.
+        drain_seconds: see :data:`DRAIN_SECONDS`.
+    """
+
+    def __init__(self, config: uvicorn.Config, drain_seconds: float = 0.0) -> None:
         super().__init__(config)
         self.certificates = (CertificateFiles(Path(config.ssl_certfile), Path(config.ssl_keyfile))
                              if config.ssl_certfile and config.ssl_keyfile else None)
+        self.drain = Drain(drain_seconds)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Not uvicorn's: it would raise the signal again once served, and the process would
+        # end "killed by SIGTERM" after a clean stop.
+        if self.drain.begin(time.monotonic()) and not self.should_exit:
+            log.warning("%s: not ready; serving new requests for %g s more, then finishing "
+                        "those in flight (a second signal stops at once)",
+                        signal.Signals(sig).name, self.drain.seconds)
+            self._mark_draining()
+            return
+        log.warning("%s again: stopping now", signal.Signals(sig).name)
+        self.force_exit = self.should_exit = True
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._abort_connections)
+
+    def _mark_draining(self) -> None:
+        state = getattr(self.config.app, "state", None)
+        gateway = getattr(state, "gateway", None)
+        if gateway is not None:
+            gateway.draining = True
+        self._close_connections_after_answers()
+
+    def _close_connections_after_answers(self) -> None:
+        headers = self.server_state.default_headers
+        if CLOSE_HEADER not in headers:
+            self.server_state.default_headers = [*headers, CLOSE_HEADER]
+
+    def _abort_connections(self) -> None:
+        for connection in list(self.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is not None:
+                transport.abort()
 
     async def on_tick(self, counter: int) -> bool:
+        self._loop = asyncio.get_running_loop()
         if counter % 10 == 0 and self.certificates is not None and self.config.ssl is not None:
             self.certificates.refresh(self.config.ssl)
-        return await super().on_tick(counter)
+        should_exit = await super().on_tick(counter)  # it renews the default headers
+        if self.drain.draining:
+            self._close_connections_after_answers()
+        if self.drain.over(time.monotonic()):
+            self.should_exit = True
+        return should_exit or self.should_exit
 
 
 class GatewayThread:

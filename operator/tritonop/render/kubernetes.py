@@ -88,6 +88,32 @@ STARTUP_PERIOD_SECONDS = 1
 # after the startup probe passes, so this period is added to a new pod's start; 15
 # failures keep the 30 s a pod may stay unresponsive before it leaves the Service.
 READINESS = {"periodSeconds": 2, "failureThreshold": 15}
+# A pod's stop: the gateway drains (readiness 503 at once, new requests served for its
+# --drain-seconds, 10 by default), then finishes those in flight (30 s at most); Triton's
+# preStop hook holds Triton's SIGTERM until then, and Triton keeps the rest of the grace
+# period for its own stop.
+TERMINATION_GRACE_SECONDS = 60
+TRITON_STOP_SECONDS = 15
+# Triton's preStop hook (python3 is in the Triton image; no other tool is assumed): wait
+# while anything listens on or holds a connection to the gateway's port, at most argv[2]
+# seconds. /proc/net/tcp lists the sockets of the pod's network namespace, which both
+# containers share; LISTEN, ESTABLISHED, SYN_RECV and CLOSE_WAIT are the gateway's own
+# (a connection it closed lingers in other states after the process is gone).
+GATEWAY_GONE_SCRIPT = """\
+import sys, time
+port, end = ':%04X' % int(sys.argv[1]), time.monotonic() + float(sys.argv[2])
+def busy():
+    for table in ('/proc/net/tcp', '/proc/net/tcp6'):
+        try:
+            rows = [row.split() for row in open(table).read().splitlines()[1:]]
+        except OSError:
+            continue
+        if any(r[1].endswith(port) and r[3] in ('01', '03', '08', '0A') for r in rows):
+            return True
+    return False
+while busy() and time.monotonic() < end:
+    time.sleep(0.2)
+"""
 
 
 @dataclass(frozen=True)
@@ -426,6 +452,16 @@ def _triton_probes(resource: Resource) -> Manifest:
     }
 
 
+def _triton_pre_stop() -> Manifest:
+    """Triton stops after the gateway: the kubelet runs each container's preStop hook at
+    once and sends a container SIGTERM when its own hook returns, so the gateway (no hook)
+    drains and finishes its requests while this hook waits for it to be gone; then Triton
+    gets SIGTERM with nothing left in flight."""
+    wait = TERMINATION_GRACE_SECONDS - TRITON_STOP_SECONDS
+    return {"preStop": {"exec": {"command": ["python3", "-c", GATEWAY_GONE_SCRIPT,
+                                             str(OPENAI_PORT), str(wait)]}}}
+
+
 def _gateway_container(resource: Resource, images: Images) -> Manifest:
     """The OpenAI-compatible gateway beside Triton, reaching it on loopback (gRPC and HTTP).
 
@@ -597,9 +633,10 @@ def deployment(resource: Resource, config: Manifest, images: Images) -> Manifest
                             "fsGroup": UID, "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [_triton_container(resource, config, images)],
         "volumes": _volumes(resource, config),
-        "terminationGracePeriodSeconds": 60,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
     }
     if openai_enabled(resource):
+        pod_spec["containers"][0]["lifecycle"] = _triton_pre_stop()
         pod_spec["containers"].append(_gateway_container(resource, images))
     if prepare_mode(resource) == "perPod":
         pod_spec["initContainers"] = [*_artifacts_owner(resource, images),
