@@ -253,3 +253,82 @@ def test_bad_tool_input_is_a_400_naming_the_field(stack, client, body, param):
     after = client.chat.completions.create(model="chat", messages=ASK, max_tokens=4,
                                            temperature=0)
     assert after.choices[0].finish_reason == "length"
+
+
+# Models whose chat templates have tools -------------------------------------------------
+
+NATIVE = {"qwen25-tools": "qwen2.5", "mistral-tools": "mistral-v3", "llama-tools": "llama-3.1"}
+"""Served model -> family (tests/support/tool_templates.py): tiny random decoders, so their
+calls are whatever the grammar lets a random model write."""
+BOUNDED = {"get_weather": WEATHER, "search_packages": {**SEARCH, "properties": {
+    "query": {"type": "string", "maxLength": 12}, "limit": {"type": "integer", "maximum": 9}}}}
+BOUNDED_TOOLS = [{"type": "function", "function": {"name": name, "parameters": schema}}
+                 for name, schema in BOUNDED.items()]
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    """One more tritonserver, for this module, with the three tiny tool-template models
+    (the shared stack's SmolLM2 template has no tools: it tests the fallback above)."""
+    from tests.gateway.conftest import llm
+    from tests.support.tool_templates import make_tool_decoder
+    from tests.support.triton import free_port, running_triton
+    from tritonop.gateway.backend import TritonAddress
+    from tritonop.gateway.config import gateway_config
+    from tritonop.gateway.server import GatewayThread
+
+    root, folders = tmp_path_factory.mktemp("tool-artifacts"), {}
+    resources = []
+    for name, family in NATIVE.items():
+        folders[name] = make_tool_decoder(family, tmp_path_factory.mktemp(name) / "model")
+        resources.append(llm(name, model={"source": str(folders[name]),
+                                          "maxContextLength": 2048, "dtype": "float32"},
+                             generation={"limits": {"maxTokens": 300},
+                                         "defaults": {"maxTokens": 32}},
+                             engine={"maxSequences": 2, "maxWaiting": 4, "threads": 1}))
+    with running_triton(resources, root, tmp_path_factory.mktemp("tool-triton")) as triton:
+        address = TritonAddress(triton.server.grpc_url, triton.server.http_url)
+        gateway = GatewayThread(gateway_config(resources), address, free_port()).start()
+        try:
+            yield OpenAI(base_url=f"{gateway.url}/v1", api_key="none", max_retries=0,
+                         timeout=300), folders
+        finally:
+            gateway.stop()
+
+
+@pytest.mark.parametrize("model", list(NATIVE))
+def test_native_tool_templates_shape_prompts_and_calls(native, model):
+    """The prompt is the model's template with the tools (its token count equals the
+    tokenizer's own rendering), and a demanded call, in the family's format, comes back as
+    OpenAI's ``tool_calls``, streamed deltas adding up to the same calls."""
+    from transformers import AutoTokenizer
+
+    client, folders = native
+    tokenizer = AutoTokenizer.from_pretrained(folders[model])
+    body = {"model": model, "messages": ASK, "tools": BOUNDED_TOOLS, "tool_choice": "required",
+            "max_tokens": 300, "temperature": 0}
+    answer = client.chat.completions.create(**body)
+    text = tokenizer.apply_chat_template(ASK, tools=BOUNDED_TOOLS, add_generation_prompt=True,
+                                         tokenize=False)
+    assert answer.usage.prompt_tokens == len(tokenizer(text, add_special_tokens=False)[
+        "input_ids"])
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = choice.message.tool_calls
+    assert 1 <= len(calls) <= (1 if model == "llama-tools" else 8)
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), BOUNDED[call.function.name])
+    chunks = list(client.chat.completions.create(stream=True, **body))
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    joined: list[list[str]] = []
+    for delta in (d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []):
+        if delta.id is not None:
+            assert delta.index == len(joined) and delta.function.arguments == ""
+            joined.append([delta.function.name, ""])
+        else:
+            assert delta.index == len(joined) - 1 and delta.function.name is None
+            joined[-1][1] += delta.function.arguments
+    assert joined == [[c.function.name, c.function.arguments] for c in calls]
+    single = client.chat.completions.create(parallel_tool_calls=False, **body)
+    assert len(single.choices[0].message.tool_calls) == 1

@@ -9,15 +9,15 @@ from __future__ import annotations
 import asyncio
 import json
 
-import jsonschema
 import pytest
 
 from tritonop.gateway.admission import AdmissionBound
 from tritonop.gateway.config import Admission, ModelEntry
 from tritonop.gateway.errors import APIError
 from tritonop.gateway.protocol import parse_chat, parse_completion
-from tritonop.gateway.tools import AutoStream, CallStream, parse_auto, split_call
-from tritonop_backend.llm.grammar import parse_response_format
+from tritonop.gateway.tools import AutoStream, CallStream, parse_auto, parse_calls, split_call
+from tritonop_backend.llm.chat_tools import parse_chat as read_chat
+from tritonop_backend.llm.chat_tools import parse_constraint as parse_response_format
 
 MODELS = {"chat": ModelEntry("chat", "chat", Admission(2, 2), max_tokens_limit=100,
                              max_choices=4)}
@@ -77,42 +77,45 @@ def test_completions_refuse_tools_and_take_n():
     assert parse_completion({"model": "chat", "prompt": "x", "n": 3}, MODELS).n == 3
 
 
-def test_required_and_named_choices_constrain_the_output_to_a_call():
+def test_required_and_named_choices_constrain_the_output_to_calls():
     for choice, names in [("required", ("get_weather", "noop")),
                           ({"type": "function", "function": {"name": "get_weather"}},
                            ("get_weather",))]:
         args = chat(tools=TOOLS, tool_choice=choice)
         assert args.tools is not None and args.tools.names == names
         constraint = parse_response_format(args.response_format)
-        assert constraint is not None and constraint.type == "json_schema"
-        schema = json.loads(args.response_format)["json_schema"]["schema"]
-        jsonschema.validate({"name": "get_weather", "arguments": {"city": "Paris"}}, schema)
-        with pytest.raises(jsonschema.ValidationError):
-            jsonschema.validate({"name": "get_weather", "arguments": {"town": "P"}}, schema)
-    auto = chat(tools=TOOLS)
-    assert auto.tools.choice == "auto"
-    assert json.loads(auto.response_format)["type"] == "tool_calls"
+        assert constraint is not None and constraint.type == "tool_calls"
+        sent = json.loads(args.response_format)
+        assert sent["mode"] == "required" and sent["parallel"] is (choice == "required")
+        assert [tool["name"] for tool in sent["tools"]] == list(names)
+    single = json.loads(chat(tools=TOOLS, parallel_tool_calls=False).response_format)
+    assert single["mode"] == "auto" and single["parallel"] is False
     formatted = chat(tools=TOOLS, response_format={"type": "json_object"})
     assert json.loads(formatted.response_format) == {"type": "json_object"}
     none = chat(tools=TOOLS, tool_choice="none")
-    assert none.tools.names == () and "# Tools" not in none.prompt
+    assert none.tools.names == () and "get_weather" not in none.prompt
 
 
-def test_tools_are_described_in_the_system_turn_and_history_is_rendered():
-    args = chat(tools=TOOLS, messages=[
+def test_the_conversation_goes_to_the_model_with_its_calls_and_tools():
+    """The model's template renders tools, calls and results (tests/unit/
+    test_llm_chat_tools.py); the gateway sends them as they came, checked."""
+    args = chat(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "noop"}},
+                messages=[
         {"role": "system", "content": "Be brief."}, *ASK,
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": "call_1", "type": "function",
              "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}])
-    turns = json.loads(args.prompt)
-    assert [t["role"] for t in turns] == ["system", "user", "assistant", "user"]
-    assert turns[0]["content"].startswith("Be brief.\n\n# Tools")
-    assert '"name": "get_weather"' in turns[0]["content"] and "<tool_call>" in turns[0][
-        "content"]
-    assert turns[2]["content"] == ('<tool_call>\n{"name": "get_weather", "arguments": '
-                                   '{"city": "Paris"}}\n</tool_call>')
-    assert turns[3]["content"] == "<tool_response>\n18 C\n</tool_response>"
+    sent = json.loads(args.prompt)
+    assert [tool["function"]["name"] for tool in sent["tools"]] == ["get_weather", "noop"]
+    assert sent["tool_choice"] == "noop"
+    assert sent["messages"][2] == {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}
+    assert sent["messages"][3] == {"role": "tool", "content": "18 C", "tool_call_id": "call_1"}
+    read = read_chat(args.prompt)  # what the LLM model reads back
+    assert read.choice == "noop" and list(read.messages) == sent["messages"]
+    assert json.loads(chat().prompt) == ASK  # no tools: the plain list, as before
 
 
 def test_choice_seeds_follow_the_first():
@@ -231,3 +234,44 @@ def test_triton_refuses_bad_tool_call_formats_naming_the_part(value, field):
     with pytest.raises(RequestError) as caught:
         parse_response_format(json.dumps(value))
     assert caught.value.field == field
+
+
+@pytest.mark.parametrize("text", [
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "P{a}\\"ris"}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "noop", "arguments": {}}\n</tool_call>',
+    '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "P{a}\\"ris"}}, '
+    '{"name": "noop", "arguments": {}}]',
+    '[{"name": "get_weather", "arguments": {"city": "P{a}\\"ris"}}, '
+    '{"name": "noop", "arguments": {}}]',
+    '<|python_tag|>{"name": "get_weather", "parameters": {"city": "P{a}\\"ris"}}; '
+    '{"name": "noop", "parameters": {}}',
+])
+def test_calls_are_read_and_streamed_in_every_format(text):
+    """Hermes' blocks, Mistral's list (its marker a control token, usually dropped) and
+    Llama's objects: parsed whole, and streamed call by call, argument pieces joining into
+    the same arguments, whatever the pieces' boundaries (braces inside strings included)."""
+    names = ("get_weather", "noop")
+    calls = [("get_weather", '{"city": "P{a}\\"ris"}'), ("noop", "{}")]
+    assert parse_calls(text, names) == calls
+    assert parse_auto(text, names) == (None, calls)
+    for size in (1, 2, 5, 7):
+        stream = CallStream(names)
+        deltas = [d for i in range(0, len(text), size) for d in stream.push(text[i:i + size])]
+        tail, whole = stream.finish()
+        assert whole
+        got: list[list[str]] = []
+        for delta in deltas + tail:
+            (entry,) = delta["tool_calls"]
+            if "id" in entry:
+                got.append([entry["function"]["name"], ""])
+                assert entry["index"] == len(got) - 1
+            else:
+                got[-1][1] += entry["function"]["arguments"]
+        assert [tuple(call) for call in got] == calls
+
+
+def test_a_cut_call_is_not_a_call():
+    stream = CallStream(("noop",))
+    stream.push('<tool_call>\n{"name": "noop", "arguments": {"a": ')
+    assert stream.finish()[1] is False
+    assert parse_calls('[{"name": "noop", "arguments": {}}', ("noop",)) is None

@@ -48,7 +48,7 @@ from tritonop.gateway.tools import (
     CallStream,
     ToolUse,
     parse_auto,
-    split_call,
+    parse_calls,
     tool_call,
 )
 from tritonop_backend.rerank import rank
@@ -132,6 +132,9 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.ready: dict[str, bool] = dict.fromkeys(self.models, False)
         self.created = int(time.time())
+        self.draining = False
+        """Set when the process is told to stop (server.GatewayServer): readiness fails at
+        once, so that the pod leaves its Service's endpoints while requests are still served."""
 
     @asynccontextmanager
     async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
@@ -228,6 +231,8 @@ class Gateway:
         return JSONResponse({"status": "ok"})
 
     async def readiness(self, _: Request) -> JSONResponse:
+        if self.draining:  # liveness stays 200: a draining gateway is not to be restarted
+            return JSONResponse({"ready": self.ready, "draining": True}, status_code=503)
         await self._refresh_ready()
         ok = all(self.ready.values())
         return JSONResponse({"ready": self.ready}, status_code=200 if ok else 503)
@@ -633,8 +638,7 @@ def _message(text: str, reason: str | None, tools: ToolUse | None
     if tools is None or not tools.names or reason != "stop":
         return plain, reason
     if tools.constrained:
-        call = split_call(text, tools.names)
-        content, calls = None, [] if call is None else [call]
+        content, calls = None, parse_calls(text, tools.names) or []
     else:
         content, calls = parse_auto(text, tools.names)
     if not calls:

@@ -17,10 +17,10 @@ from typing import Any
 
 from tritonop.gateway.config import ModelEntry
 from tritonop.gateway.errors import APIError, invalid
-from tritonop.gateway.tools import ToolUse, assistant_calls, parse_tools, tool_result, with_tools
+from tritonop.gateway.tools import ToolUse, assistant_calls, chat_input, parse_tools
 from tritonop_backend.errors import RequestError
 from tritonop_backend.filters import canonical_text
-from tritonop_backend.llm.grammar import parse_response_format
+from tritonop_backend.llm.chat_tools import chat_json, parse_constraint
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_STOP_STRINGS = 16
@@ -231,10 +231,10 @@ def parse_chat(body: Mapping[str, Any], models: Mapping[str, ModelEntry]) -> Gen
     turns = [_message(item, index) for index, item in enumerate(messages)]
     tools = parse_tools(fields.get("tools"), fields.get("tool_choice"),
                         fields.get("parallel_tool_calls"))
-    turns = with_tools(turns, tools)
-    characters(sum(len(turn["content"]) for turn in turns), "messages", entry,
+    chat = chat_input(turns, tools)
+    characters(chat.characters, "messages", entry,
                "all message contents together" + (", tools included" if tools else ""))
-    prompt = json.dumps(turns, ensure_ascii=False)
+    prompt = chat_json(chat)
     args = _generation(fields, entry, prompt, "messages", "max_completion_tokens",
                        _chat_logprobs(fields), tools)
     fields.finish()
@@ -278,10 +278,9 @@ def _chat_logprobs(fields: Fields) -> int | None:
     return 0 if wanted else None
 
 
-def _message(item: Any, index: int) -> dict[str, str]:
-    """One turn as the model's template takes it: a ``tool`` result becomes a user turn
-    holding a ``<tool_response>`` block, an assistant's ``tool_calls`` ``<tool_call>`` blocks
-    after its content (:mod:`tritonop.gateway.tools`)."""
+def _message(item: Any, index: int) -> dict[str, Any]:
+    """One turn as the model's template takes it, with an assistant's ``tool_calls`` and a
+    ``tool`` result's ``tool_call_id`` (:mod:`tritonop.gateway.tools`)."""
     where = f"messages[{index}]"
     if not isinstance(item, dict):
         raise invalid(where, f"must be an object with role and content, got {_kind(item)}")
@@ -302,14 +301,14 @@ def _message(item: Any, index: int) -> dict[str, str]:
     if isinstance(content, list):
         content = _text_parts(content, f"{where}.content")
     content = text(content, f"{where}.content")
+    turn: dict[str, Any] = {"role": role, "content": content}
     if calls:
-        blocks = assistant_calls(calls, f"{where}.tool_calls")
-        content = f"{content}\n{blocks}" if content else blocks
+        turn["tool_calls"] = assistant_calls(calls, f"{where}.tool_calls")
     if role == "tool":
         if not isinstance(item.get("tool_call_id"), str):
             raise invalid(f"{where}.tool_call_id", "is required: the id of the call answered")
-        return {"role": "user", "content": tool_result(content)}
-    return {"role": role, "content": content}
+        turn["tool_call_id"] = item["tool_call_id"]
+    return turn
 
 
 def _text_parts(parts: list[Any], where: str) -> str:
@@ -385,7 +384,7 @@ def _response_format(value: Any, name: str = "response_format") -> str | None:
     if not isinstance(value, dict):
         raise invalid("response_format", f"must be an object with a type, got {_kind(value)}")
     try:
-        constraint = parse_response_format(value)
+        constraint = parse_constraint(value)
     except RequestError as err:
         # The call grammar of the tools: its parts were checked one by one, so what fails
         # here is the whole (its size), which is the tools' fault.

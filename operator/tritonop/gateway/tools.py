@@ -2,25 +2,27 @@
 
 A request's ``tools`` and ``tool_choice`` are checked here (each function's ``parameters``
 compiled by llguidance, as a ``response_format`` schema is) before the request takes an
-admission place. The tools reach the model as text in the Hermes / Qwen2.5 format, in the
-system message (the same text Qwen2.5's chat template writes); earlier calls and their
-results in the conversation become ``<tool_call>`` and ``<tool_response>`` blocks, so any
-chat template renders them.
+admission place. The conversation goes to the model as it came: messages with their
+``tool_calls`` and ``tool`` results, and the tools beside them; the model's chat template
+renders them in its own format where it has one (Qwen/Hermes, Mistral v3, Llama 3.1), and
+Hermes' ``<tool_call>`` text otherwise (:mod:`tritonop_backend.llm.chat_tools`, which also
+builds the grammar of calls in that format).
 
-- ``tool_choice: "required"`` or a named function: the output is constrained by a JSON
-  Schema grammar to one call, ``{"name": ..., "arguments": {...}}`` whose arguments follow
-  that function's schema; the answer carries it as ``tool_calls``.
-- ``"auto"``: a grammar lets the model write either text without ``<tool_call>`` or
-  ``<tool_call>\n{...}\n</tool_call>`` blocks (Hermes, Qwen), each a call of a known function
-  whose arguments follow its schema (unless the request has its own ``response_format``,
-  which then shapes the output instead). Calls are parsed from the text, as are Mistral's
-  ``[TOOL_CALLS][...]`` and a bare call object, when they name a known function with object
-  arguments; anything else is content.
+- ``tool_choice: "required"``: a grammar allows only calls (up to 8; one when
+  ``parallel_tool_calls`` is false, and see :mod:`tritonop_backend.llm.chat_tools` for the
+  formats that take one), each of a known function with arguments that follow its schema;
+  the answer carries them as ``tool_calls``. A named function: one call of it.
+- ``"auto"``: the grammar allows text or calls (unless the request has its own
+  ``response_format``, which then shapes the output instead).
 - ``"none"``: the tools are not shown; the model answers with text.
 
-The streamed forms (:class:`CallStream`, :class:`AutoStream`) turn text pieces into
-OpenAI's deltas: first a delta with the call's index, id, type, name and ``arguments: ""``,
-then fragments of the arguments.
+Answers are read in every format the grammar writes (:func:`parse_calls`): ``<tool_call>``
+blocks, Mistral's ``[TOOL_CALLS] [...]`` list (the marker is a control token, so usually
+absent from the text), and bare ``{"name", "arguments" | "parameters"}`` objects, one or a
+list; calls of unknown functions, or with arguments that are not an object, make the whole
+answer text. The streamed forms (:class:`CallStream`, :class:`AutoStream`) turn text pieces
+into OpenAI's deltas: per call, first a delta with its index, id, type, name and
+``arguments: ""``, then fragments of the arguments.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from typing import Any
 
 from tritonop.gateway.errors import invalid
 from tritonop_backend.errors import RequestError
-from tritonop_backend.llm.grammar import compile_schema, tool_call_schema
+from tritonop_backend.llm.chat_tools import Chat
+from tritonop_backend.llm.grammar import compile_schema
 
 MAX_TOOLS = 64
 MAX_TOOLS_BYTES = 32 * 1024
@@ -46,7 +49,10 @@ NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additional
 """A function without `parameters` takes none (OpenAI: "an empty parameter list")."""
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 MISTRAL_CALLS = "[TOOL_CALLS]"
-MARKERS = (CALL_OPEN, MISTRAL_CALLS)
+PYTHON_TAG = "<|python_tag|>"
+MARKERS = (CALL_OPEN, MISTRAL_CALLS, PYTHON_TAG)
+CALL_START = re.compile(r'\{"name": "([a-zA-Z0-9_-]{1,64})", "(?:arguments|parameters)": ')
+"""How the grammar begins a call object (compact JSON, the name first)."""
 
 
 @dataclass(frozen=True)
@@ -64,11 +70,13 @@ class ToolUse:
         functions: the tools, in the request's order.
         choice: ``none``, ``auto``, ``required`` or ``function`` (one named function).
         forced: the function's name when ``choice`` is ``function``.
+        parallel: ``parallel_tool_calls``: whether an answer may make more than one call.
     """
 
     functions: tuple[Function, ...]
     choice: str
     forced: str | None = None
+    parallel: bool = True
 
     @property
     def constrained(self) -> bool:
@@ -83,35 +91,21 @@ class ToolUse:
         return () if self.choice == "none" else tuple(f.name for f in self.functions)
 
     def response_format(self) -> dict[str, Any]:
-        """The ``response_format`` whose grammar shapes the output: one call (``required``,
-        a named function), or text or ``<tool_call>`` blocks (``auto``; see
-        :func:`tritonop_backend.llm.grammar.parse_response_format`)."""
-        callable_ = [(f.name, f.parameters) for f in self.functions if f.name in self.names]
-        if not self.constrained:
-            return {"type": "tool_calls", "tools": [
-                {"name": name, "parameters": parameters} for name, parameters in callable_]}
-        return {"type": "json_schema", "json_schema": {
-            "name": "tool_call", "schema": tool_call_schema(callable_), "strict": True}}
+        """The ``response_format`` whose grammar shapes the output, in the model's call
+        format (:func:`tritonop_backend.llm.chat_tools.tool_grammar`): calls only
+        (``required``, a named function), or text or calls (``auto``)."""
+        return {"type": "tool_calls",
+                "tools": [{"name": f.name, "parameters": f.parameters}
+                          for f in self.functions if f.name in self.names],
+                "mode": "required" if self.constrained else "auto",
+                "parallel": self.parallel and self.forced is None}
 
-    def system_text(self) -> str:
-        """What the model is told about the tools (Hermes / Qwen2.5's words), or ""."""
-        if not self.names:
-            return ""
-        listed = "\n".join(json.dumps({"type": "function", "function": _function_json(f)},
-                                      ensure_ascii=False)
-                           for f in self.functions if f.name in self.names)
-        text = ("# Tools\n\nYou may call one or more functions to assist with the user query."
-                "\n\nYou are provided with function signatures within <tools></tools> XML "
-                f"tags:\n<tools>\n{listed}\n</tools>\n\n")
-        if self.constrained:
-            which = f"the function {self.forced}" if self.forced else "one of these functions"
-            return text + (f"Call {which} now: answer with one JSON object "
-                           '{"name": <function-name>, "arguments": <args-json-object>} '
-                           "and nothing else.")
-        return text + ("For each function call, return a json object with function name and "
-                       "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
-                       '{"name": <function-name>, "arguments": <args-json-object>}\n'
-                       "</tool_call>")
+    def shown(self) -> tuple[dict[str, Any], ...]:
+        """The tools as the model's template is given them (none with ``none``)."""
+        if self.choice == "none":
+            return ()
+        return tuple({"type": "function", "function": _function_json(f)}
+                     for f in self.functions)
 
 
 def _function_json(function: Function) -> dict[str, Any]:
@@ -144,7 +138,7 @@ def parse_tools(tools: Any, choice: Any, parallel: Any) -> ToolUse | None:
                           f'"function", "function": {{"name": ...}}}}, got {choice[:60]!r}')
         if choice == "required" and not functions:
             raise invalid("tool_choice", "required needs tools")
-        return ToolUse(functions, choice) if functions else None
+        return ToolUse(functions, choice, None, parallel is not False) if functions else None
     if not isinstance(choice, dict) or choice.get("type") != "function" or set(choice) - {
             "type", "function"}:
         raise invalid("tool_choice", 'must be none, auto, required or {"type": "function", '
@@ -157,7 +151,7 @@ def parse_tools(tools: Any, choice: Any, parallel: Any) -> ToolUse | None:
         known = ", ".join(names) if names else "none"
         raise invalid("tool_choice.function.name", f"{name[:64]!r} is not one of the tools "
                       f"(tools: {known})")
-    return ToolUse(functions, "function", name)
+    return ToolUse(functions, "function", name, parallel is not False)
 
 
 def _functions(tools: Any) -> tuple[Function, ...]:
@@ -216,11 +210,11 @@ def _function(value: Any, where: str) -> Function:
 # Messages --------------------------------------------------------------------------------
 
 
-def assistant_calls(calls: Any, where: str) -> str:
-    """An assistant message's ``tool_calls`` as the ``<tool_call>`` blocks the model wrote."""
+def assistant_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant message's ``tool_calls``, checked, as the model's template takes them."""
     if not isinstance(calls, list):
         raise invalid(where, "must be a list of tool calls")
-    blocks = []
+    checked = []
     for index, call in enumerate(calls):
         at = f"{where}[{index}]"
         function = call.get("function") if isinstance(call, dict) else None
@@ -235,29 +229,17 @@ def assistant_calls(calls: Any, where: str) -> str:
             raise invalid(f"{at}.function.name", "must be a non-empty string")
         if not isinstance(arguments, str):
             raise invalid(f"{at}.function.arguments", "must be a string (JSON text)")
-        try:
-            parsed: Any = json.loads(arguments)
-        except ValueError:
-            parsed = arguments  # shown as the client sent it
-        blocks.append(f"{CALL_OPEN}\n"
-                      f"{json.dumps({'name': name, 'arguments': parsed}, ensure_ascii=False)}"
-                      f"\n{CALL_CLOSE}")
-    return "\n".join(blocks)
+        checked.append({"id": call.get("id", ""), "type": "function",
+                        "function": {"name": name, "arguments": arguments}})
+    return checked
 
 
-def tool_result(content: str) -> str:
-    """A ``tool`` message's content as the user turn Qwen2.5's template makes of it."""
-    return f"<tool_response>\n{content}\n</tool_response>"
-
-
-def with_tools(turns: list[dict[str, str]], tools: ToolUse | None) -> list[dict[str, str]]:
-    """The turns with the tools' description in the system message (one is added first)."""
-    text = "" if tools is None else tools.system_text()
-    if not text:
-        return turns
-    if turns and turns[0]["role"] == "system":
-        return [{"role": "system", "content": f"{turns[0]['content']}\n\n{text}"}, *turns[1:]]
-    return [{"role": "system", "content": text}, *turns]
+def chat_input(turns: list[dict[str, Any]], tools: ToolUse | None) -> Chat:
+    """The conversation the model is sent: the turns, and the tools it is shown."""
+    if tools is None or not tools.shown():
+        return Chat(tuple(turns))
+    choice = tools.forced or tools.choice
+    return Chat(tuple(turns), tools.shown(), choice)
 
 
 # Answers ---------------------------------------------------------------------------------
@@ -273,24 +255,26 @@ def tool_call(index: int | None, name: str, arguments: str) -> dict[str, Any]:
     return call if index is None else {"index": index, **call}
 
 
-def _prefix(name: str) -> str:
-    return f'{{"name": {json.dumps(name)}, "arguments": '
+def _prefix(name: str, key: str = "arguments") -> str:
+    return f'{{"name": {json.dumps(name)}, "{key}": '
 
 
 def split_call(text: str, names: Sequence[str]) -> tuple[str, str] | None:
-    """``(name, arguments JSON)`` of a call object written as the grammar writes one, or
-    as JSON otherwise; None when ``text`` is not a call of one of ``names``."""
+    """``(name, arguments JSON)`` of a call object, ``{"name", "arguments"}`` (or Llama's
+    ``"parameters"``), written as the grammar writes one or as JSON otherwise; None when
+    ``text`` is not a call of one of ``names``."""
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
-    if not isinstance(value, dict) or set(value) != {"name", "arguments"}:
+    if not isinstance(value, dict) or len(value) != 2 or "name" not in value:
         return None
-    name, arguments = value["name"], value["arguments"]
+    key = "arguments" if "arguments" in value else "parameters"
+    name, arguments = value["name"], value.get(key)
     if name not in names or not isinstance(arguments, dict):
         return None
     stripped = text.strip()
-    prefix = _prefix(name)
+    prefix = _prefix(name, key)
     if stripped.startswith(prefix) and stripped.endswith("}"):
         raw = stripped[len(prefix):-1]
         try:
@@ -301,34 +285,53 @@ def split_call(text: str, names: Sequence[str]) -> tuple[str, str] | None:
     return name, json.dumps(arguments, ensure_ascii=False)
 
 
+def parse_calls(text: str, names: Sequence[str]) -> list[tuple[str, str]] | None:
+    """The calls an answer is made of, in any format the grammar writes; None unless the
+    whole text is calls of ``names``."""
+    rest = text.strip()
+    for marker in (MISTRAL_CALLS, PYTHON_TAG):
+        if rest.startswith(marker):
+            rest = rest[len(marker):].strip()
+    bodies = _tagged(rest) if rest.startswith(CALL_OPEN) else _json_calls(rest)
+    if not bodies:
+        return None
+    calls = [split_call(body, names) for body in bodies]
+    if any(call is None for call in calls):
+        return None
+    return [call for call in calls if call is not None]
+
+
 def parse_auto(text: str, names: Sequence[str]) -> tuple[str | None, list[tuple[str, str]]]:
-    """The content and calls of a free answer: ``<tool_call>`` blocks, Mistral's
-    ``[TOOL_CALLS]`` list, or a bare call object (or list of them). Calls of unknown
-    functions, or with arguments that are not an object, make the whole answer text."""
+    """The content and calls of an answer: text, then (from a marker, or from its start
+    when it begins as JSON) calls; when what follows is not all calls, the whole is text."""
     start = min((i for i in (text.find(m) for m in MARKERS) if i >= 0), default=-1)
-    stripped = text.strip()
-    if start < 0 and stripped[:1] in ("{", "["):
-        start, bodies = 0, _json_calls(stripped)
-    elif start < 0:
+    if start < 0 and text.strip()[:1] in ("{", "["):
+        start = 0
+    if start < 0:
         return text, []
-    elif text.startswith(MISTRAL_CALLS, start):
-        bodies = _json_calls(text[start + len(MISTRAL_CALLS):].strip())
-    else:
-        bodies = _tagged(text[start:])
-    calls = [split_call(body, names) for body in bodies or []]
-    if not calls or any(call is None for call in calls):
+    calls = parse_calls(text[start:], names)
+    if not calls:
         return text, []
     content = text[:start].strip()
-    return content or None, [call for call in calls if call is not None]
+    return content or None, calls
 
 
 def _json_calls(text: str) -> list[str] | None:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    items = value if isinstance(value, list) else [value]
-    return [json.dumps(item, ensure_ascii=False) for item in items]
+    """Call objects of JSON values one after another (separated by whitespace, ``,`` or
+    ``;``), each an object or a list of objects; None when anything else is there."""
+    decoder = json.JSONDecoder()
+    bodies, at = [], 0
+    while True:
+        while at < len(text) and text[at] in " \t\r\n,;":
+            at += 1
+        if at >= len(text):
+            return bodies
+        try:
+            value, at = decoder.raw_decode(text, at)
+        except (ValueError, RecursionError):
+            return None
+        for item in value if isinstance(value, list) else [value]:
+            bodies.append(json.dumps(item, ensure_ascii=False))
 
 
 def _tagged(text: str) -> list[str] | None:
@@ -348,48 +351,79 @@ def _tagged(text: str) -> list[str] | None:
 
 
 class CallStream:
-    """Streamed deltas of a constrained answer: one call, name first, then its arguments.
+    """Streamed deltas of a constrained answer: calls, each announced by name, then its
+    arguments as they come.
 
-    The grammar writes ``{"name": "<name>", "arguments": <arguments>}``; the arguments are
-    sent as they come, all but the last character, which may be the call's closing brace.
+    The grammar writes each call as ``{"name": "<name>", "arguments": {...}}`` (``parameters``
+    for Llama), inside whatever the format puts around calls; each call's arguments object
+    is followed character by character (strings and escapes included) to its closing brace.
     """
 
     def __init__(self, names: Sequence[str]) -> None:
         self.names = tuple(names)
         self.text = ""
-        self.name: str | None = None
+        self.index = -1
+        self.start: int | None = None  # where the current call's arguments begin
+        self.scan = 0
+        self.depth = 0
+        self.in_string = False
+        self.escaped = False
         self.sent = 0
 
     def push(self, piece: str) -> list[dict[str, Any]]:
         self.text += piece
-        deltas = []
-        if self.name is None:
-            for name in self.names:
-                if self.text.startswith(_prefix(name)):
-                    self.name = name
-                    deltas.append({"tool_calls": [tool_call(0, name, "")]})
-                    break
-        if self.name is not None:
-            arguments = self.text[len(_prefix(self.name)):]
-            deltas += self._arguments(arguments[:-1])
-        return deltas
+        deltas: list[dict[str, Any]] = []
+        while True:
+            if self.start is None:
+                found = CALL_START.search(self.text, self.scan)
+                if found is None or found.group(1) not in self.names:
+                    return deltas
+                self.index += 1
+                deltas.append({"tool_calls": [tool_call(self.index, found.group(1), "")]})
+                self.start = self.scan = self.sent = found.end()
+                self.depth = 0
+            end = self._close()
+            deltas += self._arguments(end if end is not None else len(self.text))
+            if end is None:
+                return deltas
+            self.start, self.scan = None, end
+
+    def _close(self) -> int | None:
+        """Where the current arguments object ends (past its brace), once it has ended."""
+        for at in range(self.scan, len(self.text)):
+            char = self.text[at]
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif char == "\\":
+                    self.escaped = True
+                elif char == '"':
+                    self.in_string = False
+            elif char == '"':
+                self.in_string = True
+            elif char in "{[":
+                self.depth += 1
+            elif char in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    self.scan = at + 1
+                    return at + 1
+        self.scan = len(self.text)
+        return None
 
     def finish(self) -> tuple[list[dict[str, Any]], bool]:
-        """Deltas still due, and whether the answer was a whole call."""
-        call = split_call(self.text, self.names)
-        if self.name is None:
+        """Deltas still due, and whether the answer was whole calls."""
+        if self.index < 0:
             return ([{"content": self.text}] if self.text else []), False
-        arguments = self.text[len(_prefix(self.name)):]
-        if call is not None:
-            arguments = call[1]
-        return self._arguments(arguments), call is not None
+        calls = parse_calls(self.text, self.names)
+        return [], calls is not None and len(calls) == self.index + 1 and self.start is None
 
-    def _arguments(self, arguments: str) -> list[dict[str, Any]]:
-        if len(arguments) <= self.sent:
+    def _arguments(self, end: int) -> list[dict[str, Any]]:
+        if end <= self.sent:
             return []
-        fragment = arguments[self.sent:]
-        self.sent = len(arguments)
-        return [{"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]}]
+        fragment = self.text[self.sent:end]
+        self.sent = end
+        return [{"tool_calls": [{"index": self.index, "function": {"arguments": fragment}}]}]
 
 
 class AutoStream:
@@ -424,7 +458,7 @@ class AutoStream:
         if not calls:
             return self._content(len(self.text)), False
         deltas = [{"tool_calls": [tool_call(index, name, arguments)]}
-                  for index, (name, arguments) in enumerate(calls)]
+                   for index, (name, arguments) in enumerate(calls)]
         return deltas, True
 
     def _content(self, end: int) -> list[dict[str, Any]]:

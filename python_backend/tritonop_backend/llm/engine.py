@@ -16,6 +16,7 @@ sequences keep getting a token every step instead of waiting for a whole long pr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import deque
@@ -26,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from tritonop_backend.errors import RequestError
+from tritonop_backend.llm.chat_tools import detect_tool_format, render_chat
 from tritonop_backend.llm.grammar import GrammarTokens
 from tritonop_backend.llm.graphs import StaticDecoder, width_bucket
 from tritonop_backend.llm.kv import KVBuffer, KVShape, Window, cache_keyword
@@ -223,7 +225,7 @@ class LLMEngine:
             raise ValueError("max_sequences must be >= 1 and max_waiting >= 0")
         self.model = model
         self.tokenizer = tokenizer
-        self.policy = policy
+        self.policy = dataclasses.replace(policy, tool_format=detect_tool_format(self._render))
         self.max_sequences = max_sequences
         self.max_waiting = max_waiting
         self.max_prefill_tokens = max_prefill_tokens
@@ -357,14 +359,16 @@ class LLMEngine:
         if request.messages is not None:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise RequestError("messages", "this model's tokenizer has no chat template")
-            turns = [{"role": role, "content": content} for role, content in request.messages]
-            text = self.tokenizer.apply_chat_template(
-                turns, add_generation_prompt=True, tokenize=False
-            )
+            assert request.chat is not None
+            text = render_chat(self._render, request.chat, self.policy.tool_format)
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if request.raw:
             return list(self.tokenizer(request.prompt)["input_ids"])
         return self.encode_prompt(request.prompt)
+
+    def _render(self, messages: list[dict[str, Any]], **options: Any) -> str:
+        """The chat template's text of ``messages`` (``options``: tools, generation prompt)."""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, **options)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """Token ids of a prompt, as one user turn of the chat template when the policy says so."""

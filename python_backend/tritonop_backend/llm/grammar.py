@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,10 @@ MAX_SCHEMA_NAME = 64
 """OpenAI's bound on ``json_schema.name``."""
 
 FIELD = "response_format"
+
+ToolGrammar = Callable[[dict[str, Any]], str]
+"""Builds the grammar of ``{"type": "tool_calls", ...}`` (chat_tools.tool_grammar, in the
+model's tool format): the gateway's own type, for ``tools``."""
 
 COMPILE_OPTIONS: dict[str, Any] = {
     "whitespace_flexible": False,
@@ -69,8 +73,14 @@ class ResponseFormat:
     name: str | None = None
 
 
-def parse_response_format(value: object) -> ResponseFormat | None:
+def parse_response_format(value: object, tool_calls: ToolGrammar | None = None
+                          ) -> ResponseFormat | None:
     """Check an OpenAI ``response_format`` (a JSON string or an object) and compile it.
+
+    Args:
+        value: the field as the request carries it.
+        tool_calls: the builder of the ``tool_calls`` type's grammar; without it that type
+            is refused as unknown.
 
     Returns:
         None for no constraint (absent, or ``{"type": "text"}``), else the compiled format.
@@ -102,8 +112,8 @@ def parse_response_format(value: object) -> ResponseFormat | None:
     if not isinstance(value, dict):
         raise RequestError(FIELD, "must be an object with a type")
     kind = value.get("type")
-    if kind == "tool_calls":
-        return ResponseFormat("tool_calls", _tool_calls(value))
+    if kind == "tool_calls" and tool_calls is not None:  # the gateway's, for tools
+        return ResponseFormat("tool_calls", tool_calls(value))
     extra = sorted(set(value) - {"type", "json_schema"})
     if extra:
         raise RequestError(f"{FIELD}.{extra[0]}", "is not a recognised field")
@@ -277,70 +287,3 @@ class GrammarTokens:
         padding = torch.zeros((len(matchers), vocab - allowed.shape[1]), dtype=torch.bool,
                               device=device)
         return torch.cat([allowed, padding], dim=1)
-
-
-def tool_call_schema(functions: Sequence[tuple[str, dict[str, Any] | bool]]) -> dict[str, Any]:
-    """The JSON Schema of one call of one of ``functions`` (name, parameters schema):
-    ``{"name": <name>, "arguments": <an object valid for that function>}``.
-
-    The name comes first, as llguidance writes properties in the schema's order, so that a
-    stream can announce the function before its arguments arrive. Compiled with
-    :func:`compile_schema` (as a ``response_format`` is), the call constrains the output
-    of a request whose ``tool_choice`` demands a call.
-    """
-    options = [{"type": "object",
-                "properties": {"name": {"const": name}, "arguments": parameters},
-                "required": ["name", "arguments"], "additionalProperties": False}
-               for name, parameters in functions]
-    return options[0] if len(options) == 1 else {"anyOf": options}
-
-
-MAX_TOOLS = 64
-TOOL_NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-                                 "0123456789_-")
-CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
-
-
-def _tool_calls(value: dict[str, Any]) -> str:
-    """``{"type": "tool_calls", "tools": [{"name", "parameters"}, ...]}``: the answer is
-    either text without ``<tool_call>`` or calls, each ``<tool_call>\n{"name": ...,
-    "arguments": ...}\n</tool_call>`` (Hermes' and Qwen's format) with arguments that follow
-    the function's schema, one per line. What OpenAI's ``tool_choice: "auto"`` becomes."""
-    extra = sorted(set(value) - {"type", "tools"})
-    if extra:
-        raise RequestError(f"{FIELD}.{extra[0][:60]}", "is not a recognised field")
-    tools = value.get("tools")
-    if not isinstance(tools, list) or not 0 < len(tools) <= MAX_TOOLS:
-        raise RequestError(f"{FIELD}.tools", f"must be a list of 1 to {MAX_TOOLS} functions")
-    functions = []
-    for index, tool in enumerate(tools):
-        where = f"{FIELD}.tools[{index}]"
-        name = tool.get("name") if isinstance(tool, dict) else None
-        if not isinstance(name, str) or not 0 < len(name) <= MAX_SCHEMA_NAME or not set(
-                name) <= TOOL_NAME_CHARACTERS:
-            raise RequestError(f"{where}.name", f"must be 1 to {MAX_SCHEMA_NAME} letters, "
-                               "digits, underscores or dashes")
-        if set(tool) - {"name", "parameters"}:
-            raise RequestError(where, "must have only name and parameters")
-        parameters = tool.get("parameters", {"type": "object"})
-        if not isinstance(parameters, dict):
-            raise RequestError(f"{where}.parameters", "must be a JSON Schema (an object)")
-        compile_schema(parameters, f"{where}.parameters")
-        functions.append((name, parameters))
-    call = {**tool_call_schema(functions), "x-guidance": COMPILE_OPTIONS}
-    lark = "\n".join([
-        "start: TEXT | calls",
-        f"TEXT: /(?s:.*)/ & ~/(?s:.*{CALL_OPEN}.*)/",
-        'calls: call ("\\n" call)*',
-        f'call: "{CALL_OPEN}\\n" arguments "\\n{CALL_CLOSE}"',
-        f"arguments: %json {json.dumps(call)}",
-    ])
-    try:
-        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
-    except (ValueError, TypeError, RecursionError) as error:
-        raise RequestError(f"{FIELD}.tools", f"cannot be used: {_short(str(error))}") from None
-    failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
-    if failed:
-        reason = messages[0] if messages else "unknown error"
-        raise RequestError(f"{FIELD}.tools", f"cannot be used: {_short(reason)}")
-    return grammar

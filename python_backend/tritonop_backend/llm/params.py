@@ -8,7 +8,6 @@ answered with a 400 naming the parameter instead of failing inside a batch.
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 from collections.abc import Mapping
@@ -18,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from tritonop_backend.errors import RequestError
-from tritonop_backend.llm.grammar import ResponseFormat, parse_response_format
+from tritonop_backend.llm.chat_tools import FORMATS, Chat, parse_chat, parse_constraint
+from tritonop_backend.llm.grammar import ResponseFormat
 
 MAX_STOP_STRINGS = 16
 """Stop strings are matched against the text after every token; a bound keeps that cheap."""
@@ -35,10 +35,10 @@ PROMPT_FORMATS = ("text", "raw", "messages")
 """How ``text_input`` becomes tokens: ``text`` is one user turn of the chat template when the
 policy applies one (what ``/generate`` clients send); ``raw`` is tokenized verbatim (OpenAI's
 ``/v1/completions``); ``messages`` is a JSON list of chat messages that the model's own
-tokenizer templates (``/v1/chat/completions``), so the template is applied exactly once, here.
+tokenizer templates (``/v1/chat/completions``), so the template is applied exactly once, here
+(with tools: an object with ``messages``, ``tools`` and ``tool_choice``, see
+:mod:`tritonop_backend.llm.chat_tools`).
 """
-
-CHAT_ROLES = ("system", "user", "assistant")
 
 MAX_LOGPROBS = 20
 """Most likely tokens a request may ask to see at each step (OpenAI's ``top_logprobs`` bound)."""
@@ -65,6 +65,9 @@ class GenerationPolicy:
         apply_chat_template: wrap the prompt as one user turn of the tokenizer's template.
         max_prompt_characters: the most characters a prompt may have (for ``messages``: all
             contents together), checked before it is templated or tokenized.
+        tool_format: how the chat template writes tool calls (one of
+            :data:`~tritonop_backend.llm.chat_tools.FORMATS`); the engine detects it at load
+            from the tokenizer, and the grammar of calls follows it.
     """
 
     default_max_tokens: int = 128
@@ -77,6 +80,7 @@ class GenerationPolicy:
     max_context_tokens: int = 2048
     apply_chat_template: bool = True
     max_prompt_characters: int = 32768
+    tool_format: str = "fallback"
 
     def validate(self) -> GenerationPolicy:
         """Check the policy once at load, so that defaults never fail a request.
@@ -93,6 +97,8 @@ class GenerationPolicy:
             raise ValueError("default_max_tokens must lie in [1, max_tokens_limit]")
         if self.max_prompt_characters < 1:
             raise ValueError("max_prompt_characters must be at least 1")
+        if self.tool_format not in FORMATS:
+            raise ValueError(f"tool_format must be one of {FORMATS}")
         defaults = self.defaults()
         try:
             _check_sampling(defaults)
@@ -148,8 +154,9 @@ class GenerationRequest:
     """One validated request: its prompt text, sampling settings and delivery mode.
 
     Attributes:
-        messages: the chat turns when the prompt came as ``messages``; then ``prompt`` is
-            their JSON text.
+        messages: the chat turns' roles and contents when the prompt came as ``messages``;
+            then ``prompt`` is their JSON text and ``chat`` the whole conversation (tools,
+            calls and their results included), which the engine templates.
         raw: tokenize ``prompt`` verbatim, without the chat template.
         response_format: the grammar the output must follow (JSON or a JSON Schema), or None.
         logprobs: None for no log probabilities; else how many of the most likely tokens each
@@ -163,6 +170,7 @@ class GenerationRequest:
     raw: bool = False
     response_format: ResponseFormat | None = None
     logprobs: int | None = None
+    chat: Chat | None = None
 
 
 def parse_request(values: Mapping[str, object], policy: GenerationPolicy) -> GenerationRequest:
@@ -187,8 +195,9 @@ def parse_request(values: Mapping[str, object], policy: GenerationPolicy) -> Gen
         raise RequestError(
             "prompt_format", f"must be one of {PROMPT_FORMATS}, got {prompt_format!r}"
         )
-    messages = _parse_messages(prompt) if prompt_format == "messages" else None
-    _check_prompt_length(prompt, messages, policy.max_prompt_characters)
+    chat = parse_chat(prompt) if prompt_format == "messages" else None
+    messages = None if chat is None else tuple((m["role"], m["content"]) for m in chat.messages)
+    _check_prompt_length(prompt, chat, policy.max_prompt_characters)
     defaults = policy.defaults()
     max_tokens = _as_int("max_tokens", given.get("max_tokens", defaults["max_tokens"]))
     if max_tokens <= 0 or max_tokens > policy.max_tokens_limit:
@@ -213,8 +222,8 @@ def parse_request(values: Mapping[str, object], policy: GenerationPolicy) -> Gen
     return GenerationRequest(
         prompt=prompt, params=params, stream=_as_bool("stream", given.get("stream", False)),
         messages=messages, raw=prompt_format == "raw",
-        response_format=parse_response_format(given.get("response_format")),
-        logprobs=_parse_logprobs(given.get("logprobs")),
+        response_format=parse_constraint(given.get("response_format"), policy.tool_format),
+        logprobs=_parse_logprobs(given.get("logprobs")), chat=chat,
     )
 
 
@@ -232,48 +241,27 @@ def _parse_logprobs(value: object) -> int | None:
     return count
 
 
-def _check_prompt_length(
-    prompt: str, messages: tuple[tuple[str, str], ...] | None, limit: int
-) -> None:
+def _check_prompt_length(prompt: str, chat: Chat | None, limit: int) -> None:
     """Refuse a prompt over ``limit`` characters before any template or tokenizer reads it.
 
     A tokenizer's time and memory grow with the whole text, before the context check can
     count its tokens; the engine's callers wait meanwhile. For ``messages`` the contents
-    count, not the JSON around them (the same count the gateway makes for a chat).
+    count, with calls' arguments and the tools, not the JSON around them (the same count the
+    gateway makes for a chat).
     """
-    if messages is None:
+    if chat is None:
         if len(prompt) > limit:
             raise RequestError(
                 "text_input", f"the prompt is {len(prompt)} characters long; at most {limit} "
                 "are allowed"
             )
         return
-    total = sum(len(content) for _, content in messages)
+    total = chat.characters
     if total > limit:
         raise RequestError(
             "messages", f"the contents are {total} characters long together; at most {limit} "
             "are allowed"
         )
-
-
-def _parse_messages(text: str) -> tuple[tuple[str, str], ...]:
-    """A JSON list of ``{"role", "content"}`` objects, as the gateway forwards chat turns."""
-    try:
-        items = json.loads(text)
-    except ValueError:
-        raise RequestError("text_input", "with prompt_format messages must be JSON") from None
-    if not isinstance(items, list) or not items:
-        raise RequestError("text_input", "with prompt_format messages must be a non-empty list")
-    turns = []
-    for index, item in enumerate(items):
-        role = item.get("role") if isinstance(item, dict) else None
-        content = item.get("content") if isinstance(item, dict) else None
-        if role not in CHAT_ROLES or not isinstance(content, str):
-            raise RequestError(
-                f"messages[{index}]", f"needs a role in {CHAT_ROLES} and a string content"
-            )
-        turns.append((role, content))
-    return tuple(turns)
 
 
 def _check_sampling(values: Mapping[str, Any]) -> None:
