@@ -35,12 +35,16 @@ probes decide when the pod is Ready. :class:`PodRunner` reproduces those parts a
   (``/dev/termination-log`` by default), as the kubelet binds one in;
   :meth:`PodRunner.termination_message` is what the container's status reports from it
   (``FallbackToLogsOnError`` included).
-* **Images** are stood in for by this machine: ``tritonop`` from the project's venv
-  at ``/opt/tritonop`` (with the examples at ``/opt/tritonop/examples``, as
-  ``Dockerfile.operator`` copies them) for the operator image; the pinned
+* **Images** are stood in for by this machine, each with a Python environment that holds
+  only what its Dockerfile installs (``tests/support/images.py``: links to those
+  distributions of the development venv and their dependencies, so an import the image
+  lacks fails here too): the operator image's venv at ``/opt/tritonop`` (``tritonop``
+  and ``kopf`` in its ``bin``, the examples at ``/opt/tritonop/examples``, as
+  ``Dockerfile.operator`` copies them); for the Triton image, the pinned
   ``nvidia-pytriton`` wheel's ``tritonserver``, backends and caches at
-  ``/opt/tritonserver`` (where NGC images keep them) for the Triton image, whose
-  ``python3`` is the venv's.
+  ``/opt/tritonserver`` (where NGC images keep them) and its environment at
+  ``/opt/tritonserver/python``, whose ``python3`` is first on PATH (the Python backend's
+  stub takes its prefix from it, so the models import from it too).
 * **Network**: each pod gets its own network namespace with a veth pair (pod IP
   ``10.x.y.2``, host side ``.1``), so the rendered fixed ports 8000-8002 never clash
   with another pod or with a server on the host, and probes reach the pod IP as a
@@ -55,7 +59,8 @@ probes decide when the pod is Ready. :class:`PodRunner` reproduces those parts a
   Always``) with the kubelet's doubling back-off; ``Never`` leaves it down, ``OnFailure``
   leaves it down after an exit with 0.
 
-What it cannot show: image contents (it runs this machine's Python and Triton 2.51),
+What it cannot show: the rest of the images (it runs this machine's Python 3.11 and
+Triton 2.51, the images Python 3.12 and Triton 2.53; what the bases carry besides pip),
 scheduling, resource limits and cgroups, GPUs, Services and DNS, NetworkPolicies (no
 traffic is filtered), and how fast a node pulls images. Mount points such as ``/models``
 and ``/artifacts`` are created (empty) on the host's root, since the containers share it;
@@ -87,6 +92,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tests.support.images import image_environment
 from tritonop.render.kubernetes import Images
 from tritonop.runtime.local import make_backend_dir, server_environment, triton_home
 
@@ -459,35 +465,40 @@ class StandIn:
 
 
 def stand_in_images(workdir: Path, images: Images | None = None) -> dict[str, StandIn]:
-    """This machine's stand-ins for the operator and Triton images, by image name."""
+    """This machine's stand-ins for the operator and Triton images, by image name.
+
+    Each has its image's own Python environment (tests/support/images.py), holding only
+    what its Dockerfile installs. The operator's is the virtual environment at
+    ``/opt/tritonop`` with the examples in it. Triton's ``python3`` (first on its PATH, as
+    the NGC image's /usr/bin/python3 is) is the environment bound at
+    ``/opt/tritonserver/python``: the Python backend's stub embeds Python, which finds its
+    prefix from the ``python3`` on PATH, so the models import from that environment too,
+    not from the development venv.
+    """
     images = images or Images()
-    venv_bin = Path(sys.executable).parent
-    operator_root = workdir / "images" / "operator"
-    operator_root.mkdir(parents=True, exist_ok=True)
-    for name, target in (("bin", venv_bin), ("examples", ROOT / "examples")):
-        link = operator_root / name
-        if not link.is_symlink():
-            link.symlink_to(target)
+    operator_prefix, triton_python = "/opt/tritonop", "/opt/tritonserver/python"
     env, wd, _ = dockerfile_environment(ROOT / "deploy" / "Dockerfile.operator")
-    operator = StandIn({"/opt/tritonop": operator_root}, env, wd or "/")
+    operator = StandIn({operator_prefix: image_environment("operator", operator_prefix)},
+                       env, wd or "/")
 
     home = triton_home()
     triton_root = workdir / "images" / "triton"
     (triton_root / "bin").mkdir(parents=True, exist_ok=True)
+    (triton_root / "python").mkdir(exist_ok=True)  # the environment's mount point
     for name, target in (("bin/tritonserver", home / "bin" / "tritonserver"),
                          ("caches", home / "caches")):
         link = triton_root / name
         if not link.is_symlink():
             link.symlink_to(target)
     make_backend_dir(triton_root / "backends", home)
-    # The NGC image's own environment (PATH with /opt/tritonserver/bin, its libraries),
-    # with this venv's python3 standing in for the image's, then Dockerfile.triton's ENV.
     local = server_environment(home)
-    env = {"PATH": f"/opt/tritonserver/bin:{venv_bin}:{BASE_PATH}",
+    env = {"PATH": f"/opt/tritonserver/bin:{triton_python}/bin:{BASE_PATH}",
            "LD_LIBRARY_PATH": local["LD_LIBRARY_PATH"]}
     extra, wd, _ = dockerfile_environment(ROOT / "deploy" / "Dockerfile.triton")
     env.update({k: v.replace(BASE_PATH, env["PATH"]) for k, v in extra.items()})
-    triton = StandIn({"/opt/tritonserver": triton_root}, env, wd or "/opt/tritonserver")
+    triton = StandIn({"/opt/tritonserver": triton_root,
+                      triton_python: image_environment("triton", triton_python)},
+                     env, wd or "/opt/tritonserver")
     return {images.operator: operator, images.triton: triton}
 
 
@@ -574,6 +585,8 @@ class Container:
     then a kubelet shows no running container (no probe, no exec, not Ready)."""
     setup_pipe: int | None = None
     """Read end of the pipe on which the script says so."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Its environment (the image's, then its own), which ``kubectl exec`` runs with too."""
 
     @property
     def name(self) -> str:
@@ -791,6 +804,7 @@ class PodRunner:
                                                   *spec.get("args", [])]]
         env = {**stand_in.env, "HOSTNAME": self.name, **env}
         env.setdefault("PATH", BASE_PATH)
+        container.env = env
         workdir = spec.get("workingDir") or stand_in.workdir
         lines.append(f"cd {shlex.quote(workdir)}")
         # Tell the runner the container is set up ($1: the pipe's fd, which may be above 9:
@@ -1110,7 +1124,8 @@ class PodRunner:
             time.sleep(0.02)
         return subprocess.run(
             ["nsenter", f"--target={container.process.pid}", "--mount", "--net",
-             *self._privileges(container), *command],
+             *self._privileges(container), "env", "-i",
+             *(f"{k}={v}" for k, v in container.env.items()), *command],
             capture_output=True, text=True, timeout=timeout, check=False)
 
     def container(self, name: str) -> Container:
