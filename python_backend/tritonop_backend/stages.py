@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Union
+from typing import Any, Protocol, Union
 
 import numpy as np
 
@@ -193,6 +193,62 @@ class PoolingStage:
         return run_valid(batch, check, work)
 
 
+def run_chain(steps: tuple[Stage, ...], batch: list[Inputs], outputs: tuple[str, ...]
+              ) -> list[Result]:
+    """Run ``steps`` one after the other over ``batch``, as an ensemble would in one process.
+
+    Each step reads its inputs from what the request brought and what earlier steps gave
+    it; a request that a step refuses keeps that error and leaves the later steps. Returns
+    the named ``outputs`` of each request that came through.
+    """
+    # What each request brought, then what each step gave it (optional inputs may be None).
+    tensors: list[dict[str, Any]] = [dict(inputs) for inputs in batch]
+    errors: list[RequestError | None] = [None] * len(batch)
+    for step in steps:
+        going = [i for i, error in enumerate(errors) if error is None]
+        if not going:
+            break
+        answers = step.run([{name: tensors[i].get(name) for name in step.inputs}
+                            for i in going])
+        for i, answer in zip(going, answers, strict=True):
+            if isinstance(answer, RequestError):
+                errors[i] = answer
+            else:
+                tensors[i].update(answer)
+    return [error if error is not None
+            else {name: carried[name] for name in outputs}
+            for error, carried in zip(errors, tensors, strict=True)]
+
+
+class EmbedStage:
+    """``text`` -> ``embedding``, ``attention_mask``: :class:`TokenizerStage`,
+    :class:`EncoderStage` and :class:`PoolingStage` run in turn in one process.
+
+    The model of ``spec.stages.fuse``: what ``<name>_embedding`` computes through three
+    Python models, with one queue, one dynamic batcher and no tensors passed between stub
+    processes. ``attention_mask`` is the tokenizer's, as the three-model ensemble answers
+    it (its row sums are the token counts the gateway reports).
+    """
+
+    inputs = ("text",)
+    outputs = ("embedding", "attention_mask")
+
+    def __init__(self, parameters: Parameters, device: str = "cpu") -> None:
+        self.steps: tuple[Stage, ...] = (TokenizerStage(parameters, device),
+                                         EncoderStage(parameters, device),
+                                         PoolingStage(parameters, device))
+
+    @classmethod
+    def from_steps(cls, tokenizer: Stage, encoder: Stage, pooling: Stage) -> EmbedStage:
+        """An embed stage over stages already built (for tests and benchmarks)."""
+        stage = cls.__new__(cls)
+        stage.steps = (tokenizer, encoder, pooling)
+        return stage
+
+    def run(self, batch: list[Inputs]) -> list[Result]:
+        return run_chain(self.steps, batch, self.outputs)
+
+
 @dataclass(frozen=True)
 class _Query:
     embeddings: np.ndarray
@@ -331,4 +387,5 @@ STAGES: dict[str, Callable[[Parameters, str], Stage]] = {
     "encoder": EncoderStage,
     "pooling": PoolingStage,
     "search": SearchStage,
+    "embed": EmbedStage,
 }

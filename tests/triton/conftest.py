@@ -2,6 +2,7 @@
 
 * ``ts``: TorchScript encoder, mean pooling, response cache on;
 * ``ox``: ONNX encoder, mean pooling;
+* ``oxf``: ``ox`` with ``stages.fuse``: tokenizer, encoder and pooling in one model;
 * ``mx``: TorchScript encoder, max pooling;
 * ``tiny``: a 12-text corpus and a one-slot encoder queue, for backpressure;
 * ``flt``: the 12 texts as JSONL records with fields (``FILTER_RECORDS``), for filters;
@@ -56,6 +57,7 @@ def triton(tmp_path_factory, exported, corpus, tiny_corpus, fields_corpus, tiny_
     resources = [
         embedding_search("ts", corpus, cache={"enabled": True, "size": "8Mi"}),
         embedding_search("ox", corpus, model={"format": "onnx"}),
+        embedding_search("oxf", corpus, model={"format": "onnx"}, stages={"fuse": True}),
         embedding_search("mx", corpus, model={"pooling": "max"}),
         embedding_search("tiny", tiny_corpus, stages={"encoder": one_slot},
                          search={"defaultTopK": 3, "maxTopK": 100}),

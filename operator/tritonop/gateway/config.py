@@ -204,11 +204,9 @@ def model_entry(resource: Resource) -> ModelEntry:
                           streaming=spec.generation.streaming, max_batch=1, limits=limits,
                           client_limits=every, named_limits=named)
     assert isinstance(spec, EmbeddingSearchSpec)
-    stages = spec.stages
-    batch = min(s.max_batch_size for s in (stages.tokenizer, stages.encoder, stages.pooling,
-                                           stages.search))
     return ModelEntry(resource.name, EMBEDDING, admission, max_top_k=spec.search.max_top_k,
-                      default_top_k=spec.search.default_top_k, max_batch=batch, limits=limits,
+                      default_top_k=spec.search.default_top_k,
+                      max_batch=spec.stages.client_batch, limits=limits,
                       client_limits=every, named_limits=named,
                       fields={f.name: f.type for f in spec.corpus.fields},
                       rerank_candidates=spec.rerank.candidates if spec.rerank else 0,

@@ -9,6 +9,10 @@ An ``EmbeddingSearch`` named ``news`` becomes six models:
 * ``news_tokenizer``, ``news_encoder``, ``news_pooling``, ``news_search``: the
   Python-backend steps the ensembles share.
 
+With ``spec.stages.fuse``, ``news_embed`` (``text`` -> ``embedding``, ``attention_mask``:
+the tokenizer, encoder and pooling in one model) stands for the first three, and
+``news_embedding`` is an ensemble of that one step: four models, the same two for clients.
+
 With ``spec.rerank``, two more: ``news_rerank``, the cross-encoder (``query`` and
 ``documents`` -> ``scores``, ``tokens``), which the gateway calls for ``/v1/rerank`` and
 for a search with ``rerank: true``; and ``news_reranked``, the search re-scored by it for
@@ -98,33 +102,46 @@ def embedding_search_models(resource: Resource, artifacts_root: str) -> list[Con
                                  "filter": "filter"},
               {"ids": "ids", "scores": "scores", "texts": "texts"})
     # A client batch must fit every step it passes through.
-    batch = min(s.max_batch_size for s in (stages.tokenizer, stages.encoder, stages.pooling,
-                                           stages.search))
+    batch = stages.client_batch
+    # The tokenizer is the one step that reads client text: it refuses a text over the
+    # bound before tokenizing it, whichever ensemble the request came through.
+    # Both ensembles' texts are queries (search, /v1/embeddings): the query prompt.
+    reads_text = {"max_input_characters": str(spec.api.limits.max_input_characters),
+                  "query_prompt": render_prompt(spec.model.query_prompt)}
+    encodes = {"threads": str(stages.encoder.threads)}
+    pools = {"normalize": _auto(spec.model.normalize)}
+    gpu = spec.model.device == "gpu"
+    if stages.fuse:
+        # spec.stages.fuse: the three steps in one model, batched and scaled as the encoder.
+        embed = (f"{name}_embed", {"text": "text"},
+                 {"embedding": "embedding", "attention_mask": "attention_mask"})
+        embedding_steps = [embed]
+        search_steps = [(embed[0], embed[1], {"embedding": "embedding"}), search]
+        embedding_models = [python_model(
+            f"{name}_embed", stages.encoder, [text], [embedding, mask],
+            {"stage": "embed", **shared, **reads_text, **encodes, **pools}, gpu=gpu)]
+    else:
+        embedding_steps, search_steps = [tokenize, encode, pool], [tokenize, encode, pool, search]
+        embedding_models = [
+            python_model(f"{name}_tokenizer", stages.tokenizer, [text], [ids, mask],
+                         {"stage": "tokenizer", **shared, **reads_text}),
+            python_model(
+                f"{name}_encoder", stages.encoder,
+                [tensor("input_ids", "INT64", [-1], ragged=True), ragged_mask], [hidden],
+                {"stage": "encoder", **version, "model_dir": model_dir, **encodes}, gpu=gpu,
+            ),
+            python_model(
+                f"{name}_pooling", stages.pooling,
+                [tensor("token_embeddings", "FP32", [-1, -1], ragged=True), ragged_mask],
+                [embedding], {"stage": "pooling", **pools, **shared},
+            ),
+        ]
     return [
-        ensemble(name, batch, [text, num_results, search_filter], results,
-                 [tokenize, encode, pool, search], response_cache=spec.cache.enabled),
+        ensemble(name, batch, [text, num_results, search_filter], results, search_steps,
+                 response_cache=spec.cache.enabled),
         # attention_mask too: its row sums are the token counts the gateway reports as usage.
-        ensemble(f"{name}_embedding", batch, [text], [embedding, mask],
-                 [tokenize, encode, pool]),
-        # The tokenizer is the one step that reads client text: it refuses a text over the
-        # bound before tokenizing it, whichever ensemble the request came through.
-        # Both ensembles' texts are queries (search, /v1/embeddings): the query prompt.
-        python_model(f"{name}_tokenizer", stages.tokenizer, [text], [ids, mask],
-                     {"stage": "tokenizer", **shared,
-                      "max_input_characters": str(spec.api.limits.max_input_characters),
-                      "query_prompt": render_prompt(spec.model.query_prompt)}),
-        python_model(
-            f"{name}_encoder", stages.encoder,
-            [tensor("input_ids", "INT64", [-1], ragged=True), ragged_mask], [hidden],
-            {"stage": "encoder", **version, "model_dir": model_dir,
-             "threads": str(stages.encoder.threads)},
-            gpu=spec.model.device == "gpu",
-        ),
-        python_model(
-            f"{name}_pooling", stages.pooling,
-            [tensor("token_embeddings", "FP32", [-1, -1], ragged=True), ragged_mask],
-            [embedding], {"stage": "pooling", "normalize": _auto(spec.model.normalize), **shared},
-        ),
+        ensemble(f"{name}_embedding", batch, [text], [embedding, mask], embedding_steps),
+        *embedding_models,
         python_model(
             f"{name}_search", stages.search, [embedding, num_results, search_filter], results,
             {"stage": "search", "index_dir": index_dir,

@@ -236,6 +236,25 @@ class EmbeddingStages(SpecModel):
     encoder: EncoderSettings = EncoderSettings()
     pooling: StageSettings = StageSettings()
     search: SearchSettings = SearchSettings()
+    fuse: bool = Field(
+        False,
+        description="Run tokenizer, encoder and pooling as one Python model, <name>_embed "
+        "(one queue and one hop between processes instead of three), batched, scaled and "
+        "threaded as encoder says; tokenizer and pooling settings are then unused. The "
+        "models clients call (<name>, <name>_embedding) keep their inputs and outputs.",
+    )
+
+    @property
+    def embedding(self) -> tuple[StageSettings, ...]:
+        """The settings of the models that turn text into embeddings (one when fused)."""
+        if self.fuse:
+            return (self.encoder,)
+        return (self.tokenizer, self.encoder, self.pooling)
+
+    @property
+    def client_batch(self) -> int:
+        """The most rows one request may send: a batch must fit every model it passes."""
+        return min(s.max_batch_size for s in (*self.embedding, self.search))
 
 
 class CacheSpec(SpecModel):
