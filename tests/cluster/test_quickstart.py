@@ -11,26 +11,40 @@ list. The tests run in order, each on what the one before set up.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import yaml
 
-from tests.cluster.agent import SYSTEM, agent_node, kubectl, operator_pod, pods, post, ready
+from tests.cluster.agent import (
+    SEED_REQUEST,
+    SYSTEM,
+    agent_node,
+    assert_every_endpoint_answers,
+    kubectl,
+    news_pods,
+    operator_pod,
+    pods,
+    post,
+    ready,
+    record_figure,
+    reference_top5,
+)
 from tests.cluster.helpers import get, wait_status
+from tests.cluster.service_load import Counts, ServiceLoad
 from tests.support.cluster import ROOT, ControlPlane, Operator, wait_for
 from tests.support.node_agent import NodeAgent
 from tests.support.podrunner import can_run_pods
+from tritonop.render.kubernetes import CONFIG_HASH_ANNOTATION
 
 REASON = can_run_pods()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
-
-SEED_REQUEST = {"text": "europe climate change storm", "num_results": 5}
 
 
 @pytest.fixture(scope="module")
@@ -96,54 +110,6 @@ def test_quickstart_operator_runs_as_its_own_pod(cluster, node):
     assert pod["status"]["containerStatuses"][0]["restartCount"] == 0
 
 
-def news_pods(cluster: ControlPlane) -> list[dict[str, Any]]:
-    return [p for p in pods(cluster, "default", "app.kubernetes.io/instance=news")
-            if not p["metadata"].get("deletionTimestamp")]
-
-
-def ready_endpoints(cluster: ControlPlane) -> tuple[list[str], int]:
-    """The ready addresses of the news Service's EndpointSlices, and its gateway port."""
-    slices = cluster.get_json("endpointslices", "-n", "default", "-l",
-                              "kubernetes.io/service-name=news")["items"]
-    addresses = sorted(a for s in slices for e in s.get("endpoints") or []
-                       if e["conditions"].get("ready") for a in e["addresses"])
-    ports = {p["port"] for s in slices for p in s.get("ports") or [] if p["name"] == "openai"}
-    return addresses, ports.pop() if len(ports) == 1 else 0
-
-
-def reference_top5(node: NodeAgent, pod_name: str) -> list[int]:
-    """The seed's top 5 by sentence-transformers and numpy over the pod's own index."""
-    from safetensors.numpy import load_file
-    from sentence_transformers import SentenceTransformer
-
-    from tritonop.artifacts.sources import locate
-    from tritonop.resources import iter_resources
-
-    (news,) = iter_resources([ROOT / "examples" / "news-search.yaml"])
-    (index,) = (node.pod("default", pod_name).runner.volumes["artifacts"] / "news").glob(
-        "*/index")
-    matrix = load_file(str(index / "embeddings.safetensors"))["embeddings"]
-    query = SentenceTransformer(str(locate(news.spec.model.source)), device="cpu").encode(
-        SEED_REQUEST["text"], normalize_embeddings=True)
-    return np.argsort(-(matrix @ query), kind="stable")[:5].tolist()
-
-
-def assert_every_endpoint_answers(cluster: ControlPlane, expected_pods: int) -> list[int]:
-    """The seed's search through each ready endpoint of the Service; the ids they agree on."""
-    def listed() -> tuple[list[str], int] | None:
-        found = ready_endpoints(cluster)
-        return found if len(found[0]) == expected_pods else None
-
-    addresses, port = wait_for(listed, 60, f"{expected_pods} ready endpoints")
-    ips = sorted(p["status"]["podIP"] for p in news_pods(cluster) if ready(p))
-    assert addresses == ips and port == 8080
-    answers = [post(f"http://{ip}:{port}/v1/search", {"model": "news", **SEED_REQUEST})
-               for ip in addresses]
-    ids = [[hit["id"] for hit in answer["data"]] for answer in answers]
-    assert all(i == ids[0] and len(i) == 5 for i in ids), ids
-    return ids[0]
-
-
 # A cold start embeds the 20K-text corpus in the prepare Job's pod: ~4 minutes on two quiet
 # cores, over 15 on a loaded machine (CI once hit the suite's 900 s timeout there).
 @pytest.mark.timeout(2400)
@@ -152,14 +118,14 @@ def test_quickstart_news_search_answers_through_its_service(cluster, node,
     """`kubectl apply -f examples/news-search.yaml`: the prepare Job's pod fills a claim, the
     Triton pod loads it, turns Ready and answers the seed's search at the pod IPs that its
     Service's EndpointSlices list."""
-    started = time.monotonic()
+    started, load = time.monotonic(), os.getloadavg()[0]
     kubectl(cluster, "kubectl apply -f examples/news-search.yaml")
     resource = wait_status(cluster, "EmbeddingSearch", "news", "default",
                            lambda r: (r.get("status") or {}).get("phase") == "Ready",
                            "Ready", timeout=2100)
     ids = assert_every_endpoint_answers(cluster, 1)
     seconds = time.monotonic() - started
-    record_testsuite_property("quickstart_news_first_answer_seconds", round(seconds, 1))
+    record_figure(record_testsuite_property, "quickstart_news_first_answer", seconds, load)
     print(f"\nkubectl apply -f examples/news-search.yaml to the first answer: {seconds:.0f} s")
     assert resource["status"]["readyReplicas"] == 1
     (pod,) = news_pods(cluster)
@@ -217,6 +183,159 @@ def test_quickstart_scale_to_three_and_a_deleted_pod_is_replaced(cluster, node):
                 timeout=120)
     assert_every_endpoint_answers(cluster, 3)
     assert not node.errors, node.errors
+
+
+# --- nothing dropped -----------------------------------------------------------------------
+# A steady load through the Service (tests/cluster/service_load.py) while pods stop: a pod
+# deleted, a rolling update, a scale-down. A stopping pod's gateway fails its readiness at
+# once and serves new requests for its drain (--drain-seconds) while the EndpointSlice
+# controller and the load client (kube-proxy's part) take it out; then it finishes what it
+# has, and only then does Triton's preStop hook let Triton stop.
+
+MIN_ANSWERED = 100
+ROUTING_LAG = 2.0
+"""Seconds the load client routes by an out-of-date view of the endpoints: kube-proxy's
+(at most one sync a second, and the rules' update) on a busy node. So requests do reach a
+pod after it was told to stop, which only its drain answers."""
+
+
+def news_with_three_ready_replicas(cluster: ControlPlane) -> None:
+    """Where the scale test leaves the quickstart; from a fresh module (``-k test_no_drop``)
+    the operator is installed, the example applied and scaled to three first."""
+    pod = operator_pod(cluster)
+    if pod is None or not ready(pod):
+        kubectl(cluster, "kubectl apply -k deploy/")
+        wait_for(lambda: (p := operator_pod(cluster)) and ready(p), 180, "the operator Ready")
+    news = get(cluster, "esearch", "news", "default")
+    if news is None:
+        kubectl(cluster, "kubectl apply -f examples/news-search.yaml")
+    if news is None or news["spec"].get("replicas") != 3:
+        kubectl(cluster, "kubectl scale esearch news --replicas=3")
+    wait_status(cluster, "EmbeddingSearch", "news", "default",
+                lambda r: (r.get("status") or {}).get("readyReplicas") == 3
+                and r["status"].get("phase") == "Ready", "3 ready replicas", timeout=2100)
+    wait_for(lambda: len(all_news_pods(cluster)) == 3, 180, "no news pod terminating")
+    assert_every_endpoint_answers(cluster, 3)
+
+
+def all_news_pods(cluster: ControlPlane) -> list[dict[str, Any]]:
+    """The news pods, terminating ones included."""
+    return pods(cluster, "default", "app.kubernetes.io/instance=news")
+
+
+def service_load(cluster: ControlPlane) -> ServiceLoad:
+    """The seed's search through the news Service, as in the README, from three clients."""
+    return ServiceLoad(cluster, {"model": "news", **SEED_REQUEST}, threads=3, pause=0.05,
+                       lag=ROUTING_LAG)
+
+
+def record_counts(record_testsuite_property: Any, case: str, counts: Counts) -> None:
+    record_testsuite_property(f"no_drop_{case}_sent", counts.sent)
+    record_testsuite_property(f"no_drop_{case}_answered", counts.answered)
+    record_testsuite_property(f"no_drop_{case}_failed", counts.failed)
+    record_testsuite_property(f"no_drop_{case}_to_stopping", counts.to_stopping)
+    print(f"\nno drop, {case}: {counts.sent} sent, {counts.answered} answered, "
+          f"{counts.failed} failed, {counts.to_stopping} sent to a stopping pod; answered by "
+          f"endpoint: {dict(counts.by_endpoint)}")
+
+
+def assert_nothing_dropped(counts: Counts, node: NodeAgent) -> None:
+    assert counts.failed == 0, counts.failures[:20]
+    assert counts.answered == counts.sent
+    assert counts.answered >= MIN_ANSWERED, counts
+    # Requests did reach a pod told to stop (routed ROUTING_LAG late): its drain answered.
+    assert counts.to_stopping > 0, counts
+    assert not node.errors, node.errors
+
+
+@pytest.mark.timeout(2400)
+def test_no_drop_when_a_pod_is_deleted(cluster, node, record_testsuite_property):
+    """`kubectl delete pod` under load: the pod drains and stops, a new one replaces it, and
+    every request sent meanwhile is answered."""
+    news_with_three_ready_replicas(cluster)
+    victim = news_pods(cluster)[0]["metadata"]
+    with service_load(cluster) as load:
+        cluster.kubectl("delete", "pod", victim["name"], "-n", "default", "--wait=false")
+        wait_for(lambda: victim["uid"] not in {p["metadata"]["uid"]
+                                               for p in all_news_pods(cluster)},
+                 180, "the deleted pod stopped and removed")
+
+        def replaced() -> bool:
+            running = news_pods(cluster)
+            return len(running) == 3 and all(ready(p) for p in running)
+
+        wait_for(replaced, 600, "3 Ready pods again")
+        wait_for(lambda: len(load.endpoints) == 3, 60, "the new pod among the endpoints")
+        answered = load.counts.by_endpoint.copy()
+        wait_for(lambda: all(load.counts.by_endpoint[a] > answered[a]
+                             for a, _ in load.endpoints), 60, "answers from every endpoint")
+    counts = load.counts
+    record_counts(record_testsuite_property, "pod_deleted", counts)
+    assert_nothing_dropped(counts, node)
+
+
+@pytest.mark.timeout(2400)
+def test_no_drop_during_a_rolling_update(cluster, node, record_testsuite_property):
+    """A spec change that rolls the pods (search.defaultTopK: a new config hash, the same
+    artifacts, so no prepare Job) under load: one new pod at a time (maxSurge 1 and
+    maxUnavailable 0 of 3), each old one drained; nothing dropped."""
+    news_with_three_ready_replicas(cluster)
+    before = {p["metadata"]["uid"] for p in all_news_pods(cluster)}
+    deployment = cluster.get_json("deployment", "news-triton", "-n", "default")
+    strategy = deployment["spec"]["strategy"]["rollingUpdate"]
+    assert (strategy["maxSurge"], strategy["maxUnavailable"]) == ("25%", "25%")  # 1 and 0 of 3
+    config_hash = deployment["spec"]["template"]["metadata"]["annotations"][
+        CONFIG_HASH_ANNOTATION]
+    def prepare_jobs() -> set[str]:
+        return {j["metadata"]["name"] for j in cluster.get_json("jobs", "-n", "default")["items"]
+                if "-prepare-" in j["metadata"]["name"]}
+
+    jobs = prepare_jobs()
+    top_k = get(cluster, "esearch", "news", "default")["spec"]["search"]["defaultTopK"]
+    with service_load(cluster) as load:
+        cluster.kubectl("patch", "esearch", "news", "-n", "default", "--type=merge", "-p",
+                        json.dumps({"spec": {"search": {"defaultTopK": top_k + 1}}}))
+
+        def rolled() -> bool:
+            running = all_news_pods(cluster)
+            return len(running) == 3 and all(ready(p) for p in running) \
+                and not before & {p["metadata"]["uid"] for p in running}
+
+        wait_for(rolled, 1200, "3 new Ready pods, the old ones gone")
+        wait_for(lambda: len(load.endpoints) == 3, 60, "the new pods among the endpoints")
+        answered = load.counts.by_endpoint.copy()
+        wait_for(lambda: all(load.counts.by_endpoint[a] > answered[a]
+                             for a, _ in load.endpoints), 60, "answers from every endpoint")
+    counts = load.counts
+    record_counts(record_testsuite_property, "rolling_update", counts)
+    assert_nothing_dropped(counts, node)
+    rolled_to = cluster.get_json("deployment", "news-triton", "-n", "default")
+    assert rolled_to["spec"]["template"]["metadata"]["annotations"][
+        CONFIG_HASH_ANNOTATION] != config_hash
+    assert prepare_jobs() == jobs  # the same artifacts: nothing prepared again
+    wait_status(cluster, "EmbeddingSearch", "news", "default",
+                lambda r: (r.get("status") or {}).get("readyReplicas") == 3
+                and r["status"].get("phase") == "Ready", "Ready after the update", timeout=120)
+
+
+@pytest.mark.timeout(2400)
+def test_no_drop_when_scaled_down_from_three_to_one(cluster, node, record_testsuite_property):
+    """`kubectl scale esearch news --replicas=1` under load: two pods drain and stop at
+    once; nothing dropped. The resource stays, at one replica, for the module's teardown."""
+    news_with_three_ready_replicas(cluster)
+    with service_load(cluster) as load:
+        kubectl(cluster, "kubectl scale esearch news --replicas=1")
+        wait_for(lambda: len(all_news_pods(cluster)) == 1, 300,
+                 "two pods stopped and removed")
+        wait_for(lambda: len(load.endpoints) == 1, 60, "one endpoint left")
+        answered = load.counts.answered
+        wait_for(lambda: load.counts.answered > answered, 60, "answers from the last pod")
+    counts = load.counts
+    record_counts(record_testsuite_property, "scale_down", counts)
+    assert_nothing_dropped(counts, node)
+    wait_status(cluster, "EmbeddingSearch", "news", "default",
+                lambda r: (r.get("status") or {}).get("readyReplicas") == 1
+                and r["status"].get("phase") == "Ready", "1 ready replica", timeout=120)
 
 
 def plain_pod(name: str, command: str, **spec: Any) -> dict[str, Any]:
