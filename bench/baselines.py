@@ -218,6 +218,33 @@ def infinity(source_dir: Path, workdir: Path) -> Iterator[dict[str, object]]:
         _stop_group(process)
 
 
+
+@contextmanager
+def infinity_rerank(model_dir: Path, workdir: Path) -> Iterator[dict[str, object]]:
+    """Infinity serving the cross-encoder folder ``model_dir`` (its torch engine, the
+    default for rerankers); yields its ``/rerank`` URL, model name and settings."""
+    python = infinity_python()
+    port = free_port()
+    command = [str(python.parent / "infinity_emb"), "v2", "--model-id", ".",
+               "--engine", "torch", "--batch-size", str(INFINITY_BATCH_SIZE), "--port",
+               str(port), "--host", "127.0.0.1", "--no-bettertransformer", "--log-level",
+               "warning"]
+    log_path = workdir / "infinity-rerank.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", INFINITY_ANONYMOUS_USAGE_STATS="0",
+               DO_NOT_TRACK="1")
+    with open(log_path, "wb") as out:
+        process = subprocess.Popen(command, cwd=model_dir, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        seconds = _wait_ready(f"http://127.0.0.1:{port}/health", process, log_path,
+                              INFINITY_START_TIMEOUT_S, "infinity_emb")
+        log.info("Infinity (rerank) ready in %.0f s", seconds)
+        yield {"url": f"http://127.0.0.1:{port}/rerank", "model": ".",
+               "version": INFINITY_VERSION, "start_seconds": round(seconds, 1),
+               "command": " ".join(command[1:])}
+    finally:
+        _stop_group(process)
+
 def _find_library(names: tuple[str, ...], extra_roots: tuple[Path, ...] = ()) -> Path | None:
     for directory in LIB_DIRS:
         for name in names:

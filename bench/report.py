@@ -1065,18 +1065,208 @@ def section_downloads(downloads: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+QUICKSTART_FIGURES = {
+    "quickstart_news_first_answer": (
+        "`kubectl apply -k deploy/` (cluster-wide), cold", "cold: the prepare Job's pod exports "
+        "the encoder and embeds the 20,000 texts into a claim of the default StorageClass"),
+    "quickstart_namespaced_news_first_answer": (
+        "`kubectl apply -k deploy/namespaced/`, cold", "cold: no StorageClass to read, so the "
+        "Triton pod's `prepare` init container builds them into an emptyDir"),
+    "quickstart_namespaced_news_prepared_first_answer": (
+        "`kubectl apply -k deploy/namespaced/`, prepared artifacts", "a claim the user filled, "
+        "named in `artifacts.persistentVolumeClaim` with `prepare: job`: the Job finds the "
+        "version complete and builds nothing, and the pod only loads"),
+}
+
+
+def quickstart_results(results_dir: Path = RESULTS) -> dict[str, dict[str, Any]]:
+    """Each quickstart figure from the newest ``quickstart-*.json`` that has it."""
+    newest: dict[str, dict[str, Any]] = {}
+    for path in sorted(Path(results_dir).glob("quickstart-*.json")):
+        body = json.loads(path.read_text())
+        for name, figure in body["figures"].items():
+            newest[name] = {**figure, "_file": path.name, "machine": body["machine"]}
+    return newest
+
+
+def section_quickstart(found: dict[str, dict[str, Any]]) -> list[str]:
+    """The README's Kubernetes quickstart: apply to the first answered search."""
+    lines = ["## Kubernetes quickstart: apply to the first answer", "",
+             "What: the time from `kubectl apply -f examples/news-search.yaml` to the first "
+             "search answered through the Service's ready endpoint, in the cluster tier's "
+             "quickstart tests (tests/cluster/test_quickstart*.py: a real control plane, the "
+             "operator as its pod, the pods run by the node agent with this machine's programs "
+             "standing in for the images; docs/kubernetes.md). One run each, on a machine "
+             "shared with other jobs: the load average says how shared.", "",
+             "```",
+             "pytest tests/cluster/test_quickstart.py tests/cluster/test_quickstart_namespaced.py"
+             " --junitxml=/tmp/quickstart.xml",
+             "python -m bench.quickstart /tmp/quickstart.xml",
+             "python -m bench.report",
+             "```", ""]
+    if not found:
+        return [*lines, "*Not run yet: no `bench/results/quickstart-*.json`.*", ""]
+    rows = []
+    for name, figure in sorted(found.items(), key=lambda kv: list(QUICKSTART_FIGURES).index(
+            kv[0]) if kv[0] in QUICKSTART_FIGURES else len(QUICKSTART_FIGURES)):
+        what, how = QUICKSTART_FIGURES.get(name, (name, ""))
+        load = figure.get("load_average")
+        m = figure["machine"]
+        rows.append([what, fmt(figure["seconds"]),
+                     f"{load[0]:.1f} / {load[1]:.1f}" if load else "–",
+                     f"{m['cpu_count']} x {m['cpu_model']}", how, f"`{figure['_file']}`"])
+    return [*lines, *table(["install", "apply to first answer s", "load avg start / end",
+                            "CPU", "artifacts", "results file"], rows)]
+
+
+NO_DROP_CASES = {"pod_deleted": "a pod deleted (`kubectl delete pod`)",
+                 "rolling_update": "a rolling update (`spec.search.defaultTopK` changed)",
+                 "scale_down": "`kubectl scale esearch news --replicas=1` from 3"}
+
+
+def no_drop_results(results_dir: Path = RESULTS) -> tuple[dict[str, dict[str, int]], str]:
+    """The no-drop tests' counts from the newest ``quickstart-*.json`` that has them."""
+    for path in sorted(Path(results_dir).glob("quickstart-*.json"), reverse=True):
+        counts = json.loads(path.read_text()).get("no_drop")
+        if counts:
+            return counts, path.name
+    return {}, ""
+
+
+def section_no_drop(counts: dict[str, dict[str, int]], file: str) -> list[str]:
+    """The no-drop tests: requests through the Service while pods stop."""
+    lines = ["## Nothing dropped while pods stop", "",
+             "What: the seed's search sent steadily by three clients through the news "
+             "Service (each request on a new connection to a ready endpoint, as kube-proxy "
+             "routes, by a view of the EndpointSlices 2 s old, so that requests do reach "
+             "pods already told to stop) while the quickstart's pods stop "
+             "(tests/cluster/test_quickstart.py, `test_no_drop_*`; docs/kubernetes.md, "
+             "\"How a pod stops\"). Failed: any answer but 200, or a connection error.", ""]
+    if not counts:
+        return [*lines, "*Not run yet: no no-drop counts in `bench/results/quickstart-*.json`.*",
+                ""]
+    rows = [[NO_DROP_CASES.get(case, case), str(c["sent"]), str(c["answered"]),
+             str(c["failed"]), str(c["to_stopping"])] for case, c in counts.items()]
+    return [*lines, *table(["case", "sent", "answered", "failed", "sent to a stopping pod"],
+                           rows), f"From `{file}`.", ""]
+
+
 def section_change(result: dict[str, Any], img: Path) -> list[str]:
     """CHANGE: the three prepares' times, one run each (bench/scenarios/change.py)."""
     rows = [[step, fmt(s), fmt(result["load_average_after"][step])]
             for step, s in result["prepare_seconds"].items()]
     return [f"{result['changed_texts']} of {result['texts']} texts changed: the new version "
             f"is ready in {result['ratio']:.1%} of a full prepare's time.", "",
+            *([quiet_line(result["quiet"]), ""] if "quiet" in result else []),
             *table(["prepare", "seconds", "load average after"], rows)]
+
+
+def quiet_line(quiet: dict[str, Any]) -> str:
+    """Whether a single run (no alternations) had the machine to itself."""
+    state = ("**noisy**: " + "; ".join(quiet["why"]) + ", so its latency targets do not pass"
+             if quiet["noisy"] else "quiet")
+    return (f"Load average at the start {quiet['load_per_core_start']:.2f} per core (limit "
+            f"{quiet['limits']['load_per_core']:g}); CPU time of other processes in a measured "
+            f"window at most {quiet['other_cores_max']:.2f} cores (limit "
+            f"{quiet['limits']['other_cores']:g}): {state}.")
+
+
+def section_scale(result: dict[str, Any], img: Path) -> list[str]:
+    """SCALE: every index at one size, and recall over the real embeddings
+    (bench/scenarios/scale.py)."""
+    rows = []
+    for name, s in result["indexes"].items():
+        if "skipped" in s:
+            rows.append([name, *["–"] * 7, s["skipped"]])
+            continue
+        index = s["index"]
+        rows.append([name, fmt(s["search_step_ms"]["p50"]), fmt(s["end_to_end_ms"]["p50"]),
+                     f"{s['recall_at_10']:.4f}", fmt(s["search_model_rss_mb"]),
+                     fmt(s["graph_mb"]), fmt(s["float32_rows_mb"]), fmt(s["build_seconds"]),
+                     f"prepare's recall@10 {index['recall_at_10']:.4f}"
+                     if "recall_at_10" in index else ""])
+    real = result["real"]
+    size = f"{result['vectors']:,}"
+    lines = [f"**Size run: {size} vectors** of {result['dimension']} dimensions (the issue's "
+             f"target size is 10,000,000: `python -m bench --scenario SCALE --vectors N`), "
+             f"{result['clusters']:,} Gaussian clusters around random unit centroids, "
+             f"normalised (bench/synthetic.py), written memory-mapped in "
+             f"{result['generate_seconds']:g} s. {result['queries']} fresh queries from the "
+             f"same mixture, top {result['num_results']}. Search step: the query vector over "
+             "gRPC to the served search model alone; end to end: a query text over HTTP "
+             "`generate` through the whole ensemble (tokenizer, ONNX encoder, pooling, "
+             "search); recall@10: the served results against an exact streaming scan. hnsw: "
+             "usearch, connectivity 16, efConstruction 128, efSearch 64; int8 fetches 4x "
+             "the candidates, binary 20x, and both rescore them with the float32 rows (the "
+             "memory-mapped index file, of which only the candidates' pages are read; "
+             "binary's 1-bit ranking needs more of them: 4x gave recall@10 0.58 at 50K "
+             "vectors). Memory: the "
+             "search model's resident set (pages of memory-mapped files included). Targets "
+             f"are read from `{result['headline']}`, the fastest index meeting the recall and "
+             "memory targets.", "",
+             quiet_line(result["quiet"]), ""]
+    lines += table(["index", "search step p50 ms", "end to end p50 ms", "recall@10",
+                    "search model RSS MB", "graph MB", "float32 rows MB", "build s", ""], rows)
+    lines += [f"Real embeddings: the example's corpus, {real['vectors']:,} texts embedded by "
+              "its model (the largest real corpus here: embedding 1M texts would take ~20 "
+              "minutes, but no 1M-text corpus ships with the project), the same three "
+              "indexes, recall@10 measured by prepare's own check (up to 1,000 of the corpus's "
+              "vectors as queries, exact scan as reference).", ""]
+    lines += table(["index", "recall@10", "queries", "build s", "graph MB"],
+                   [[name, f"{r['recall_at_10']:.4f}", r["recall_queries"],
+                     fmt(r["build_seconds"]), fmt(r["graph_mb"])]
+                    for name, r in real["indexes"].items()])
+    return lines
+
+
+def section_filter(result: dict[str, Any], img: Path) -> list[str]:
+    """FILTER: filtered against unfiltered search, checked against numpy (scale.py)."""
+    rows = [[name, fmt(result[key]["p50"]), fmt(result[key]["p90"]), fmt(result[key]["p99"])]
+            for name, key in (("unfiltered", "unfiltered_ms"), ("filtered", "filtered_ms"))]
+    return [f"**Size run: {result['vectors']:,} vectors** (the issue's size is 1,000,000: "
+            "`python -m bench --scenario FILTER --filter-vectors N`), exact index, clustered "
+            f"synthetic vectors with a `tenant` field of 100 values; the filter "
+            f"`{json.dumps(result['filter'])}` keeps {result['kept_rows']:,} rows "
+            f"({result['kept_share']:.2%}). {result['queries']} query vectors over gRPC to the "
+            "served search model, each sent unfiltered and then filtered; "
+            f"{result['equal_to_scan']:.0%} of the filtered answers equal a numpy "
+            "brute-force scan of the tenant's rows (ids in order, scores within 1e-5).", "",
+            quiet_line(result["quiet"]), "",
+            *table(["search", "p50 ms", "p90 ms", "p99 ms"], rows)]
+
+
+def section_rerank(result: dict[str, Any], img: Path) -> list[str]:
+    """RERANK: ours and Infinity's rerank, alternated (bench/scenarios/rerank.py)."""
+    rows = [[name, *(f"{fig[lvl][QPS_KEY]} ({fmt((fig[lvl]['latency_ms'] or {}).get('p50'))} / "
+                     f"{fmt((fig[lvl]['latency_ms'] or {}).get('p99'))} ms)"
+                     if lvl in fig else "–" for lvl in result["levels"])]
+            for name, fig in result["series"].items()]
+    infinity = result.get("infinity") or {}
+    note = (f"**Infinity: not measured.** {_first_lines(infinity['error'])}"
+            if "error" in infinity else
+            f"Infinity {infinity.get('version')}: `{infinity.get('command')}` from the "
+            f"cross-encoder's folder, ready in {infinity.get('start_seconds')} s.")
+    return [f"Each request: one query and the same {result['documents']} corpus texts, all "
+            "scored and returned ranked (`top_n` = all). The cross-encoder: all-MiniLM-L6-v2's "
+            "BERT with a seeded one-label head, the architecture of "
+            "cross-encoder/ms-marco-MiniLM-L-6-v2 (no cross-encoder ships in a package here "
+            "and model hubs cannot be reached: its scores mean nothing, its cost per pair is "
+            "the real one's). Ours: `spec.rerank` (TorchScript, its default; batches of up to "
+            f"8 requests; stage `{json.dumps(result.get('stage', {}))}`) behind the gateway's "
+            "`/v1/rerank`. Each side's first "
+            "2 s per level are warm-up.", "", note, "",
+            *held_lines(result),
+            *table(["server", *(f"c={lvl}: requests/s (p50 / p99)" for lvl in result["levels"])],
+                   rows)]
+
+
+QPS_KEY = "throughput_qps"
 
 
 SECTIONS = {"S1": section_s1, "S2": section_s2, "S3": section_s3, "S4": section_s4,
             "S5": section_s5, "S6": section_s6, "S7": section_s7, "S8": section_s8,
-            "CHANGE": section_change}
+            "CHANGE": section_change, "SCALE": section_scale, "FILTER": section_filter,
+            "RERANK": section_rerank}
 
 
 def settings_line(result: dict[str, Any], run: dict[str, Any]) -> str:
@@ -1183,6 +1373,8 @@ def write_report(paths: Iterable[Path], docs_dir: Path = DOCS, *,
         if key == "S4":
             lines += section_gpu(result, gpu)
     lines += section_downloads(downloads_results(Path(paths[0]).parent) if paths else None)
+    lines += section_quickstart(quickstart_results(Path(paths[0]).parent) if paths else {})
+    lines += section_no_drop(*(no_drop_results(Path(paths[0]).parent) if paths else ({}, "")))
     lines += ["## Settings", "", SETTINGS_NOTE]
     page = Path(docs_dir) / "benchmarks.md"
     page.write_text("\n".join(lines).rstrip() + "\n")

@@ -3,6 +3,7 @@
     python -m bench                      # every available scenario, full size
     python -m bench --scenario S1 S3     # some of them
     python -m bench --quick              # tiny sizes, a smoke test (no docs unless asked)
+    python -m bench --scenario SCALE --vectors 1000000   # SCALE at another size
     python -m bench --set spec.stages.encoder.instances=2   # try a setting
     python -m bench --scenario S4 --llm-set spec.engine.threads=1   # one for the LLM (S4)
 
@@ -78,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--alternations", type=int, metavar="N",
                         help="S2, S4, S6: start, measure and stop ours and theirs in turn N "
                         f"times per level (default: {Sizes.alternations}; 1 with --quick)")
+    parser.add_argument("--vectors", type=int, metavar="N",
+                        help=f"SCALE's synthetic vectors (default: {Sizes.scale_vectors:,})")
+    parser.add_argument("--filter-vectors", type=int, metavar="N",
+                        help=f"FILTER's vectors (default: {Sizes.filter_vectors:,})")
     parser.add_argument("--baseline-threads", type=int, default=Context.baseline_threads,
                         help="torch threads per FastAPI worker (default: %(default)s)")
     return parser
@@ -180,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.alternations < 1:
             raise SystemExit(f"--alternations wants 1 or more, got {args.alternations}")
         sizes = dataclasses.replace(sizes, alternations=args.alternations)
+    for flag, name, value in (("--vectors", "scale_vectors", args.vectors),
+                              ("--filter-vectors", "filter_vectors", args.filter_vectors)):
+        if value is not None:
+            if value < 100:
+                raise SystemExit(f"{flag} wants 100 or more, got {value}")
+            sizes = dataclasses.replace(sizes, **{name: value})
     artifacts_root = args.artifacts_root or bench_artifacts_root(args.quick)
     started = datetime.now(UTC)
     body: dict[str, Any] = {

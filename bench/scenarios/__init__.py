@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.context import Context
-from bench.scenarios import change, s1, s2, s3, s4, s5, s6, s7, s8
+from bench.scenarios import change, rerank, s1, s2, s3, s4, s5, s6, s7, s8, scale
 
 
 @dataclass(frozen=True)
@@ -54,4 +54,16 @@ SCENARIOS: dict[str, Scenario] = {s.key: s for s in (
     Scenario("CHANGE", "corpora that change",
              "prepare time of a new corpus version with 1% of 200K texts changed (embedding "
              "cache) against a full prepare of one", change.run),
+    Scenario("SCALE", "search at millions of vectors",
+             "exact, hnsw, hnsw+int8 and hnsw+binary (float32 rescoring) over synthetic "
+             "clustered vectors (10M by default, `--vectors`): search-step and end-to-end "
+             "p50, recall@10 against exact, memory, index size and build time; recall@10 "
+             "of the same indexes over the example's real embeddings", scale.run_scale),
+    Scenario("FILTER", "filtered search",
+             "a filter keeping 1% of 1M vectors (`--filter-vectors`), exact index: p50 "
+             "against unfiltered, results against a numpy filtered scan", scale.run_filter),
+    Scenario("RERANK", "reranking",
+             "/v1/rerank of 50 documents with a MiniLM-L6 cross-encoder: p50 at 1 client and "
+             "requests/s at 4 against Infinity's /rerank on the same model, alternated",
+             rerank.run),
 )}
