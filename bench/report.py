@@ -226,6 +226,17 @@ Why each setting:
   refused request and answered throughput fell from 150 to 54 q/s under overload).
 * **The response cache** (`cache.enabled: true` in the example) is off in every
   benchmark: the load generator repeats queries, and cache hits would measure the cache.
+* **`stages.fuse: true`** (default `false`) runs tokenizer, encoder and pooling as one
+  Python model, `<name>_embed`: one queue, one dynamic batcher and one hop between Triton
+  and a stub process instead of three. `<name>` becomes `<name>_embed` -> `<name>_search`
+  and `<name>_embedding` an ensemble of `<name>_embed` alone, with the same inputs and
+  outputs; `stages.encoder` then batches, scales and threads it (`stages.tokenizer` and
+  `stages.pooling` are unused). On a quiet machine (load 0.37 per core, other processes
+  under 0.07 cores; `python -m bench.compare --variant --variant spec.stages.fuse=true
+  --concurrency 1 16 --alternations 3`), search through `<name>` went 1.00x (0.98-1.17)
+  at 1 client and 1.06x (0.99-1.21) at 16, 223.5 -> 227.1 q/s: within the spread, so it
+  stays off. (A first run beside other work showed 1.15x at 16 for search and 1.17x for
+  embeddings: the hop it saves matters more when the cores are contended.)
 
 To try a setting: `python -m bench --scenario S1 S2 --set spec.stages.encoder.instances=3`,
 or several side by side: `python -m bench.compare --variant --variant

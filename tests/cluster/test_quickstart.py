@@ -239,6 +239,15 @@ def record_counts(record_testsuite_property: Any, case: str, counts: Counts) -> 
           f"endpoint: {dict(counts.by_endpoint)}")
 
 
+def wait_answered_by_three(load: ServiceLoad) -> None:
+    """Until the load's view lists three endpoints (the new pods among them) and each has
+    answered since."""
+    wait_for(lambda: len(load.endpoints) == 3, 60, "three endpoints, the new pods among them")
+    answered = load.counts.by_endpoint.copy()
+    wait_for(lambda: all(load.counts.by_endpoint[a] > answered[a] for a, _ in load.endpoints),
+             60, "answers from every endpoint")
+
+
 def assert_nothing_dropped(counts: Counts, node: NodeAgent) -> None:
     assert counts.failed == 0, counts.failures[:20]
     assert counts.answered == counts.sent
@@ -265,10 +274,7 @@ def test_no_drop_when_a_pod_is_deleted(cluster, node, record_testsuite_property)
             return len(running) == 3 and all(ready(p) for p in running)
 
         wait_for(replaced, 600, "3 Ready pods again")
-        wait_for(lambda: len(load.endpoints) == 3, 60, "the new pod among the endpoints")
-        answered = load.counts.by_endpoint.copy()
-        wait_for(lambda: all(load.counts.by_endpoint[a] > answered[a]
-                             for a, _ in load.endpoints), 60, "answers from every endpoint")
+        wait_answered_by_three(load)
     counts = load.counts
     record_counts(record_testsuite_property, "pod_deleted", counts)
     assert_nothing_dropped(counts, node)
@@ -302,10 +308,7 @@ def test_no_drop_during_a_rolling_update(cluster, node, record_testsuite_propert
                 and not before & {p["metadata"]["uid"] for p in running}
 
         wait_for(rolled, 1200, "3 new Ready pods, the old ones gone")
-        wait_for(lambda: len(load.endpoints) == 3, 60, "the new pods among the endpoints")
-        answered = load.counts.by_endpoint.copy()
-        wait_for(lambda: all(load.counts.by_endpoint[a] > answered[a]
-                             for a, _ in load.endpoints), 60, "answers from every endpoint")
+        wait_answered_by_three(load)
     counts = load.counts
     record_counts(record_testsuite_property, "rolling_update", counts)
     assert_nothing_dropped(counts, node)

@@ -73,7 +73,8 @@ class PipInstall:
     no_deps: bool
 
 
-def _logical_lines(dockerfile: Path) -> list[str]:
+def logical_lines(dockerfile: Path) -> list[str]:
+    """The Dockerfile's instructions, continuation lines joined, comments left out."""
     lines, current = [], ""
     for raw in dockerfile.read_text().splitlines():
         stripped = raw.strip()
@@ -90,7 +91,7 @@ def _commands(dockerfile: Path) -> list[list[str]]:
     """Every shell command of the Dockerfile's ``RUN`` lines, split into words as a shell
     splits them (``&&``, ``||``, ``;``, ``|`` and braces end a command)."""
     commands = []
-    for line in _logical_lines(dockerfile):
+    for line in logical_lines(dockerfile):
         word, _, rest = line.partition(" ")
         if word.upper() != "RUN":
             continue
@@ -301,7 +302,7 @@ def build_environment(destination: Path, image: str, prefix: str,
 def copied_files(dockerfile: Path, prefix: str) -> dict[Path, str]:
     """What the Dockerfile's last stage copies from the repository into ``prefix``:
     source -> path relative to ``prefix`` (``COPY examples/ /opt/tritonop/examples/``)."""
-    lines = _logical_lines(dockerfile)
+    lines = logical_lines(dockerfile)
     last = max(i for i, line in enumerate(lines) if line.upper().startswith("FROM "))
     copied = {}
     for line in lines[last + 1:]:

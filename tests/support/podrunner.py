@@ -92,7 +92,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tests.support.images import image_environment
+from tests.support.images import image_environment, logical_lines
 from tritonop.render.kubernetes import Images
 from tritonop.runtime.local import make_backend_dir, server_environment, triton_home
 
@@ -430,15 +430,7 @@ def dockerfile_environment(path: Path) -> tuple[dict[str, str], str | None, str 
     The stand-in images take their environment from the Dockerfiles, so a variable the
     pods rely on has to be set where the real image sets it.
     """
-    lines, current = [], ""
-    for raw in path.read_text().splitlines():
-        stripped = raw.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        current += stripped.removesuffix("\\").strip() + " "
-        if not stripped.endswith("\\"):
-            lines.append(current.strip())
-            current = ""
+    lines = logical_lines(path)
     last = max(i for i, line in enumerate(lines) if line.upper().startswith("FROM "))
     env: dict[str, str] = {}
     workdir = user = None
