@@ -70,7 +70,7 @@ def test_results_file_describes_the_machine_and_run(quick_run):
     assert "commit" in machine["git"]
     assert body["settings"]["cache"]["enabled"] is False
     assert set(body["scenarios"]) == {"S1", "S2", "S3", "S4", "S5", "S6", "S7", "S8",
-                                      "CHANGE"}
+                                      "CHANGE", "SCALE", "FILTER", "RERANK"}
     assert body["llm_example"] == "examples/chat.yaml"
 
 

@@ -350,6 +350,36 @@ def plain_pod(name: str, command: str, **spec: Any) -> dict[str, Any]:
                      "volumes": [{"name": "work", "emptyDir": {}}], **spec}}
 
 
+def test_quickstart_operator_upgrade_restarts_no_serving_pod(cluster, node):
+    """A new operator pod that renders the same children (`kubectl rollout restart`, as an
+    upgrade of the operator alone replaces its pod) leaves the serving pods alone: the same
+    pods, not restarted, the same pod template; and it serves the resource (a scale)."""
+    if get(cluster, "esearch", "news", "default") is None:  # run alone
+        news_with_three_ready_replicas(cluster)
+    wait_status(cluster, "EmbeddingSearch", "news", "default",
+                lambda r: (r.get("status") or {}).get("phase") == "Ready", "Ready", timeout=600)
+    serving = {p["metadata"]["uid"]: [c["restartCount"] for c in p["status"]["containerStatuses"]]
+               for p in news_pods(cluster)}
+    template = cluster.get_json("deployment", "news-triton", "-n", "default")["spec"]["template"]
+    old = operator_pod(cluster)
+    assert old is not None
+    kubectl(cluster, "kubectl rollout restart deployment/tritonop -n tritonop-system")
+    wait_for(lambda: (p := operator_pod(cluster)) and ready(p)
+             and p["metadata"]["uid"] != old["metadata"]["uid"], 180,
+             "the new operator pod Ready, the old one gone")
+    kubectl(cluster, f"kubectl scale esearch news --replicas={len(serving) + 1}")
+    wait_status(cluster, "EmbeddingSearch", "news", "default",
+                lambda r: (r.get("status") or {}).get("readyReplicas") == len(serving) + 1,
+                f"{len(serving) + 1} ready replicas", timeout=600)
+    after = {p["metadata"]["uid"]: [c["restartCount"] for c in p["status"]["containerStatuses"]]
+             for p in news_pods(cluster)}
+    assert {uid: after.get(uid) for uid in serving} == serving
+    assert len(after) == len(serving) + 1
+    deployment = cluster.get_json("deployment", "news-triton", "-n", "default")
+    assert deployment["spec"]["template"] == template
+    assert not node.errors, node.errors
+
+
 def test_quickstart_node_runs_pre_stop_then_kills_after_the_grace_period(cluster, node):
     """A deleted pod: its preStop hook runs, then SIGTERM, and SIGKILL once the grace period
     is over for a process that ignores SIGTERM; then the pod object goes."""
