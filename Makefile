@@ -67,11 +67,13 @@ helm: install
 # The two images, deploy/Dockerfile.operator and deploy/Dockerfile.triton, built with docker,
 # podman or buildah (the first found; BUILDER= picks one) and tagged $(REGISTRY)/operator:$(TAG)
 # and $(REGISTRY)/triton:$(TAG); PUSH=1 pushes them. TRITON_BASE_IMAGE= changes the Triton
-# image they are built on. Then point the install at them (README, On Kubernetes).
+# image they are built on, TRITON_PYTHON= the python3 version that base has (checked by the
+# build). Then point the install at them (README, On Kubernetes).
 REGISTRY ?= ghcr.io/tritonop
 TAG ?= $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
 PUSH ?=
 TRITON_BASE_IMAGE ?=
+TRITON_PYTHON ?=
 BUILDER ?= $(firstword $(foreach b,docker podman buildah,$(if $(shell command -v $(b)),$(b))))
 images:
 	@test -n "$(BUILDER)" || { echo "make images: needs docker, podman or buildah" >&2; exit 1; }
@@ -79,6 +81,7 @@ images:
 	$(BUILDER) build -f deploy/Dockerfile.operator -t $(REGISTRY)/operator:$(TAG) .
 	$(BUILDER) build -f deploy/Dockerfile.triton \
 	  $(if $(TRITON_BASE_IMAGE),--build-arg TRITON_IMAGE=$(TRITON_BASE_IMAGE)) \
+	  $(if $(TRITON_PYTHON),--build-arg TRITON_PYTHON=$(TRITON_PYTHON)) \
 	  -t $(REGISTRY)/triton:$(TAG) .
 	$(if $(PUSH),$(BUILDER) push $(REGISTRY)/operator:$(TAG))
 	$(if $(PUSH),$(BUILDER) push $(REGISTRY)/triton:$(TAG))

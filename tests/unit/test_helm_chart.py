@@ -109,3 +109,10 @@ def test_make_images_builds_both_dockerfiles_and_pushes_when_asked():
         "podman build -f deploy/Dockerfile.triton --build-arg "
         "TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.10-py3 -t r/triton:t .",
         "podman push r/operator:t", "podman push r/triton:t"]
+    # Another base's python3 version goes to the build's check with it.
+    assert make_images("REGISTRY=r", "TAG=t", "BUILDER=docker",
+                       "TRITON_BASE_IMAGE=nvcr.io/nvidia/tritonserver:25.01-py3",
+                       "TRITON_PYTHON=3.12")[1] == (
+        "docker build -f deploy/Dockerfile.triton --build-arg "
+        "TRITON_IMAGE=nvcr.io/nvidia/tritonserver:25.01-py3 --build-arg TRITON_PYTHON=3.12 "
+        "-t r/triton:t .")
