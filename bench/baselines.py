@@ -195,55 +195,48 @@ def infinity(source_dir: Path, workdir: Path) -> Iterator[dict[str, object]]:
     """Infinity serving all-MiniLM-L6-v2; yields its embeddings URL, model name, settings."""
     python = infinity_python()
     model = infinity_model(source_dir, python)
-    port = free_port()
-    command = [str(python.parent / "infinity_emb"), "v2", "--model-id", ".",
-               "--engine", "optimum", "--batch-size", str(INFINITY_BATCH_SIZE),
-               "--pooling-method", "mean", "--port", str(port), "--host", "127.0.0.1",
-               "--no-bettertransformer", "--log-level", "warning"]
-    log_path = workdir / "infinity.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", INFINITY_ANONYMOUS_USAGE_STATS="0",
-               DO_NOT_TRACK="1")
-    with open(log_path, "wb") as out:
-        # Started from inside the folder: Infinity rejects an absolute --model-id.
-        process = subprocess.Popen(command, cwd=model, env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        seconds = _wait_ready(f"http://127.0.0.1:{port}/health", process, log_path,
-                              INFINITY_START_TIMEOUT_S, "infinity_emb")
-        log.info("Infinity ready in %.0f s", seconds)
+    with _infinity(python, model, ["--engine", "optimum", "--pooling-method", "mean"],
+                   workdir / "infinity.log", "Infinity") as (port, seconds, command):
         yield {"url": f"http://127.0.0.1:{port}/embeddings", "model": ".",
                "version": INFINITY_VERSION, "start_seconds": round(seconds, 1),
-               "command": " ".join(command[1:]), "model_dir": str(model)}
-    finally:
-        _stop_group(process)
-
+               "command": command, "model_dir": str(model)}
 
 
 @contextmanager
 def infinity_rerank(model_dir: Path, workdir: Path) -> Iterator[dict[str, object]]:
     """Infinity serving the cross-encoder folder ``model_dir`` (its torch engine, the
     default for rerankers); yields its ``/rerank`` URL, model name and settings."""
-    python = infinity_python()
+    with _infinity(infinity_python(), model_dir, ["--engine", "torch"],
+                   workdir / "infinity-rerank.log", "Infinity (rerank)"
+                   ) as (port, seconds, command):
+        yield {"url": f"http://127.0.0.1:{port}/rerank", "model": ".",
+               "version": INFINITY_VERSION, "start_seconds": round(seconds, 1),
+               "command": command}
+
+
+@contextmanager
+def _infinity(python: Path, model_dir: Path, options: list[str], log_path: Path,
+              what: str) -> Iterator[tuple[int, float, str]]:
+    """``infinity_emb v2`` on ``model_dir`` with ``options``, until ready; yields its port,
+    the seconds it took to start and its command line (without the program)."""
     port = free_port()
-    command = [str(python.parent / "infinity_emb"), "v2", "--model-id", ".",
-               "--engine", "torch", "--batch-size", str(INFINITY_BATCH_SIZE), "--port",
-               str(port), "--host", "127.0.0.1", "--no-bettertransformer", "--log-level",
-               "warning"]
-    log_path = workdir / "infinity-rerank.log"
+    command = [str(python.parent / "infinity_emb"), "v2", "--model-id", ".", *options,
+               "--batch-size", str(INFINITY_BATCH_SIZE), "--port", str(port), "--host",
+               "127.0.0.1", "--no-bettertransformer", "--log-level", "warning"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", INFINITY_ANONYMOUS_USAGE_STATS="0",
                DO_NOT_TRACK="1")
     with open(log_path, "wb") as out:
+        # Started from inside the folder: Infinity rejects an absolute --model-id.
         process = subprocess.Popen(command, cwd=model_dir, env=env, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     try:
         seconds = _wait_ready(f"http://127.0.0.1:{port}/health", process, log_path,
                               INFINITY_START_TIMEOUT_S, "infinity_emb")
-        log.info("Infinity (rerank) ready in %.0f s", seconds)
-        yield {"url": f"http://127.0.0.1:{port}/rerank", "model": ".",
-               "version": INFINITY_VERSION, "start_seconds": round(seconds, 1),
-               "command": " ".join(command[1:])}
+        log.info("%s ready in %.0f s", what, seconds)
+        yield port, seconds, " ".join(command[1:])
     finally:
         _stop_group(process)
+
 
 def _find_library(names: tuple[str, ...], extra_roots: tuple[Path, ...] = ()) -> Path | None:
     for directory in LIB_DIRS:
