@@ -666,30 +666,18 @@ class PodWorker:
         runner = self.runner
         if runner is None:
             return
-        deadline = time.monotonic() + grace
-        # A terminating pod's containers are not restarted: one that exits after its SIGTERM
-        # stays down (the runner's probe loops end).
-        runner._stop.set()
         original = {c["name"]: c for c in self.pod["spec"]["containers"]}
-        stoppers = [threading.Thread(target=self._stop_container,
-                                     args=(original.get(c.name, {}), c, deadline), daemon=True)
-                    for c in runner.containers]
-        for stopper in stoppers:
-            stopper.start()
-        for stopper in stoppers:
-            stopper.join()
-        runner.stop(grace=2.0)  # every container is gone: the network namespace and mounts
+
+        def pre_stop(container: Container, left: float) -> None:
+            spec = original.get(container.name, {})
+            if not container.init and (spec.get("lifecycle") or {}).get("preStop") \
+                    and container.process is not None and container.process.poll() is None:
+                self._pre_stop(spec, container, left)
+
+        runner.stop(grace, before_kill=pre_stop)
         if self.thread is not None:
             self.thread.join(timeout=30)
         runner.remove_cgroups()
-
-    def _stop_container(self, spec: Manifest, container: Container, deadline: float) -> None:
-        runner = self.runner
-        assert runner is not None
-        if not container.init and (spec.get("lifecycle") or {}).get("preStop") \
-                and container.process is not None and container.process.poll() is None:
-            self._pre_stop(spec, container, max(0.0, deadline - time.monotonic()))
-        runner._kill(container, grace=max(2.0, deadline - time.monotonic()))
 
     def _pre_stop(self, spec: Manifest, container: Container, grace: float) -> None:
         hook = spec["lifecycle"]["preStop"]

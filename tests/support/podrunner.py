@@ -1217,13 +1217,20 @@ class PodRunner:
         except ProcessLookupError:
             pass
 
-    def stop(self, grace: float | None = None) -> None:
+    def stop(self, grace: float | None = None,
+             before_kill: Callable[[Container, float], None] | None = None) -> None:
         """Stop every container, then remove the network namespace and tmpfs mounts.
 
-        The grace period is the pod's ``terminationGracePeriodSeconds`` capped at 20 s,
-        so that a test's teardown stays short; Triton exits within seconds of SIGTERM.
+        Args:
+            grace: seconds between SIGTERM and SIGKILL; by default the pod's
+                ``terminationGracePeriodSeconds`` capped at 20 s, so that a test's teardown
+                stays short (Triton exits within seconds of SIGTERM).
+            before_kill: run for each container, with the seconds of the grace left,
+                before its SIGTERM (the node agent's preStop hooks); the containers are
+                stopped in parallel, each SIGTERM after its own hook, SIGKILL when the grace
+                is over (at least 2 s after the hook).
         """
-        self._stop.set()
+        self._stop.set()  # from here on no container is restarted
         for listener in self._forwards.values():
             try:  # wakes the thread blocked in accept(), which close() alone does not
                 listener.shutdown(socket.SHUT_RDWR)
@@ -1235,7 +1242,16 @@ class PodRunner:
             grace = min(float(self.pod.get("terminationGracePeriodSeconds", 30)), 20.0)
         # All at once, as the kubelet does: Triton waits for the gateway's connection to
         # it to close, which it does only when the gateway goes too.
-        killers = [threading.Thread(target=self._kill, args=(container, grace), daemon=True)
+        deadline = time.monotonic() + grace
+
+        def stop_one(container: Container) -> None:
+            left = grace
+            if before_kill is not None:
+                before_kill(container, max(0.0, deadline - time.monotonic()))
+                left = max(2.0, deadline - time.monotonic())
+            self._kill(container, left)
+
+        killers = [threading.Thread(target=stop_one, args=(container,), daemon=True)
                    for container in self.containers]
         for killer in killers:
             killer.start()
