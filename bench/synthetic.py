@@ -86,11 +86,12 @@ def create_embeddings(path: Path, count: int, dim: int) -> np.ndarray:
     return np.memmap(path, dtype="<f4", mode="r+", offset=8 + len(header), shape=(count, dim))
 
 
-def write_ids(path: Path, count: int) -> None:
-    """``texts.jsonl`` of a synthetic index: row ``i``'s text is ``"v<i>"``."""
-    with open(path, "w", encoding="utf-8") as out:
-        for begin in range(0, count, BLOCK):
-            out.write("".join(f'"v{i}"\n' for i in range(begin, min(count, begin + BLOCK))))
+def write_ids(directory: Path, count: int) -> None:
+    """The texts of a synthetic index in ``directory``: row ``i``'s text is ``"v<i>"``
+    (written as :func:`tritonop_backend.text_column.write_texts` writes them)."""
+    from tritonop_backend.text_column import write_texts
+
+    write_texts(directory, (f"v{i}" for i in range(count)))
 
 
 def recall_at_k(found_scores: list[np.ndarray], kth_best: np.ndarray, k: int) -> float:

@@ -45,7 +45,6 @@ from tritonop.render.repository import artifact_dirs, render_repository, write_r
 from tritonop_backend.ann import ANN_FILE, HnswSettings, kth_best_scores
 from tritonop_backend.artifacts import (
     EMBEDDINGS_FILE,
-    TEXTS_FILE,
     IndexManifest,
     ModelManifest,
     VersionManifest,
@@ -140,7 +139,7 @@ def _synthetic_corpus(directory: Path, count: int, dim: int) -> np.ndarray:
     vectors = synthetic.create_embeddings(directory / EMBEDDINGS_FILE, count, dim)
     synthetic.fill_clustered(vectors, SEED)
     vectors.flush()
-    synthetic.write_ids(directory / TEXTS_FILE, count)
+    synthetic.write_ids(directory, count)
     return np.memmap(directory / EMBEDDINGS_FILE, dtype="<f4", mode="r",
                      offset=vectors.offset, shape=vectors.shape)
 

@@ -59,6 +59,18 @@ class IndexStatus(_StatusModel):
     recall_queries: Optional[int] = None
 
 
+class EncoderStatus(_StatusModel):
+    """The encoder of an artifacts version at int8: what quantizing it cost, as measured."""
+
+    version: str = Field(..., description="The artifacts version (fingerprint) it belongs to.")
+    precision: Literal["float32", "int8"]
+    cosine_min: Optional[float] = Field(
+        None, description="int8 only: the lowest cosine between int8 and float32 embeddings "
+        "of the same text, measured by prepare on cosineTexts of the corpus's own texts.")
+    cosine_mean: Optional[float] = Field(None, description="int8 only: their mean cosine.")
+    cosine_texts: Optional[int] = None
+
+
 class ResourceStatus(_StatusModel):
     """What tritonop observed, for people (kubectl get/describe) and for the scale API."""
 
@@ -79,6 +91,9 @@ class ResourceStatus(_StatusModel):
     index: Optional[IndexStatus] = Field(
         None, description="The search index of the version prepared last (prepare: job), "
         "with the recall measured for an approximate one.")
+    encoder: Optional[EncoderStatus] = Field(
+        None, description="spec.model.precision: int8 only: the encoder of the version "
+        "prepared last (prepare: job), with its cosine to the float32 model as measured.")
     model: Optional[ModelStatus] = Field(
         None, description="Only while the resource has an exact model revision (a remote "
         "source, pinned or named exactly).")

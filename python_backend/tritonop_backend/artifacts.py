@@ -2,12 +2,14 @@
 
 Two directories make an embedding-search deployment:
 
-* the *model directory*: an exported encoder (``encoder.pt`` or ``encoder.onnx``), the
-  tokenizer, and ``manifest.json`` (:class:`ModelManifest`);
+* the *model directory*: an exported encoder (``encoder.pt``, ``encoder.onnx``, or
+  ``encoder.int8.onnx`` at ``precision: int8``), the tokenizer, and ``manifest.json``
+  (:class:`ModelManifest`);
 * the *index directory*: ``embeddings.safetensors`` (one L2-normalized row per corpus
-  text), ``texts.jsonl`` (one JSON string per line, same order), the columns of the
-  record fields kept for filters (``field.<name>.*``, see :mod:`tritonop_backend.filters`)
-  and ``manifest.json`` (:class:`IndexManifest`).
+  text), the texts in the same order (``texts.utf8`` and ``texts.offsets.npy``, see
+  :mod:`tritonop_backend.text_column`; ``texts.jsonl`` in indexes written before), the
+  columns of the record fields kept for filters (``field.<name>.*``, see
+  :mod:`tritonop_backend.filters`) and ``manifest.json`` (:class:`IndexManifest`).
 
 The manifests carry a fingerprint of the source model, so that an index is never
 searched with query embeddings from another model or pooling: that mistake returns
@@ -29,7 +31,12 @@ MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 EMBEDDINGS_FILE = "embeddings.safetensors"
 TEXTS_FILE = "texts.jsonl"
+"""The texts of indexes written before ``TEXTS_BLOB_FILE``: one JSON string a line."""
+TEXTS_BLOB_FILE = "texts.utf8"
+TEXT_OFFSETS_FILE = "texts.offsets.npy"
 ENCODER_FILES = {"torchscript": "encoder.pt", "onnx": "encoder.onnx"}
+INT8_ENCODER_FILE = "encoder.int8.onnx"
+"""The encoder of ``precision: int8``: the ONNX export with its weights quantized."""
 
 
 class ArtifactError(RuntimeError):
@@ -88,8 +95,12 @@ class ModelManifest(_Manifest):
         query_prompt: the source model's own prompt for queries ("" for none).
         document_prompt: the source model's own prompt for corpus texts ("" for none).
         model_type: the ``model_type`` of the source's ``config.json`` (for a reader).
+        precision: ``float32``, or ``int8``: the encoder served is :data:`INT8_ENCODER_FILE`.
+        quantization: for ``int8``, how it was quantized and its measured cosine to the
+            float32 export (``cosine_min``, ``cosine_mean`` over ``cosine_texts`` corpus
+            texts, see ``tritonop.artifacts.quantize``); empty for ``float32``.
 
-    The last four have defaults so that manifests written before them still read; such an
+    The last six have defaults so that manifests written before them still read; such an
     export came from all-MiniLM-L6-v2-like models, which normalize and have no prompts.
     """
 
@@ -104,9 +115,13 @@ class ModelManifest(_Manifest):
     query_prompt: str = ""
     document_prompt: str = ""
     model_type: str = ""
+    precision: str = "float32"
+    quantization: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def encoder_file(self) -> str:
+        if self.precision == "int8":
+            return INT8_ENCODER_FILE
         return ENCODER_FILES[self.format]
 
     @staticmethod

@@ -15,6 +15,7 @@ An index built with an HNSW graph (``spec.search.index: hnsw``) loads as an
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,13 +25,13 @@ from tritonop_backend.ann import ANN_FILE, HnswSearcher, HnswSettings
 from tritonop_backend.artifacts import (
     EMBEDDINGS_FILE,
     MANIFEST_FILE,
-    TEXTS_FILE,
     ArtifactError,
     IndexManifest,
 )
 from tritonop_backend.errors import RequestError
 from tritonop_backend.filters import FieldColumns, write_columns
 from tritonop_backend.pooling import l2_normalize
+from tritonop_backend.text_column import TextColumn, write_texts
 
 
 def check_finite(queries: np.ndarray, field: str = "embedding") -> None:
@@ -65,18 +66,16 @@ class CorpusIndex:
 
     Args:
         embeddings: ``float32 [count, dim]`` with unit-length rows.
-        texts: the ``count`` texts, in the same order.
+        texts: the ``count`` texts, in the same order (a mapped :class:`TextColumn` as
+            :func:`load_index` reads them, or strings, kept in memory).
         fields: the record fields kept beside the rows, for filters (None: none).
     """
 
-    def __init__(self, embeddings: np.ndarray, texts: list[str],
+    def __init__(self, embeddings: np.ndarray, texts: Sequence[str] | TextColumn,
                  fields: FieldColumns | None = None) -> None:
-        if embeddings.ndim != 2 or embeddings.shape[0] != len(texts):
-            raise ArtifactError(
-                f"index has {embeddings.shape[0]} embeddings but {len(texts)} texts"
-            )
+        _check_sizes(embeddings, texts)
         self.columns = np.ascontiguousarray(embeddings.T, dtype=np.float32)
-        self.texts = np.array([t.encode("utf-8") for t in texts], dtype=object)
+        self.texts = _column(texts)
         self.fields = fields if fields is not None else FieldColumns({}, {}, len(texts))
 
     @property
@@ -123,14 +122,11 @@ class ApproximateIndex(CorpusIndex):
     the candidates, and only their rows are read to rescore them).
     """
 
-    def __init__(self, embeddings: np.ndarray, texts: list[str], fields: FieldColumns | None,
-                 searcher: HnswSearcher) -> None:
-        if embeddings.ndim != 2 or embeddings.shape[0] != len(texts):
-            raise ArtifactError(
-                f"index has {embeddings.shape[0]} embeddings but {len(texts)} texts"
-            )
+    def __init__(self, embeddings: np.ndarray, texts: Sequence[str] | TextColumn,
+                 fields: FieldColumns | None, searcher: HnswSearcher) -> None:
+        _check_sizes(embeddings, texts)
         self.rows = embeddings
-        self.texts = np.array([t.encode("utf-8") for t in texts], dtype=object)
+        self.texts = _column(texts)
         self.fields = fields if fields is not None else FieldColumns({}, {}, len(texts))
         self.searcher = searcher
 
@@ -153,6 +149,15 @@ class ApproximateIndex(CorpusIndex):
         ids, scores = self.searcher.search(queries, k, rows)
         return SearchResult(np.stack(ids).astype(np.int64),
                             np.stack(scores).astype(np.float32))
+
+
+def _check_sizes(embeddings: np.ndarray, texts: Sequence[str] | TextColumn) -> None:
+    if embeddings.ndim != 2 or embeddings.shape[0] != len(texts):
+        raise ArtifactError(f"index has {embeddings.shape[0]} embeddings but {len(texts)} texts")
+
+
+def _column(texts: Sequence[str] | TextColumn) -> TextColumn:
+    return texts if isinstance(texts, TextColumn) else TextColumn.from_texts(texts)
 
 
 def _top_k(scores: np.ndarray, k: int) -> SearchResult:
@@ -217,13 +222,13 @@ def load_index(directory: Path, threads: int = 1) -> tuple[CorpusIndex, IndexMan
     """Read an index directory written by ``tritonop index build``.
 
     An index whose manifest names an ``hnsw`` graph is searched through it
-    (:class:`ApproximateIndex`, the graph memory-mapped); ``threads`` search it.
+    (:class:`ApproximateIndex`, the graph memory-mapped); ``threads`` search it. The texts
+    are memory-mapped too (:class:`TextColumn`), except an older index's ``texts.jsonl``.
     """
     directory = Path(directory)
     manifest = IndexManifest.read(directory)
     embeddings = _mapped_tensor(directory / EMBEDDINGS_FILE, "embeddings")
-    with open(directory / TEXTS_FILE, encoding="utf-8") as lines:
-        texts = [json.loads(line) for line in lines]
+    texts = TextColumn.load(directory)
     if len(texts) != manifest.count:
         raise ArtifactError(
             f"{directory}: manifest says {manifest.count} texts, found {len(texts)}"
@@ -255,8 +260,6 @@ def write_index(
     (directory / MANIFEST_FILE).unlink(missing_ok=True)
     save_file({"embeddings": np.ascontiguousarray(embeddings, dtype=np.float32)},
               str(directory / EMBEDDINGS_FILE))
-    with open(directory / TEXTS_FILE, "w", encoding="utf-8") as out:
-        for text in texts:
-            out.write(json.dumps(text, ensure_ascii=False) + "\n")
+    write_texts(directory, texts)
     write_columns(directory, manifest.fields, fields or {})
     manifest.write(directory)

@@ -112,7 +112,8 @@ def test_news_example_pod_serves_the_seed_request(news_prepared, news_warm):
     expected = np.argsort(-scores, kind="stable")[:5]
     assert body["ids"] == expected.tolist()
     np.testing.assert_allclose(body["scores"], scores[expected], atol=1e-3)
-    texts = [json.loads(line) for line in (index / "texts.jsonl").read_text().splitlines()]
+    blob, offsets = (index / "texts.utf8").read_bytes(), np.load(index / "texts.offsets.npy")
+    texts = [blob[offsets[i]:offsets[i + 1]].decode() for i in range(len(offsets) - 1)]
     assert body["texts"] == [texts[i] for i in expected]
     assert any("climate" in text.lower() or "weather" in text.lower()
                for text in body["texts"])

@@ -82,6 +82,11 @@ def test_rescoring_is_what_makes_binary_usable(tmp_path):
     assert recall(bare, truth) < 0.8 < 0.95 <= recall(rescored, truth)
 
 
+def test_binary_with_its_default_rescore_factor_finds_what_numpy_finds(tmp_path):
+    found = searcher(tmp_path, quantization="binary").search(QUERIES, 10)[0]
+    assert recall(found, numpy_top_k(QUERIES, np.arange(len(CORPUS)), 10)) >= 0.95
+
+
 def test_a_binary_graph_builds_from_a_transposed_view(tmp_path):
     """Rows read as the transpose of a column-major file (an index loaded from disk) build
     a binary graph as contiguous rows do (usearch refuses rows that are not contiguous)."""
@@ -239,6 +244,35 @@ def test_index_settings_name_a_version_min_recall_does_not():
         index="hnsw", quantization="binary", hnsw={"connectivity": 32, "efConstruction": 200,
                                                    "efSearch": 100, "rescoreFactor": 8})).spec)
     assert chosen == HnswSettings(32, 200, 100, "binary", 8)
+
+
+@pytest.mark.parametrize(("quantization", "given", "resolved"), [
+    ("int8", None, 4), ("binary", None, 20), ("none", None, 4), ("binary", 4, 4),
+    ("int8", 30, 30)])
+def test_an_unset_rescore_factor_is_its_quantizations_default(quantization, given, resolved):
+    hnsw = {} if given is None else {"rescoreFactor": given}
+    spec = parse_resource(resource_doc(index="hnsw", quantization=quantization,
+                                       hnsw=hnsw)).spec
+    assert spec.search.hnsw.rescore_factor == given
+    chosen = approximate.hnsw_settings(spec)
+    assert chosen is not None and chosen.rescore_factor == resolved
+    assert chosen.candidates(10) == (10 if quantization == "none" else 10 * resolved)
+    assert HnswSettings.from_manifest(chosen.as_manifest()) == chosen
+
+
+def test_the_version_names_the_rescore_factor_used():
+    """Unset is the resolved default: int8 versions built when 4 was everyone's default
+    keep their fingerprints; binary ones are built again with 20."""
+    def version(quantization: str, **hnsw) -> str:
+        return resource_fingerprint(parse_resource(resource_doc(
+            index="hnsw", quantization=quantization, hnsw=hnsw)))
+
+    assert version("int8") == version("int8", rescoreFactor=4)
+    assert version("binary") == version("binary", rescoreFactor=20) != version(
+        "binary", rescoreFactor=4)
+    # An index built before keeps the factor its manifest names.
+    old = {"kind": "hnsw", "quantization": "binary", "rescore_factor": 4}
+    assert HnswSettings.from_manifest(old).rescore_factor == 4
 
 
 @pytest.mark.parametrize(("search", "server_says", "model_says"), [

@@ -57,8 +57,9 @@ def test_embeddings_file_reads_back_as_the_index_reads_it(tmp_path):
     from safetensors.numpy import load_file
 
     assert np.array_equal(load_file(str(path))["embeddings"], expected)
-    synthetic.write_ids(tmp_path / "texts.jsonl", 3)
-    assert (tmp_path / "texts.jsonl").read_text() == '"v0"\n"v1"\n"v2"\n'
+    synthetic.write_ids(tmp_path, 3)
+    assert (tmp_path / "texts.utf8").read_bytes() == b"v0v1v2"
+    assert np.load(tmp_path / "texts.offsets.npy").tolist() == [0, 2, 4, 6]
 
 
 def test_recall_counts_results_reaching_the_exact_kth_score():

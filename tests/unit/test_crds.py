@@ -147,6 +147,13 @@ INVALID = [
      "spec.model: sha256 is required"),
     (llm(model={"source": "https://example.com/m.gguf", "sha256": "ABC"}), "'ABC' does not match",
      "spec.model.sha256"),
+    (es(model={"precision": "int8"}), ".spec.model: precision: int8 needs format: onnx",
+     "spec.model: precision: int8 needs format: onnx"),
+    (es(model={"precision": "int8", "format": "torchscript"}),
+     ".spec.model: precision: int8 needs format: onnx",
+     "spec.model: precision: int8 needs format: onnx"),
+    (es(model={"precision": "float16", "format": "onnx"}), "'float16' is not one of",
+     "spec.model.precision"),
 ]
 
 
@@ -158,3 +165,10 @@ def test_invalid_resources_are_rejected_by_the_crd_and_the_model(resource, serve
     assert any(server_says in error for error in errors), errors
     with pytest.raises(ResourceError, match=model_says.replace("(", r"\(").replace(")", r"\)")):
         parse_resource(resource)
+
+
+def test_int8_precision_with_onnx_is_accepted_by_the_crd_and_the_model():
+    resource = es(model={"precision": "int8", "format": "onnx"})
+    assert validation_errors(CRDS["EmbeddingSearch"], resource) == []
+    assert parse_resource(resource).spec.model.precision == "int8"
+    assert parse_resource(es()).spec.model.precision == "float32"

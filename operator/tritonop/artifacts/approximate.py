@@ -28,7 +28,7 @@ from tritonop_backend.ann import (
     build_graph,
     measure_recall,
 )
-from tritonop_backend.artifacts import ArtifactError, IndexManifest
+from tritonop_backend.artifacts import ArtifactError, IndexManifest, ModelManifest
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +104,19 @@ def index_report(manifest: IndexManifest) -> dict[str, Any]:
 
 
 def prepared_reports(resources: list[Resource], artifacts_root: Path) -> list[dict[str, Any]]:
-    """``{"name", "version", "index"}`` per EmbeddingSearch just prepared: what ``tritonop
-    prepare`` writes to its termination message, for the operator's ``status.index``."""
+    """``{"name", "version", "index"}`` per EmbeddingSearch just prepared, plus ``encoder``
+    for an int8 one (its measured cosine): what ``tritonop prepare`` writes to its
+    termination message, for the operator's ``status.index`` and ``status.encoder``."""
+    from tritonop.artifacts.quantize import encoder_report
+
     reports = []
     for resource in resources:
         if isinstance(resource.spec, EmbeddingSearchSpec):
             version = Path(version_dir(resource, str(artifacts_root)))
             manifest = IndexManifest.read(version / "index")
-            reports.append({"name": resource.name, "version": version.name,
-                            "index": index_report(manifest)})
+            report = {"name": resource.name, "version": version.name,
+                      "index": index_report(manifest)}
+            if resource.spec.model.precision != "float32":
+                report["encoder"] = encoder_report(ModelManifest.read(version / "model"))
+            reports.append(report)
     return reports

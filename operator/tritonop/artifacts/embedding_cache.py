@@ -4,11 +4,11 @@ A corpus that changes is still a new artifacts version (its content is in the fi
 :mod:`tritonop.artifacts.versions`), but the vectors of its unchanged texts come from a cache
 on the artifacts volume instead of the encoder. The cache is per resource,
 ``<resource dir>/.embedding-cache/<key>/``, where ``key`` hashes everything that changes a
-vector (:func:`cache_key`: the model's content fingerprint and export format, pooling,
-maximum length, document prompt, dimension, and this code's formats); a text's entry is
-found by the sha256 of its UTF-8 bytes. A changed model or setting finds another key and
-never reuses a vector. The leading dot keeps the folder out of the version listing and out
-of ``--keep-only``'s clean-up.
+vector (:func:`cache_key`: the model's content fingerprint, export format and precision,
+pooling, maximum length, document prompt, dimension, and this code's formats); a text's
+entry is found by the sha256 of its UTF-8 bytes. A changed model or setting finds another
+key and never reuses a vector. The leading dot keeps the folder out of the version listing
+and out of ``--keep-only``'s clean-up.
 
 Layout of one key's folder::
 
@@ -85,6 +85,8 @@ def cache_key(model: ModelManifest, pooling: str, max_length: int, document_prom
         "maxSequenceLength": max_length,
         "documentPrompt": document_prompt,
     }
+    if model.precision != "float32":  # int8 weights; float32 keeps the keys made before
+        inputs["model.precision"] = model.precision
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -32,6 +32,7 @@ import numpy as np
 from tritonop.artifacts.sources import SourceModel
 from tritonop_backend.artifacts import (
     ENCODER_FILES,
+    INT8_ENCODER_FILE,
     MANIFEST_FILE,
     TOKENIZER_FILE,
     ArtifactError,
@@ -179,10 +180,27 @@ def _max_difference(module, directory: Path, tokenizer: TextTokenizer) -> float:
     return float(np.abs(actual - expected)[real].max())
 
 
+def serves(existing: ModelManifest, fingerprint: str, fmt: str, precision: str) -> bool:
+    """Whether an export already there serves this model, format and precision as it is.
+
+    A float32 ONNX export also serves ``int8``: quantizing it
+    (:mod:`tritonop.artifacts.quantize`) adds a file and replaces the manifest; an int8
+    one keeps no float32 encoder, so it never serves ``float32``.
+    """
+    return (existing.fingerprint, existing.format) == (fingerprint, fmt) and \
+        existing.precision in (precision, "float32")
+
+
 def export_model(
-    source: SourceModel, fmt: str, directory: Path, *, force: bool = False
+    source: SourceModel, fmt: str, directory: Path, *, force: bool = False,
+    precision: str = "float32",
 ) -> ExportResult:
-    """Export ``source`` as ``fmt`` into ``directory`` unless an identical export is there.
+    """Export ``source`` as ``fmt`` into ``directory`` unless an export there serves it.
+
+    Args:
+        precision: what the caller serves: an existing export is kept where it
+            :func:`serves` it. The export itself is always float32; ``int8`` is made from
+            it afterwards (:func:`tritonop.artifacts.quantize.quantize_encoder`).
 
     Raises:
         ArtifactError: the exported encoder differs from the source by more than
@@ -190,16 +208,19 @@ def export_model(
     """
     if fmt not in ENCODER_FILES:
         raise ArtifactError(f"format must be one of {sorted(ENCODER_FILES)}, got {fmt!r}")
+    if precision == "int8" and fmt != "onnx":
+        raise ArtifactError(f"precision int8 needs format onnx, got {fmt!r}")
     directory = Path(directory)
     if not force:
         try:
             existing = ModelManifest.read(directory)
         except ArtifactError:
             existing = None
-        if existing and (existing.fingerprint, existing.format) == (source.fingerprint, fmt):
+        if existing and serves(existing, source.fingerprint, fmt, precision):
             return ExportResult(existing, directory, skipped=True)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / MANIFEST_FILE).unlink(missing_ok=True)
+    (directory / INT8_ENCODER_FILE).unlink(missing_ok=True)  # of an earlier int8 export
     reference = _write_tokenizer(source, directory / TOKENIZER_FILE)
     _check_tokenizer(source, reference, directory / TOKENIZER_FILE)
     tokenizer = TextTokenizer(directory / TOKENIZER_FILE, source.max_sequence_length)

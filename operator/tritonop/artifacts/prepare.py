@@ -31,12 +31,14 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 from tritonop.artifacts.approximate import check_recall, hnsw_settings
+from tritonop.artifacts.corpus import read_corpus
 from tritonop.artifacts.cross_encoder import prepare_cross_encoder
 from tritonop.artifacts.embedding_cache import CACHE_DIR
-from tritonop.artifacts.export import export_model
+from tritonop.artifacts.export import export_model, serves
 from tritonop.artifacts.fetch import Fetched
 from tritonop.artifacts.index import build_index
 from tritonop.artifacts.llm import prepare_llm
+from tritonop.artifacts.quantize import quantize_encoder, sample_texts
 from tritonop.artifacts.resolve import fetch_model, link_tree, model_source, resolve
 from tritonop.artifacts.sources import SourceModel, inspect
 from tritonop.artifacts.versions import (
@@ -104,14 +106,18 @@ def _not_writable(path: Path, artifacts_root: Path | None = None) -> str:
             f"chown -R {os.getuid()} {artifacts_root or folder})")
 
 
-def _reusable_model(resource_dir: Path, source: SourceModel, fmt: str) -> Path | None:
+def _reusable_model(resource_dir: Path, source: SourceModel, fmt: str,
+                    precision: str = "float32") -> Path | None:
     """A complete export of the same model in another version of this resource.
 
     A version whose corpus or pooling changed needs the same encoder: copying it (hard
     links where the volume allows) saves the export. The same model means the same bytes
     (the source's content fingerprint), not the same ``model.source`` text: a branch that
     moved names another model, and exporting that into hard links of the old version's
-    files would rewrite the version a server is reading.
+    files would rewrite the version a server is reading. For the same reason an export is
+    reused only where :func:`~tritonop.artifacts.export.serves` keeps it: an int8 one for
+    int8 (a float32 one for int8 too, which quantizing adds to under new names), never for
+    float32.
     """
     for fingerprint in reversed(complete_versions(resource_dir)):
         candidate = resource_dir / fingerprint / "model"
@@ -119,7 +125,7 @@ def _reusable_model(resource_dir: Path, source: SourceModel, fmt: str) -> Path |
             manifest = ModelManifest.read(candidate)
         except ArtifactError:
             continue
-        if (manifest.fingerprint, manifest.format) == (source.fingerprint, fmt):
+        if serves(manifest, source.fingerprint, fmt, precision):
             return candidate
     return None
 
@@ -207,16 +213,24 @@ def prepare_embedding_search(
         shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{fingerprint}-", dir=resource_dir))
     try:
-        reusable = _reusable_model(resource_dir, source, spec.model.format)
+        precision = spec.model.precision
+        reusable = _reusable_model(resource_dir, source, spec.model.format, precision)
         if reusable is None and (target / "model").is_dir():  # seeded, or a torn version
             reusable = target / "model"
         if reusable is not None:
             link_tree(reusable, staging / "model")
-        exported = export_model(source, spec.model.format, staging / "model")
+        exported = export_model(source, spec.model.format, staging / "model",
+                                precision=precision)
         log.info("%s: %s encoder %s", resource.name, spec.model.format,
                  "reused" if exported.skipped else
                  f"exported (max |difference| to the source model: "
                  f"{exported.manifest.max_abs_diff:.2e})")
+        if precision == "int8" and exported.manifest.precision != "int8":
+            quantize_encoder(staging / "model",
+                             sample_texts(read_corpus(corpus, spec.corpus.text_field)),
+                             pooling=spec.model.pooling,
+                             max_length=spec.model.max_sequence_length,
+                             prompt=spec.model.document_prompt, threads=available_cpus())
         built = build_index(
             corpus, staging / "model", staging / "index",
             text_field=spec.corpus.text_field, pooling=spec.model.pooling,

@@ -28,6 +28,7 @@ from stat import S_ISDIR, S_ISREG
 from tritonop.artifacts.resolve import model_revision
 from tritonop.resources import Resource, ResourceError
 from tritonop.spec import EmbeddingSearchSpec
+from tritonop_backend.ann import HnswSettings
 from tritonop_backend.artifacts import VERSION_FILE
 
 # Bumped when the layout or the format of what is built changes: every version rebuilds.
@@ -134,8 +135,12 @@ def fingerprint_inputs(resource: Resource) -> dict[str, str]:
     :mod:`tritonop.artifacts.resolve`); a local source keeps the fingerprint it had.
     ``search.index`` is in only for an approximate index: its kind, quantization and graph
     settings (efSearch and rescoreFactor too: the recall prepare measures and reports is
-    that of these); ``search.minRecall`` is not (it builds nothing: prepare checks it
-    against the version's measured recall, also when the version exists).
+    that of these; rescoreFactor as resolved, so an unset one is its quantization's default
+    and int8 versions built when 4 was everyone's default keep their fingerprints);
+    ``search.minRecall`` is not (it builds nothing: prepare checks it against the version's
+    measured recall, also when the version exists).
+    ``model.precision`` is in only for int8 (another encoder, and corpus vectors made with
+    it; float32 keeps the versions made before precision existed).
     ``rerank.model`` is in only with a reranker (its source, format and sha256); a moving
     remote source of it (a hub branch) is not pinned: name a commit to roll a new one out.
     """
@@ -154,6 +159,8 @@ def fingerprint_inputs(resource: Resource) -> dict[str, str]:
     }
     if model.document_prompt is not None:
         inputs["model.documentPrompt"] = json.dumps(model.document_prompt)
+    if model.precision != "float32":
+        inputs["model.precision"] = model.precision
     if corpus.fields:  # the columns kept for filters; none keeps the versions made before
         inputs["corpus.fields"] = json.dumps([[f.name, f.type] for f in corpus.fields])
     revision = model_revision(resource)
@@ -161,9 +168,11 @@ def fingerprint_inputs(resource: Resource) -> dict[str, str]:
         inputs["model.revision"] = revision
     if spec.search.index != "exact":  # the graph, and the recall measured with these
         hnsw = spec.search.hnsw
+        rescore = HnswSettings(quantization=spec.search.quantization,  # resolves unset
+                               rescore_factor=hnsw.rescore_factor).rescore_factor
         inputs["search.index"] = json.dumps(
             [spec.search.index, spec.search.quantization, hnsw.connectivity,
-             hnsw.ef_construction, hnsw.ef_search, hnsw.rescore_factor])
+             hnsw.ef_construction, hnsw.ef_search, rescore])
     if spec.rerank is not None:  # the exported cross-encoder; none keeps earlier versions
         rerank = spec.rerank.model
         inputs["rerank.model"] = json.dumps(

@@ -42,7 +42,7 @@ from tritonop.render.kubernetes import (
     resolve_job,
 )
 from tritonop.resources import Resource
-from tritonop.status import ConditionStatus, IndexStatus, ResourceStatus
+from tritonop.status import ConditionStatus, EncoderStatus, IndexStatus, ResourceStatus
 
 # Children left as they are while a new version is prepared: the running pods' own.
 HELD_WHILE_PREPARING = frozenset({"ConfigMap", "Deployment"})
@@ -66,12 +66,14 @@ class ArtifactsPlan:
         version: the complete version the pods load, for ``status.artifactsVersion``.
         index: ``status.index``: what the prepare Job of a version reported of its search
             index (kept from the previous status until another version completes).
+        encoder: ``status.encoder``: what it reported of an int8 encoder, kept likewise.
     """
 
     hold: frozenset[str]
     condition: tuple[ConditionStatus, str, str]
     version: Optional[str]
     index: Optional[IndexStatus] = None
+    encoder: Optional[EncoderStatus] = None
 
 
 def job_state(job: Mapping[str, Any]) -> tuple[str, str]:
@@ -155,6 +157,17 @@ def prepared_index(message: str, version: str) -> IndexStatus | None:
         index = result["index"] if result.get("version") == version else None
         return IndexStatus(version=version, **index) if isinstance(index, dict) else None
     except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def prepared_encoder(message: str, version: str) -> EncoderStatus | None:
+    """``status.encoder`` from a prepare Job's termination message (its ``encoder``, which
+    an int8 encoder's report has); None without one."""
+    try:
+        result = json.loads(message)
+        encoder = result.get("encoder") if result.get("version") == version else None
+        return EncoderStatus(version=version, **encoder) if isinstance(encoder, dict) else None
+    except (ValueError, TypeError, AttributeError):
         return None
 
 
@@ -258,7 +271,7 @@ def plan(resource: Resource, previous: ResourceStatus, apply: Apply, get: Get,
     if previous.artifacts_version == wanted:
         return ArtifactsPlan(frozenset(), ("True", "Prepared",
                                            f"artifacts version {wanted} is complete"), wanted,
-                             previous.index)
+                             previous.index, previous.encoder)
     stored: Obj = {}
     for child in artifacts_children(resource, images):
         name = child["metadata"]["name"]
@@ -268,7 +281,8 @@ def plan(resource: Resource, previous: ResourceStatus, apply: Apply, get: Get,
         said = termination_message(pods(name), "prepare") if pods else ""
         return ArtifactsPlan(frozenset(), ("True", "Prepared",
                                            f"Job {name} prepared artifacts version {wanted}"),
-                             wanted, prepared_index(said, wanted))
+                             wanted, prepared_index(said, wanted),
+                             prepared_encoder(said, wanted))
     serving = previous.artifacts_version
     keep = (f"pods keep serving version {serving}" if serving
             else "no version to serve yet: the Deployment waits for it")
@@ -278,13 +292,13 @@ def plan(resource: Resource, previous: ResourceStatus, apply: Apply, get: Get,
         return ArtifactsPlan(HELD_WHILE_PREPARING, (
             "False", "PrepareFailed", f"Job {name} failed to prepare artifacts version "
             f"{wanted}: {detail}; {keep}; fix the spec or delete the Job to try again"),
-            serving, previous.index)
+            serving, previous.index, previous.encoder)
     if pods is not None and log is not None:
         said = download_progress(pods(name), "prepare", log, resource.name)
         detail = f"{detail}; {said}" if said else detail
     return ArtifactsPlan(HELD_WHILE_PREPARING, (
         "False", "Preparing", f"Job {name} is preparing artifacts version {wanted} "
-        f"({detail}); {keep}"), serving, previous.index)
+        f"({detail}); {keep}"), serving, previous.index, previous.encoder)
 
 
 def rolled_out(resource: Resource, deployment: Mapping[str, Any] | None) -> bool:

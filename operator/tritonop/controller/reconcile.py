@@ -470,9 +470,12 @@ def reconcile(kube: Kube, body: Mapping[str, Any], images: Images,
                                  apply_owned, images) if not plan.hold else \
         previous.artifacts_cleaned
     index = plan.index or previous.index  # what the version's prepare Job reported
+    encoder = plan.encoder or previous.encoder
     return status.model_copy(update={
         "artifacts_version": plan.version, "artifacts_cleaned": cleaned,
-        "index": index if index is not None and index.version == plan.version else None})
+        "index": index if index is not None and index.version == plan.version else None,
+        "encoder": encoder if encoder is not None and encoder.version == plan.version
+        else None})
 
 
 def job_pods_of(kube: Kube, namespace: str, job: str) -> list[Obj]:
