@@ -10,7 +10,8 @@
 * ``enc-<name>``: each tiny random-weight encoder of tests/support/encoders.py (every
   architecture tritonop serves) over the 12-text corpus, prepared from its
   sentence-transformers folder with its own pooling, normalization and prompts, ONNX and
-  TorchScript in turn.
+  TorchScript in turn;
+* ``i8-bert``: the tiny BERT again, ONNX at ``precision: int8`` (quantized at prepare).
 """
 
 from __future__ import annotations
@@ -80,5 +81,7 @@ def triton(tmp_path_factory, exported, corpus, tiny_corpus, fields_corpus, tiny_
                                 "format": ("onnx", "torchscript")[position % 2]})
         for position, encoder in enumerate(TINY_ENCODERS)
     ]
+    resources.append(embedding_search("i8-bert", tiny_corpus, model={
+        "source": str(tiny_encoders["bert"]), "format": "onnx", "precision": "int8"}))
     with running_triton(resources, root, tmp_path_factory.mktemp("triton")) as running:
         yield running

@@ -7,11 +7,15 @@ sentence-transformers folders, one per architecture. Queries are embedded as
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from tests.support.encoders import TINY_ENCODERS, reference_documents
 from tests.support.triton import TINY_TEXTS, served_embeddings
+from tritonop.render.repository import artifact_dirs
+from tritonop_backend.artifacts import ENCODER_FILES, INT8_ENCODER_FILE, ModelManifest
 
 pytestmark = pytest.mark.triton
 
@@ -69,3 +73,21 @@ def test_search_top5_equals_brute_force_over_sentence_transformers(triton, refer
         if row[order[4]] - row[order[5]] > 1e-5:  # the fifth place is decided
             assert set(ids) == set(order[:5].tolist())
         assert body["texts"] == [TINY_TEXTS[i] for i in ids]
+
+
+def test_int8_encoder_is_served_close_to_sentence_transformers(triton, references):
+    """``precision: int8``: the quantized file is what Triton serves, its embeddings stay
+    within the cosine prepare measured and recorded, and they are not the float ones."""
+    model_dir = Path(artifact_dirs(triton.resources["i8-bert"], str(triton.artifacts_root))[0])
+    manifest = ModelManifest.read(model_dir)
+    assert manifest.precision == "int8"
+    assert (model_dir / INT8_ENCODER_FILE).is_file()
+    assert not (model_dir / ENCODER_FILES["onnx"]).exists()
+    assert manifest.quantization["cosine_texts"] == len(TINY_TEXTS)
+
+    actual = served_embeddings(triton, "i8-bert", QUERIES)
+    expected = references["bert"].encode_query(QUERIES, normalize_embeddings=True)
+    cosine = np.sum(actual * expected, axis=1) / np.linalg.norm(actual, axis=1)
+    assert np.all(cosine >= 0.98), cosine  # measured: 0.9993 and above on this model
+    float_served = served(triton, "bert")
+    assert np.abs(actual - float_served).max() > 1e-4  # int8 products, not float32 ones
