@@ -28,6 +28,7 @@ from tritonop_backend.artifacts import (
     ArtifactError,
     IndexManifest,
 )
+from tritonop_backend.blas import Product, numpy_product, scan_product
 from tritonop_backend.errors import RequestError
 from tritonop_backend.filters import FieldColumns, write_columns
 from tritonop_backend.pooling import l2_normalize
@@ -69,11 +70,14 @@ class CorpusIndex:
         texts: the ``count`` texts, in the same order (a mapped :class:`TextColumn` as
             :func:`load_index` reads them, or strings, kept in memory).
         fields: the record fields kept beside the rows, for filters (None: none).
+        product: the scan's matrix product (:func:`tritonop_backend.blas.scan_product`);
+            numpy's by default.
     """
 
     def __init__(self, embeddings: np.ndarray, texts: Sequence[str] | TextColumn,
-                 fields: FieldColumns | None = None) -> None:
+                 fields: FieldColumns | None = None, product: Product = numpy_product) -> None:
         _check_sizes(embeddings, texts)
+        self.product = product
         self.columns = np.ascontiguousarray(embeddings.T, dtype=np.float32)
         self.texts = _column(texts)
         self.fields = fields if fields is not None else FieldColumns({}, {}, len(texts))
@@ -103,12 +107,12 @@ class CorpusIndex:
         """
         queries = l2_normalize(np.atleast_2d(queries).astype(np.float32))
         if rows is None:
-            scores = queries @ self.columns
+            scores = self.product(queries, self.columns)
         elif 4 * len(rows) <= len(self):
             # Few rows: gathering their columns costs less than scanning every row.
-            scores = queries @ np.take(self.columns, rows, axis=1)
+            scores = self.product(queries, np.take(self.columns, rows, axis=1))
         else:
-            scores = np.take(queries @ self.columns, rows, axis=1)
+            scores = np.take(self.product(queries, self.columns), rows, axis=1)
         found = _top_k(scores, k)
         if rows is None:
             return found
@@ -241,7 +245,7 @@ def load_index(directory: Path, threads: int = 1) -> tuple[CorpusIndex, IndexMan
     if manifest.index_kind != "exact":
         raise ArtifactError(f"{directory}: unknown index kind {manifest.index_kind!r}; "
                             + manifest._hint())
-    return CorpusIndex(embeddings, texts, fields), manifest
+    return CorpusIndex(embeddings, texts, fields, scan_product(threads)[0]), manifest
 
 
 def write_index(
