@@ -203,22 +203,35 @@ def test_admission_takes_all_places_of_a_request_at_once():
      True),
     ('<tool_call>\n{"name": "noop", "arguments": {}}\n</tool_call>\n<tool_call>\n'
      '{"name": "get_weather", "arguments": {"city": "Rome", "unit": "c"}}\n</tool_call>', True),
-    ('Let me see. <tool_call>\n{"name": "noop", "arguments": {}}\n</tool_call>', False),
+    ('Let me see. <tool_call>\n{"name": "noop", "arguments": {}}\n</tool_call>', True),
     ('<tool_call>\n{"name": "get_weather", "arguments": {"town": "Paris"}}', False),
     ('<tool_call>\n{"name": "rm", "arguments": {}}', False),
+    ('The <tool_call> tag', False),
 ])
 def test_auto_grammar_allows_text_or_valid_calls(text, allowed):
-    """What ``tool_choice: auto`` lets the model write, checked byte by byte."""
+    """What ``tool_choice: auto`` lets the model write, checked byte by byte: anything until
+    a call begins (the watch sees ``<tool_call>``), the grammar from there."""
     import llguidance
 
+    from tritonop_backend.llm.grammar import CallWatch
+
     constraint = parse_response_format(chat(tools=TOOLS).response_format)
+    assert constraint.trigger is not None
     matcher = llguidance.LLMatcher(llguidance.LLTokenizer("byte"), constraint.grammar,
                                    log_level=0)
-    consumed = all(matcher.consume_token(byte) for byte in text.encode())
-    assert (consumed and matcher.is_accepting()) == allowed
-    if allowed:
+    watch, data, consumed = CallWatch(constraint.trigger, frozenset()), text.encode(), True
+    for at, byte in enumerate(data):
+        back = watch.push(byte, bytes([byte]))
+        if back is not None:
+            consumed = all(matcher.consume_token(b) for b in data[at + 1 - back:])
+            break
+    else:
+        back = None
+    assert (back is None or (consumed and matcher.is_accepting())) == allowed
+    if allowed:  # the gateway reads it: the text before the marker is the content
         content, calls = parse_auto(text, ("get_weather", "noop"))
-        assert (content is None) == bool(calls)
+        assert bool(calls) == (back is not None)
+        assert content == (text.split("<tool_call>")[0].strip() or None)
 
 
 @pytest.mark.parametrize(("value", "field"), [

@@ -254,7 +254,10 @@ def test_each_formats_grammar_writes_what_its_parser_reads(tool_format: str) -> 
         assert allowed(grammar, two) == (parallel and tool_format != "llama3_json" and not (
             tool_format == "fallback" and mode == "required"))
         assert not allowed(grammar, bad)
-        assert allowed(grammar, "Paris is sunny.") == (mode == "auto")
+        # Under auto the grammar applies from where a call begins (its trigger): text
+        # before it is the watch's, not the grammar's, to let through.
+        assert not allowed(grammar, "Paris is sunny.")
+        assert allowed(grammar, "Sure. " + one) == (mode == "auto" and "<" in one)
         assert not allowed(grammar, wrap([call.replace('"search"', '"rm"')]))
     assert parse_auto(one, ("search",)) == (None, [("search", '{"query": "vim"}')])
     assert parse_auto("Paris is sunny.", ("search",)) == ("Paris is sunny.", [])

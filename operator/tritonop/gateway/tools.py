@@ -12,8 +12,9 @@ builds the grammar of calls in that format).
   ``parallel_tool_calls`` is false, and see :mod:`tritonop_backend.llm.chat_tools` for the
   formats that take one), each of a known function with arguments that follow its schema;
   the answer carries them as ``tool_calls``. A named function: one call of it.
-- ``"auto"``: the grammar allows text or calls (unless the request has its own
-  ``response_format``, which then shapes the output instead).
+- ``"auto"``: free text until a call begins (its format's marker), the grammar of calls
+  from there (unless the request has its own ``response_format``, which then shapes the
+  output instead).
 - ``"none"``: the tools are not shown; the model answers with text.
 
 Answers are read in every format the grammar writes (:func:`parse_calls`): ``<tool_call>``
@@ -93,7 +94,7 @@ class ToolUse:
     def response_format(self) -> dict[str, Any]:
         """The ``response_format`` whose grammar shapes the output, in the model's call
         format (:func:`tritonop_backend.llm.chat_tools.tool_grammar`): calls only
-        (``required``, a named function), or text or calls (``auto``)."""
+        (``required``, a named function), or calls from where one begins (``auto``)."""
         return {"type": "tool_calls",
                 "tools": [{"name": f.name, "parameters": f.parameters}
                           for f in self.functions if f.name in self.names],

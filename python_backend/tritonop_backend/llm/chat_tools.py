@@ -20,7 +20,10 @@ results written into the turns as ``<tool_call>`` and ``<tool_response>`` blocks
 read in Hermes' format (what every model got before formats were detected).
 
 The grammar of calls (:func:`tool_grammar`) follows the format, so a constrained answer
-always parses: ``required`` (or a named function) allows only calls, ``auto`` text or calls;
+always parses: ``required`` (or a named function) allows only calls; ``auto`` lets the model
+write freely until a call begins (:data:`TRIGGERS`: Hermes' ``<tool_call>`` anywhere, Mistral's
+``[TOOL_CALLS]`` or Llama's ``<|python_tag|>`` control token anywhere, or ``[`` / ``{`` as the
+answer's first character), and from there allows only calls, to the end of the answer;
 one call when ``parallel_tool_calls`` is false or a named function is demanded (and always
 for Llama 3.1, whose template renders one call per turn, and for ``required`` in the
 fallback, where a model that was not taught the format tends to repeat its call until
@@ -46,6 +49,7 @@ from tritonop_backend.llm.grammar import (
     COMPILE_OPTIONS,
     MAX_SCHEMA_NAME,
     ResponseFormat,
+    Trigger,
     compile_schema,
     parse_response_format,
 )
@@ -58,6 +62,14 @@ ROLES = ("system", "user", "assistant", "tool")
 FIELD = "response_format"
 NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+TRIGGERS = {
+    "hermes": Trigger(marker=CALL_OPEN),
+    "fallback": Trigger(marker=CALL_OPEN),
+    "mistral": Trigger(controls=("[TOOL_CALLS]",), first="["),
+    "llama3_json": Trigger(controls=("<|python_tag|>",), first="{"),
+}
+"""Where a call begins in an ``auto`` answer, per format. Llama's bare ``{`` and Mistral's
+``[`` count only at the start: inside text they are too common to mean a call."""
 PROBE_NAME = "tritonop_probe_function"
 PROBE_TOOL = {"type": "function", "function": {
     "name": PROBE_NAME, "description": "Probe.",
@@ -320,7 +332,13 @@ def system_text(chat: Chat) -> str:
 def parse_constraint(value: object, tool_format: str = "hermes") -> ResponseFormat | None:
     """A ``response_format`` as :func:`parse_response_format` reads it, and the gateway's
     ``{"type": "tool_calls", ...}`` (see :func:`tool_grammar`) in ``tool_format``."""
-    return parse_response_format(value, lambda spec: tool_grammar(spec, tool_format))
+    return parse_response_format(value, lambda spec: tool_constraint(spec, tool_format))
+
+
+def tool_constraint(spec: dict[str, Any], tool_format: str) -> tuple[str, Trigger | None]:
+    """The grammar of :func:`tool_grammar` and, under ``auto``, the format's trigger."""
+    grammar = tool_grammar(spec, tool_format)
+    return grammar, TRIGGERS[tool_format] if spec.get("mode", "auto") == "auto" else None
 
 
 def tool_grammar(spec: dict[str, Any], tool_format: str) -> str:
@@ -329,8 +347,12 @@ def tool_grammar(spec: dict[str, Any], tool_format: str) -> str:
     Args:
         spec: ``{"type": "tool_calls", "tools": [{"name", "parameters"}, ...], "mode":
             "auto" | "required", "parallel": bool}``: the functions the answer may call;
-            ``auto`` allows text instead of calls; ``parallel`` false allows one call (see
-            the module's docstring for the other cases of one call).
+            ``auto``: the grammar of the answer from where a call begins (its trigger,
+            :data:`TRIGGERS`): Hermes' from the token holding ``<tool_call>`` (a lazy
+            lexeme reads the text up to it), the others' after the control token or from
+            the token holding the first ``[`` / ``{`` (blanks before it allowed);
+            ``parallel`` false allows one call (see the module's docstring for the other
+            cases of one call).
 
     Raises:
         RequestError: naming the part of ``response_format`` at fault.
@@ -358,18 +380,22 @@ def tool_grammar(spec: dict[str, Any], tool_format: str) -> str:
     more = "" if most == 1 else f"({{sep}} call){{{{0,{most - 1}}}}}"
     if tool_format == "mistral":
         lines = [f'calls: "[" call {more.format(sep=json.dumps(", "))} "]"',
-                 f"call: %json {json.dumps(call)}",
-                 r"TEXT: /(?s:.*)/ & ~/(?s:[ \t\r\n]*\[.*)/"]
+                 f"call: %json {json.dumps(call)}"]
     elif tool_format == "llama3_json":
-        lines = ["calls: call", f"call: %json {json.dumps(call)}",
-                 r"TEXT: /(?s:.*)/ & ~/(?s:[ \t\r\n]*\{.*)/"]
+        lines = ["calls: call", f"call: %json {json.dumps(call)}"]
     else:
         lines = [f"calls: call {more.format(sep=json.dumps(chr(10)))}",
                  f'call: "{CALL_OPEN}\\n" body "\\n{CALL_CLOSE}"',
-                 f"body: %json {json.dumps(call)}",
-                 f"TEXT: /(?s:.*)/ & ~/(?s:.*{CALL_OPEN}.*)/"]
-    start = "start: TEXT | calls" if mode == "auto" else "start: calls"
-    lark = "\n".join([start, *lines])
+                 f"body: %json {json.dumps(call)}"]
+    if mode == "required":
+        start = ["start: calls"]
+    elif tool_format in ("mistral", "llama3_json"):
+        start = ["start: calls | BLANKS calls", r"BLANKS: /[ \t\r\n]{1,8}/"]
+    else:  # the call's first lines once <tool_call> is written, then the rest as above
+        start = [f'start: head "\\n" body "\\n{CALL_CLOSE}" '
+                 f"{more.format(sep=json.dumps(chr(10)))}",
+                 f"head[lazy]: /(?s:.*){CALL_OPEN}/"]
+    lark = "\n".join([*start, *lines])
     try:
         grammar = llguidance.LLMatcher.grammar_from_lark(lark)
     except (ValueError, TypeError, RecursionError) as error:

@@ -28,7 +28,7 @@ import torch
 
 from tritonop_backend.errors import RequestError
 from tritonop_backend.llm.chat_tools import detect_tool_format, render_chat
-from tritonop_backend.llm.grammar import GrammarTokens
+from tritonop_backend.llm.grammar import CallWatch, GrammarTokens, Trigger
 from tritonop_backend.llm.graphs import StaticDecoder, width_bucket
 from tritonop_backend.llm.kv import KVBuffer, KVShape, Window, cache_keyword
 from tritonop_backend.llm.params import GenerationPolicy, GenerationRequest
@@ -138,7 +138,11 @@ class _Sequence:
     reported: int = 0
     """Generated tokens already handed out in events."""
     matcher: Any = None
-    """The llguidance matcher of a request with a ``response_format``; None without one."""
+    """The llguidance matcher of a request with a ``response_format``; None without one, and
+    while a grammar waits for its trigger."""
+    watch: tuple[CallWatch, Any] | None = None
+    """Under ``tool_choice: auto``: the watch for the start of a call and the matcher that
+    applies from there; None once it applies (then in :attr:`matcher`), or without one."""
     logprobs: list[TokenLogprob] | None = None
     """Entries of the generated tokens (end of sequence left out) when the request asked."""
     logprobs_reported: int = 0
@@ -289,14 +293,18 @@ class LLMEngine:
                     "text_input",
                     f"the prompt is {len(prompt_ids)} tokens; at most {limit} fit in the context",
                 )
+            grammar = request.response_format
+            matcher = self._grammar.matcher(grammar) if grammar is not None else None
+            trigger = grammar.trigger if grammar is not None else None
             sequence = _Sequence(
                 request_id=request_id,
                 prompt_ids=prompt_ids,
                 request=request,
                 stream=TextStream(self.tokenizer, request.params.stop),
                 generator=make_generator(request.params.seed),
-                matcher=(self._grammar.matcher(request.response_format)
-                         if request.response_format is not None else None),
+                matcher=matcher if trigger is None else None,
+                watch=(None if trigger is None
+                       else (CallWatch(trigger, self._control_ids(trigger)), matcher)),
                 logprobs=[] if request.logprobs is not None else None,
             )
         except BaseException:
@@ -863,8 +871,9 @@ class LLMEngine:
             if seq.matcher is not None and not seq.matcher.consume_token(token):
                 raise RuntimeError(f"the grammar refused token {token}: "
                                    f"{seq.matcher.get_error()[:300]}")
+            unchecked = seq.watch is not None and not self._watch(seq, token)
             text = seq.stream.push(token)
-            if seq.stream.stopped:
+            if seq.stream.stopped or unchecked:
                 reason = STOP
             elif seq.matcher is not None and seq.matcher.is_stopped():
                 reason = STOP  # the structured output is complete: nothing else may follow
@@ -877,6 +886,33 @@ class LLMEngine:
         if not text and reason is None:
             return None
         return seq.event(text, reason)
+
+    def _watch(self, seq: _Sequence, token: int) -> bool:
+        """Under ``auto``: once the sampled token begins a call, hand the sequence to its
+        grammar, fed the tokens that hold the call's start. False when they do not fit it
+        (a token sampled freely ran past the start into something else): the sequence then
+        ends there, so that no call is written that its grammar did not check."""
+        assert seq.watch is not None
+        watch, matcher = seq.watch
+        back = watch.push(token, self.token_bytes(token))
+        if back is None:
+            return True
+        seq.watch = None
+        if back and not matcher.consume_tokens(seq.generated[-back:]):
+            LOGGER.info("request %r: its call's start does not fit the grammar: %s",
+                        seq.request_id, matcher.get_error()[:300])
+            return False
+        seq.matcher = matcher
+        return True
+
+    def _control_ids(self, trigger: Trigger) -> frozenset[int]:
+        """The ids of a trigger's control tokens this vocabulary has (as single tokens)."""
+        ids = set()
+        for name in trigger.controls:
+            token = self.tokenizer.convert_tokens_to_ids(name)
+            if isinstance(token, int) and token != self.tokenizer.unk_token_id:
+                ids.add(token)
+        return frozenset(ids)
 
     def _release(self, leaving: Iterable[_Sequence]) -> None:
         """Drop sequences from the batch: move the last live rows into their places."""

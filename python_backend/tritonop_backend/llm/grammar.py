@@ -13,6 +13,11 @@ JSON is written compactly with one space after ``,`` and ``:`` (as ``json.dumps`
 no other whitespace: free whitespace between tokens would let a model that wanders pad
 its answer for ever, and it carries nothing.
 
+A grammar may wait for a trigger (``tool_choice: "auto"``, :class:`Trigger`): the sequence
+runs free, token for token what it would be without one, until its text reaches the start
+of a call; a :class:`CallWatch` sees that on the tokens' bytes, and from then on the matcher,
+which first catches up with the tokens that hold the start of the call, masks every token.
+
 The OpenAI gateway runs the same checks (:func:`parse_response_format`) before a request
 takes an admission place; torch is imported only where masks are made, so that the
 gateway's process does not load it.
@@ -42,9 +47,9 @@ MAX_SCHEMA_NAME = 64
 
 FIELD = "response_format"
 
-ToolGrammar = Callable[[dict[str, Any]], str]
-"""Builds the grammar of ``{"type": "tool_calls", ...}`` (chat_tools.tool_grammar, in the
-model's tool format): the gateway's own type, for ``tools``."""
+ToolGrammar = Callable[[dict[str, Any]], "tuple[str, Trigger | None]"]
+"""Builds the grammar of ``{"type": "tool_calls", ...}`` (chat_tools.tool_constraint, in the
+model's tool format), and its trigger under ``auto``: the gateway's own type, for ``tools``."""
 
 COMPILE_OPTIONS: dict[str, Any] = {
     "whitespace_flexible": False,
@@ -59,6 +64,79 @@ ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
 @dataclass(frozen=True)
+class Trigger:
+    """Where a call begins in a free answer: from there on the grammar applies.
+
+    Attributes:
+        marker: text that begins a call anywhere in the answer (Hermes' ``<tool_call>``),
+            found on the tokens' bytes however the tokens split it; the grammar then starts
+            with a lazy lexeme that reads up to it, so the tokens that hold it can be fed.
+        controls: control tokens (by name) that begin a call anywhere; the grammar starts
+            after them.
+        first: a character that begins a call when it is the answer's first one after
+            blanks (Mistral's ``[``, Llama's ``{``); the grammar may start with blanks.
+    """
+
+    marker: str = ""
+    controls: tuple[str, ...] = ()
+    first: str = ""
+
+
+BLANKS = b" \t\r\n"
+CONTINUATION = range(0x80, 0xC0)
+"""Bytes that continue a UTF-8 character: a grammar cannot be fed from one."""
+WATCHED = 32
+"""Recent tokens a watch keeps: enough for a marker split over one token per byte."""
+
+
+class CallWatch:
+    """One sequence's watch for the start of a call (:class:`Trigger`), token by token.
+
+    Pure: the engine hands it each generated token with its bytes; it answers, once a call
+    begins, how many of the latest tokens the grammar must be fed (0 after a control token).
+    """
+
+    def __init__(self, trigger: Trigger, controls: frozenset[int]) -> None:
+        """Watch for ``trigger``; ``controls`` are the ids of its control tokens."""
+        self._marker = trigger.marker.encode("utf-8")
+        self._first = trigger.first.encode("utf-8")
+        self._controls = controls
+        self._recent: list[bytes] = []
+        self._blank = True  # nothing but blanks written yet
+
+    def push(self, token: int, data: bytes) -> int | None:
+        """Read one generated token (not an end of sequence).
+
+        Returns:
+            None while no call has begun; else how many of the tokens read so far, the
+            last ones, the grammar must consume: those from the one where the call begins
+            (back to the start of a character), or 0 after a control token.
+        """
+        if token in self._controls:
+            return 0
+        self._recent = [*self._recent[-(WATCHED - 1):], data]
+        if self._blank:
+            rest = data.lstrip(BLANKS)
+            self._blank = not rest
+            if self._first and rest.startswith(self._first):
+                return 1
+        if not self._marker:
+            return None
+        window = b"".join(self._recent)
+        found = window.find(self._marker)
+        if found < 0:
+            return None
+        back, start = 0, len(window)
+        while start > found:  # back to the token that holds the marker's first byte
+            back += 1
+            start -= len(self._recent[-back])
+        while back < len(self._recent) and self._recent[-back][:1] and (
+                self._recent[-back][0] in CONTINUATION):  # and to the start of a character
+            back += 1
+        return back
+
+
+@dataclass(frozen=True)
 class ResponseFormat:
     """A validated ``response_format`` that constrains the output.
 
@@ -66,11 +144,14 @@ class ResponseFormat:
         type: ``json_object`` or ``json_schema``.
         grammar: the llguidance grammar (checked to compile), for :meth:`GrammarTokens.matcher`.
         name: ``json_schema.name``, when given.
+        trigger: where the grammar starts to apply (``tool_calls`` under ``auto``); None
+            for from the first token.
     """
 
     type: str
     grammar: str
     name: str | None = None
+    trigger: Trigger | None = None
 
 
 def parse_response_format(value: object, tool_calls: ToolGrammar | None = None
@@ -113,7 +194,8 @@ def parse_response_format(value: object, tool_calls: ToolGrammar | None = None
         raise RequestError(FIELD, "must be an object with a type")
     kind = value.get("type")
     if kind == "tool_calls" and tool_calls is not None:  # the gateway's, for tools
-        return ResponseFormat("tool_calls", tool_calls(value))
+        grammar, trigger = tool_calls(value)
+        return ResponseFormat("tool_calls", grammar, trigger=trigger)
     extra = sorted(set(value) - {"type", "json_schema"})
     if extra:
         raise RequestError(f"{FIELD}.{extra[0]}", "is not a recognised field")
