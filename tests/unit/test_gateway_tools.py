@@ -173,6 +173,25 @@ def test_auto_stream_sends_text_and_holds_calls():
     assert not is_call and "".join(d["content"] for d in sent + tail) == "A <toolbox> here"
 
 
+@pytest.mark.parametrize("call", [
+    '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Rome"}}]',
+    '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Rome"}}',
+])
+def test_a_control_token_call_after_text_is_content_then_a_call(call):
+    """Under ``auto`` the model keeps the control token that begins a call in the text:
+    the text before it is the content (streamed first), the rest the call."""
+    names = ("get_weather", "noop")
+    text = "Let me see. " + call
+    assert parse_auto(text, names) == ("Let me see.", [("get_weather", '{"city": "Rome"}')])
+    for size in (1, 4, 9):
+        stream = AutoStream(names)
+        deltas = [d for i in range(0, len(text), size) for d in stream.push(text[i:i + size])]
+        assert "".join(d["content"] for d in deltas) == "Let me see. "
+        tail, is_call = stream.finish()
+        assert is_call and [d["tool_calls"][0]["function"] for d in tail] == [
+            {"name": "get_weather", "arguments": '{"city": "Rome"}'}]
+
+
 def test_admission_takes_all_places_of_a_request_at_once():
     async def run() -> list[str]:
         bound = AdmissionBound(3, 4)

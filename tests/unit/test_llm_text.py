@@ -74,3 +74,22 @@ def test_text_that_may_become_a_stop_string_is_held_back() -> None:
     assert released == "go "
     released += "".join(stream.push(token) for token in tokens("ay"))
     assert released == "go STay"
+
+
+class ControlTokenizer(ByteTokenizer):
+    """Bytes, plus one special token (id 256), which the stream's decoding skips."""
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
+        assert skip_special_tokens
+        return super().decode([token for token in token_ids if token != 256])
+
+
+def test_special_tokens_are_left_out_unless_shown() -> None:
+    """A control token the stream is told to show (a call's start) keeps its place in the
+    text, between whole characters; others, and the same one otherwise, are left out."""
+    ids = [*tokens("Voilà "), 256, *tokens("[1]")]
+    for shown, expected in [({256: "<CALL>"}, "Voilà <CALL>[1]"), (None, "Voilà [1]")]:
+        stream = TextStream(ControlTokenizer(), shown=shown)
+        pieces = [stream.push(token) for token in ids] + [stream.finish()]
+        assert "".join(pieces) == expected
+        assert all("\ufffd" not in piece for piece in pieces)

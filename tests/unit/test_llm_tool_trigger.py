@@ -28,6 +28,8 @@ from tests.unit.test_llm_chat_tools import (
     gateway_args,
     model_request,
 )
+from tritonop.gateway.app import _completion_body, _StreamedChoice
+from tritonop.gateway.backend import Piece
 from tritonop.gateway.tools import parse_auto
 from tritonop_backend.llm.engine import LLMEngine
 from tritonop_backend.llm.grammar import CallWatch, Trigger
@@ -162,6 +164,57 @@ def test_a_batch_mixes_auto_required_and_free_answers(
     assert mixed["quiet"].tokens == reference["quiet"].tokens
     assert mixed["plain"].tokens == reference["plain"].tokens
     assert "<tool_call>" not in mixed["quiet"].text
+
+
+def pieces_of(outcome: Outcome) -> list[Piece]:
+    """The engine's events as the gateway receives them (one Triton response each)."""
+    return [Piece(event.text, event.finish_reason, event.prompt_tokens,
+                  event.completion_tokens) for event in outcome.events]
+
+
+@pytest.mark.parametrize("family", ["mistral-v3", "llama-3.1"])
+def test_a_control_token_call_after_text_is_content_then_a_call(
+        family: str, models: dict[str, LoadedModel]) -> None:
+    """Text, then the family's control token: the gateway answers the text as ``content``
+    and the call as ``tool_calls`` (``finish_reason: tool_calls``), streamed (content
+    deltas, then the call's) and not, as it answers a call at the start."""
+    engine = engine_of(models[family])
+    args = gateway_args(ASK, tools=TOOLS, parallel_tool_calls=False)
+    request = model_request(args, engine.policy)
+    marker = {"mistral-v3": "[TOOL_CALLS]", "llama-3.1": "<|python_tag|>"}[family]
+    before = "Let me look it up. "
+    script = [*engine.tokenizer(before, add_special_tokens=False)["input_ids"],
+              control(engine, marker)]
+    outcome = run(scripted(engine, {"after text": script}), {"after text": request})[
+        "after text"]
+    assert outcome.tokens[:len(script)] == script
+    assert outcome.last.finish_reason == "stop", outcome.text
+    pieces = pieces_of(outcome)
+
+    body = _completion_body("chat.completion", args, [("".join(p.text for p in pieces),
+                                                       pieces[-1], None)], {})
+    (choice,) = body["choices"]
+    assert choice["finish_reason"] == "tool_calls", choice
+    assert choice["message"]["content"] == before.strip()
+    (call,) = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    jsonschema.validate(json.loads(call["function"]["arguments"]),
+                        SCHEMAS[call["function"]["name"]])
+
+    streamed = _StreamedChoice(0, "chat.completion", args.tools)
+    entries = [entry for piece in pieces for entry in streamed.pieces(piece)]
+    deltas = [entry["delta"] for entry in entries]
+    kinds = ["content" if "content" in d else "tool_calls" for d in deltas if d]
+    assert kinds == sorted(kinds) and "tool_calls" in kinds  # the text first, then the call
+    assert "".join(d.get("content", "") for d in deltas).strip() == before.strip()
+    (named,) = [d["tool_calls"][0] for d in deltas if "tool_calls" in d
+                and "id" in d["tool_calls"][0]]
+    arguments = "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas
+                        if "tool_calls" in d)
+    assert named["index"] == 0 and named["function"]["name"] == call["function"]["name"]
+    jsonschema.validate(json.loads(arguments), SCHEMAS[named["function"]["name"]])
+    assert [entry["finish_reason"] for entry in entries] == [None] * (len(entries) - 1) + [
+        "tool_calls"]
 
 
 def test_a_call_start_its_grammar_refuses_ends_the_answer(

@@ -18,12 +18,13 @@ builds the grammar of calls in that format).
 - ``"none"``: the tools are not shown; the model answers with text.
 
 Answers are read in every format the grammar writes (:func:`parse_calls`): ``<tool_call>``
-blocks, Mistral's ``[TOOL_CALLS] [...]`` list (the marker is a control token, so usually
-absent from the text), and bare ``{"name", "arguments" | "parameters"}`` objects, one or a
-list; calls of unknown functions, or with arguments that are not an object, make the whole
-answer text. The streamed forms (:class:`CallStream`, :class:`AutoStream`) turn text pieces
-into OpenAI's deltas: per call, first a delta with its index, id, type, name and
-``arguments: ""``, then fragments of the arguments.
+blocks, Mistral's ``[TOOL_CALLS] [...]`` list (the marker is a control token: absent from
+the text under ``required``, kept there under ``auto``, where it marks the call's start after
+text, as Llama's ``<|python_tag|>`` does), and bare ``{"name", "arguments" |
+"parameters"}`` objects, one or a list; calls of unknown functions, or with arguments that
+are not an object, make the whole answer text. The streamed forms (:class:`CallStream`,
+:class:`AutoStream`) turn text pieces into OpenAI's deltas: per call, first a delta with its
+index, id, type, name and ``arguments: ""``, then fragments of the arguments.
 """
 
 from __future__ import annotations

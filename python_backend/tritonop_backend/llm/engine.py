@@ -296,15 +296,17 @@ class LLMEngine:
             grammar = request.response_format
             matcher = self._grammar.matcher(grammar) if grammar is not None else None
             trigger = grammar.trigger if grammar is not None else None
+            # A call's control token stays in the text: where the gateway finds the call.
+            controls = self._controls(trigger) if trigger is not None else {}
             sequence = _Sequence(
                 request_id=request_id,
                 prompt_ids=prompt_ids,
                 request=request,
-                stream=TextStream(self.tokenizer, request.params.stop),
+                stream=TextStream(self.tokenizer, request.params.stop, shown=controls),
                 generator=make_generator(request.params.seed),
                 matcher=matcher if trigger is None else None,
                 watch=(None if trigger is None
-                       else (CallWatch(trigger, self._control_ids(trigger)), matcher)),
+                       else (CallWatch(trigger, frozenset(controls)), matcher)),
                 logprobs=[] if request.logprobs is not None else None,
             )
         except BaseException:
@@ -905,14 +907,14 @@ class LLMEngine:
         seq.matcher = matcher
         return True
 
-    def _control_ids(self, trigger: Trigger) -> frozenset[int]:
-        """The ids of a trigger's control tokens this vocabulary has (as single tokens)."""
-        ids = set()
+    def _controls(self, trigger: Trigger) -> dict[int, str]:
+        """A trigger's control tokens this vocabulary has (as single tokens): id -> name."""
+        ids = {}
         for name in trigger.controls:
             token = self.tokenizer.convert_tokens_to_ids(name)
             if isinstance(token, int) and token != self.tokenizer.unk_token_id:
-                ids.add(token)
-        return frozenset(ids)
+                ids[token] = name
+        return ids
 
     def _release(self, leaving: Iterable[_Sequence]) -> None:
         """Drop sequences from the batch: move the last live rows into their places."""

@@ -6,11 +6,16 @@ SentencePiece token decodes differently at the start of a string than after anot
 token. Both are handled the way Hugging Face's TGI does it, by decoding a short window
 of already-read tokens plus the new ones and emitting only the difference. Stop
 strings may span token boundaries, so text that could still become one is held back.
+
+Special tokens are left out of the text, except those a stream is told to show (``shown``):
+under ``tool_choice: "auto"`` the control token that begins a call (Mistral's
+``[TOOL_CALLS]``, Llama's ``<|python_tag|>``) is written by its name, so that the gateway,
+which reads calls from the text, sees where the call begins after some text.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 REPLACEMENT_CHARACTER = "\ufffd"
@@ -27,9 +32,11 @@ class Decoder(Protocol):
 class IncrementalDetokenizer:
     """Yields the text that each new token adds, never an incomplete character."""
 
-    def __init__(self, tokenizer: Decoder) -> None:
-        """Start with no tokens; ``prefix`` and ``read`` are TGI's two offsets."""
+    def __init__(self, tokenizer: Decoder, shown: Mapping[int, str] | None = None) -> None:
+        """Start with no tokens; ``prefix`` and ``read`` are TGI's two offsets. ``shown``:
+        special tokens (id -> text) written into the text rather than left out."""
         self._tokenizer = tokenizer
+        self._shown = dict(shown or {})
         self._ids: list[int] = []
         self._prefix = 0
         self._read = 0
@@ -54,7 +61,15 @@ class IncrementalDetokenizer:
     def _decode(self, token_ids: list[int]) -> str:
         if not token_ids:
             return ""
-        return self._tokenizer.decode(token_ids, skip_special_tokens=True)
+        if not self._shown or not any(token in self._shown for token in token_ids):
+            return self._tokenizer.decode(token_ids, skip_special_tokens=True)
+        parts, start = [], 0
+        for at, token in enumerate(token_ids):
+            if token in self._shown:
+                parts += [self._decode(token_ids[start:at]), self._shown[token]]
+                start = at + 1
+        parts.append(self._decode(token_ids[start:]))
+        return "".join(parts)
 
 
 class TextStream:
@@ -64,9 +79,11 @@ class TextStream:
         stopped: a stop string has been seen; the text ends just before it.
     """
 
-    def __init__(self, tokenizer: Decoder, stop: Sequence[str] = ()) -> None:
-        """Track one sequence; ``stop`` strings are excluded from the text."""
-        self._detokenizer = IncrementalDetokenizer(tokenizer)
+    def __init__(self, tokenizer: Decoder, stop: Sequence[str] = (),
+                 shown: Mapping[int, str] | None = None) -> None:
+        """Track one sequence; ``stop`` strings are excluded from the text; ``shown`` special
+        tokens are written in it (:class:`IncrementalDetokenizer`)."""
+        self._detokenizer = IncrementalDetokenizer(tokenizer, shown)
         self._stop = tuple(stop)
         self._longest = max((len(item) for item in self._stop), default=0)
         self._text = ""
