@@ -79,7 +79,7 @@ def news_prepared(module_pods) -> Prepared:
     pod = module_pods(example("news-search.yaml"), name="news-cold")
     record("news-search.yaml cold (prepare: ONNX export + 20,000 texts)", pod.wait_ready())
     answer = post(pod, "news", SEED_REQUEST)
-    pod.stop()
+    pod.stop(drain=False)
     return Prepared(pod.volumes["artifacts"], answer, pod.container("prepare").exit_codes)
 
 
@@ -270,7 +270,7 @@ def test_chat_example_pod_answers_paris(run_pod):
     assert "Paris" in body["text_output"], body
     assert body["finish_reason"] in ("stop", "length")
 
-    pod.stop()
+    pod.stop(drain=False)
     patch, claims = on_claim(pod.volumes["artifacts"])
     warm = run_pod(chat, name="chat-warm", claims=claims, patch=patch)
     record("chat.yaml warm", warm.wait_ready())

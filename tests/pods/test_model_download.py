@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from tests.pods.conftest import record, resource
+from tests.pods.conftest import record, resource, stop_all
 from tests.support.hub import HubRepo, HubServer, _Handler
 from tests.support.podrunner import OtherPod, PodRunner
 from tests.support.triton import TINY_TEXTS
@@ -174,8 +174,7 @@ def cluster(tmp_path_factory, tiny_encoders) -> Iterator[Cluster]:
             sha = repo.commit_folder(tiny_encoders["bert"], "tiny bert")
             yield Cluster(hub, hub_pod, repo, sha, claim, workdir, pods)
         finally:
-            for pod in pods:
-                pod.stop()
+            stop_all(pods)
             hub.stop()
 
 

@@ -135,7 +135,7 @@ def test_config_map_update_is_not_picked_up_by_a_running_pod(run_pod, prepared_v
     assert '"7"' in seen.split("default_top_k", 1)[1][:80]  # the pod sees the new file
     time.sleep(3)  # Triton's default poll would have seen it by now; explicit mode never polls
     assert len(search(pod)["ids"]) == 3 and pod.ready  # and still serves the old one
-    pod.stop()
+    pod.stop(drain=False)
     rolled = run_pod(after, name="docs-rolled")
     rolled.wait_ready()
     assert len(search(rolled)["ids"]) == 7

@@ -1203,14 +1203,26 @@ class PodRunner:
 
     # -- teardown -------------------------------------------------------------------------
 
-    def _kill(self, container: Container, grace: float = 10.0) -> None:
-        """SIGTERM to the container's process group, SIGKILL after the grace period."""
+    def _kill(self, container: Container, grace: float = 10.0, *, again: bool = False) -> None:
+        """SIGTERM to the container's process group, SIGKILL after the grace period.
+
+        With ``again``, SIGTERM once more each second while the container runs (a stop asked
+        for again, as a second Ctrl-C): the gateway, which drains for its ``--drain-seconds``
+        on the first signal, stops at once on the next (Triton ignores a repeated one).
+        """
         process = container.process
         if process is None or process.poll() is not None:
             return
+        deadline = time.monotonic() + grace
         try:
             os.killpg(process.pid, signal.SIGTERM)
-            process.wait(grace)
+            while again and deadline - time.monotonic() > 1:
+                try:
+                    process.wait(1)
+                    return
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGTERM)
+            process.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
@@ -1218,7 +1230,8 @@ class PodRunner:
             pass
 
     def stop(self, grace: float | None = None,
-             before_kill: Callable[[Container, float], None] | None = None) -> None:
+             before_kill: Callable[[Container, float], None] | None = None,
+             *, drain: bool = True) -> None:
         """Stop every container, then remove the network namespace and tmpfs mounts.
 
         Args:
@@ -1229,6 +1242,9 @@ class PodRunner:
                 before its SIGTERM (the node agent's preStop hooks); the containers are
                 stopped in parallel, each SIGTERM after its own hook, SIGKILL when the grace
                 is over (at least 2 s after the hook).
+            drain: False sends SIGTERM again each second while a container runs, so that
+                the gateway skips its drain (10 s): for a stop that no test checks, such as
+                a fixture's teardown. The kubelet (and the node agent) signals once.
         """
         self._stop.set()  # from here on no container is restarted
         for listener in self._forwards.values():
@@ -1249,7 +1265,7 @@ class PodRunner:
             if before_kill is not None:
                 before_kill(container, max(0.0, deadline - time.monotonic()))
                 left = max(2.0, deadline - time.monotonic())
-            self._kill(container, left)
+            self._kill(container, left, again=not drain)
 
         killers = [threading.Thread(target=stop_one, args=(container,), daemon=True)
                    for container in self.containers]

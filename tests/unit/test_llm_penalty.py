@@ -42,8 +42,21 @@ class LastTokensPenalty:
         return self.inner(input_ids[:, -self.window :], scores)
 
 
+_generated: dict[tuple[str, float, int], list[int]] = {}
+
+
 def generate(smol: LoadedModel, engine: LLMEngine, prompt: str, penalty: float,
              window: int) -> list[int]:
+    """``generate``'s greedy tokens with the penalty; computed once per case in a session
+    (the batched tests ask again for cases the lone test asked for)."""
+    key = (prompt, penalty, window)
+    if key not in _generated:
+        _generated[key] = _generate(smol, engine, prompt, penalty, window)
+    return _generated[key]
+
+
+def _generate(smol: LoadedModel, engine: LLMEngine, prompt: str, penalty: float,
+              window: int) -> list[int]:
     ids = torch.tensor([engine.encode_prompt(prompt)])
     options: dict[str, Any] = {}
     if window >= ids.shape[1] + TOKENS:
