@@ -3,7 +3,8 @@
 SCALE. Synthetic clustered vectors (bench/synthetic.py; 10M by default, ``--vectors``) are
 written once into a memory-mapped index file; each index of the issue is then built by
 the project's own code (``build_approximate``, the prepare step's: hnsw, hnsw+int8,
-hnsw+binary, each rescoring its candidates in float32) over links to that one file, and
+hnsw+binary, each rescoring its candidates in float32, with efSearch raised as prepare
+raises it, here to the issue's recall target) over links to that one file, and
 served by a real ``tritonserver`` from a repository rendered from the example resource
 with ``spec.search`` set, one index at a time. Per index: the search step (a query vector
 over gRPC to ``<name>_search``, the served search model alone), end to end (a query text
@@ -191,8 +192,8 @@ def _one_index(ctx: Context, root: Path, variant: str, vectors: np.ndarray,
     work = root / name
 
     def build(index_dir: Path) -> dict[str, Any]:
-        return {} if variant == "exact" else build_approximate(index_dir, vectors,
-                                                               VARIANTS[variant])
+        return {} if variant == "exact" else build_approximate(
+            index_dir, vectors, VARIANTS[variant], min_recall=RECALL_TARGET)
 
     settings = VARIANTS.get(variant)
     spec = {} if settings is None else {"search": {
@@ -306,7 +307,8 @@ def _real_recall(index_dir: Path, root: Path) -> dict[str, Any]:
     indexes = {}
     for variant, settings in VARIANTS.items():
         directory = root / variant
-        entry = build_approximate(directory, embeddings, settings)
+        entry = build_approximate(directory, embeddings, settings,
+                                  min_recall=REAL_RECALL_TARGET)
         indexes[variant] = {"recall_at_10": entry["recall_at_10"],
                             "recall_queries": entry["recall_queries"],
                             "build_seconds": entry["build_seconds"],

@@ -57,6 +57,9 @@ class IndexStatus(_StatusModel):
         None, description="hnsw only: recall@10 against the exact index, measured by prepare "
         "with recallQueries of the corpus's own texts as queries.")
     recall_queries: Optional[int] = None
+    ef_search: Optional[int] = Field(
+        None, description="hnsw only: candidates considered per query as served: the spec's "
+        "efSearch, or higher where prepare raised it to reach minRecall.")
 
 
 class EncoderStatus(_StatusModel):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +74,18 @@ class HnswSettings:
 
     @classmethod
     def from_manifest(cls, entry: dict[str, Any]) -> HnswSettings:
+        """The settings the spec asked for (what a version's fingerprint names)."""
         names = {"connectivity", "ef_construction", "ef_search", "quantization",
                  "rescore_factor"}
         return cls(**{key: value for key, value in entry.items() if key in names})
+
+    @classmethod
+    def served(cls, entry: dict[str, Any]) -> HnswSettings:
+        """The settings to search with: the spec's, with ``ef_search`` as prepare raised it
+        to reach ``minRecall`` (``ef_search_served``; the spec's where it did not)."""
+        settings = cls.from_manifest(entry)
+        return replace(settings, ef_search=int(entry.get("ef_search_served",
+                                                         settings.ef_search)))
 
 
 def _graph_vectors(vectors: np.ndarray, quantization: str) -> np.ndarray:
@@ -240,15 +249,28 @@ def measure_recall(searcher: HnswSearcher, embeddings: np.ndarray, k: int = RECA
     Returns:
         The mean recall and the number of queries it was measured on.
     """
-    count = len(embeddings)
-    k = min(k, count)
-    chosen = np.arange(count) if count <= sample else np.sort(
-        np.random.default_rng(seed).choice(count, sample, replace=False))
-    queries = np.asarray(embeddings[chosen], dtype=np.float32)
-    kth = kth_best_scores(embeddings, queries, k)
-    found = 0
-    for begin in range(0, len(queries), 256):
-        _, scores = searcher.search(queries[begin:begin + 256], k)
-        for row, got in enumerate(scores):
-            found += min(k, int((got >= kth[begin + row] - 1e-6).sum()))
-    return found / (k * len(queries)), len(queries)
+    probe = RecallProbe(embeddings, k, sample, seed)
+    return probe.recall(searcher), len(probe.queries)
+
+
+class RecallProbe:
+    """The sample :func:`measure_recall` searches, with its exact ``k``-th best scores
+    computed once, so that several search settings can be measured against it."""
+
+    def __init__(self, embeddings: np.ndarray, k: int = RECALL_K, sample: int = RECALL_QUERIES,
+                 seed: int = 0) -> None:
+        count = len(embeddings)
+        self.k = min(k, count)
+        chosen = np.arange(count) if count <= sample else np.sort(
+            np.random.default_rng(seed).choice(count, sample, replace=False))
+        self.queries = np.asarray(embeddings[chosen], dtype=np.float32)
+        self.kth = kth_best_scores(embeddings, self.queries, self.k)
+
+    def recall(self, searcher: HnswSearcher) -> float:
+        """The searcher's mean recall@k over the sample."""
+        k, found = self.k, 0
+        for begin in range(0, len(self.queries), 256):
+            _, scores = searcher.search(self.queries[begin:begin + 256], k)
+            for row, got in enumerate(scores):
+                found += min(k, int((got >= self.kth[begin + row] - 1e-6).sum()))
+        return found / (k * len(self.queries))

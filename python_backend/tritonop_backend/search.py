@@ -239,7 +239,7 @@ def load_index(directory: Path, threads: int = 1) -> tuple[CorpusIndex, IndexMan
         )
     fields = FieldColumns.load(directory, manifest.fields, manifest.count)
     if manifest.index_kind == "hnsw":
-        settings = HnswSettings.from_manifest(manifest.index)
+        settings = HnswSettings.served(manifest.index)
         searcher = HnswSearcher(directory / ANN_FILE, embeddings, settings, threads)
         return ApproximateIndex(embeddings, texts, fields, searcher), manifest
     if manifest.index_kind != "exact":

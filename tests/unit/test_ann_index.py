@@ -166,10 +166,18 @@ def real_corpus(tmp_path_factory, corpus) -> Path:
     return corpus
 
 
-def test_build_index_writes_the_recall_of_real_embeddings(tmp_path, exported, real_corpus):
+@pytest.fixture(scope="module")
+def vectors(tmp_path_factory) -> Path:
+    """An embedding cache for the builds below, as prepare keeps one: the corpus is embedded
+    once, not at every build."""
+    return tmp_path_factory.mktemp("vectors")
+
+
+def test_build_index_writes_the_recall_of_real_embeddings(tmp_path, exported, real_corpus,
+                                                          vectors):
     settings = HnswSettings(quantization="int8")
     built = build_index(real_corpus, exported["onnx"], tmp_path / "index", progress=False,
-                        hnsw=settings, min_recall=0.95)
+                        hnsw=settings, min_recall=0.95, embedding_cache=vectors)
     report = built.manifest.index
     assert report["kind"] == "hnsw" and report["quantization"] == "int8"
     assert report["library"].startswith("usearch ")
@@ -198,19 +206,20 @@ def test_build_index_writes_the_recall_of_real_embeddings(tmp_path, exported, re
     with pytest.raises(ArtifactError, match="holds an hnsw index, but this model's config "
                        "says exact"):
         SearchStage({**parameters, "index": "exact"})
-    plain = build_index(real_corpus, exported["onnx"], tmp_path / "index", progress=False)
+    plain = build_index(real_corpus, exported["onnx"], tmp_path / "index", progress=False,
+                        embedding_cache=vectors)
     assert not plain.skipped and plain.manifest.index == {}
     assert not isinstance(load_index(tmp_path / "index")[0], ApproximateIndex)
     assert SearchStage({**parameters, "index": "exact"}).description.startswith("exact index")
 
 
 def test_build_index_fails_below_min_recall_and_leaves_no_index(tmp_path, exported,
-                                                                 real_corpus):
+                                                                 real_corpus, vectors):
     poor = HnswSettings(quantization="binary", rescore_factor=1, connectivity=4, ef_search=8)
     with pytest.raises(ArtifactError, match=r"recall@10 is 0\.\d{4} .* below "
                        r"spec\.search\.minRecall 0\.95"):
         build_index(real_corpus, exported["onnx"], tmp_path / "index", progress=False,
-                    hnsw=poor, min_recall=0.95)
+                    hnsw=poor, min_recall=0.95, embedding_cache=vectors)
     assert not (tmp_path / "index" / MANIFEST_FILE).exists()
 
 
@@ -349,7 +358,8 @@ def test_prepare_cli_writes_the_index_report(tmp_path, monkeypatch):
     IndexManifest(model_source="m", model_fingerprint="f", pooling="mean",
                   max_sequence_length=16, dimension=8, count=3, corpus_sha256="x",
                   index={"kind": "hnsw", "quantization": "binary", "recall_at_10": 0.97,
-                         "recall_queries": 3}).write(index_dir)
+                         "recall_queries": 3, "ef_search": 64,
+                         "ef_search_served": 128}).write(index_dir)
     monkeypatch.setattr(prepare_module, "prepare", lambda resources, *a, **k: resources)
     log = tmp_path / "termination-log"
     assert cli.main(["prepare", "-f", str(path), "--artifacts-root", str(tmp_path / "root"),
@@ -357,7 +367,7 @@ def test_prepare_cli_writes_the_index_report(tmp_path, monkeypatch):
     assert json.loads(log.read_text()) == {
         "name": "news", "version": resource_fingerprint(resource),
         "index": {"kind": "hnsw", "quantization": "binary", "recallAt10": 0.97,
-                  "recallQueries": 3}}
+                  "recallQueries": 3, "efSearch": 128}}
 
 
 def test_the_gateway_model_card_says_which_index():

@@ -114,7 +114,7 @@ def build_index(
     )
     if hnsw is not None:
         (Path(directory) / MANIFEST_FILE).unlink(missing_ok=True)
-        report = build_approximate(directory, embeddings, hnsw, threads)
+        report = build_approximate(directory, embeddings, hnsw, threads, min_recall)
         check_recall(report, min_recall)  # before the manifest: no complete index
         manifest = dataclasses.replace(manifest, index=report)
     write_index(directory, embeddings, texts, manifest, values)

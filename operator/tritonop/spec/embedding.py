@@ -202,8 +202,10 @@ class HnswSpec(SpecModel):
     ef_construction: int = Field(
         128, ge=8, le=4096, description="Candidates considered while linking a node (build).")
     ef_search: int = Field(
-        64, ge=8, le=4096, description="Candidates considered per query (raised to the number "
-        "of candidates fetched when that is more).")
+        64, ge=8, le=4096, description="Candidates considered per query, at least: prepare "
+        "doubles it (up to 1024) while the measured recall is below minRecall, and serves the "
+        "one reached (status.index.efSearch); raised to the number of candidates fetched when "
+        "that is more.")
     rescore_factor: int | None = Field(
         None, ge=1, le=100,
         description="With quantization: fetch k x this many candidates from the quantized "
