@@ -8,6 +8,10 @@ control as there), cut only where a feature is not about tools:
   ``<tools>``, calls as ``<tool_call>`` blocks, results as ``<tool_response>`` in a user turn);
 * ``MISTRAL_V3``: Mistral-7B-Instruct-v0.3's (``[AVAILABLE_TOOLS]`` before the last user
   turn, ``[TOOL_CALLS] [...]`` with ids of 9 letters and digits, ``[TOOL_RESULTS]``);
+* ``MISTRAL_V11``: the tool part of Mistral Small 3.2's, Magistral's and Devstral's (tokenizer
+  v11: ``[AVAILABLE_TOOLS]`` after the system prompt, each call as
+  ``[TOOL_CALLS]name[ARGS]{...}``, no ids, results as ``[TOOL_RESULTS]...[/TOOL_RESULTS]``),
+  written from their published form, its long default system prompt shortened;
 * ``LLAMA31``: Llama-3.1-8B-Instruct's JSON tool calling (tools in the first user turn,
   calls as ``{"name", "parameters"}``, results in ``ipython`` turns; one call per turn; the
   built-in tools and the ``Today Date`` clock left out).
@@ -171,6 +175,46 @@ MISTRAL_V3 = """{%- if messages[0]["role"] == "system" %}
 {%- endfor %}
 """
 
+MISTRAL_V11 = """{%- set default_system_message = 'You are a helpful assistant.' %}
+{{- bos_token }}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = default_system_message %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{{- '[SYSTEM_PROMPT]' + system_message + '[/SYSTEM_PROMPT]' }}
+{%- if tools is defined and tools is not none and tools|length > 0 %}
+    {{- '[AVAILABLE_TOOLS]' + (tools | tojson) + '[/AVAILABLE_TOOLS]' }}
+{%- endif %}
+{%- for message in loop_messages %}
+    {%- if message['role'] == 'user' %}
+        {{- '[INST]' + message['content'] + '[/INST]' }}
+    {%- elif message['role'] == 'assistant' %}
+        {%- if message['content'] %}
+            {{- message['content'] }}
+        {%- endif %}
+        {%- if message['tool_calls'] is defined and message['tool_calls'] is not none %}
+            {%- for tool in message['tool_calls'] %}
+                {%- set arguments = tool['function']['arguments'] %}
+                {%- if arguments is not string %}
+                    {%- set arguments = arguments | tojson %}
+                {%- elif arguments == '' %}
+                    {%- set arguments = '{}' %}
+                {%- endif %}
+                {{- '[TOOL_CALLS]' + tool['function']['name'] + '[ARGS]' + arguments }}
+            {%- endfor %}
+        {%- endif %}
+        {{- eos_token }}
+    {%- elif message['role'] == 'tool' %}
+        {{- '[TOOL_RESULTS]' + message['content'] | string + '[/TOOL_RESULTS]' }}
+    {%- else %}
+        {{- raise_exception('Only user, assistant and tool roles are supported, with the exception of an initial optional system message!') }}
+    {%- endif %}
+{%- endfor %}
+"""
+
 LLAMA31 = """{{- bos_token }}
 {%- if custom_tools is defined %}
     {%- set tools = custom_tools %}
@@ -264,6 +308,9 @@ LLAMA31 = """{{- bos_token }}
 
 MISTRAL_CONTROL = ("[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[TOOL_RESULTS]",
                    "[/TOOL_RESULTS]")
+MISTRAL_V11_CONTROL = ("[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[AVAILABLE_TOOLS]",
+                       "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[ARGS]", "[TOOL_RESULTS]",
+                       "[/TOOL_RESULTS]")
 LLAMA_CONTROL = ("<|python_tag|>", "<|eom_id|>")
 
 MAX_POSITIONS = 2048
@@ -273,6 +320,7 @@ TOOL_DECODERS = {
     # name: (architecture in tests.support.decoders, template, control tokens, format)
     "qwen2.5": ("qwen2", QWEN25, (), "hermes"),
     "mistral-v3": ("mistral", MISTRAL_V3, MISTRAL_CONTROL, "mistral"),
+    "mistral-v11": ("mistral", MISTRAL_V11, MISTRAL_V11_CONTROL, "mistral_v11"),
     "llama-3.1": ("llama", LLAMA31, LLAMA_CONTROL, "llama3_json"),
 }
 

@@ -176,6 +176,7 @@ def test_auto_stream_sends_text_and_holds_calls():
 @pytest.mark.parametrize("call", [
     '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Rome"}}]',
     '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Rome"}}',
+    '[TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}',
 ])
 def test_a_control_token_call_after_text_is_content_then_a_call(call):
     """Under ``auto`` the model keeps the control token that begins a call in the text:
@@ -277,6 +278,7 @@ def test_triton_refuses_bad_tool_call_formats_naming_the_part(value, field):
     '{"name": "noop", "arguments": {}}]',
     '<|python_tag|>{"name": "get_weather", "parameters": {"city": "P{a}\\"ris"}}; '
     '{"name": "noop", "parameters": {}}',
+    '[TOOL_CALLS]get_weather[ARGS]{"city": "P{a}\\"ris"}[TOOL_CALLS]noop[ARGS]{}',
 ])
 def test_calls_are_read_and_streamed_in_every_format(text):
     """Hermes' blocks, Mistral's list (its marker a control token, usually dropped) and
@@ -307,3 +309,62 @@ def test_a_cut_call_is_not_a_call():
     stream.push('<tool_call>\n{"name": "noop", "arguments": {"a": ')
     assert stream.finish()[1] is False
     assert parse_calls('[{"name": "noop", "arguments": {}}', ("noop",)) is None
+
+
+V11_ONE = '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}'
+V11_TWO = V11_ONE + '[TOOL_CALLS]get_weather[ARGS]{"city": "Rome", "unit": "c"}'
+
+
+@pytest.mark.parametrize("text", [V11_ONE, V11_TWO])
+def test_mistral_v11_calls_are_read_whole_and_streamed(text):
+    """Mistral v11 (Small 3.2, Magistral, Devstral): ``[TOOL_CALLS]name[ARGS]{...}`` per
+    call, both control tokens kept in the text; read whole, as a constrained stream (the
+    arguments' pieces join into the arguments as written) and as an ``auto`` stream after
+    text, whatever the pieces' sizes."""
+    names = ("get_weather", "noop")
+    expected = [("get_weather", '{"city": "Paris"}')]
+    if text == V11_TWO:
+        expected.append(("get_weather", '{"city": "Rome", "unit": "c"}'))
+    assert parse_calls(text, names) == expected
+    assert parse_auto(text, names) == (None, expected)
+    assert parse_auto("Checking. " + text, names) == ("Checking.", expected)
+    for size in (1, 4, 9):
+        pieces = [text[i:i + size] for i in range(0, len(text), size)]
+        stream = CallStream(names)
+        deltas = [d for piece in pieces for d in stream.push(piece)]
+        tail, whole = stream.finish()
+        assert whole and not tail
+        got: list[list[str]] = []
+        for delta in deltas:
+            (entry,) = delta["tool_calls"]
+            if "id" in entry:
+                assert entry["index"] == len(got) and entry["id"].startswith("call_")
+                got.append([entry["function"]["name"], entry["function"]["arguments"]])
+            else:
+                assert entry["index"] == len(got) - 1
+                got[-1][1] += entry["function"]["arguments"]
+        assert [tuple(call) for call in got] == expected
+        auto = AutoStream(names)
+        sent = [d for piece in ["Checking. ", *pieces] for d in auto.push(piece)]
+        assert "".join(d["content"] for d in sent) == "Checking. "
+        tail, is_call = auto.finish()
+        assert is_call and [(d["tool_calls"][0]["index"], d["tool_calls"][0]["function"])
+                            for d in tail] == [
+            (index, {"name": name, "arguments": arguments})
+            for index, (name, arguments) in enumerate(expected)]
+
+
+@pytest.mark.parametrize("text", [
+    '[TOOL_CALLS]rm[ARGS]{"city": "Paris"}',  # not one of the tools
+    "[TOOL_CALLS]get_weather[ARGS][1]",  # arguments not an object
+    '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"} and more',
+    '[TOOL_CALLS]get_weather[ARGS]{"city": "Par',  # cut
+    '[TOOL_CALLS]get_weather{"city": "Paris"}',  # no [ARGS]
+])
+def test_a_broken_mistral_v11_answer_is_text(text):
+    names = ("get_weather", "noop")
+    assert parse_calls(text, names) is None
+    assert parse_auto(text, names) == (text, [])
+    stream = CallStream(names)
+    stream.push(text)
+    assert stream.finish()[1] is False

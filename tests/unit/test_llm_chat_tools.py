@@ -8,8 +8,10 @@ independent: ``transformers``' ``apply_chat_template(messages, tools=...)`` for 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,9 @@ import jsonschema
 import llguidance
 import pytest
 
+from tests.support import decoders
 from tests.support.llm import run
-from tests.support.tool_templates import TOOL_DECODERS, make_tool_decoder
+from tests.support.tool_templates import MISTRAL_V11, TOOL_DECODERS, make_tool_decoder
 from tritonop.gateway.config import Admission, ModelEntry
 from tritonop.gateway.protocol import GenerationArgs, parse_chat
 from tritonop.gateway.tools import CallStream, parse_auto, parse_calls
@@ -200,6 +203,9 @@ def test_a_required_call_parses_and_validates(
         if key == "named":
             assert {call[0] for call in calls} == {"search"}
         assert streamed([event.text for event in outcome.events]) == calls
+        # Mistral v11 writes each call as [TOOL_CALLS]name[ARGS]{...}; v3 as a list.
+        v11 = "".join(rf"\[TOOL_CALLS\]{n}\[ARGS\]{re.escape(a)}" for n, a in calls)
+        assert bool(re.fullmatch(v11, outcome.text)) == (name == "mistral-v11"), outcome.text
 
 
 def streamed(pieces: list[str]) -> list[tuple[str, str]]:
@@ -282,3 +288,85 @@ def test_the_fallback_writes_tools_and_calls_into_plain_turns(
     assert ('<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": '
             '{"city": "Paris", "unit": "c"}}\n</tool_call><|im_end|>') in prompt
     assert "<|im_start|>user\n<tool_response>\n18 C\n</tool_response><|im_end|>" in prompt
+
+
+def test_mistral_v11s_grammar_writes_its_control_tokens(
+        tool_models: dict[str, LoadedModel]) -> None:
+    """``[TOOL_CALLS]name[ARGS]{...}`` on the model's own tokens (the control tokens by their
+    ids): required from ``[TOOL_CALLS]``, auto from after it (the trigger's token)."""
+    from llguidance.hf import from_tokenizer
+
+    engine = engine_of(tool_models["mistral-v11"])
+    tokenizer = engine.tokenizer
+    tokens = dict(engine.policy.tool_tokens)
+    assert set(tokens) == {"[TOOL_CALLS]", "[ARGS]"}
+    vocabulary = from_tokenizer(tokenizer)
+
+    def ids(text: str) -> list[int]:
+        out: list[int] = []
+        for part in re.split(r"(\[TOOL_CALLS\]|\[ARGS\])", text):
+            out += [tokens[part]] if part in tokens else tokenizer(
+                part, add_special_tokens=False)["input_ids"]
+        return out
+
+    def takes(grammar: str, text: str) -> bool:
+        matcher = llguidance.LLMatcher(vocabulary, grammar, log_level=0)
+        assert not matcher.is_error(), matcher.get_error()
+        return all(matcher.consume_token(token) for token in ids(text)) and (
+            matcher.is_accepting())
+
+    spec = {"type": "tool_calls", "tools": [{"name": n, "parameters": s}
+                                            for n, s in SCHEMAS.items()]}
+    one = '[TOOL_CALLS]search[ARGS]{"query": "vim"}'
+    for mode in ("auto", "required"):
+        for parallel in (True, False):
+            constraint = parse_constraint(json.dumps({**spec, "mode": mode,
+                                                      "parallel": parallel}),
+                                          "mistral_v11", tokens)
+            assert constraint is not None
+            grammar = constraint.grammar
+            skip = len("[TOOL_CALLS]") if mode == "auto" else 0  # the trigger's token
+            assert takes(grammar, one[skip:])
+            assert takes(grammar, (one + one)[skip:]) == parallel
+            assert not takes(grammar, one[skip:].replace('"vim"', "7"))
+            assert not takes(grammar, one[skip:].replace("search", "rm"))
+            assert not takes(grammar, '{"name": "search", "arguments": {"query": "vim"}}')
+            assert not takes(grammar, one[skip:].replace("[ARGS]", ""))
+            assert (constraint.trigger is not None) == (mode == "auto")
+    with pytest.raises(ValueError):  # without the ids there is no grammar
+        parse_constraint(json.dumps(spec), "mistral_v11")
+
+
+def test_mistral_v11_needs_its_control_tokens_in_the_vocabulary(tmp_path: Path) -> None:
+    """A template that writes v11 calls on a tokenizer where ``[ARGS]`` is no single token:
+    its calls could not be written, so tools take the fallback; with it, v11."""
+    base = decoders.DECODERS["mistral"]
+    control = ("[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[TOOL_RESULTS]",
+               "[/TOOL_RESULTS]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]")
+    formats = {}
+    for name, extra in (("without", ()), ("with", ("[ARGS]",))):
+        family = dataclasses.replace(base.family, style="bytelevel", template=MISTRAL_V11,
+                                     special=(*base.family.special, *control, *extra))
+        folder = decoders.make_decoder(dataclasses.replace(base, family=family),
+                                       tmp_path / name)
+        loaded = load_causal_lm(folder, "float32", "cpu")
+        render = functools.partial(loaded.tokenizer.apply_chat_template, tokenize=False)
+        assert detect_tool_format(render) == "mistral_v11"
+        policy = LLMEngine(loaded.model, loaded.tokenizer,
+                           dataclasses.replace(POLICY, max_context_tokens=512)).policy
+        formats[name] = (policy.tool_format, dict(policy.tool_tokens))
+    assert formats["without"] == ("fallback", {})
+    assert formats["with"][0] == "mistral_v11"
+    assert set(formats["with"][1]) == {"[TOOL_CALLS]", "[ARGS]"}
+
+
+def test_mistral_v3_is_untouched_by_v11(tool_models: dict[str, LoadedModel]) -> None:
+    """A Mistral v3 template keeps its format, grammar tokens none, and its control token
+    alone is shown in an auto answer's text."""
+    engine = engine_of(tool_models["mistral-v3"])
+    assert engine.policy.tool_format == "mistral" and engine.policy.tool_tokens == ()
+    request = model_request(gateway_args([HISTORY[1]], tools=TOOLS, tool_choice="required"),
+                            engine.policy)
+    text = run(engine, {"v3": request})["v3"].text
+    assert "[ARGS]" not in text and "[TOOL_CALLS]" not in text
+    assert text.startswith('[{"name": ')

@@ -102,7 +102,7 @@ def scripts_of(engine: LLMEngine, family: str) -> dict[str, list[int]]:
         ids = words("Let me look. <tool_call>", add_special_tokens=False)["input_ids"]
         assert len(ids) > 2
         return {"text then marker": ids}
-    if family == "mistral-v3":
+    if family in ("mistral-v3", "mistral-v11"):
         return {"control": [control(engine, "[TOOL_CALLS]")]}
     return {"control": [control(engine, "<|python_tag|>")],
             "first brace": words("{", add_special_tokens=False)["input_ids"]}
@@ -128,7 +128,7 @@ def test_an_auto_call_follows_its_schema_from_where_it_begins(
     assert all(invalid(outcome.text) for outcome in unconstrained.values())
 
 
-@pytest.mark.parametrize("family", ["qwen2.5", "mistral-v3"])
+@pytest.mark.parametrize("family", ["qwen2.5", "mistral-v3", "mistral-v11"])
 def test_an_answer_that_begins_no_call_is_not_constrained(
         family: str, models: dict[str, LoadedModel]) -> None:
     engine = engine_of(models[family])
@@ -138,7 +138,7 @@ def test_an_answer_that_begins_no_call_is_not_constrained(
     assert auto.tokens == plain.tokens and len(auto.tokens) == 120
     assert auto.last.finish_reason == "length"
     assert "<tool_call>" not in auto.text
-    if family == "mistral-v3":
+    if family.startswith("mistral"):
         assert control(engine, "[TOOL_CALLS]") not in auto.tokens
 
 
@@ -172,7 +172,7 @@ def pieces_of(outcome: Outcome) -> list[Piece]:
                   event.completion_tokens) for event in outcome.events]
 
 
-@pytest.mark.parametrize("family", ["mistral-v3", "llama-3.1"])
+@pytest.mark.parametrize("family", ["mistral-v3", "mistral-v11", "llama-3.1"])
 def test_a_control_token_call_after_text_is_content_then_a_call(
         family: str, models: dict[str, LoadedModel]) -> None:
     """Text, then the family's control token: the gateway answers the text as ``content``
@@ -181,7 +181,8 @@ def test_a_control_token_call_after_text_is_content_then_a_call(
     engine = engine_of(models[family])
     args = gateway_args(ASK, tools=TOOLS, parallel_tool_calls=False)
     request = model_request(args, engine.policy)
-    marker = {"mistral-v3": "[TOOL_CALLS]", "llama-3.1": "<|python_tag|>"}[family]
+    marker = {"mistral-v3": "[TOOL_CALLS]", "mistral-v11": "[TOOL_CALLS]",
+              "llama-3.1": "<|python_tag|>"}[family]
     before = "Let me look it up. "
     script = [*engine.tokenizer(before, add_special_tokens=False)["input_ids"],
               control(engine, marker)]

@@ -18,9 +18,10 @@ builds the grammar of calls in that format).
 - ``"none"``: the tools are not shown; the model answers with text.
 
 Answers are read in every format the grammar writes (:func:`parse_calls`): ``<tool_call>``
-blocks, Mistral's ``[TOOL_CALLS] [...]`` list (the marker is a control token: absent from
-the text under ``required``, kept there under ``auto``, where it marks the call's start after
-text, as Llama's ``<|python_tag|>`` does), and bare ``{"name", "arguments" |
+blocks, Mistral v11's ``[TOOL_CALLS]name[ARGS]{...}`` calls one after another (both control
+tokens kept in the text), Mistral v3's ``[TOOL_CALLS] [...]`` list (the marker is a control
+token: absent from the text under ``required``, kept there under ``auto``, where it marks the
+call's start after text, as Llama's ``<|python_tag|>`` does), and bare ``{"name", "arguments" |
 "parameters"}`` objects, one or a list; calls of unknown functions, or with arguments that
 are not an object, make the whole answer text. The streamed forms (:class:`CallStream`,
 :class:`AutoStream`) turn text pieces into OpenAI's deltas: per call, first a delta with its
@@ -53,8 +54,14 @@ CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 MISTRAL_CALLS = "[TOOL_CALLS]"
 PYTHON_TAG = "<|python_tag|>"
 MARKERS = (CALL_OPEN, MISTRAL_CALLS, PYTHON_TAG)
-CALL_START = re.compile(r'\{"name": "([a-zA-Z0-9_-]{1,64})", "(?:arguments|parameters)": ')
-"""How the grammar begins a call object (compact JSON, the name first)."""
+ARGS_MARK = "[ARGS]"
+V11_START = re.compile(r"\[TOOL_CALLS\]([a-zA-Z0-9_-]{1,64})\[ARGS\]")
+"""How Mistral v11 (Small 3.2, Magistral, Devstral) begins a call: ``[TOOL_CALLS]name[ARGS]``,
+the arguments object after it."""
+CALL_START = re.compile(r'\{"name": "([a-zA-Z0-9_-]{1,64})", "(?:arguments|parameters)": |'
+                        + V11_START.pattern)
+"""How the grammar begins a call: an object (compact JSON, the name first), or Mistral v11's
+name between control tokens."""
 
 
 @dataclass(frozen=True)
@@ -291,6 +298,8 @@ def parse_calls(text: str, names: Sequence[str]) -> list[tuple[str, str]] | None
     """The calls an answer is made of, in any format the grammar writes; None unless the
     whole text is calls of ``names``."""
     rest = text.strip()
+    if rest.startswith(MISTRAL_CALLS) and ARGS_MARK in rest:
+        return _v11_calls(rest, names)
     for marker in (MISTRAL_CALLS, PYTHON_TAG):
         if rest.startswith(marker):
             rest = rest[len(marker):].strip()
@@ -316,6 +325,29 @@ def parse_auto(text: str, names: Sequence[str]) -> tuple[str | None, list[tuple[
         return text, []
     content = text[:start].strip()
     return content or None, calls
+
+
+def _v11_calls(text: str, names: Sequence[str]) -> list[tuple[str, str]] | None:
+    """Mistral v11's ``[TOOL_CALLS]name[ARGS]{...}`` calls, one after another (blanks
+    between them); the arguments as written. None when anything else is there."""
+    decoder = json.JSONDecoder()
+    calls, at = [], 0
+    while True:
+        while at < len(text) and text[at] in " \t\r\n":
+            at += 1
+        if at >= len(text):
+            return calls or None
+        found = V11_START.match(text, at)
+        if found is None or found.group(1) not in names:
+            return None
+        start = found.end()
+        try:
+            value, at = decoder.raw_decode(text, start)
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(value, dict):
+            return None
+        calls.append((found.group(1), text[start:at]))
 
 
 def _json_calls(text: str) -> list[str] | None:
@@ -357,7 +389,8 @@ class CallStream:
     arguments as they come.
 
     The grammar writes each call as ``{"name": "<name>", "arguments": {...}}`` (``parameters``
-    for Llama), inside whatever the format puts around calls; each call's arguments object
+    for Llama), inside whatever the format puts around calls, or as Mistral v11's
+    ``[TOOL_CALLS]<name>[ARGS]{...}``; each call's arguments object
     is followed character by character (strings and escapes included) to its closing brace.
     """
 
@@ -378,10 +411,11 @@ class CallStream:
         while True:
             if self.start is None:
                 found = CALL_START.search(self.text, self.scan)
-                if found is None or found.group(1) not in self.names:
+                name = found.group(1) or found.group(2) if found is not None else None
+                if found is None or name not in self.names:
                     return deltas
                 self.index += 1
-                deltas.append({"tool_calls": [tool_call(self.index, found.group(1), "")]})
+                deltas.append({"tool_calls": [tool_call(self.index, name, "")]})
                 self.start = self.scan = self.sent = found.end()
                 self.depth = 0
             end = self._close()

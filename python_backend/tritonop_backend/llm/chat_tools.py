@@ -12,6 +12,8 @@ template writes a call in by rendering a probe call with it:
 - ``hermes`` (Hermes, Qwen): ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``
   blocks, one per call;
 - ``mistral`` (Mistral v3): ``[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]``;
+- ``mistral_v11`` (Mistral Small 3.2, Magistral, Devstral: tokenizer v11 and later):
+  ``[TOOL_CALLS]name[ARGS]{...}``, one ``[TOOL_CALLS]`` per call, no list and no id;
 - ``llama3_json`` (Llama 3.1): one ``{"name": ..., "parameters": {...}}`` object.
 
 A template without tools, or one whose calls are in none of these formats, gets the
@@ -30,6 +32,10 @@ fallback, where a model that was not taught the format tends to repeat its call 
 ``max_tokens``: SmolLM2-135M does), else up to :data:`MAX_PARALLEL_CALLS`. Control tokens
 (Mistral's ``[TOOL_CALLS]``, Llama's ``<|python_tag|>``) are not written by the grammar: they
 are special tokens, dropped from the text anyway; the list or object that follows them is.
+Except in ``mistral_v11``, where they are the call's syntax (:data:`GRAMMAR_TOKENS`): the
+grammar writes ``[TOOL_CALLS]`` (under ``auto``, from the second call on) and ``[ARGS]`` by
+their ids in the model's vocabulary, and the text shows them by name (the engine's
+``shown`` tokens), so that the gateway reads the calls from it.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +60,7 @@ from tritonop_backend.llm.grammar import (
     parse_response_format,
 )
 
-FORMATS = ("hermes", "mistral", "llama3_json", "fallback")
+FORMATS = ("hermes", "mistral", "mistral_v11", "llama3_json", "fallback")
 MAX_PARALLEL_CALLS = 8
 """Calls one answer may make when parallel calls are allowed."""
 MAX_TOOLS = 64
@@ -66,6 +72,7 @@ TRIGGERS = {
     "hermes": Trigger(marker=CALL_OPEN),
     "fallback": Trigger(marker=CALL_OPEN),
     "mistral": Trigger(controls=("[TOOL_CALLS]",), first="["),
+    "mistral_v11": Trigger(controls=("[TOOL_CALLS]",)),
     "llama3_json": Trigger(controls=("<|python_tag|>",), first="{"),
 }
 """Where a call begins in an ``auto`` answer, per format. Llama's bare ``{`` and Mistral's
@@ -76,6 +83,12 @@ PROBE_TOOL = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"probe_arg": {"type": "integer"}}}}}
 PROBE_CALL = re.compile(r'"name":\s*"' + PROBE_NAME + r'",\s*"(arguments|parameters)":\s*'
                         r'\{\s*"probe_arg":\s*7\s*\}')
+PROBE_V11 = re.compile(r"\[TOOL_CALLS\]\s*" + PROBE_NAME + r'\[ARGS\]\s*\{\s*"probe_arg":\s*7\s*\}')
+"""Mistral v11's call: the name between ``[TOOL_CALLS]`` and ``[ARGS]``, then the arguments
+(a template that puts a ``[CALL_ID]`` between them is not this format)."""
+GRAMMAR_TOKENS = {"mistral_v11": ("[TOOL_CALLS]", "[ARGS]")}
+"""Control tokens a format's grammar writes: the model's vocabulary must have each as one
+token (the engine gives the grammar their ids; without them the format is ``fallback``)."""
 
 
 @dataclass(frozen=True)
@@ -213,6 +226,8 @@ def detect_tool_format(render: Render) -> str:
         return "fallback"
     if PROBE_NAME in plain or PROBE_NAME not in shown:
         return "fallback"
+    if PROBE_V11.search(called):
+        return "mistral_v11"
     found = PROBE_CALL.search(called)
     if found is None:
         return "fallback"
@@ -329,19 +344,22 @@ def system_text(chat: Chat) -> str:
 # The grammar of calls --------------------------------------------------------------------
 
 
-def parse_constraint(value: object, tool_format: str = "hermes") -> ResponseFormat | None:
+def parse_constraint(value: object, tool_format: str = "hermes",
+                     tokens: Mapping[str, int] | None = None) -> ResponseFormat | None:
     """A ``response_format`` as :func:`parse_response_format` reads it, and the gateway's
     ``{"type": "tool_calls", ...}`` (see :func:`tool_grammar`) in ``tool_format``."""
-    return parse_response_format(value, lambda spec: tool_constraint(spec, tool_format))
+    return parse_response_format(value, lambda spec: tool_constraint(spec, tool_format, tokens))
 
 
-def tool_constraint(spec: dict[str, Any], tool_format: str) -> tuple[str, Trigger | None]:
+def tool_constraint(spec: dict[str, Any], tool_format: str,
+                    tokens: Mapping[str, int] | None = None) -> tuple[str, Trigger | None]:
     """The grammar of :func:`tool_grammar` and, under ``auto``, the format's trigger."""
-    grammar = tool_grammar(spec, tool_format)
+    grammar = tool_grammar(spec, tool_format, tokens)
     return grammar, TRIGGERS[tool_format] if spec.get("mode", "auto") == "auto" else None
 
 
-def tool_grammar(spec: dict[str, Any], tool_format: str) -> str:
+def tool_grammar(spec: dict[str, Any], tool_format: str,
+                 tokens: Mapping[str, int] | None = None) -> str:
     """The llguidance grammar of an answer with calls in ``tool_format``.
 
     Args:
@@ -353,6 +371,9 @@ def tool_grammar(spec: dict[str, Any], tool_format: str) -> str:
             the token holding the first ``[`` / ``{`` (blanks before it allowed);
             ``parallel`` false allows one call (see the module's docstring for the other
             cases of one call).
+        tool_format: one of :data:`FORMATS`.
+        tokens: the ids of the format's :data:`GRAMMAR_TOKENS` in the model's vocabulary
+            (``mistral_v11`` only).
 
     Raises:
         RequestError: naming the part of ``response_format`` at fault.
@@ -378,6 +399,8 @@ def tool_grammar(spec: dict[str, Any], tool_format: str) -> str:
         mode == "required" and tool_format == "fallback")
     most = 1 if single else MAX_PARALLEL_CALLS
     more = "" if most == 1 else f"({{sep}} call){{{{0,{most - 1}}}}}"
+    if tool_format == "mistral_v11":
+        return _v11_grammar(functions, mode, most, tokens or {})
     if tool_format == "mistral":
         lines = [f'calls: "[" call {more.format(sep=json.dumps(", "))} "]"',
                  f"call: %json {json.dumps(call)}"]
@@ -395,7 +418,28 @@ def tool_grammar(spec: dict[str, Any], tool_format: str) -> str:
         start = [f'start: head "\\n" body "\\n{CALL_CLOSE}" '
                  f"{more.format(sep=json.dumps(chr(10)))}",
                  f"head[lazy]: /(?s:.*){CALL_OPEN}/"]
-    lark = "\n".join([*start, *lines])
+    return _compiled("\n".join([*start, *lines]))
+
+
+def _v11_grammar(functions: list[tuple[str, dict[str, Any]]], mode: str, most: int,
+                 tokens: Mapping[str, int]) -> str:
+    """``[TOOL_CALLS]name[ARGS]{...}``, up to ``most`` times; under ``auto`` from after the
+    first ``[TOOL_CALLS]`` (the trigger's control token, which the grammar does not see)."""
+    missing = [name for name in GRAMMAR_TOKENS["mistral_v11"] if name not in tokens]
+    if missing:
+        raise ValueError(f"mistral_v11 grammar needs the ids of {missing}")
+    calls, args = (f"<[{tokens[name]}]>" for name in GRAMMAR_TOKENS["mistral_v11"])
+    lines = ["call: " + " | ".join(f"fn{index}" for index in range(len(functions)))]
+    for index, (name, parameters) in enumerate(functions):
+        body = {**parameters, "x-guidance": COMPILE_OPTIONS}
+        lines += [f"fn{index}: {json.dumps(name)} {args} args{index}",
+                  f"args{index}: %json {json.dumps(body)}"]
+    more = "" if most == 1 else f"({calls} call){{0,{most - 1}}}"
+    start = f"start: {calls} call {more}" if mode == "required" else f"start: call {more}"
+    return _compiled("\n".join([start, *lines]))
+
+
+def _compiled(lark: str) -> str:
     try:
         grammar = llguidance.LLMatcher.grammar_from_lark(lark)
     except (ValueError, TypeError, RecursionError) as error:

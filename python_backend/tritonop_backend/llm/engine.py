@@ -27,8 +27,8 @@ from typing import Any, NamedTuple
 import torch
 
 from tritonop_backend.errors import RequestError
-from tritonop_backend.llm.chat_tools import detect_tool_format, render_chat
-from tritonop_backend.llm.grammar import CallWatch, GrammarTokens, Trigger
+from tritonop_backend.llm.chat_tools import GRAMMAR_TOKENS, detect_tool_format, render_chat
+from tritonop_backend.llm.grammar import CallWatch, GrammarTokens
 from tritonop_backend.llm.graphs import StaticDecoder, width_bucket
 from tritonop_backend.llm.kv import KVBuffer, KVShape, Window, cache_keyword
 from tritonop_backend.llm.params import GenerationPolicy, GenerationRequest
@@ -229,7 +229,7 @@ class LLMEngine:
             raise ValueError("max_sequences must be >= 1 and max_waiting >= 0")
         self.model = model
         self.tokenizer = tokenizer
-        self.policy = dataclasses.replace(policy, tool_format=detect_tool_format(self._render))
+        self.policy = self._tool_policy(policy)
         self.max_sequences = max_sequences
         self.max_waiting = max_waiting
         self.max_prefill_tokens = max_prefill_tokens
@@ -297,12 +297,15 @@ class LLMEngine:
             matcher = self._grammar.matcher(grammar) if grammar is not None else None
             trigger = grammar.trigger if grammar is not None else None
             # A call's control token stays in the text: where the gateway finds the call.
-            controls = self._controls(trigger) if trigger is not None else {}
+            controls = self._controls(trigger.controls) if trigger is not None else {}
+            shown = controls
+            if grammar is not None and grammar.type == "tool_calls" and self.policy.tool_tokens:
+                shown = {**controls, **{i: name for name, i in self.policy.tool_tokens}}
             sequence = _Sequence(
                 request_id=request_id,
                 prompt_ids=prompt_ids,
                 request=request,
-                stream=TextStream(self.tokenizer, request.params.stop, shown=controls),
+                stream=TextStream(self.tokenizer, request.params.stop, shown=shown),
                 generator=make_generator(request.params.seed),
                 matcher=matcher if trigger is None else None,
                 watch=(None if trigger is None
@@ -907,10 +910,25 @@ class LLMEngine:
         seq.matcher = matcher
         return True
 
-    def _controls(self, trigger: Trigger) -> dict[int, str]:
-        """A trigger's control tokens this vocabulary has (as single tokens): id -> name."""
+    def _tool_policy(self, policy: GenerationPolicy) -> GenerationPolicy:
+        """The policy with the template's tool format and the ids of the control tokens its
+        grammar writes; ``fallback`` where the vocabulary lacks one of them."""
+        tool_format = detect_tool_format(self._render)
+        names = GRAMMAR_TOKENS.get(tool_format, ())
+        ids = {name: i for i, name in self._controls(names).items()}
+        if len(ids) < len(names):
+            LOGGER.warning("the chat template writes tool calls in %s, but %s is not one token "
+                           "of the vocabulary: tools use the fallback format", tool_format,
+                           ", ".join(name for name in names if name not in ids))
+            tool_format, ids = "fallback", {}
+        return dataclasses.replace(policy, tool_format=tool_format,
+                                   tool_tokens=tuple((name, ids[name]) for name in names
+                                                     if name in ids))
+
+    def _controls(self, names: Iterable[str]) -> dict[int, str]:
+        """Control tokens this vocabulary has (as single tokens): id -> name."""
         ids = {}
-        for name in trigger.controls:
+        for name in names:
             token = self.tokenizer.convert_tokens_to_ids(name)
             if isinstance(token, int) and token != self.tokenizer.unk_token_id:
                 ids[token] = name

@@ -68,6 +68,8 @@ class GenerationPolicy:
         tool_format: how the chat template writes tool calls (one of
             :data:`~tritonop_backend.llm.chat_tools.FORMATS`); the engine detects it at load
             from the tokenizer, and the grammar of calls follows it.
+        tool_tokens: ``(name, id)`` of the control tokens the format's grammar writes
+            (:data:`~tritonop_backend.llm.chat_tools.GRAMMAR_TOKENS`), set with it.
     """
 
     default_max_tokens: int = 128
@@ -81,6 +83,7 @@ class GenerationPolicy:
     apply_chat_template: bool = True
     max_prompt_characters: int = 32768
     tool_format: str = "fallback"
+    tool_tokens: tuple[tuple[str, int], ...] = ()
 
     def validate(self) -> GenerationPolicy:
         """Check the policy once at load, so that defaults never fail a request.
@@ -222,7 +225,8 @@ def parse_request(values: Mapping[str, object], policy: GenerationPolicy) -> Gen
     return GenerationRequest(
         prompt=prompt, params=params, stream=_as_bool("stream", given.get("stream", False)),
         messages=messages, raw=prompt_format == "raw",
-        response_format=parse_constraint(given.get("response_format"), policy.tool_format),
+        response_format=parse_constraint(given.get("response_format"), policy.tool_format,
+                                         dict(policy.tool_tokens)),
         logprobs=_parse_logprobs(given.get("logprobs")), chat=chat,
     )
 
