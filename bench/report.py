@@ -237,6 +237,17 @@ Why each setting:
   at 1 client and 1.06x (0.99-1.21) at 16, 223.5 -> 227.1 q/s: within the spread, so it
   stays off. (A first run beside other work showed 1.15x at 16 for search and 1.17x for
   embeddings: the hop it saves matters more when the cores are contended.)
+* **`model.precision: int8`** (default `float32`) quantizes the ONNX encoder at prepare
+  and reports its cosine to float32 (docs/models.md). The MiniLM encoder alone, one
+  thread, on the Intel Xeon while other work ran: 3.63 -> 1.45 ms at batch 1, 49.8 ->
+  21.9 ms at batch 16; cosine min 0.986, mean 0.994; int8's top-10 shares 8.9 of
+  float32's. It changes the embeddings, so it stays off and S2 measures float32.
+* **The exact scan's product.** On the Intel Xeon (family 6, model 207) numpy's OpenBLAS
+  runs its generic SSE3 kernel; the search model multiplies with torch there (8 queries
+  over the 20K corpus: 16 -> 2.2 ms a batch). In the quiet S2 run above the search step
+  still cost 13 ms a request in Triton's statistics against 2.6 ms for a batch of 3 in
+  process: at 16 clients the two encoder instances hold both cores, and the search
+  path's extra hop and step cost what keeps it at 0.70x Infinity's embeddings.
 
 To try a setting: `python -m bench --scenario S1 S2 --set spec.stages.encoder.instances=3`,
 or several side by side: `python -m bench.compare --variant --variant

@@ -371,7 +371,8 @@ def describe_index(manifest: IndexManifest) -> str:
         return f"exact index of {manifest.count} vectors"
     return (f"hnsw index of {manifest.count} vectors ({index.get('library', 'usearch')}, "
             f"quantization {index.get('quantization')}, connectivity "
-            f"{index.get('connectivity')}, efSearch {index.get('ef_search')}), recall@10 "
+            f"{index.get('connectivity')}, efSearch "
+            f"{index.get('ef_search_served', index.get('ef_search'))}), recall@10 "
             f"{index.get('recall_at_10')} against exact on {index.get('recall_queries')} "
             "corpus texts at prepare")
 
