@@ -80,6 +80,12 @@ SERVER_SAYS = {
         "spec.model: Invalid value: sha256 is required with an https:// source",
     "spec.model.sha256": 'spec.model.sha256: Invalid value: "ABC": spec.model.sha256 in body '
                          "should match",
+    "spec.model: precision: int8 needs format: onnx":
+        "spec.model: Invalid value: precision: int8 needs format: onnx",
+    "spec.model: precision: int8 needs format: onnx (the int8 encoder":
+        "spec.model: Invalid value: precision: int8 needs format: onnx",
+    "spec.model.precision": 'spec.model.precision: Unsupported value: "float16": supported '
+                            'values: "float32", "int8"',
 }
 
 

@@ -151,7 +151,7 @@ INVALID = [
      "spec.model: precision: int8 needs format: onnx"),
     (es(model={"precision": "int8", "format": "torchscript"}),
      ".spec.model: precision: int8 needs format: onnx",
-     "spec.model: precision: int8 needs format: onnx"),
+     "spec.model: precision: int8 needs format: onnx (the int8 encoder"),
     (es(model={"precision": "float16", "format": "onnx"}), "'float16' is not one of",
      "spec.model.precision"),
 ]
