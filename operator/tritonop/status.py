@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -72,6 +72,10 @@ class EncoderStatus(_StatusModel):
         "of the same text, measured by prepare on cosineTexts of the corpus's own texts.")
     cosine_mean: Optional[float] = Field(None, description="int8 only: their mean cosine.")
     cosine_texts: Optional[int] = None
+
+
+VersionReport = TypeVar("VersionReport", IndexStatus, EncoderStatus)
+"""What a prepare Job reported of one artifacts version."""
 
 
 class ResourceStatus(_StatusModel):

@@ -42,7 +42,13 @@ from tritonop.render.kubernetes import (
     resolve_job,
 )
 from tritonop.resources import Resource
-from tritonop.status import ConditionStatus, EncoderStatus, IndexStatus, ResourceStatus
+from tritonop.status import (
+    ConditionStatus,
+    EncoderStatus,
+    IndexStatus,
+    ResourceStatus,
+    VersionReport,
+)
 
 # Children left as they are while a new version is prepared: the running pods' own.
 HELD_WHILE_PREPARING = frozenset({"ConfigMap", "Deployment"})
@@ -152,22 +158,23 @@ def prepared_index(message: str, version: str) -> IndexStatus | None:
     """``status.index`` from a prepare Job's termination message (``{"name", "version",
     "index": {...}}``, see ``tritonop prepare``); None when it carries no such report (an
     older image, or a message cut short)."""
-    try:
-        result = json.loads(message)
-        index = result["index"] if result.get("version") == version else None
-        return IndexStatus(version=version, **index) if isinstance(index, dict) else None
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return None
+    return _prepared(message, version, "index", IndexStatus)
 
 
 def prepared_encoder(message: str, version: str) -> EncoderStatus | None:
     """``status.encoder`` from a prepare Job's termination message (its ``encoder``, which
     an int8 encoder's report has); None without one."""
+    return _prepared(message, version, "encoder", EncoderStatus)
+
+
+def _prepared(message: str, version: str, key: str,
+              model: type[VersionReport]) -> VersionReport | None:
+    """The ``key`` report of ``version`` in a termination message, as ``model``."""
     try:
         result = json.loads(message)
-        encoder = result.get("encoder") if result.get("version") == version else None
-        return EncoderStatus(version=version, **encoder) if isinstance(encoder, dict) else None
-    except (ValueError, TypeError, AttributeError):
+        report = result.get(key) if result.get("version") == version else None
+        return model(version=version, **report) if isinstance(report, dict) else None
+    except (ValueError, TypeError, AttributeError):  # pydantic's errors are ValueErrors
         return None
 
 

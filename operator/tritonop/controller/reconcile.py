@@ -44,7 +44,7 @@ from tritonop.render.kubernetes import (
 )
 from tritonop.resources import MODEL_REVISION_ANNOTATION, Resource, ResourceError, parse_resource
 from tritonop.spec import EmbeddingSearchSpec
-from tritonop.status import ModelStatus, ResourceStatus
+from tritonop.status import ModelStatus, ResourceStatus, VersionReport
 
 # Children that exist only when the spec asks for them: removed when it stops asking.
 OPTIONAL_CHILDREN = (
@@ -469,13 +469,15 @@ def reconcile(kube: Kube, body: Mapping[str, Any], images: Images,
                                  lambda: deployment or status_deployment(kube, resource),
                                  apply_owned, images) if not plan.hold else \
         previous.artifacts_cleaned
-    index = plan.index or previous.index  # what the version's prepare Job reported
-    encoder = plan.encoder or previous.encoder
+    # What the version's prepare Job reported, kept only while it is that version's.
     return status.model_copy(update={
         "artifacts_version": plan.version, "artifacts_cleaned": cleaned,
-        "index": index if index is not None and index.version == plan.version else None,
-        "encoder": encoder if encoder is not None and encoder.version == plan.version
-        else None})
+        "index": _of_version(plan.index or previous.index, plan.version),
+        "encoder": _of_version(plan.encoder or previous.encoder, plan.version)})
+
+
+def _of_version(report: VersionReport | None, version: str | None) -> VersionReport | None:
+    return report if report is not None and report.version == version else None
 
 
 def job_pods_of(kube: Kube, namespace: str, job: str) -> list[Obj]:
