@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from tritonop_backend.artifacts import (
     IndexManifest,
     ModelManifest,
 )
-from tritonop_backend.encoder import load_encoder
+from tritonop_backend.encoder import Encoder, load_encoder
 from tritonop_backend.pooling import l2_normalize, pool
 from tritonop_backend.search import write_index
 from tritonop_backend.tokenizer import TextTokenizer
@@ -131,15 +131,22 @@ def embed_texts(
     progress: bool = False,
     prompt: str = "",
 ) -> np.ndarray:
-    """Unit-length embeddings of ``texts`` (each after ``prompt``), ``float32 [len, dim]``.
+    """Unit-length embeddings of ``texts`` (each after ``prompt``), ``float32 [len, dim]``,
+    by the encoder exported in ``model_dir`` (:func:`encode_texts`)."""
+    tokenizer = TextTokenizer(Path(model_dir) / TOKENIZER_FILE, max_length, prompt)
+    return encode_texts(texts, tokenizer, load_encoder(Path(model_dir), threads), pooling,
+                        batch_size, progress)
+
+
+def encode_texts(texts: Sequence[str], tokenizer: TextTokenizer, encoder: Encoder,
+                 pooling: str, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    """Unit-length embeddings of ``texts`` by ``encoder``, ``float32 [len, dim]``.
 
     Texts are sorted by length before batching, so that a batch pads to a similar
     length rather than to the longest text of the corpus, then put back in order.
     """
     from tqdm import tqdm
 
-    tokenizer = TextTokenizer(Path(model_dir) / TOKENIZER_FILE, max_length, prompt)
-    encoder = load_encoder(Path(model_dir), threads)
     order = np.argsort([len(text) for text in texts], kind="stable")
     out: np.ndarray | None = None
     with tqdm(total=len(texts), unit="text", desc="embedding corpus", disable=not progress) as bar:

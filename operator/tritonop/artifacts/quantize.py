@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from tritonop.artifacts.index import encode_texts
 from tritonop_backend.artifacts import (
     ENCODER_FILES,
     INT8_ENCODER_FILE,
@@ -33,15 +34,13 @@ from tritonop_backend.artifacts import (
     ArtifactError,
     ModelManifest,
 )
-from tritonop_backend.encoder import Encoder, OnnxEncoder
-from tritonop_backend.pooling import l2_normalize, pool
+from tritonop_backend.encoder import OnnxEncoder
 from tritonop_backend.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
 SAMPLE_TEXTS = 256
 """Corpus texts the cosine to the float32 encoder is measured on (all, in smaller corpora)."""
-_BATCH = 32
 QUANTIZATION = {"method": "onnxruntime dynamic", "weight_type": "QInt8", "per_channel": True,
                 "op_types": ["MatMul"]}
 
@@ -51,16 +50,6 @@ def sample_texts(texts: Sequence[str], count: int = SAMPLE_TEXTS) -> list[str]:
     if len(texts) <= count:
         return list(texts)
     return [texts[int(i)] for i in np.linspace(0, len(texts) - 1, count)]
-
-
-def embeddings(encoder: Encoder, tokenizer: TextTokenizer, texts: Sequence[str],
-               pooling: str) -> np.ndarray:
-    """Unit-length pooled embeddings of ``texts``, ``float32 [len, dim]``."""
-    out = []
-    for start in range(0, len(texts), _BATCH):
-        ids, mask = tokenizer.encode(list(texts[start:start + _BATCH]))
-        out.append(l2_normalize(pool(encoder(ids, mask), mask, pooling)))
-    return np.concatenate(out)
 
 
 def quantize_encoder(model_dir: Path, texts: Sequence[str], *, pooling: str | None = None,
@@ -102,8 +91,8 @@ def quantize_encoder(model_dir: Path, texts: Sequence[str], *, pooling: str | No
                               max_length or manifest.max_sequence_length,
                               manifest.document_prompt if prompt is None else prompt)
     pooling = pooling or manifest.pooling
-    reference = embeddings(OnnxEncoder(float_file, threads), tokenizer, texts, pooling)
-    quantized = embeddings(OnnxEncoder(int8_file, threads), tokenizer, texts, pooling)
+    reference = encode_texts(texts, tokenizer, OnnxEncoder(float_file, threads), pooling)
+    quantized = encode_texts(texts, tokenizer, OnnxEncoder(int8_file, threads), pooling)
     report = {**QUANTIZATION, **cosine_report(reference, quantized)}
     log.info("int8 encoder: cosine to float32 min %.4f, mean %.4f on %d corpus texts",
              report["cosine_min"], report["cosine_mean"], report["cosine_texts"])
