@@ -21,7 +21,6 @@ sentence-transformers model directory) and ``BENCH_INDEX_DIR`` (a tritonop index
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -32,18 +31,15 @@ from pydantic import BaseModel, Field
 from safetensors.numpy import load_file
 from sentence_transformers import SentenceTransformer
 
+from tritonop_backend.text_column import TextColumn
+
 torch.set_num_threads(int(os.environ.get("BENCH_TORCH_THREADS", "1")))
 
 _index = Path(os.environ["BENCH_INDEX_DIR"])
 model = SentenceTransformer(os.environ["BENCH_MODEL_DIR"], device="cpu")
 corpus = load_file(str(_index / "embeddings.safetensors"))["embeddings"].astype(np.float32)
 corpus /= np.maximum(np.linalg.norm(corpus, axis=1, keepdims=True), 1e-12)
-if (_index / "texts.utf8").is_file():  # UTF-8 texts back to back, and where each starts
-    _blob, _offsets = (_index / "texts.utf8").read_bytes(), np.load(_index / "texts.offsets.npy")
-    texts = [_blob[_offsets[i]:_offsets[i + 1]].decode() for i in range(len(_offsets) - 1)]
-else:  # an index written before those files
-    with open(_index / "texts.jsonl", encoding="utf-8") as lines:
-        texts = [json.loads(line) for line in lines]
+texts = [text.decode("utf-8") for text in TextColumn.load(_index)]  # either texts layout
 
 app = FastAPI(title="classic semantic search")
 
