@@ -150,6 +150,13 @@ def _mixed_batch_mismatches(
             return forward(ids, mask, positions + (shift_positions if ids.shape[1] == 1 else 0))
 
         engine._forward = shifted  # type: ignore[method-assign]
+        if engine._lean is not None:  # the decode pass it serves with (lean.py)
+            lean = engine._lean.forward
+
+            def lean_shifted(last: torch.Tensor, lengths: torch.Tensor, *rest: int) -> Any:
+                return lean(last, lengths + shift_positions, *rest)
+
+            engine._lean.forward = lean_shifted  # type: ignore[method-assign]
     logits = capture_logits(engine)
     requests = {i: parse_request({"text_input": p}, policy) for i, p in enumerate(MIXED_PROMPTS)}
     requests["sampled"] = parse_request({"text_input": "Tell me a long story about a dragon.",

@@ -31,6 +31,7 @@ from tritonop_backend.llm.chat_tools import GRAMMAR_TOKENS, detect_tool_format, 
 from tritonop_backend.llm.grammar import CallWatch, GrammarTokens
 from tritonop_backend.llm.graphs import StaticDecoder, width_bucket
 from tritonop_backend.llm.kv import KVBuffer, KVShape, Window, cache_keyword
+from tritonop_backend.llm.lean import LeanDecoder
 from tritonop_backend.llm.params import GenerationPolicy, GenerationRequest
 from tritonop_backend.llm.prefix import (
     BLOCK_TOKENS,
@@ -255,6 +256,8 @@ class LLMEngine:
             if static_decode and StaticDecoder.supports(model)
             else None
         )
+        self._lean = LeanDecoder.build(model, self._kv) if self._static is None else None
+        """The decode pass of Llama-layout models with packed layers (``lean.py``), or None."""
         self._token_bytes: dict[int, bytes] = {}
         self._running: list[_Sequence] = []
         self._rows: RowParams | None = None
@@ -750,6 +753,8 @@ class LLMEngine:
         self._kv.tokens[:count, end] = last
         lengths = torch.tensor([seq.length for seq in self._running], device=self.device)
         logits = self._static_forward(last, lengths, end) if self._static else None
+        if logits is None and self._lean is not None:
+            logits = self._lean_forward(last, lengths, count, end)
         if logits is None:
             width = end - self._kv.start + 1
             columns = torch.arange(width, device=self.device)
@@ -789,6 +794,21 @@ class LLMEngine:
         except Exception:
             LOGGER.exception("fixed-shape decode failed; decoding eagerly from now on")
             self._static = None
+            return None
+
+    def _lean_forward(
+        self, last: torch.Tensor, lengths: torch.Tensor, count: int, end: int
+    ) -> torch.Tensor | None:
+        """The lean decode pass; None (and off from now on) if it fails on this model.
+
+        ``transformers``' pass then writes the same cache column again.
+        """
+        assert self._lean is not None
+        try:
+            return self._lean.forward(last, lengths, count, self._kv.start, end)
+        except Exception:
+            LOGGER.exception("lean decode step failed; decoding with transformers from now on")
+            self._lean = None
             return None
 
     def _forward(
