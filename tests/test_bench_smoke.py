@@ -70,7 +70,7 @@ def test_results_file_describes_the_machine_and_run(quick_run):
     assert "commit" in machine["git"]
     assert body["settings"]["cache"]["enabled"] is False
     assert set(body["scenarios"]) == {"S1", "S2", "S3", "S4", "S5", "S6", "S7", "S8",
-                                      "CHANGE", "SCALE", "FILTER", "RERANK"}
+                                      "AGENTS", "CHANGE", "SCALE", "FILTER", "RERANK"}
     assert body["llm_example"] == "examples/chat.yaml"
 
 
@@ -179,6 +179,22 @@ def test_s4_streams_tokens_at_every_level_against_generate(quick_run):
     assert [int(c) for c in greedy] == body["sizes"]["s4_greedy_concurrency"]
     for level in greedy.values():
         assert level["tokens_per_s"] > 0 and set(level["statuses"]) == {"200"}, level
+
+
+def test_agents_measures_prefix_caching_and_structured_output(quick_run):
+    agents = quick_run[0]["scenarios"]["AGENTS"]
+    ours = agents["series"]["tritonop"]
+    assert list(ours) == agents["levels"] == ["shared-prefix", "unique-prefix", "plain",
+                                              "schema"]
+    for level, figures in ours.items():
+        assert figures["tokens_per_s"] > 0 and set(figures["statuses"]) == {"200"}, level
+    # the system prompt reached the model whole: ~1,000 tokens (the server's own count)
+    assert ours["shared-prefix"]["prompt_tokens_mean"] > 900
+    assert ours["plain"]["prompt_tokens_mean"] < 200
+    assert {t["id"] for t in agents["targets"]} == {
+        "AGENTS.prefix_speedup", "AGENTS.prefix_ttft_vs_vllm", "AGENTS.schema_vs_plain"}
+    for target in agents["targets"]:
+        assert (target["value"] is None) == ("vllm" in target["id"]), target
 
 
 def test_change_prepares_a_changed_corpus_from_the_embedding_cache(quick_run):

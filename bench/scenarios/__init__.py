@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.context import Context
-from bench.scenarios import change, rerank, s1, s2, s3, s4, s5, s6, s7, s8, scale
+from bench.scenarios import agents, change, rerank, s1, s2, s3, s4, s5, s6, s7, s8, scale
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,11 @@ SCENARIOS: dict[str, Scenario] = {s.key: s for s in (
              "start to Ready of a new search pod under the pod runner: artifacts prepared "
              "once (warm and cold page cache, and with the probe periods of before) against "
              "per-pod prepare", s8.run),
+    Scenario("AGENTS", "prefix caching and structured output",
+             "time to first token after a ~1,000-token system prompt shared by every request "
+             "against one that no request shares, and tokens/s with a JSON Schema against "
+             "without, greedy, SmolLM2-135M-Instruct, against vLLM-CPU with its prefix "
+             "caching and structured output", agents.run),
     Scenario("CHANGE", "corpora that change",
              "prepare time of a new corpus version with 1% of 200K texts changed (embedding "
              "cache) against a full prepare of one", change.run),

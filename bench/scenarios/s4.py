@@ -269,7 +269,7 @@ async def _measure(server: Any, model: str, body: Any, ctx: Context,
         wall = time.perf_counter() - wall
         cpu = {"load_generator": round((servers.own_cpu_seconds() - ours) / wall, 2),
                "triton": round((server_cpu() - theirs) / wall, 2)}
-        await _until_idle(client, metrics_url, model)
+        await until_idle(client, metrics_url, model)
     level = {**_level_summary(run, model), "cpu_cores_used": cpu}
     log.info("S4 c=%d: %s", concurrency, {k: level[k] for k in (
         "tokens_per_s", "batching_factor", "ttft_ms", "itl_ms")})
@@ -287,19 +287,24 @@ async def _measure_vllm(client: ChatStreamClient, body: Any, concurrency: int, c
                                        duration=sizes.s4_seconds / sizes.alternations,
                                        warmup=sizes.s4_warmup, metrics_url=metrics_url)
         wall = time.perf_counter() - wall
-        deadline = time.monotonic() + IDLE_TIMEOUT_S
-        while time.monotonic() < deadline:  # until the cut streams are aborted
-            page = await client.get_text(metrics_url)
-            if _vllm_metric(page, "vllm:num_requests_running") == 0 \
-                    and _vllm_metric(page, "vllm:num_requests_waiting") == 0:
-                break
-            await asyncio.sleep(0.2)
+        await vllm_until_idle(client, metrics_url)
     summary = {**run.summary(),
                "cpu_cores_used": {"load_generator": round(
                    (servers.own_cpu_seconds() - ours) / wall, 2)}}
     log.info("S4 vLLM c=%d: %s", concurrency, {k: summary[k] for k in (
         "tokens_per_s", "ttft_ms", "itl_ms")})
     return summary
+
+
+async def vllm_until_idle(client: GenerateStreamClient, metrics_url: str) -> None:
+    """Until vLLM runs and queues no request: the streams cut at a level's end are gone."""
+    deadline = time.monotonic() + IDLE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        page = await client.get_text(metrics_url)
+        if _vllm_metric(page, "vllm:num_requests_running") == 0 \
+                and _vllm_metric(page, "vllm:num_requests_waiting") == 0:
+            return
+        await asyncio.sleep(0.2)
 
 
 def _vllm_metric(page: str, name: str) -> float:
@@ -339,7 +344,7 @@ def _counters(page: str, model: str) -> dict[str, float]:
             "tokens": model_metric(page, "tritonop_llm_generated_tokens_total", model)}
 
 
-async def _until_idle(client: GenerateStreamClient, metrics_url: str, model: str) -> None:
+async def until_idle(client: GenerateStreamClient, metrics_url: str, model: str) -> None:
     """Until no sequence runs or waits: the streams cut at the end of a level are gone."""
     deadline = time.monotonic() + IDLE_TIMEOUT_S
     while time.monotonic() < deadline:
