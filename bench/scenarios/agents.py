@@ -219,5 +219,5 @@ def _streams(level: str) -> str:
 
 def _compared(comparisons: list[dict[str, Any]], what: str,
               level: str) -> dict[str, Any] | None:
-    return next((c for c in comparisons if c["theirs"] == f"vllm {level}"
-                 and c["what"] == what), None)
+    return next((c for c in comparisons if (c["ours"], c["theirs"], c["what"])
+                 == (f"tritonop {level}", f"vllm {level}", what)), None)
