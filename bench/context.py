@@ -75,7 +75,8 @@ QUICK = Sizes(
     s5_capacity_concurrency=4, s5_overload_seconds=2.0, s4_concurrency=(1, 4),
     s4_greedy_concurrency=(1,),
     s4_seconds=2.0, s4_warmup=0.5, s4_max_tokens=8, s4_baseline_requests=1, s4_prompts=8,
-    agents_seconds=1.5, agents_warmup=1.5,
+    # a ~1,000-token prompt takes ~1.5-2 s to prefill here: a window of 4 s holds a first token
+    agents_seconds=4.0, agents_warmup=2.0,
     query_count=200, alternations=1, settle_seconds=0.0,
 )
 
