@@ -126,12 +126,18 @@ def test_masks_equal_the_plain_python_reading(tmp_path):
     assert min(kept) == 0 and max(kept) > 0.5 and 0.05 < np.mean(kept) < 0.6
 
 
-def test_filtered_top_k_equals_argsort_of_masked_scores(tmp_path):
+@pytest.mark.parametrize("mapped", [False, True], ids=["in-memory", "mapped"])
+def test_filtered_top_k_equals_argsort_of_masked_scores(tmp_path, mapped):
+    """Rows in memory, or mapped as load_index maps them (few rows gathered as rows)."""
     rng = random.Random(7)
     generator = np.random.default_rng(7)
     records = random_records(rng, 600)
     vectors = generator.standard_normal((600, 16)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    if mapped:
+        np.save(tmp_path / "rows.npy", vectors)
+        vectors = np.load(tmp_path / "rows.npy", mmap_mode="r")
+        assert isinstance(vectors, np.memmap)
     index = CorpusIndex(vectors, [f"t{i}" for i in range(600)], columns_of(tmp_path, records))
     sizes = []
     for _ in range(200):

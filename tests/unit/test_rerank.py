@@ -27,6 +27,7 @@ from tritonop_backend.rerank import (
     activate,
     best_rows,
     rank,
+    runs,
 )
 
 API = "serving.tritonop.dev/v1alpha1"
@@ -48,6 +49,17 @@ def test_activations_match_torch() -> None:
     np.testing.assert_array_equal(activate(logits, "identity"), logits)
     with pytest.raises(ValueError, match="activation"):
         activate(logits, "softmax")
+
+
+def test_runs_group_similar_lengths_within_the_bounds() -> None:
+    lengths = np.array([12] * 10 + [17] * 20 + [18] * 12 + [23] * 8)
+    assert [(r.start, r.stop) for r in runs(lengths)] == [(0, 42), (42, 50)]  # 23 > 1.5 x 12
+    assert [(r.start, r.stop) for r in runs(lengths, most=16)] == [
+        (0, 16), (16, 32), (32, 48), (48, 50)]
+    # a run holds `least` pairs before a length may end it; lengths only sorted, any spread
+    assert [(r.start, r.stop) for r in runs(np.array([1, 2, 4, 8, 16, 32]), least=2)] == [
+        (0, 2), (2, 4), (4, 6)]
+    assert runs(np.array([5])) == [slice(0, 1)]
 
 
 def test_rank_is_best_first_and_keeps_the_order_of_ties() -> None:
@@ -317,6 +329,8 @@ def test_exported_cross_encoder_scores_equal_predict(tmp_path: Path, model_type:
     pairs = [("storm in europe", "severe storm warning for northern europe"),
              ("jazz", "jazz festival opens downtown"),
              ("a long query " * 30, "the quick brown fox jumps over the lazy dog " * 30)]
+    # and 24 of growing lengths, shuffled: several runs (see runs), scored back in order
+    pairs += [("storm", "rain and wind " * (1 + (7 * i) % 24)) for i in range(24)]
     scores, tokens = Reranker.load(tmp_path / "rerank").score(pairs)
     reference = CrossEncoder(str(folder), device="cpu").predict(pairs)
     np.testing.assert_allclose(scores, reference, atol=1e-4)
