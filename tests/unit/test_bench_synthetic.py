@@ -142,6 +142,10 @@ def test_scale_and_filter_sections_name_the_size_and_the_noise(tmp_path):
     assert "**Size run: 50,000 vectors**" in page and "10,000,000" in page
     assert "not served: too big" in page and "**noisy**" in page
     assert "| hnsw+int8 | 1.3 | 1.3 | 1.0000 | 155 |" in page
+    assert "`hnsw+int8`, the index with the best recall, since none met" in page
+    scale["targets"] = [{"id": "SCALE.recall", "met": True}, {"id": "SCALE.memory", "met": True}]
+    page = "\n".join(report.section_scale(scale, tmp_path))
+    assert "`hnsw+int8`, the fastest index meeting the recall and memory targets" in page
     filtered = {"vectors": 100_000, "filter": {"tenant": "t7"}, "kept_rows": 983,
                 "kept_share": 0.0098, "queries": 30, "equal_to_scan": 1.0, "quiet": noisy,
                 "unfiltered_ms": step, "filtered_ms": step}
