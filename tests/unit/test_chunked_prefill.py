@@ -43,6 +43,20 @@ def random_ids(rng: random.Random, vocab: int, count: int) -> list[int]:
     return [rng.randrange(3, vocab) for _ in range(count)]
 
 
+def record_passes(engine: LLMEngine) -> list[tuple[int, int]]:
+    """The (rows, tokens a row) of every prefill pass the engine runs from now on."""
+    passes: list[tuple[int, int]] = []
+    forward = engine._forward
+
+    def recorded(ids: Any, *args: Any) -> Any:
+        if ids.shape[1] > 1:
+            passes.append(tuple(ids.shape))
+        return forward(ids, *args)
+
+    engine._forward = recorded  # type: ignore[method-assign]
+    return passes
+
+
 def drive(engine: LLMEngine, joining: dict[int, dict[Hashable, GenerationRequest]]
           ) -> tuple[dict[Hashable, Outcome], dict[Hashable, list[int]]]:
     """Run until idle; also, per request, how many tokens it had generated after each step
@@ -94,12 +108,14 @@ def test_two_long_prompts_and_short_ones_arriving_together(
     models: dict[str, LoadedModel], name: str
 ) -> None:
     """One prompt is chunked at a time; the second long one waits for the first, short ones
-    pass both; a second copy of a long prompt finds the first's blocks in the cache."""
+    pass both; a second copy of a long prompt finds the first's blocks in the cache. Beside
+    the short prompt, the first chunk is the short prompt's width, not a whole chunk."""
     loaded = models[name]
     rng = random.Random(4)
     vocab = loaded.model.config.vocab_size
     engine = IdsEngine(loaded.model, loaded.tokenizer, POLICY, max_sequences=6,
                        prefill_chunk_tokens=16)
+    passes = record_passes(engine)
     prompts = {"long": random_ids(rng, vocab, 90), "short": random_ids(rng, vocab, 9),
                "other": random_ids(rng, vocab, 70)}
     prompts["twin"] = list(prompts["long"])
@@ -108,9 +124,33 @@ def test_two_long_prompts_and_short_ones_arriving_together(
     for key, ids in prompts.items():
         assert outcomes[key].tokens == generate(loaded.model, ids), key
     assert min(generated["short"]) == 1
-    assert min(generated["long"]) == 6 < min(generated["other"])  # 90 tokens: 6 chunks
+    assert passes[0] == (2, 9)  # the short prompt and the long one's first 9 tokens
+    # 90 tokens: 9, five chunks of 16, and the last token
+    assert min(generated["long"]) == 7 < min(generated["other"])
     # The twin computes 16 tokens (the width of the other's chunk in the same pass).
     assert engine.prefix_cache is not None and engine.prefix_cache.hit_tokens >= 90 - 16
+
+
+def test_short_prompts_beside_a_chunk_are_not_padded_to_its_width(
+    models: dict[str, LoadedModel]
+) -> None:
+    """Four short prompts arrive while a long one is in chunks: the pass that admits them
+    computes 12 tokens a row (the longest of them), not the chunk's 32, and the long prompt
+    moves on by those 12. Every output equals ``generate``."""
+    loaded = models["llama"]
+    rng = random.Random(6)
+    vocab = loaded.model.config.vocab_size
+    engine = IdsEngine(loaded.model, loaded.tokenizer, POLICY, max_sequences=6,
+                       prefill_chunk_tokens=32)
+    passes = record_passes(engine)
+    long = random_ids(rng, vocab, 150)
+    short = {i: random_ids(rng, vocab, n) for i, n in enumerate((5, 9, 12, 7))}
+    outcomes, _ = drive(engine, {0: {"long": ids_request(long)},
+                                 1: {i: ids_request(ids) for i, ids in short.items()}})
+    assert passes[:3] == [(1, 32), (5, 12), (1, 32)]
+    assert outcomes["long"].tokens == generate(loaded.model, long)
+    for i, ids in short.items():
+        assert outcomes[i].tokens == generate(loaded.model, ids), i
 
 
 def test_a_chat_through_the_template_in_chunks(models: dict[str, LoadedModel]) -> None:
@@ -141,6 +181,8 @@ def test_cancelling_a_prompt_midway_through_its_chunks(models: dict[str, LoadedM
     for step in range(1, 4):
         record(outcomes, engine.step(), step)
     assert "long" not in outcomes and engine._partial is not None
+    # The prompt in chunks holds a slot: the gauge counts it, so a wait for idleness waits.
+    assert engine.running == 2 and engine.waiting == 0
     assert engine.cancel("long")
     engine.add("after", ids_request(after))
     for step in range(4, 200):
@@ -150,7 +192,7 @@ def test_cancelling_a_prompt_midway_through_its_chunks(models: dict[str, LoadedM
     assert outcomes["long"].last.finish_reason == CANCELLED and outcomes["long"].tokens == []
     assert outcomes["running"].tokens == generate(loaded.model, running, 20)
     assert outcomes["after"].tokens == generate(loaded.model, after)
-    assert engine._partial is None and not engine.has_work()
+    assert engine._partial is None and not engine.has_work() and engine.running == 0
 
 
 @pytest.mark.parametrize("name", list(DECODERS))

@@ -418,8 +418,12 @@ class LLMEngine:
 
     @property
     def running(self) -> int:
-        """Sequences in the batch now."""
-        return len(self._running)
+        """Sequences holding a slot: those in the batch and a prompt being computed in chunks.
+
+        The chunked prompt counts from its first chunk: a pass works on it, so the engine
+        is busy (an autoscaler or a wait for idleness reading this gauge must see it).
+        """
+        return len(self._running) + (self._partial is not None)
 
     @property
     def waiting(self) -> int:
@@ -472,12 +476,13 @@ class LLMEngine:
 
         A prompt with more than ``prefill_chunk_tokens`` to compute becomes the one computed
         in chunks (:attr:`_partial`), which holds a slot but joins the batch only with its
-        last chunk; one at a time: a second such prompt waits at the head of the queue.
+        last chunk; one at a time: a second such prompt waits at the head of the queue. Its
+        chunk takes no width here: beside admitted prompts it shrinks to theirs (see
+        :meth:`_prefill`), so it never pads short prompts out to a whole chunk.
         """
         admitted: list[_Sequence] = []
         chunk = self.prefill_chunk_tokens
-        partial = self._partial
-        width = min(chunk, len(partial.prompt_ids) - partial.done) if partial else 0
+        width = 0
         reusing = False
         prompts: set[tuple[int, ...]] = set()
         pending: set[bytes] = set()
@@ -487,26 +492,27 @@ class LLMEngine:
                 seq = self._waiting[0]
                 prompt = tuple(seq.prompt_ids)
                 computed, shared, fresh = self._uncached(seq, prompt in prompts, pending)
-                chunked = 0 < chunk < computed
-                if chunked and self._partial is not None:
-                    break
                 if admitted and shared >= DEFER_MIN_TOKENS and computed <= 2 * shared:
                     break
-                cost = chunk if chunked else computed
-                if reusing and cost > 2 * width + BLOCK_TOKENS:
+                if 0 < chunk < computed:
+                    if self._partial is not None:
+                        break
+                    self._partial = seq
+                    pending.update(fresh[: chunk // BLOCK_TOKENS])
+                    prompts.add(prompt)
+                    self._waiting.popleft()
+                    continue
+                if reusing and computed > 2 * width + BLOCK_TOKENS:
                     break
-                if admitted and max(width, cost) * (len(admitted) + 1) > \
-                        self.max_prefill_tokens:
+                rows = len(admitted) + 1 + (self._partial is not None)
+                if admitted and max(width, computed) * rows > self.max_prefill_tokens:
                     break
                 reusing = reusing or computed < len(prompt)
-                width = max(width, cost)
+                width = max(width, computed)
                 prompts.add(prompt)
-                pending.update(fresh[: cost // BLOCK_TOKENS])
+                pending.update(fresh[: computed // BLOCK_TOKENS])
                 self._waiting.popleft()
-                if chunked:
-                    self._partial = seq
-                else:
-                    admitted.append(seq)
+                admitted.append(seq)
         return admitted
 
     def _uncached(
@@ -619,7 +625,9 @@ class LLMEngine:
 
         A prompt computed in chunks (:attr:`_partial`) comes last, in the row after the
         others: the pass computes its next chunk after a copy of the part computed before,
-        kept aside between passes; with its last chunk it joins the batch.
+        kept aside between passes; with its last chunk it joins the batch. Beside new
+        prompts the chunk is no wider than they are, as every row computes as many tokens:
+        four 40-token prompts beside a 512-token chunk would cost five 512-token rows.
         """
         first = len(self._running)
         partial = self._partial
@@ -630,7 +638,10 @@ class LLMEngine:
         known = [self._cached_tokens(seq) for seq in unique]
         if partial is not None:
             have = partial.done or self._cached_tokens(partial)
-            targets.append(min(len(partial.prompt_ids), have + self.prefill_chunk_tokens))
+            chunk = self.prefill_chunk_tokens
+            if unique:  # no wider than the prompts beside it: a pass pads every row to one
+                chunk = min(chunk, max(1, *(t - k for t, k in zip(targets, known, strict=True))))
+            targets.append(min(len(partial.prompt_ids), have + chunk))
             known.append(have)
         width = max(target - have for target, have in zip(targets, known, strict=True))
         span = max(targets)
