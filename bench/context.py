@@ -44,6 +44,7 @@ class Sizes:
     scale_queries: int = 300  # SCALE and FILTER: queries per index
     filter_vectors: int = 1_000_000  # FILTER (--filter-vectors)
     rerank_seconds: float = 45.0  # RERANK: per side and level, split over the alternations
+    s8_every_pod: bool = True  # S8: also the cold, old-probe and per-pod-prepare pods
     s5_unloaded: int = 300
     s5_capacity_seconds: float = 6.0
     s5_capacity_concurrency: int = 16
@@ -70,7 +71,8 @@ QUICK = Sizes(
     s1_queries=20, s1_warmup=5, s2_concurrency=(1, 4), s2_seconds=1.5, s2_warmup=0.3,
     s2_workers=(1, 2), s2_floor_threads=(1,), s2_floor_seconds=0.5,
     s3_vectors=(1_000, 5_000), s3_scan_budget=1e5, change_texts=600, scale_vectors=5_000,
-    scale_queries=30, filter_vectors=20_000, rerank_seconds=1.5, s5_unloaded=20,
+    scale_queries=30, filter_vectors=20_000, rerank_seconds=1.5, s8_every_pod=False,
+    s5_unloaded=20,
     s5_capacity_seconds=1.5,
     s5_capacity_concurrency=4, s5_overload_seconds=2.0, s4_concurrency=(1, 4),
     s4_greedy_concurrency=(1,),

@@ -1112,10 +1112,12 @@ def section_s7(result: dict[str, Any], img: Path) -> list[str]:
 def section_s8(result: dict[str, Any], img: Path) -> list[str]:
     """Start to Ready of a new replica, per way of getting its artifacts."""
     rows = [[name, fmt(seconds)] for name, seconds in result["start_to_ready_s"].items()]
+    speed_up = result["speed_up_over_per_pod"]
     lines = [f"One pod at a time under the pod tier's runner (rendered probes, uid 1000, "
-             f"read-only root), corpus of {result['corpus_texts']} texts. With the artifacts "
-             f"prepared once, a cold-cache replica is Ready "
-             f"{result['speed_up_over_per_pod']:g}x sooner than one that prepares its own.", ""]
+             f"read-only root), corpus of {result['corpus_texts']} texts."
+             + (f" With the artifacts prepared once, a cold-cache replica is Ready "
+                f"{speed_up:g}x sooner than one that prepares its own." if speed_up else ""),
+             ""]
     lines += table(["pod", "start to Ready s"], rows)
     return lines
 

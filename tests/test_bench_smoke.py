@@ -197,6 +197,15 @@ def test_agents_measures_prefix_caching_and_structured_output(quick_run):
         assert (target["value"] is None) == ("vllm" in target["id"]), target
 
 
+def test_scale_out_start_times_a_prepared_replica(quick_run):
+    s8 = quick_run[0]["scenarios"]["S8"]
+    if "skipped" in s8:  # not root: the pod runner cannot make namespaces
+        pytest.skip(s8["skipped"])
+    assert list(s8["start_to_ready_s"]) == ["prepared, warm"]  # the quick size: warm only
+    assert s8["start_to_ready_s"]["prepared, warm"] > 0
+    assert [t["id"] for t in s8["targets"]] == ["S8.warm", "S8.cold"]
+
+
 def test_change_prepares_a_changed_corpus_from_the_embedding_cache(quick_run):
     change = quick_run[0]["scenarios"]["CHANGE"]
     assert (change["texts"], change["changed_texts"]) == (600, 6)
