@@ -91,7 +91,8 @@ class _Metrics:
             pb_utils.MetricFamily("tritonop_llm_generated_tokens_total", "Tokens generated",
                                   counter),
             pb_utils.MetricFamily("tritonop_llm_running_sequences",
-                                  "Sequences in the running batch", gauge),
+                                  "Sequences holding a slot (in the batch or prefilled in chunks)",
+                                  gauge),
             pb_utils.MetricFamily("tritonop_llm_waiting_requests",
                                   "Requests waiting for a slot", gauge),
         ]
