@@ -6,14 +6,23 @@ SSE3 kernel ("Prescott"): on an Intel Xeon of family 6 model 207 (AVX-512, AMX),
 over 20,000 rows of 384 floats took 16 ms on one thread, and torch's product (MKL, which
 dispatches on the CPU's features) 2.2 ms; one query 5.2 against 1.3 ms. Where numpy's
 OpenBLAS runs such a fallback on a CPU with AVX2, and torch is installed (the encoder and
-the LLM use it), the scan multiplies with torch; everywhere else with numpy, as before.
-Both are float32 products of the same numbers: they differ in the last bits of a score
-(the order of the sums), as two BLAS builds do.
+the LLM use it), the scan multiplies with torch; everywhere else with numpy.
+
+A few queries at once are another weak spot, whatever the kernel: OpenBLAS packs the whole
+``[dim, count]`` matrix for a product of two queries or more, so on this project's AMD EPYC
+(Zen 4) 20,000 x 384 took 0.8 ms for one query and 4.5-5.6 ms for two to eight. One query
+at a time reads the matrix without packing it. So an index, when loaded, times numpy's
+product for one query and for 8 (:func:`scan_product`), and where 8 cost over 4x one,
+batches smaller than their ratio multiply one query at a time (:func:`one_at_a_time`).
+
+Each of these is a float32 product of the same numbers: they differ in the last bits of a
+score (the order of the sums), as two BLAS builds do.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +32,13 @@ LOGGER = logging.getLogger(__name__)
 
 Product = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """``(queries [q, dim], columns [dim, n]) -> float32 [q, n]``."""
+
+TIMED_QUERIES = 8
+TIMED_COLUMNS = 20_000
+BATCH_SLOWDOWN = 4.0
+"""Where numpy's product of 8 queries takes over this many times one query's, smaller
+batches go one query at a time (a product that reads the matrix once per batch takes
+1.5-2.5x; numpy's OpenBLAS here took 7x)."""
 
 VECTOR_KERNELS = frozenset({"haswell", "zen", "skylakex", "cooperlake", "sapphirerapids"})
 """OpenBLAS kernels that use AVX2 or wider: any other on an AVX2 CPU is a fallback."""
@@ -47,11 +63,27 @@ def numpy_kernels() -> list[str]:
             if info.get("internal_api") == "openblas" and "numpy" in info.get("filepath", "")]
 
 
-def scan_product(threads: int = 1) -> tuple[Product, str]:
-    """The product the exact scan uses here, and its name (``numpy`` or ``torch``)."""
+def scan_product(threads: int = 1, columns: np.ndarray | None = None) -> tuple[Product, str]:
+    """The product the exact scan uses here, and its name.
+
+    Args:
+        threads: torch's threads, where torch multiplies.
+        columns: the scan's ``[dim, count]`` matrix: numpy's product is timed on it, and
+            where a batch costs it about what as many single queries do, small batches
+            go one query at a time (``numpy, one query at a time below N``).
+    """
     kernel = fallback_kernel(_cpu_flags(), numpy_kernels())
     if kernel is None:
-        return numpy_product, "numpy"
+        if columns is None:
+            return numpy_product, "numpy"
+        one, batch = seconds(columns, 1), seconds(columns, TIMED_QUERIES)
+        if batch <= BATCH_SLOWDOWN * one:
+            return numpy_product, "numpy"
+        below = min(TIMED_QUERIES, int(batch / one))
+        LOGGER.info("numpy's product takes %.1f ms for 1 query and %.1f ms for %d: the scan "
+                    "multiplies fewer than %d one at a time", one * 1e3, batch * 1e3,
+                    TIMED_QUERIES, below)
+        return one_at_a_time(below), f"numpy, one query at a time below {below}"
     try:
         import torch
     except ImportError:
@@ -69,6 +101,33 @@ def scan_product(threads: int = 1) -> tuple[Product, str]:
         return result
 
     return torch_product, "torch"
+
+
+def one_at_a_time(below: int) -> Product:
+    """numpy's product, one query at a time for fewer than ``below`` queries."""
+
+    def product(queries: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        if len(queries) >= below:
+            return numpy_product(queries, columns)
+        scores = np.empty((len(queries), columns.shape[1]), dtype=np.float32)
+        for row, query in enumerate(queries):
+            np.matmul(query, columns, out=scores[row])
+        return scores
+
+    return product
+
+
+def seconds(columns: np.ndarray, queries: int) -> float:
+    """The best of three numpy products of ``queries`` queries with the first
+    :data:`TIMED_COLUMNS` columns (a few milliseconds each)."""
+    sample = columns[:, :TIMED_COLUMNS]
+    batch = np.random.default_rng(0).standard_normal((queries, len(columns)), np.float32)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        numpy_product(batch, sample)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _cpu_flags(path: Path = Path("/proc/cpuinfo")) -> set[str]:

@@ -250,7 +250,9 @@ def load_index(directory: Path, threads: int = 1) -> tuple[CorpusIndex, IndexMan
     if manifest.index_kind != "exact":
         raise ArtifactError(f"{directory}: unknown index kind {manifest.index_kind!r}; "
                             + manifest._hint())
-    return CorpusIndex(embeddings, texts, fields, scan_product(threads)[0]), manifest
+    index = CorpusIndex(embeddings, texts, fields)
+    index.product, _ = scan_product(threads, index.columns)
+    return index, manifest
 
 
 def write_index(

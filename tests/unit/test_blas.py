@@ -1,4 +1,5 @@
-"""The exact scan's product: torch's where numpy's OpenBLAS falls back to a generic kernel."""
+"""The exact scan's product: torch's where numpy's OpenBLAS falls back to a generic kernel,
+one query at a time where its batches cost what their queries do."""
 
 from __future__ import annotations
 
@@ -50,3 +51,41 @@ def test_the_chosen_product_equals_numpy_and_ranks_as_a_brute_force(monkeypatch)
     torch_product, name = scan_product(threads=1)
     assert name == "torch" and torch_product is not numpy_product
     np.testing.assert_allclose(torch_product(queries, columns), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(("one", "eight", "expected"), [
+    (1.0, 7.0, "numpy, one query at a time below 7"),  # this AMD EPYC's OpenBLAS
+    (1.0, 20.0, "numpy, one query at a time below 8"),  # only measured up to 8
+    (1.0, 2.0, "numpy"),  # a batch read once: left alone
+])
+def test_a_product_that_batches_poorly_goes_one_query_at_a_time(monkeypatch, one, eight,
+                                                                 expected):
+    monkeypatch.setattr(blas, "fallback_kernel", lambda flags, kernels: None)
+    monkeypatch.setattr(blas, "seconds", lambda columns, queries: {1: one, 8: eight}[queries])
+    rng = np.random.default_rng(5)
+    columns = rng.standard_normal((16, 300)).astype(np.float32)
+    product, name = scan_product(threads=1, columns=columns)
+    assert name == expected
+    for count in range(1, 11):  # below the limit one at a time, from it numpy's batch
+        queries = rng.standard_normal((count, 16)).astype(np.float32)
+        found = product(queries, columns)
+        assert found.dtype == np.float32 and found.shape == (count, 300)
+        np.testing.assert_allclose(found, queries @ columns, rtol=1e-5, atol=1e-5)
+
+
+def test_an_index_loaded_from_disk_ranks_as_numpy_whatever_product_it_times(tmp_path):
+    from tritonop_backend.artifacts import IndexManifest
+    from tritonop_backend.search import load_index, write_index
+
+    rng = np.random.default_rng(4)
+    rows = rng.standard_normal((3000, 32)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    assert blas.seconds(np.ascontiguousarray(rows.T), 2) > 0
+    manifest = IndexManifest("m", "f", "mean", 16, 32, len(rows), "x")
+    write_index(tmp_path, rows, [f"text {i}" for i in range(len(rows))], manifest)
+    index, _ = load_index(tmp_path)
+    for count in (1, 3, 9):
+        queries = rows[:count] + 0.01
+        unit = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+        expected = np.argsort(-(unit @ rows.T), axis=1, kind="stable")[:, :5]
+        assert index.search(queries, 5).ids.tolist() == expected.tolist()
