@@ -43,11 +43,14 @@ EXPLANATIONS: dict[str, str] = {
         "other. ONNX, 1 thread, 2 instances measured 2.31x; see Settings."
     ),
     "S2.vs_infinity": (
+        "On the 2-core AMD EPYC of the newest run 1.25x (1.2-1.28); on the Intel Xeon of the "
+        "run before it 0.965x (0.94-1.27, 20261206T212423Z.json). "
         "Both servers run the same fused ONNX graph in ONNX Runtime, float32, so the encoder's "
         "arithmetic is the same; what differs is around it. At 16 clients our two one-thread "
         "encoder instances hold both cores and form batches of ~8, where Infinity's one "
-        "process batches all 16; at 1 and 64 clients we lead (1.41x, 1.38x). Levers measured "
-        "on this Xeon and not shipped as defaults: `precision: int8` (encoder 2.3x faster at "
+        "process batches all 16; at 1 and 64 clients we lead more (1.66x and 1.46x on the "
+        "EPYC, 1.41x and 1.38x on the Xeon). Levers measured on the Xeon and not shipped as "
+        "defaults: `precision: int8` (encoder 2.3x faster at "
         "batch 16, cosine to float32 min 0.986: off by default, it changes the embeddings); "
         "bfloat16 autocast in torch (cosine 0.99997, but eager: 39 against ORT's 53 ms at "
         "batch 16 and 18 against 6 ms at batch 1); `stages.fuse` (one hop instead of three: "
@@ -61,11 +64,18 @@ EXPLANATIONS: dict[str, str] = {
     ),
     "S2.search_vs_infinity": (
         "Search is embeddings plus one more Python-backend step: at 16 clients our search "
-        "served 320 requests/s against 438 for our embeddings alone (0.73x). Triton's "
-        "statistics give the search step 13 ms a request under that load, against 2.6 ms for "
-        "a batch of 3 in process: its stub waits for a core that the two encoder instances "
-        "hold. So this target needs the embeddings' lead first (above), and the scan to run "
-        "where the encoder already is (in the fused model, one hop fewer)."
+        "served 350 requests/s against 546 for our embeddings alone (0.64x; on the Xeon 320 "
+        "against 438). Sampled with py-spy at 16 clients, the search model's process is busy "
+        "70% of the time, 59% of that in the scan's products and 15% in the top-k partition. "
+        "numpy's OpenBLAS packs the whole 20K x 384 matrix for a product of two queries or "
+        "more (on the EPYC 0.8 ms for one query, 4.5-5.6 ms for 2 to 8), so batches below the "
+        "measured ratio (6 here) now multiply one query at a time, timed when the index "
+        "loads: 1.3-2.5x faster in process for 2-6 queries; served, 188 -> 235 requests/s at "
+        "4 clients and 338 -> 350 at 16 (quiet runs before and after, Infinity 499 and 440 "
+        "in them). What would close the rest: a product that reads the matrix once per "
+        "batch without packing it (torch's takes 2-4 ms for 8 queries here, but importing "
+        "torch in the search model costs ~2 s of start and ~285 MB), the scan in the fused "
+        "model (one hop fewer), and the embeddings' lead above."
     ),
     "S2.vs_floor": (
         "Each query crosses four Python-backend processes; under load the encoder batches "
