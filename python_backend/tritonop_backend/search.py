@@ -78,6 +78,7 @@ class CorpusIndex:
                  fields: FieldColumns | None = None, product: Product = numpy_product) -> None:
         _check_sizes(embeddings, texts)
         self.product = product
+        self.product_name = "numpy"
         self.columns = np.ascontiguousarray(embeddings.T, dtype=np.float32)
         # The mapped rows (load_index's), kept for filters: a filter's rows gathered from
         # them are contiguous reads, 7-10x faster than its columns (10K of 1M x 384).
@@ -251,7 +252,7 @@ def load_index(directory: Path, threads: int = 1) -> tuple[CorpusIndex, IndexMan
         raise ArtifactError(f"{directory}: unknown index kind {manifest.index_kind!r}; "
                             + manifest._hint())
     index = CorpusIndex(embeddings, texts, fields)
-    index.product, _ = scan_product(threads, index.columns)
+    index.product, index.product_name = scan_product(threads, index.columns)
     return index, manifest
 
 

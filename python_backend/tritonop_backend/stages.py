@@ -279,6 +279,9 @@ class SearchStage:
         _, manifest, max_length, pooling = _model_settings(parameters)
         self.index, index_manifest = load_index(Path(parameters["index_dir"]), threads)
         self.description = describe_index(index_manifest)
+        product = getattr(self.index, "product_name", "numpy")  # a graph has no scan
+        if product != "numpy":
+            self.description += f" (scan: {product})"
         expected = parameters.get("index", index_manifest.index_kind)
         if expected != index_manifest.index_kind:
             raise ArtifactError(f"{parameters['index_dir']} holds an {index_manifest.index_kind} "
