@@ -1,13 +1,24 @@
-"""The exact scan's product: torch's where numpy's OpenBLAS falls back to a generic kernel,
-one query at a time where its batches cost what their queries do."""
+"""The exact scan's product: the index's matrix packed once by ONNX Runtime; for other
+matrices torch's where numpy's OpenBLAS falls back to a generic kernel, one query at a time
+where its batches cost what their queries do."""
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import pytest
 
 import tritonop_backend.blas as blas
-from tritonop_backend.blas import fallback_kernel, numpy_kernels, numpy_product, scan_product
+from tritonop_backend.blas import (
+    blas_product,
+    fallback_kernel,
+    numpy_kernels,
+    numpy_product,
+    packed_product,
+    scan_graph,
+    scan_product,
+)
 from tritonop_backend.search import CorpusIndex
 
 
@@ -64,7 +75,7 @@ def test_a_product_that_batches_poorly_goes_one_query_at_a_time(monkeypatch, one
     monkeypatch.setattr(blas, "seconds", lambda columns, queries: {1: one, 8: eight}[queries])
     rng = np.random.default_rng(5)
     columns = rng.standard_normal((16, 300)).astype(np.float32)
-    product, name = scan_product(threads=1, columns=columns)
+    product, name = blas_product(threads=1, columns=columns)
     assert name == expected
     for count in range(1, 11):  # below the limit one at a time, from it numpy's batch
         queries = rng.standard_normal((count, 16)).astype(np.float32)
@@ -93,15 +104,71 @@ def test_an_index_loaded_from_disk_ranks_as_numpy_whatever_product_it_times(tmp_
         assert index.search(queries, 5).ids.tolist() == expected.tolist()
 
 
-def test_the_loaded_index_names_its_product(monkeypatch, tmp_path):
+@pytest.mark.parametrize(("packed_bytes", "expected"), [
+    (blas.PACKED_BYTES, "onnxruntime, packed once"),
+    (8 * 8 * 4 - 1, "numpy, one query at a time below 7"),  # past the limit: not packed
+])
+def test_the_loaded_index_names_its_product(monkeypatch, tmp_path, packed_bytes, expected):
     from tritonop_backend.artifacts import IndexManifest
     from tritonop_backend.search import load_index, write_index
 
     monkeypatch.setattr(blas, "fallback_kernel", lambda flags, kernels: None)
     monkeypatch.setattr(blas, "seconds", lambda columns, queries: {1: 1.0, 8: 7.0}[queries])
+    monkeypatch.setattr(blas, "PACKED_BYTES", packed_bytes)
     rows = np.eye(8, dtype=np.float32)
     write_index(tmp_path, rows, [str(i) for i in range(8)],
                 IndexManifest("m", "f", "mean", 16, 8, 8, "x"))
     index, _ = load_index(tmp_path)
-    assert index.product_name == "numpy, one query at a time below 7"
+    assert index.product_name == expected
     assert index.search(rows[[2, 5]], 1).ids.tolist() == [[2], [5]]
+    assert index.search(rows[[2, 5]], 1, rows=np.array([1, 5])).ids.tolist() == [[1], [5]]
+
+
+def test_without_onnxruntime_the_scan_keeps_a_blas_product(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails
+    monkeypatch.setattr(blas, "fallback_kernel", lambda flags, kernels: None)
+    monkeypatch.setattr(blas, "seconds", lambda columns, queries: 1.0)
+    columns = np.ones((4, 10), dtype=np.float32)
+    assert packed_product(columns, 1, numpy_product) is None
+    assert scan_product(1, columns) == (numpy_product, "numpy")
+
+
+def test_the_scan_graph_is_the_model_onnx_writes():
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    columns = TensorProto(name="columns", data_type=TensorProto.FLOAT, dims=[384, 20000],
+                          data_location=TensorProto.EXTERNAL)
+    columns.external_data.add(key="location", value="columns")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["queries", "columns"], ["scores"])], "scan",
+        [helper.make_tensor_value_info("queries", TensorProto.FLOAT, ["queries", 384])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["queries", 20000])],
+        [columns])
+    expected = helper.make_model(graph, ir_version=8,
+                                 opset_imports=[helper.make_operatorsetid("", 17)])
+    assert onnx.load_from_string(scan_graph(384, 20000)) == expected
+
+
+def test_the_packed_product_equals_numpy_and_hands_other_matrices_on():
+    pytest.importorskip("onnxruntime")
+    rng = np.random.default_rng(6)
+    rows = rng.standard_normal((3000, 48)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    columns = np.ascontiguousarray(rows.T)
+    handed_on = []
+
+    def other(queries, matrix):
+        handed_on.append(matrix.shape)
+        return numpy_product(queries, matrix)
+
+    product = packed_product(columns, 1, other)
+    for count in (1, 2, 5, 8, 17):
+        queries = rng.standard_normal((count, 48)).astype(np.float32)
+        found = product(queries, columns)
+        assert found.dtype == np.float32 and found.shape == (count, 3000)
+        np.testing.assert_allclose(found, queries @ columns, atol=1e-5)
+    assert handed_on == [(48, 3000)]  # one query: numpy's reads the plain matrix faster
+    gathered = np.ascontiguousarray(columns[:, :40])  # a filter's rows: not the packed matrix
+    np.testing.assert_allclose(product(rows[:3], gathered), rows[:3] @ gathered, atol=1e-6)
+    assert handed_on == [(48, 3000), (48, 40)]
