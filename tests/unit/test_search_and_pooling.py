@@ -8,7 +8,7 @@ import pytest
 from tritonop_backend.batching import pad_and_stack, split_rows
 from tritonop_backend.errors import RequestError
 from tritonop_backend.pooling import l2_normalize, pool
-from tritonop_backend.search import CorpusIndex
+from tritonop_backend.search import CorpusIndex, _top_k, _top_k_above
 from tritonop_backend.stages import SearchStage, TokenizerStage
 from tritonop_backend.text import decode_texts
 from tritonop_backend.tokenizer import TextTokenizer
@@ -50,6 +50,26 @@ def test_ties_are_broken_by_corpus_position():
     same = np.ones((4, 3), dtype=np.float32) / np.sqrt(3)
     found = CorpusIndex(same, list("abcd")).search(np.ones((1, 3), np.float32), 3)
     np.testing.assert_array_equal(found.ids[0], [0, 1, 2])
+
+
+@pytest.mark.parametrize("levels", [None, 50, 3, 1])  # continuous scores, then ties galore
+@pytest.mark.parametrize("k", [1, 10, 64])
+def test_top_k_above_a_threshold_equals_a_stable_sort(levels, k):
+    scores = rng.standard_normal((6, 4099)).astype(np.float32)  # not a multiple of a group
+    if levels is not None:
+        scores = np.floor(scores * levels / 4).astype(np.float32)
+    found = _top_k_above(scores, k)
+    expected = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(found.ids, expected)
+    np.testing.assert_array_equal(found.scores, np.take_along_axis(scores, expected, axis=1))
+    np.testing.assert_array_equal(_top_k(scores, k).ids, expected)
+
+
+def test_top_k_with_nan_scores_leaves_the_threshold_for_a_partition():
+    scores = rng.standard_normal((2, 4096)).astype(np.float32)
+    scores[1, ::8] = np.nan  # NaN maxima sort last: the threshold is NaN, which none reaches
+    assert _top_k_above(scores, 5) is None
+    assert _top_k(scores, 5).ids.shape == (2, 5)
 
 
 def masked_reference(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
