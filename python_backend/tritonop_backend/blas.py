@@ -134,11 +134,29 @@ def blas_product(threads: int = 1, columns: np.ndarray | None = None) -> tuple[P
 def packed_product(columns: np.ndarray, threads: int, other: Product) -> Product | None:
     """ONNX Runtime's product of two queries or more by ``columns``, packed once now;
     ``other`` multiplies one query and any other matrix. None where onnxruntime is not
-    installed.
+    installed."""
+    run = constant_product(columns, threads)
+    if run is None:
+        return None
 
-    The session's graph is one ``MatMul`` whose second operand is ``columns`` itself,
-    handed over as an external initializer (no copy of it in the graph); ``columns``
-    must stay unchanged while the product is used.
+    def product(queries: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+        if matrix is not columns or len(queries) < 2:
+            return other(queries, matrix)
+        return run(np.ascontiguousarray(queries, dtype=np.float32))
+
+    return product
+
+
+def constant_product(columns: np.ndarray, threads: int
+                     ) -> Callable[[np.ndarray], np.ndarray] | None:
+    """``queries -> queries @ columns`` in ONNX Runtime, ``columns`` packed once now; None
+    where onnxruntime is not installed.
+
+    float32 ``columns`` take float32 queries (``MatMul``); int8 ``columns`` take uint8
+    queries that stand for ``value - 128`` and give int32 (``MatMulInteger``). The
+    session's graph is one product whose second operand is ``columns`` itself, handed over
+    as an external initializer (no copy of it in the graph); ``columns`` must stay
+    unchanged while the product is used.
     """
     try:
         import onnxruntime as ort
@@ -149,49 +167,53 @@ def packed_product(columns: np.ndarray, threads: int, other: Product) -> Product
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_external_initializers([_COLUMNS], [ort.OrtValue.ortvalue_from_numpy(columns)])
-    session = ort.InferenceSession(scan_graph(*columns.shape), options,
-                                   providers=["CPUExecutionProvider"])
+    graph = scan_graph(*columns.shape, integer=columns.dtype == np.int8)
+    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
-    def product(queries: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-        if matrix is not columns or len(queries) < 2:
-            return other(queries, matrix)
-        feed = {_QUERIES: np.ascontiguousarray(queries, dtype=np.float32)}
-        scores: np.ndarray = session.run(None, feed)[0]
+    def run(queries: np.ndarray) -> np.ndarray:
+        scores: np.ndarray = session.run(None, {_QUERIES: queries})[0]
         return scores
 
-    return product
+    return run
 
 
-_QUERIES, _COLUMNS, _SCORES = "queries", "columns", "scores"
+_QUERIES, _COLUMNS, _SCORES, _ZERO = "queries", "columns", "scores", "queries_zero_point"
 
 
-def scan_graph(dim: int, count: int) -> bytes:
+def scan_graph(dim: int, count: int, integer: bool = False) -> bytes:
     """The ONNX model ``scores = queries [q, dim] @ columns [dim, count]``, serialized.
 
-    ``columns`` is an initializer whose data is external (:func:`packed_product` supplies
-    it). Written field by field in protobuf's wire format, because the serving image holds
-    onnxruntime but not the ``onnx`` package (the tests parse it with ``onnx``).
+    ``columns`` is an initializer whose data is external (:func:`constant_product`
+    supplies it). ``integer``: uint8 queries around a zero point of 128, int8 columns,
+    int32 scores. Written field by field in protobuf's wire format, because the serving
+    image holds onnxruntime but not the ``onnx`` package (the tests parse it with ``onnx``).
     """
-    def tensor_type(*dims: bytes) -> bytes:  # TypeProto: a float tensor of these dims
-        shape = _message(2, b"".join(_message(1, dim) for dim in dims))
-        return _message(2, _message(1, _varint(1, _FLOAT) + shape))
+    queries_type, columns_type, scores_type = ((_UINT8, _INT8, _INT32) if integer
+                                               else (_FLOAT, _FLOAT, _FLOAT))
 
-    node = _message(1, _text(1, _QUERIES) + _text(1, _COLUMNS) + _text(2, _SCORES)
-                    + _text(4, "MatMul"))
-    initializer = _message(5, _varint(1, dim) + _varint(1, count) + _varint(2, _FLOAT)
-                           + _text(8, _COLUMNS)
-                           + _message(13, _text(1, "location") + _text(2, _COLUMNS))
-                           + _varint(14, 1))  # data_location: EXTERNAL
-    queries = _message(11, _text(1, _QUERIES) + tensor_type(_text(2, _QUERIES),
+    def tensor_type(element: int, *dims: bytes) -> bytes:  # TypeProto: a tensor
+        shape = _message(2, b"".join(_message(1, dim) for dim in dims))
+        return _message(2, _message(1, _varint(1, element) + shape))
+
+    operands = _text(1, _QUERIES) + _text(1, _COLUMNS) + (_text(1, _ZERO) if integer else b"")
+    node = _message(1, operands + _text(2, _SCORES)
+                    + _text(4, "MatMulInteger" if integer else "MatMul"))
+    initializers = _message(5, _varint(1, dim) + _varint(1, count) + _varint(2, columns_type)
+                            + _text(8, _COLUMNS)
+                            + _message(13, _text(1, "location") + _text(2, _COLUMNS))
+                            + _varint(14, 1))  # data_location: EXTERNAL
+    if integer:  # a scalar: no dims; raw_data one byte
+        initializers += _message(5, _varint(2, _UINT8) + _text(8, _ZERO) + _message(9, b"\x80"))
+    queries = _message(11, _text(1, _QUERIES) + tensor_type(queries_type, _text(2, _QUERIES),
                                                             _varint(1, dim)))
-    scores = _message(12, _text(1, _SCORES) + tensor_type(_text(2, _QUERIES),
+    scores = _message(12, _text(1, _SCORES) + tensor_type(scores_type, _text(2, _QUERIES),
                                                           _varint(1, count)))
-    graph = node + _text(2, "scan") + initializer + queries + scores
+    graph = node + _text(2, "scan") + initializers + queries + scores
     opset = _text(1, "") + _varint(2, 17)  # the default domain, version 17
     return _varint(1, 8) + _message(8, opset) + _message(7, graph)  # IR version 8
 
 
-_FLOAT = 1  # TensorProto.FLOAT
+_FLOAT, _UINT8, _INT8, _INT32 = 1, 2, 3, 6  # TensorProto's data types
 
 
 def _varint(field: int, value: int) -> bytes:

@@ -3,7 +3,9 @@
 The corpus rows are L2-normalized when the index is built, and queries are normalized
 here, so cosine similarity is one matrix product. A threshold that at least k scores reach
 (the k-th best of the maxima of small groups of scores) then leaves a few candidates, and
-only those are sorted.
+only those are sorted. An index of :data:`SCREEN_ROWS` rows or more screens them in int8
+first (:mod:`tritonop_backend.screen`) and scores in float32 only the rows that can be in
+the top k: the same results, 2-4x sooner.
 
 A filter (:mod:`tritonop_backend.filters`) becomes the sorted ids of the rows it keeps
 before the scan; the top k are then found among those rows only, so a filtered search is
@@ -29,10 +31,11 @@ from tritonop_backend.artifacts import (
     ArtifactError,
     IndexManifest,
 )
-from tritonop_backend.blas import Product, numpy_product, scan_product
+from tritonop_backend.blas import PACKED_BYTES, Product, numpy_product, scan_product
 from tritonop_backend.errors import RequestError
 from tritonop_backend.filters import FieldColumns, write_columns
 from tritonop_backend.pooling import l2_normalize
+from tritonop_backend.screen import GROUP, Int8Screen, at_least_k
 from tritonop_backend.text_column import TextColumn, write_texts
 
 
@@ -80,6 +83,7 @@ class CorpusIndex:
         _check_sizes(embeddings, texts)
         self.product = product
         self.product_name = "numpy"
+        self.screen: Int8Screen | None = None
         self.columns = np.ascontiguousarray(embeddings.T, dtype=np.float32)
         # The mapped rows (load_index's), kept for filters: a filter's rows gathered from
         # them are contiguous reads, 7-10x faster than its columns (10K of 1M x 384).
@@ -111,6 +115,11 @@ class CorpusIndex:
                 is the exact top ``k`` among them, fewer where fewer rows are given.
         """
         queries = l2_normalize(np.atleast_2d(queries).astype(np.float32))
+        if (rows is None and self.screen is not None
+                and 0 < k and GROUPS_PER_RESULT * GROUP * k <= len(self)):
+            found = self._screened(queries, k)
+            if found is not None:
+                return found
         if rows is None:
             scores = self.product(queries, self.columns)
         elif 4 * len(rows) <= len(self):
@@ -124,6 +133,31 @@ class CorpusIndex:
         if rows is None:
             return found
         return SearchResult(rows[found.ids].astype(np.int64), found.scores)
+
+
+    def _screened(self, queries: np.ndarray, k: int) -> SearchResult | None:
+        """:meth:`search` through the int8 screen: only its candidates scored exactly."""
+        assert self.screen is not None
+        candidates = self.screen.candidates(queries, k)
+        if candidates is None:
+            return None
+        flat = np.concatenate(candidates)
+        vectors = (np.asarray(self._rows)[flat] if self._rows is not None
+                   else self.columns.T[flat])
+        owners = np.repeat(np.arange(len(queries)), [len(rows) for rows in candidates])
+        # Each row's own sum in float64, rounded: copies of one vector get one score
+        # wherever they are (a float32 product's rounding can depend on a row's place).
+        scores = np.einsum("ij,ij->i", vectors.astype(np.float64),
+                           queries.astype(np.float64)[owners]).astype(np.float32)
+        ids = np.empty((len(queries), k), dtype=np.int64)
+        best = np.empty((len(queries), k), dtype=np.float32)
+        start = 0
+        for row, rows in enumerate(candidates):
+            own = scores[start:start + len(rows)]
+            start += len(rows)
+            order = np.lexsort((rows, -own))[:k]
+            ids[row], best[row] = rows[order], own[order]
+        return SearchResult(ids, best)
 
 
 class ApproximateIndex(CorpusIndex):
@@ -162,6 +196,11 @@ class ApproximateIndex(CorpusIndex):
                             np.stack(scores).astype(np.float32))
 
 
+SCREEN_ROWS = 4096
+"""The fewest rows an exact index screens in int8 (:mod:`tritonop_backend.screen`); below,
+the float32 scan is as cheap (4,096 x 384: ~0.2 ms)."""
+
+
 def _check_sizes(embeddings: np.ndarray, texts: Sequence[str] | TextColumn) -> None:
     if embeddings.ndim != 2 or embeddings.shape[0] != len(texts):
         raise ArtifactError(f"index has {embeddings.shape[0]} embeddings but {len(texts)} texts")
@@ -173,8 +212,8 @@ def _column(texts: Sequence[str] | TextColumn) -> TextColumn:
 
 GROUPS_PER_RESULT = 4
 """A row of scores is searched above a threshold (:func:`_top_k_above`) where it holds
-at least this many groups of :data:`GROUP` columns per result asked for."""
-GROUP = 8
+at least this many groups of :data:`~tritonop_backend.screen.GROUP` scores per result
+asked for."""
 
 
 def _top_k(scores: np.ndarray, k: int) -> SearchResult:
@@ -205,15 +244,13 @@ def _top_k_above(scores: np.ndarray, k: int) -> SearchResult | None:
     """:func:`_top_k` by a threshold: exact, 10-15x faster than ``argpartition`` for 20,000
     scores a row (8 rows: 0.12 against 1.7 ms).
 
-    The columns are split into groups of :data:`GROUP`; the k-th largest of the groups'
-    maxima is a threshold that at least ``k`` scores reach, so every score of the top
-    ``k``, ties at the cut included, is at or above it. Only those few candidates are then
-    sorted. None where a row has fewer than ``k`` candidates (NaN scores).
+    At least ``k`` scores reach :func:`~tritonop_backend.screen.at_least_k`'s threshold,
+    so every score of the top ``k``, ties at the cut included, is at or above it. Only
+    those few candidates are then sorted. None where a row has fewer than ``k``
+    candidates (NaN scores).
     """
-    rows, count = scores.shape
-    groups = count // GROUP
-    maxima = scores[:, : groups * GROUP].reshape(rows, GROUP, groups).max(axis=1)
-    thresholds = np.partition(maxima, groups - k, axis=1)[:, groups - k]
+    rows = len(scores)
+    thresholds = at_least_k(scores, k)
     ids = np.empty((rows, k), dtype=np.int64)
     best = np.empty((rows, k), dtype=np.float32)
     for row, threshold in enumerate(thresholds):
@@ -289,6 +326,10 @@ def load_index(directory: Path, threads: int = 1) -> tuple[CorpusIndex, IndexMan
                             + manifest._hint())
     index = CorpusIndex(embeddings, texts, fields)
     index.product, index.product_name = scan_product(threads, index.columns)
+    if len(index) >= SCREEN_ROWS and index.columns.size <= PACKED_BYTES:
+        index.screen = Int8Screen.build(index.columns, threads)
+        if index.screen is not None:
+            index.product_name = f"int8 screen, then float32; {index.product_name}"
     return index, manifest
 
 

@@ -12,6 +12,7 @@ import pytest
 import tritonop_backend.blas as blas
 from tritonop_backend.blas import (
     blas_product,
+    constant_product,
     fallback_kernel,
     numpy_kernels,
     numpy_product,
@@ -133,21 +134,45 @@ def test_without_onnxruntime_the_scan_keeps_a_blas_product(monkeypatch):
     assert scan_product(1, columns) == (numpy_product, "numpy")
 
 
-def test_the_scan_graph_is_the_model_onnx_writes():
+@pytest.mark.parametrize("integer", [False, True])
+def test_the_scan_graph_is_the_model_onnx_writes(integer):
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
-    columns = TensorProto(name="columns", data_type=TensorProto.FLOAT, dims=[384, 20000],
+    kinds = ((TensorProto.UINT8, TensorProto.INT8, TensorProto.INT32) if integer
+             else (TensorProto.FLOAT,) * 3)
+    columns = TensorProto(name="columns", data_type=kinds[1], dims=[384, 20000],
                           data_location=TensorProto.EXTERNAL)
     columns.external_data.add(key="location", value="columns")
+    initializers = [columns]
+    operands = ["queries", "columns"]
+    if integer:
+        initializers.append(helper.make_tensor("queries_zero_point", TensorProto.UINT8, [],
+                                               b"\x80", raw=True))
+        operands.append("queries_zero_point")
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["queries", "columns"], ["scores"])], "scan",
-        [helper.make_tensor_value_info("queries", TensorProto.FLOAT, ["queries", 384])],
-        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["queries", 20000])],
-        [columns])
+        [helper.make_node("MatMulInteger" if integer else "MatMul", operands, ["scores"])],
+        "scan",
+        [helper.make_tensor_value_info("queries", kinds[0], ["queries", 384])],
+        [helper.make_tensor_value_info("scores", kinds[2], ["queries", 20000])],
+        initializers)
     expected = helper.make_model(graph, ir_version=8,
                                  opset_imports=[helper.make_operatorsetid("", 17)])
-    assert onnx.load_from_string(scan_graph(384, 20000)) == expected
+    assert onnx.load_from_string(scan_graph(384, 20000, integer=integer)) == expected
+
+
+def test_the_int8_product_equals_numpy_at_the_extremes():
+    """7-bit columns, as the screen makes them (8-bit ones could overflow the 16-bit sums
+    of a CPU without VNNI), by 8-bit queries: exact int32 everywhere."""
+    pytest.importorskip("onnxruntime")
+    columns = np.random.default_rng(8).integers(-63, 64, (384, 500))
+    columns[:, :2] = [63, -63]  # every product at its largest
+    queries = np.random.default_rng(9).integers(-127, 128, (5, 384))
+    queries[0], queries[1] = 127, -127
+    found = constant_product(columns.astype(np.int8), threads=1)(
+        (queries + 128).astype(np.uint8))
+    assert found.dtype == np.int32
+    np.testing.assert_array_equal(found, queries @ columns)
 
 
 def test_the_packed_product_equals_numpy_and_hands_other_matrices_on():
