@@ -142,6 +142,8 @@ class CorpusIndex:
         if candidates is None:
             return None
         flat = np.concatenate(candidates)
+        if 4 * len(flat) > len(queries) * len(self):  # no screening (a zero query): scan
+            return None
         vectors = (np.asarray(self._rows)[flat] if self._rows is not None
                    else self.columns.T[flat])
         owners = np.repeat(np.arange(len(queries)), [len(rows) for rows in candidates])

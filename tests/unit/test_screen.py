@@ -140,3 +140,14 @@ def test_a_loaded_index_screens_from_its_size(monkeypatch, tmp_path):
         keep = np.arange(0, count, 3)  # a filter's rows: the float32 scan, screen or not
         filtered = index.search(queries, 5, rows=keep).ids
         assert filtered.tolist() == keep[brute_force(corpus[keep], queries, 5)].tolist()
+
+
+def test_a_query_the_screen_cannot_narrow_is_scanned_in_float32():
+    corpus = l2_normalize(rng.standard_normal((4100, 16)).astype(np.float32))
+    index = screened(corpus)
+    scanned = []
+    index.product = lambda queries, columns: scanned.append(len(queries)) or queries @ columns
+    zero = np.zeros((1, 16), dtype=np.float32)  # a client may send its own embedding
+    assert len(index.screen.candidates(zero, 3)[0]) == len(corpus)  # every row ties
+    assert index.search(zero, 3).ids.tolist() == [[0, 1, 2]] and scanned == [1]
+    assert index.search(corpus[:2], 3).ids[:, 0].tolist() == [0, 1] and scanned == [1]
