@@ -11,17 +11,20 @@
   architecture tritonop serves) over the 12-text corpus, prepared from its
   sentence-transformers folder with its own pooling, normalization and prompts, ONNX and
   TorchScript in turn;
-* ``i8-bert``: the tiny BERT again, ONNX at ``precision: int8`` (quantized at prepare).
+* ``i8-bert``: the tiny BERT again, ONNX at ``precision: int8`` (quantized at prepare);
+* ``big``: 4,500 demo texts, fused, ONNX: an exact index large enough for the int8 screen.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import DEMO_CORPUS
 from tests.support.encoders import TINY_ENCODERS
 from tests.support.triton import (
     API,
@@ -51,8 +54,17 @@ def fields_corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def triton(tmp_path_factory, exported, corpus, tiny_corpus, fields_corpus, tiny_encoders
-           ) -> Iterator[RunningTriton]:
+def big_corpus(tmp_path_factory) -> Path:
+    """4,500 demo texts: past the int8 screen's smallest index (SCREEN_ROWS)."""
+    path = tmp_path_factory.mktemp("big") / "big.jsonl"
+    with open(DEMO_CORPUS, encoding="utf-8") as demo:
+        path.write_text("".join(itertools.islice(demo, 4500)), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory, exported, corpus, tiny_corpus, fields_corpus, tiny_encoders,
+           big_corpus) -> Iterator[RunningTriton]:
     root = tmp_path_factory.mktemp("artifacts")
     one_slot = {"maxBatchSize": 1, "maxQueueSize": 1, "threads": 1}
     resources = [
@@ -71,6 +83,7 @@ def triton(tmp_path_factory, exported, corpus, tiny_corpus, fields_corpus, tiny_
                             {"name": "package", "type": "string"}]},
                             "model": {"format": "onnx"},
                             "search": {"index": "hnsw", "quantization": "int8"}}}),
+        embedding_search("big", big_corpus, model={"format": "onnx"}, stages={"fuse": True}),
     ]
     for resource in resources:
         seed_export(resource, root, exported)

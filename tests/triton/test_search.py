@@ -99,3 +99,21 @@ def test_other_encoders_and_pooling_search_their_own_index(triton, model):
     assert status == 200, body
     assert body["texts"] == "Zürich weather: storms over the Alps"  # a corpus text finds itself
     assert body["scores"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_screened_index_equals_brute_force(triton):
+    """``big``'s 4,500 vectors go through the int8 screen; its answers are the scan's."""
+    from tritonop_backend.search import SCREEN_ROWS
+
+    index_dir = artifact_dirs(triton.resources["big"], str(triton.artifacts_root))[1]
+    matrix = load_file(f"{index_dir}/embeddings.safetensors")["embeddings"]
+    assert len(matrix) == 4500 >= SCREEN_ROWS
+    log = triton.server.log_path.read_text(errors="replace")
+    assert "big_search: exact index of 4500 vectors (scan: int8 screen, then float32" in log
+    for text in QUERIES:
+        status, body = triton.generate("big", {"text": text, "num_results": 10})
+        assert status == 200, body
+        _, embedded = triton.generate("big_embedding", {"text": text})
+        scores = matrix @ np.array(embedded["embedding"], dtype=np.float32)
+        order = np.argsort(-scores, kind="stable")[:10]
+        assert_same_ranking(body["ids"], body["scores"], order, scores[order])
