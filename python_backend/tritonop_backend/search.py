@@ -134,7 +134,6 @@ class CorpusIndex:
             return found
         return SearchResult(rows[found.ids].astype(np.int64), found.scores)
 
-
     def _screened(self, queries: np.ndarray, k: int) -> SearchResult | None:
         """:meth:`search` through the int8 screen: only its candidates scored exactly."""
         assert self.screen is not None
@@ -155,10 +154,8 @@ class CorpusIndex:
         best = np.empty((len(queries), k), dtype=np.float32)
         start = 0
         for row, rows in enumerate(candidates):
-            own = scores[start:start + len(rows)]
+            ids[row], best[row] = _best_k(rows, scores[start:start + len(rows)], k)
             start += len(rows)
-            order = np.lexsort((rows, -own))[:k]
-            ids[row], best[row] = rows[order], own[order]
         return SearchResult(ids, best)
 
 
@@ -259,10 +256,15 @@ def _top_k_above(scores: np.ndarray, k: int) -> SearchResult | None:
         candidates = np.flatnonzero(scores[row] >= threshold)
         if len(candidates) < k:
             return None
-        candidate_scores = scores[row, candidates]
-        order = np.lexsort((candidates, -candidate_scores))[:k]
-        ids[row], best[row] = candidates[order], candidate_scores[order]
+        ids[row], best[row] = _best_k(candidates, scores[row, candidates], k)
     return SearchResult(ids, best)
+
+
+def _best_k(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of candidate ``ids`` by their ``scores``, best first, lowest ids
+    first among equal scores."""
+    order = np.lexsort((ids, -scores))[:k]
+    return ids[order], scores[order]
 
 
 def _lowest_ids_among_ties(scores: np.ndarray, candidates: np.ndarray) -> np.ndarray:
