@@ -99,8 +99,10 @@ class ModelManifest(_Manifest):
         quantization: for ``int8``, how it was quantized and its measured cosine to the
             float32 export (``cosine_min``, ``cosine_mean`` over ``cosine_texts`` corpus
             texts, see ``tritonop.artifacts.quantize``); empty for ``float32``.
+        packed: the encoder reads ``attention_mask`` as segment ids, so several texts
+            can share a row (``tritonop_backend.encoder.encode_ragged``).
 
-    The last six have defaults so that manifests written before them still read; such an
+    The last seven have defaults so that manifests written before them still read; such an
     export came from all-MiniLM-L6-v2-like models, which normalize and have no prompts.
     """
 
@@ -117,6 +119,7 @@ class ModelManifest(_Manifest):
     model_type: str = ""
     precision: str = "float32"
     quantization: dict[str, Any] = dataclasses.field(default_factory=dict)
+    packed: bool = False
 
     @property
     def encoder_file(self) -> str:

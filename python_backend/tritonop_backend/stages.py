@@ -154,6 +154,9 @@ class EncoderStage:
                 raise RequestError("attention_mask", f"shape {mask.shape} != input_ids {ids.shape}")
             if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
                 raise RequestError("input_ids", f"ids must be in [0, {self.vocab_size})")
+            if mask.size and (not np.isin(mask, (0, 1)).all() or (np.diff(mask) > 0).any()):
+                raise RequestError("attention_mask", "each row must be 1s (its tokens), then "
+                                   "0s (padding)")
             return ids, mask
 
         def work(pairs: list[object]) -> list[Outputs]:

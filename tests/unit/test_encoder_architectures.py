@@ -76,6 +76,8 @@ def test_export_serves_what_sentence_transformers_computes(
             manifest.max_sequence_length) == (spec.model_type, spec.pooling, spec.normalize,
                                               MAX_SEQ_LENGTH)
     assert manifest.query_prompt == spec.prompts.get("query", "")
+    # Packed (several texts to a row) where the architecture takes prepared masks.
+    assert manifest.packed == (spec.model_type != "modernbert")
     reference = references[name]
 
     queries = served_embeddings(tmp_path / "model", TEXTS)

@@ -8,9 +8,19 @@ XLM-RoBERTa and MPNet derive position ids from the token ids themselves (countin
 the padding id); the exported graph takes the two common inputs and does the rest
 inside, so every stage after it is the same for every architecture.
 
+Where the architecture takes position ids and a prepared attention mask (all but
+ModernBERT, which unpads by itself), the graph's ``attention_mask`` is read as segment
+ids: several texts can share one row (``1 1 1 2 2 0``: two texts and a pad), each
+attending only to its own tokens with positions counted from its own start, so a batch of
+short queries runs as one row of their real tokens instead of a rectangle padded to the
+longest (a plain 0/1 mask is the case of one text per row). The manifest says ``packed``
+where it does.
+
 After writing, the exported file is loaded back and run on texts of other lengths and
-batch sizes than the trace used, and compared with the source model in
-``transformers``: an export that drifts fails here rather than in production.
+batch sizes than the trace used, padded and (where packed) several to a row, and
+compared with the source model in ``transformers``: an export that drifts fails here
+rather than in production. A packed export that does not match is written again
+unpacked.
 
 The tokenizer is written as ``transformers`` builds it for the model's tokenizer class
 (which, since transformers 5, is not always the folder's ``tokenizer.json`` as it
@@ -38,7 +48,7 @@ from tritonop_backend.artifacts import (
     ArtifactError,
     ModelManifest,
 )
-from tritonop_backend.encoder import load_encoder
+from tritonop_backend.encoder import encode_ragged, load_encoder
 from tritonop_backend.tokenizer import TextTokenizer
 
 # Largest tolerated |exported - source| over real tokens; float32 BERT exports sit
@@ -60,30 +70,50 @@ class ExportResult:
     skipped: bool
 
 
-def _wrapped(source: SourceModel):  # type: ignore[no-untyped-def]
-    import inspect
+# Architectures that take position ids and a prepared [rows, 1, length, length] mask as
+# given, and where their first position is (fairseq's: after the padding id).
+_PACKABLE = {"bert": 0, "distilbert": 0, "roberta": None, "xlm-roberta": None, "mpnet": None}
 
+
+def _load(source: SourceModel):  # type: ignore[no-untyped-def]
     import torch
     from transformers import AutoModel
 
     try:
-        model = AutoModel.from_pretrained(
+        return AutoModel.from_pretrained(
             str(source.directory), trust_remote_code=source.trust_remote_code,
             dtype=torch.float32).eval()
     except (OSError, ValueError, ImportError, KeyError) as err:
         raise ArtifactError(f"model source {source.source}: transformers cannot load its "
                             f"{source.model_type!r} model: {err}") from None
+
+
+def _wrapped(model, packed: bool):  # type: ignore[no-untyped-def]
+    """``model`` as positional ``(input_ids, attention_mask)`` -> ``last_hidden_state``;
+    ``packed``: with ``attention_mask`` read as segment ids (see the module's doc)."""
+    import inspect
+
+    import torch
+
     token_types = "token_type_ids" in inspect.signature(model.forward).parameters
+    first_position = _PACKABLE.get(model.config.model_type, 0)
+    if first_position is None:
+        first_position = int(model.config.pad_token_id) + 1
 
     class Encoder(torch.nn.Module):
-        """Positional ``(input_ids, attention_mask)`` -> ``last_hidden_state``."""
-
         def __init__(self) -> None:
             super().__init__()
             self.model = model
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             extra = {"token_type_ids": torch.zeros_like(input_ids)} if token_types else {}
+            if packed:
+                same = attention_mask[:, :, None] == attention_mask[:, None, :]
+                # Texts are contiguous: a token's position is how many of its text's precede it.
+                earlier = torch.ones_like(same).tril(-1)
+                extra["position_ids"] = (same & earlier).sum(-1) + first_position
+                attention_mask = torch.zeros(same.shape, dtype=torch.float32).masked_fill(
+                    ~same, torch.finfo(torch.float32).min)[:, None]
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
             return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
@@ -168,16 +198,46 @@ def _write_encoder(module, example: tuple, path: Path, fmt: str) -> None:  # typ
         )
 
 
-def _max_difference(module, directory: Path, tokenizer: TextTokenizer) -> float:  # type: ignore[no-untyped-def]
+def _max_difference(reference, directory: Path, tokenizer: TextTokenizer) -> float:  # type: ignore[no-untyped-def]
+    """Largest |exported - source| over real tokens, padded and (if packed) packed."""
     import torch
 
     encoder = load_encoder(directory, threads=torch.get_num_threads())
     ids, mask = tokenizer.encode(_CHECK_TEXTS)
     with torch.no_grad():
-        expected = module(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-    actual = encoder(ids, mask)
+        expected = reference(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
     real = mask.astype(bool)
-    return float(np.abs(actual - expected)[real].max())
+    differences = [np.abs(encoder(ids, mask) - expected)[real].max()]
+    if encoder.packed:  # each text a request of its own: they share a row
+        lengths = mask.sum(axis=1)
+        texts = [(ids[i : i + 1, :n], mask[i : i + 1, :n]) for i, n in enumerate(lengths)]
+        for i, hidden in enumerate(encode_ragged(encoder, texts)):
+            differences.append(np.abs(hidden[0] - expected[i, : lengths[i]]).max())
+    return float(max(differences))
+
+
+def _write_checked(module, reference, tokenizer: TextTokenizer, manifest: ModelManifest,  # type: ignore[no-untyped-def]
+                   directory: Path, source: SourceModel) -> float:
+    """Write ``module`` as the manifest's format; its largest difference from ``reference``.
+
+    Raises ArtifactError where the export itself fails, and ValueError where a packed
+    export differs by more than :data:`TOLERANCE` (the caller then exports it unpacked).
+    """
+    import torch
+
+    example = tuple(torch.from_numpy(a) for a in tokenizer.encode(_TRACE_TEXTS))
+    fmt = manifest.format
+    try:
+        _write_encoder(module, example, directory / ENCODER_FILES[fmt], fmt)
+    except Exception as err:  # torch.jit and torch.onnx raise many kinds; say which model
+        raise ArtifactError(f"model source {source.source}: exporting its "
+                            f"{source.model_type!r} encoder to {fmt} failed: "
+                            f"{type(err).__name__}: {err}") from err
+    manifest.write(directory)
+    difference = _max_difference(reference, directory, tokenizer)
+    if manifest.packed and difference > TOLERANCE:
+        raise ValueError(f"packed export differs by {difference:.2e}")
+    return difference
 
 
 def serves(existing: ModelManifest, fingerprint: str, fmt: str, precision: str) -> bool:
@@ -185,10 +245,13 @@ def serves(existing: ModelManifest, fingerprint: str, fmt: str, precision: str) 
 
     A float32 ONNX export also serves ``int8``: quantizing it
     (:mod:`tritonop.artifacts.quantize`) adds a file and replaces the manifest; an int8
-    one keeps no float32 encoder, so it never serves ``float32``.
+    one keeps no float32 encoder, so it never serves ``float32``. An unpacked export of
+    an architecture that packs (made before tritonop packed) is exported again: it would
+    serve the same embeddings, a third slower.
     """
     return (existing.fingerprint, existing.format) == (fingerprint, fmt) and \
-        existing.precision in (precision, "float32")
+        existing.precision in (precision, "float32") and \
+        (existing.packed or existing.model_type not in _PACKABLE)
 
 
 def export_model(
@@ -224,16 +287,8 @@ def export_model(
     reference = _write_tokenizer(source, directory / TOKENIZER_FILE)
     _check_tokenizer(source, reference, directory / TOKENIZER_FILE)
     tokenizer = TextTokenizer(directory / TOKENIZER_FILE, source.max_sequence_length)
-    module = _wrapped(source)
-    import torch
-
-    example = tuple(torch.from_numpy(a) for a in tokenizer.encode(_TRACE_TEXTS))
-    try:
-        _write_encoder(module, example, directory / ENCODER_FILES[fmt], fmt)
-    except Exception as err:  # torch.jit and torch.onnx raise many kinds; say which model
-        raise ArtifactError(f"model source {source.source}: exporting its "
-                            f"{source.model_type!r} encoder to {fmt} failed: "
-                            f"{type(err).__name__}: {err}") from err
+    model = _load(source)
+    plain = _wrapped(model, packed=False)
     manifest = ModelManifest(
         source=source.source, fingerprint=source.fingerprint, format=fmt,
         dimension=source.dimension, pooling=source.pooling,
@@ -241,8 +296,17 @@ def export_model(
         normalize=source.normalize, query_prompt=source.query_prompt,
         document_prompt=source.document_prompt, model_type=source.model_type,
     )
-    manifest.write(directory)
-    difference = _max_difference(module, directory, tokenizer)
+    difference = None
+    if source.model_type in _PACKABLE:
+        packed = dataclasses.replace(manifest, packed=True)
+        try:
+            difference = _write_checked(_wrapped(model, packed=True), plain, tokenizer, packed,
+                                        directory, source)
+            manifest = packed
+        except Exception:
+            pass
+    if difference is None:
+        difference = _write_checked(plain, plain, tokenizer, manifest, directory, source)
     if difference > TOLERANCE:
         (directory / MANIFEST_FILE).unlink()
         raise ArtifactError(f"exported {fmt} encoder differs from {source.source} by "

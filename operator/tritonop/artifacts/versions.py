@@ -32,7 +32,7 @@ from tritonop_backend.ann import HnswSettings
 from tritonop_backend.artifacts import VERSION_FILE
 
 # Bumped when the layout or the format of what is built changes: every version rebuilds.
-LAYOUT = "1"
+LAYOUT = "2"
 FINGERPRINT_LENGTH = 16
 STAGING_PREFIX = ".staging-"
 

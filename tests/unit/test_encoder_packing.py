@@ -1,0 +1,105 @@
+"""Several texts to a row: a packed encoder gives each text what it gives that text alone.
+
+The reference is the source model in ``transformers``, run on one text at a time (no
+padding at all); the served path is :func:`encode_ragged` over requests of different
+row counts and lengths, packed into rows small enough that texts share and spill over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from tests.support.encoders import MAX_SEQ_LENGTH
+from tritonop.artifacts.export import export_model, serves
+from tritonop.artifacts.sources import inspect
+from tritonop_backend import encoder as encoder_module
+from tritonop_backend.encoder import encode_ragged, load_encoder, pack
+from tritonop_backend.errors import RequestError
+from tritonop_backend.stages import EncoderStage, TokenizerStage
+from tritonop_backend.tokenizer import TextTokenizer
+
+TEXTS = [
+    ["storm over the north sea", "a"],
+    ["Zürich, São Paulo and 北京: non-ASCII text is tokenized too"],
+    ["the quick brown fox jumps over the lazy dog " * 8, "x y", "markets fall"],
+]
+
+
+@pytest.mark.parametrize("lengths", [
+    [3, 3, 3, 3],
+    [10, 1, 7, 7, 2, 9, 4],
+    [300, 5, 5],  # longer than a row's tokens: a row of its own
+    [256] * 3,
+    list(range(1, 40)),
+])
+def test_pack_places_every_text_once_in_rows_of_about_the_budget(lengths):
+    packs = pack(lengths, tokens=64)
+    assert sorted(i for members in packs for i in members) == list(range(len(lengths)))
+    fills = [sum(lengths[i] for i in members) for members in packs]
+    # No row beyond the budget unless one text alone is longer; no more rows than the
+    # budget needs plus one (first-fit decreasing into rows of the average fill).
+    assert max(fills) <= max(64, max(lengths))
+    assert len(packs) <= -(-sum(lengths) // 64) + 1
+
+
+def test_short_texts_share_one_row():
+    assert pack([9, 6, 7, 12, 5, 8, 6, 10]) == [[3, 7, 0, 5, 2, 1, 6, 4]]
+
+
+@pytest.mark.parametrize("name", ["bert", "roberta", "mpnet"])
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_packed_requests_equal_each_text_alone(name, fmt, tiny_encoders, tmp_path,
+                                               monkeypatch):
+    import torch
+    from transformers import AutoModel
+
+    source = inspect(str(tiny_encoders[name]))
+    manifest = export_model(source, fmt, tmp_path / "model").manifest
+    assert manifest.packed
+    tokenizer = TextTokenizer(tmp_path / "model" / "tokenizer.json", MAX_SEQ_LENGTH)
+    requests = [tokenizer.encode(texts) for texts in TEXTS]
+    monkeypatch.setattr(encoder_module, "PACK_TOKENS", 24)  # texts share rows, and spill
+    served = encode_ragged(load_encoder(tmp_path / "model"), requests)
+
+    model = AutoModel.from_pretrained(str(tiny_encoders[name])).eval()
+    for (ids, mask), hidden in zip(requests, served, strict=True):
+        assert hidden.shape == (*ids.shape, manifest.dimension)
+        for row, length in enumerate(mask.sum(axis=1)):
+            alone = torch.from_numpy(ids[row : row + 1, :length])
+            with torch.no_grad():
+                expected = model(input_ids=alone,
+                                 attention_mask=torch.ones_like(alone)).last_hidden_state[0]
+            np.testing.assert_allclose(hidden[row, :length], expected.numpy(), atol=1e-4)
+            assert not hidden[row, length:].any()  # padding: zeros, not another text
+
+
+def test_a_mask_with_holes_is_refused_by_name(tiny_encoders, tmp_path):
+    source = inspect(str(tiny_encoders["bert"]))
+    export_model(source, "onnx", tmp_path / "model")
+    parameters = {"model_dir": str(tmp_path / "model"), "max_sequence_length": "auto",
+                  "pooling": "auto", "max_input_characters": "1000", "threads": "1"}
+    (tokens,) = TokenizerStage(parameters).run([{"text": np.array([[b"a b c d"]],
+                                                                  dtype=object)}])
+    holes = tokens["attention_mask"].copy()
+    holes[0, 1] = 0
+    twos = tokens["attention_mask"] * 2
+    good, *bad = EncoderStage(parameters).run([
+        tokens, {**tokens, "attention_mask": holes}, {**tokens, "attention_mask": twos}])
+    assert "token_embeddings" in good
+    for error in bad:
+        assert isinstance(error, RequestError)
+        assert "attention_mask" in str(error) and "1s" in str(error)
+
+
+def test_an_unpacked_export_of_an_architecture_that_packs_is_exported_again(
+        tiny_encoders, tmp_path):
+    source = inspect(str(tiny_encoders["bert"]))
+    manifest = export_model(source, "onnx", tmp_path / "model").manifest
+    assert serves(manifest, source.fingerprint, "onnx", "float32")
+    older = dataclasses.replace(manifest, packed=False)  # as tritonop wrote it before packing
+    assert not serves(older, source.fingerprint, "onnx", "float32")
+    modern = dataclasses.replace(older, model_type="modernbert")  # never packed: kept
+    assert serves(modern, source.fingerprint, "onnx", "float32")
