@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tritonop_backend.artifacts import TOKENIZER_FILE, ModelManifest
-from tritonop_backend.encoder import load_encoder
+from tritonop_backend.encoder import encode_ragged, load_encoder
 from tritonop_backend.pooling import l2_normalize, pool
 from tritonop_backend.search import load_index
 from tritonop_backend.tokenizer import TextTokenizer
@@ -39,7 +39,8 @@ def floor_throughput(model_dir: Path, index_dir: Path, texts: Sequence[str], *,
 
     def search(batch: Sequence[str]) -> None:
         ids, mask = tokenizer.encode(list(batch))
-        vectors = l2_normalize(pool(encoder(ids, mask), mask, manifest.pooling))
+        (hidden,) = encode_ragged(encoder, [(ids, mask)])  # packed, as the encoder model runs
+        vectors = l2_normalize(pool(hidden, mask, manifest.pooling))
         index.search(vectors, k)
 
     with threadpool_limits(limits=threads, user_api="blas"):
