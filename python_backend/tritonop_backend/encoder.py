@@ -109,11 +109,18 @@ def encode_ragged(
     """
     ids = [request[0] for request in requests]
     masks = [request[1] for request in requests]
-    rows = [(request, row, int(length)) for request, mask in enumerate(masks)
-            for row, length in enumerate(mask.sum(axis=1))]
-    if not encoder.packed or not any(length for _, _, length in rows):
-        hidden = encoder(pad_and_stack(ids), pad_and_stack(masks))
-        return split_rows(hidden, ids, trim=True)
+    if encoder.packed:
+        rows = [(request, row, int(length)) for request, mask in enumerate(masks)
+                for row, length in enumerate(mask.sum(axis=1))]
+        if any(length for _, _, length in rows):
+            return _encode_packed(encoder, ids, rows)
+    hidden = encoder(pad_and_stack(ids), pad_and_stack(masks))
+    return split_rows(hidden, ids, trim=True)
+
+
+def _encode_packed(encoder: Encoder, ids: list[np.ndarray],
+                   rows: list[tuple[int, int, int]]) -> list[np.ndarray]:
+    """:func:`encode_ragged` for a packed encoder; ``rows``: (request, row, length)."""
     packs = pack([length for _, _, length in rows], PACK_TOKENS)
     width = max(sum(rows[i][2] for i in members) for members in packs)
     packed_ids = np.zeros((len(packs), width), dtype=np.int64)
@@ -142,8 +149,8 @@ def pack(lengths: Sequence[int], tokens: int = PACK_TOKENS) -> list[list[int]]:
     decreasing), so rows come out of about the same length; a text that fits nowhere
     opens one more row.
     """
-    longest = max(lengths)
-    capacity = max(longest, math.ceil(sum(lengths) / max(1, math.ceil(sum(lengths) / tokens))))
+    total = sum(lengths)
+    capacity = max(max(lengths), math.ceil(total / max(1, math.ceil(total / tokens))))
     packs: list[list[int]] = []
     room: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):

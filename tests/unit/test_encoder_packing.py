@@ -49,31 +49,38 @@ def test_short_texts_share_one_row():
     assert pack([9, 6, 7, 12, 5, 8, 6, 10]) == [[3, 7, 0, 5, 2, 1, 6, 4]]
 
 
-@pytest.mark.parametrize("name", ["bert", "roberta", "mpnet"])
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_packed_requests_equal_each_text_alone(name, fmt, tiny_encoders, tmp_path,
-                                               monkeypatch):
+def assert_each_text_as_alone(model_dir, source_folder, dimension, packed: bool) -> None:
+    """Served :data:`TEXTS` equal the source model on each text alone (packed: zeros
+    past each text; padded rows carry what the model computes there)."""
     import torch
     from transformers import AutoModel
 
-    source = inspect(str(tiny_encoders[name]))
-    manifest = export_model(source, fmt, tmp_path / "model").manifest
-    assert manifest.packed
-    tokenizer = TextTokenizer(tmp_path / "model" / "tokenizer.json", MAX_SEQ_LENGTH)
+    tokenizer = TextTokenizer(model_dir / "tokenizer.json", MAX_SEQ_LENGTH)
     requests = [tokenizer.encode(texts) for texts in TEXTS]
-    monkeypatch.setattr(encoder_module, "PACK_TOKENS", 24)  # texts share rows, and spill
-    served = encode_ragged(load_encoder(tmp_path / "model"), requests)
-
-    model = AutoModel.from_pretrained(str(tiny_encoders[name])).eval()
+    served = encode_ragged(load_encoder(model_dir), requests)
+    model = AutoModel.from_pretrained(str(source_folder)).eval()
     for (ids, mask), hidden in zip(requests, served, strict=True):
-        assert hidden.shape == (*ids.shape, manifest.dimension)
+        assert hidden.shape == (*ids.shape, dimension)
         for row, length in enumerate(mask.sum(axis=1)):
             alone = torch.from_numpy(ids[row : row + 1, :length])
             with torch.no_grad():
                 expected = model(input_ids=alone,
                                  attention_mask=torch.ones_like(alone)).last_hidden_state[0]
             np.testing.assert_allclose(hidden[row, :length], expected.numpy(), atol=1e-4)
-            assert not hidden[row, length:].any()  # padding: zeros, not another text
+            if packed:
+                assert not hidden[row, length:].any()  # padding: zeros, not another text
+
+
+@pytest.mark.parametrize("name", ["bert", "roberta", "mpnet"])
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_packed_requests_equal_each_text_alone(name, fmt, tiny_encoders, tmp_path,
+                                               monkeypatch):
+    source = inspect(str(tiny_encoders[name]))
+    manifest = export_model(source, fmt, tmp_path / "model").manifest
+    assert manifest.packed
+    monkeypatch.setattr(encoder_module, "PACK_TOKENS", 24)  # texts share rows, and spill
+    assert_each_text_as_alone(tmp_path / "model", tiny_encoders[name], manifest.dimension,
+                              packed=True)
 
 
 def test_a_mask_with_holes_is_refused_by_name(tiny_encoders, tmp_path):
@@ -103,3 +110,17 @@ def test_an_unpacked_export_of_an_architecture_that_packs_is_exported_again(
     assert not serves(older, source.fingerprint, "onnx", "float32")
     modern = dataclasses.replace(older, model_type="modernbert")  # never packed: kept
     assert serves(modern, source.fingerprint, "onnx", "float32")
+
+
+def test_a_packed_graph_that_differs_from_the_source_is_written_again_unpacked(
+        tiny_encoders, tmp_path, monkeypatch):
+    """ModernBERT unpads by itself and ignores a prepared mask: told to pack anyway, the
+    export's check against the source catches it and the plain graph is what is served."""
+    from tritonop.artifacts import export
+
+    monkeypatch.setattr(export, "_PACKABLE", export._PACKABLE | {"modernbert"})
+    source = inspect(str(tiny_encoders["modernbert"]))
+    manifest = export_model(source, "onnx", tmp_path / "model").manifest
+    assert not manifest.packed and manifest.max_abs_diff <= export.TOLERANCE
+    assert_each_text_as_alone(tmp_path / "model", tiny_encoders["modernbert"],
+                              manifest.dimension, packed=False)

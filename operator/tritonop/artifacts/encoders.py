@@ -52,7 +52,7 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
 # Architectures whose position ids start after the padding id (fairseq's convention):
 # position pad_token_id + 1 is the first token's, so max_position_embeddings - pad - 1
 # tokens fit (514 positions hold 512 tokens).
-_POSITIONS_AFTER_PADDING = {"roberta", "xlm-roberta", "mpnet", "camembert"}
+POSITIONS_AFTER_PADDING = {"roberta", "xlm-roberta", "mpnet", "camembert"}
 _LEGACY_POOLING_KEYS = {
     "pooling_mode_cls_token": "cls",
     "pooling_mode_mean_tokens": "mean",
@@ -190,7 +190,7 @@ def _pooling(folder: Path | None, source: str) -> str:
 
 def _positions(model_type: str, config: dict[str, Any]) -> int:
     positions = int(config.get("max_position_embeddings") or _NO_LIMIT)
-    if model_type in _POSITIONS_AFTER_PADDING:
+    if model_type in POSITIONS_AFTER_PADDING:
         positions -= int(config.get("pad_token_id") or 0) + 1
     return positions
 

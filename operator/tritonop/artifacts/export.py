@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from tritonop.artifacts.encoders import POSITIONS_AFTER_PADDING
 from tritonop.artifacts.sources import SourceModel
 from tritonop_backend.artifacts import (
     ENCODER_FILES,
@@ -71,8 +72,8 @@ class ExportResult:
 
 
 # Architectures that take position ids and a prepared [rows, 1, length, length] mask as
-# given, and where their first position is (fairseq's: after the padding id).
-_PACKABLE = {"bert": 0, "distilbert": 0, "roberta": None, "xlm-roberta": None, "mpnet": None}
+# given (where their first position is: tritonop.artifacts.encoders.POSITIONS_AFTER_PADDING).
+_PACKABLE = frozenset({"bert", "distilbert", "roberta", "xlm-roberta", "mpnet"})
 
 
 def _load(source: SourceModel):  # type: ignore[no-untyped-def]
@@ -96,8 +97,8 @@ def _wrapped(model, packed: bool):  # type: ignore[no-untyped-def]
     import torch
 
     token_types = "token_type_ids" in inspect.signature(model.forward).parameters
-    first_position = _PACKABLE.get(model.config.model_type, 0)
-    if first_position is None:
+    first_position = 0
+    if model.config.model_type in POSITIONS_AFTER_PADDING:  # fairseq's: after the padding id
         first_position = int(model.config.pad_token_id) + 1
 
     class Encoder(torch.nn.Module):
@@ -303,7 +304,7 @@ def export_model(
             difference = _write_checked(_wrapped(model, packed=True), plain, tokenizer, packed,
                                         directory, source)
             manifest = packed
-        except Exception:
+        except Exception:  # whatever broke the packed graph, the plain one is the contract
             pass
     if difference is None:
         difference = _write_checked(plain, plain, tokenizer, manifest, directory, source)
