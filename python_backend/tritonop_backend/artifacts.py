@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -52,7 +53,8 @@ class _Manifest:
 
     def write(self, directory: Path) -> None:
         body = {"kind": self._kind(), "version": MANIFEST_VERSION, **dataclasses.asdict(self)}
-        (directory / MANIFEST_FILE).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+        _replace_text(Path(directory) / MANIFEST_FILE,
+                      json.dumps(body, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def read(cls: type[_M], directory: Path) -> _M:
@@ -283,8 +285,16 @@ class VersionManifest(_Manifest):
     def write(self, directory: Path) -> None:
         body = {"kind": VERSION_MANIFEST_KIND, "version": MANIFEST_VERSION,
                 **dataclasses.asdict(self)}
-        (Path(directory) / VERSION_FILE).write_text(
-            json.dumps(body, indent=2, sort_keys=True) + "\n")
+        _replace_text(Path(directory) / VERSION_FILE,
+                      json.dumps(body, indent=2, sort_keys=True) + "\n")
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write ``path`` as a new file put in place at once: never half written, and never
+    through a hard link that another version's folder shares."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def check_version(version_dir: Path, expected: str) -> None:

@@ -16,6 +16,7 @@ from tests.support.encoders import MAX_SEQ_LENGTH
 from tritonop.artifacts.export import export_model, serves
 from tritonop.artifacts.sources import inspect
 from tritonop_backend import encoder as encoder_module
+from tritonop_backend.artifacts import ModelManifest
 from tritonop_backend.encoder import encode_ragged, load_encoder, pack
 from tritonop_backend.errors import RequestError
 from tritonop_backend.stages import EncoderStage, TokenizerStage
@@ -110,6 +111,25 @@ def test_an_unpacked_export_of_an_architecture_that_packs_is_exported_again(
     assert not serves(older, source.fingerprint, "onnx", "float32")
     modern = dataclasses.replace(older, model_type="modernbert")  # never packed: kept
     assert serves(modern, source.fingerprint, "onnx", "float32")
+
+
+def test_exporting_again_over_hard_links_leaves_the_linked_version_as_it_was(
+        tiny_encoders, tmp_path):
+    """Prepare links a seeded or torn version's model into staging; exporting there again
+    (here: an unpacked export from before packing) writes new files, never through the
+    links into the version they came from, which a server may be reading."""
+    from tritonop.artifacts.resolve import link_tree
+
+    source = inspect(str(tiny_encoders["bert"]))
+    served = export_model(source, "onnx", tmp_path / "served").manifest
+    contents = {path.name: path.read_bytes() for path in (tmp_path / "served").iterdir()}
+    link_tree(tmp_path / "served", tmp_path / "staging")
+    assert all(path.stat().st_nlink == 2 for path in (tmp_path / "served").iterdir())
+    dataclasses.replace(served, packed=False).write(tmp_path / "staging")
+    assert not export_model(source, "onnx", tmp_path / "staging").skipped
+    assert {path.name: path.read_bytes() for path in (tmp_path / "served").iterdir()} == contents
+    assert all(path.stat().st_nlink == 1 for path in (tmp_path / "served").iterdir())
+    assert ModelManifest.read(tmp_path / "served").packed
 
 
 def test_a_packed_graph_that_differs_from_the_source_is_written_again_unpacked(

@@ -212,7 +212,8 @@ def export_cross_encoder(source: SourceModel, fmt: str, directory: Path) -> Rera
         pass
     config = _json(source.directory / "config.json", source.source) or {}
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / MANIFEST_FILE).unlink(missing_ok=True)
+    for name in (MANIFEST_FILE, PAIR_TOKENIZER_FILE, *CROSS_ENCODER_FILES.values()):
+        (directory / name).unlink(missing_ok=True)  # new files: these may be hard links
     reference = _write_tokenizer(source, directory / PAIR_TOKENIZER_FILE)
     tokenizer = PairTokenizer(directory / PAIR_TOKENIZER_FILE, source.max_sequence_length)
     _check_tokenizer(source, reference, tokenizer)

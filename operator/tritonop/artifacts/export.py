@@ -283,8 +283,10 @@ def export_model(
         if existing and serves(existing, source.fingerprint, fmt, precision):
             return ExportResult(existing, directory, skipped=True)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / MANIFEST_FILE).unlink(missing_ok=True)
-    (directory / INT8_ENCODER_FILE).unlink(missing_ok=True)  # of an earlier int8 export
+    # New files, never rewritten in place: the folder may hold hard links to another
+    # version's files (a seeded or torn version linked into staging by prepare).
+    for name in (MANIFEST_FILE, INT8_ENCODER_FILE, TOKENIZER_FILE, *ENCODER_FILES.values()):
+        (directory / name).unlink(missing_ok=True)
     reference = _write_tokenizer(source, directory / TOKENIZER_FILE)
     _check_tokenizer(source, reference, directory / TOKENIZER_FILE)
     tokenizer = TextTokenizer(directory / TOKENIZER_FILE, source.max_sequence_length)
