@@ -103,8 +103,10 @@ class ModelManifest(_Manifest):
             texts, see ``tritonop.artifacts.quantize``); empty for ``float32``.
         packed: the encoder reads ``attention_mask`` as segment ids, so several texts
             can share a row (``tritonop_backend.encoder.encode_ragged``).
+        packing_checked: packing was tried at export, and ``packed`` says whether the
+            packed graph held; False in exports made before tritonop packed.
 
-    The last seven have defaults so that manifests written before them still read; such an
+    The last eight have defaults so that manifests written before them still read; such an
     export came from all-MiniLM-L6-v2-like models, which normalize and have no prompts.
     """
 
@@ -122,6 +124,7 @@ class ModelManifest(_Manifest):
     precision: str = "float32"
     quantization: dict[str, Any] = dataclasses.field(default_factory=dict)
     packed: bool = False
+    packing_checked: bool = False
 
     @property
     def encoder_file(self) -> str:

@@ -87,9 +87,11 @@ class OnnxEncoder:
         return np.asarray(hidden, dtype=np.float32)
 
 
-def load_encoder(model_dir: Path, threads: int = 1, device: str = "cpu") -> Encoder:
-    """Load the encoder that ``tritonop export`` wrote into ``model_dir``."""
-    manifest = ModelManifest.read(model_dir)
+def load_encoder(model_dir: Path, threads: int = 1, device: str = "cpu",
+                 manifest: ModelManifest | None = None) -> Encoder:
+    """Load the encoder that ``tritonop export`` wrote into ``model_dir`` (as ``manifest``
+    says, where export checks a graph before it writes the manifest)."""
+    manifest = manifest or ModelManifest.read(model_dir)
     path = Path(model_dir) / manifest.encoder_file
     kind = TorchScriptEncoder if manifest.format == "torchscript" else OnnxEncoder
     return kind(path, threads, device, manifest.packed)

@@ -84,6 +84,31 @@ def test_packed_requests_equal_each_text_alone(name, fmt, tiny_encoders, tmp_pat
                               packed=True)
 
 
+@pytest.mark.parametrize("name", ["bert", "roberta"])
+def test_padding_of_rows_wider_than_the_position_table_is_served(name, tiny_encoders,
+                                                                  tmp_path):
+    """Rows of the default budget are wider than these models' 64 positions: their padding
+    must not be given positions past the table (each text's own restart at its start)."""
+    source = inspect(str(tiny_encoders[name]))
+    export_model(source, "onnx", tmp_path / "model")
+    tokenizer = TextTokenizer(tmp_path / "model" / "tokenizer.json", MAX_SEQ_LENGTH)
+    long = [f"text {i} " + "the quick brown fox jumps over the lazy dog " * 5 for i in range(7)]
+    requests = [tokenizer.encode([text]) for text in [*long, "a"]]
+    lengths = [int(mask.sum()) for _, mask in requests]
+    assert sum(lengths) > encoder_module.PACK_TOKENS and max(lengths) <= MAX_SEQ_LENGTH
+    packs = encoder_module.pack(lengths)
+    assert max(sum(lengths[i] for i in row) for row in packs) > 66  # wider than the table
+    served = encode_ragged(load_encoder(tmp_path / "model"), requests)
+    import torch
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(tiny_encoders[name])).eval()
+    for (ids, _), hidden, length in zip(requests, served, lengths, strict=True):
+        with torch.no_grad():
+            alone = model(input_ids=torch.from_numpy(ids[:, :length])).last_hidden_state[0]
+        np.testing.assert_allclose(hidden[0, :length], alone.numpy(), atol=1e-4)
+
+
 def test_a_mask_with_holes_is_refused_by_name(tiny_encoders, tmp_path):
     source = inspect(str(tiny_encoders["bert"]))
     export_model(source, "onnx", tmp_path / "model")
@@ -107,7 +132,10 @@ def test_an_unpacked_export_of_an_architecture_that_packs_is_exported_again(
     source = inspect(str(tiny_encoders["bert"]))
     manifest = export_model(source, "onnx", tmp_path / "model").manifest
     assert serves(manifest, source.fingerprint, "onnx", "float32")
-    older = dataclasses.replace(manifest, packed=False)  # as tritonop wrote it before packing
+    assert manifest.packing_checked
+    # As tritonop wrote it before packing: exported again. One whose packed graph failed
+    # its check (packing_checked, not packed) is kept (the fallback test below).
+    older = dataclasses.replace(manifest, packed=False, packing_checked=False)
     assert not serves(older, source.fingerprint, "onnx", "float32")
     modern = dataclasses.replace(older, model_type="modernbert")  # never packed: kept
     assert serves(modern, source.fingerprint, "onnx", "float32")
@@ -125,7 +153,7 @@ def test_exporting_again_over_hard_links_leaves_the_linked_version_as_it_was(
     contents = {path.name: path.read_bytes() for path in (tmp_path / "served").iterdir()}
     link_tree(tmp_path / "served", tmp_path / "staging")
     assert all(path.stat().st_nlink == 2 for path in (tmp_path / "served").iterdir())
-    dataclasses.replace(served, packed=False).write(tmp_path / "staging")
+    dataclasses.replace(served, packed=False, packing_checked=False).write(tmp_path / "staging")
     assert not export_model(source, "onnx", tmp_path / "staging").skipped
     assert {path.name: path.read_bytes() for path in (tmp_path / "served").iterdir()} == contents
     assert all(path.stat().st_nlink == 1 for path in (tmp_path / "served").iterdir())
@@ -133,14 +161,18 @@ def test_exporting_again_over_hard_links_leaves_the_linked_version_as_it_was(
 
 
 def test_a_packed_graph_that_differs_from_the_source_is_written_again_unpacked(
-        tiny_encoders, tmp_path, monkeypatch):
+        tiny_encoders, tmp_path, monkeypatch, caplog):
     """ModernBERT unpads by itself and ignores a prepared mask: told to pack anyway, the
-    export's check against the source catches it and the plain graph is what is served."""
+    export's check against the source catches it and the plain graph is what is served,
+    said in a warning, and reused by later versions rather than exported again."""
     from tritonop.artifacts import export
 
     monkeypatch.setattr(export, "_PACKABLE", export._PACKABLE | {"modernbert"})
     source = inspect(str(tiny_encoders["modernbert"]))
     manifest = export_model(source, "onnx", tmp_path / "model").manifest
     assert not manifest.packed and manifest.max_abs_diff <= export.TOLERANCE
+    assert "packed modernbert encoder failed its check" in caplog.text
+    assert manifest.packing_checked and serves(manifest, source.fingerprint, "onnx", "float32")
+    assert export_model(source, "onnx", tmp_path / "model").skipped
     assert_each_text_as_alone(tmp_path / "model", tiny_encoders["modernbert"],
                               manifest.dimension, packed=False)

@@ -33,6 +33,7 @@ token ids as ``transformers`` on texts with and without the prompts.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,8 @@ from tritonop_backend.artifacts import (
 )
 from tritonop_backend.encoder import encode_ragged, load_encoder
 from tritonop_backend.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
 
 # Largest tolerated |exported - source| over real tokens; float32 BERT exports sit
 # around 1e-6, a broken export (wrong mask handling, fixed shapes) is off by > 1e-1.
@@ -111,9 +114,12 @@ def _wrapped(model, packed: bool):  # type: ignore[no-untyped-def]
             if packed:
                 same = attention_mask[:, :, None] == attention_mask[:, None, :]
                 # Texts are contiguous: a token's position is how many of its text's precede it.
-                earlier = torch.ones_like(same).tril(-1)
+                # Padding (segment 0) takes the first position: counted like a text, a
+                # wide row's padding would run past the position table.
+                earlier = torch.ones_like(same).tril(-1) & (attention_mask != 0)[:, :, None]
                 extra["position_ids"] = (same & earlier).sum(-1) + first_position
-                attention_mask = torch.zeros(same.shape, dtype=torch.float32).masked_fill(
+                # zeros_like: on the input's device (torch.zeros would trace in the CPU).
+                attention_mask = torch.zeros_like(same, dtype=torch.float32).masked_fill(
                     ~same, torch.finfo(torch.float32).min)[:, None]
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
             return out[0] if isinstance(out, tuple) else out.last_hidden_state
@@ -199,11 +205,12 @@ def _write_encoder(module, example: tuple, path: Path, fmt: str) -> None:  # typ
         )
 
 
-def _max_difference(reference, directory: Path, tokenizer: TextTokenizer) -> float:  # type: ignore[no-untyped-def]
+def _max_difference(reference, directory: Path, tokenizer: TextTokenizer,  # type: ignore[no-untyped-def]
+                    manifest: ModelManifest) -> float:
     """Largest |exported - source| over real tokens, padded and (if packed) packed."""
     import torch
 
-    encoder = load_encoder(directory, threads=torch.get_num_threads())
+    encoder = load_encoder(directory, threads=torch.get_num_threads(), manifest=manifest)
     ids, mask = tokenizer.encode(_CHECK_TEXTS)
     with torch.no_grad():
         expected = reference(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
@@ -234,8 +241,7 @@ def _write_checked(module, reference, tokenizer: TextTokenizer, manifest: ModelM
         raise ArtifactError(f"model source {source.source}: exporting its "
                             f"{source.model_type!r} encoder to {fmt} failed: "
                             f"{type(err).__name__}: {err}") from err
-    manifest.write(directory)
-    difference = _max_difference(reference, directory, tokenizer)
+    difference = _max_difference(reference, directory, tokenizer, manifest)
     if manifest.packed and difference > TOLERANCE:
         raise ValueError(f"packed export differs by {difference:.2e}")
     return difference
@@ -247,12 +253,13 @@ def serves(existing: ModelManifest, fingerprint: str, fmt: str, precision: str) 
     A float32 ONNX export also serves ``int8``: quantizing it
     (:mod:`tritonop.artifacts.quantize`) adds a file and replaces the manifest; an int8
     one keeps no float32 encoder, so it never serves ``float32``. An unpacked export of
-    an architecture that packs (made before tritonop packed) is exported again: it would
-    serve the same embeddings, a third slower.
+    an architecture that packs, made before tritonop packed, is exported again: it would
+    serve the same embeddings, a third slower (one whose packed graph failed its check is
+    kept: it would fail again).
     """
     return (existing.fingerprint, existing.format) == (fingerprint, fmt) and \
         existing.precision in (precision, "float32") and \
-        (existing.packed or existing.model_type not in _PACKABLE)
+        (existing.packed or existing.packing_checked or existing.model_type not in _PACKABLE)
 
 
 def export_model(
@@ -301,17 +308,19 @@ def export_model(
     )
     difference = None
     if source.model_type in _PACKABLE:
+        manifest = dataclasses.replace(manifest, packing_checked=True)
         packed = dataclasses.replace(manifest, packed=True)
         try:
             difference = _write_checked(_wrapped(model, packed=True), plain, tokenizer, packed,
                                         directory, source)
             manifest = packed
-        except Exception:  # whatever broke the packed graph, the plain one is the contract
-            pass
+        except Exception as err:  # whatever broke the packed graph, the plain one is the contract
+            log.warning("model source %s: its packed %s encoder failed its check (%s: %s); "
+                        "exporting it unpacked, one text a row", source.source,
+                        source.model_type, type(err).__name__, err)
     if difference is None:
         difference = _write_checked(plain, plain, tokenizer, manifest, directory, source)
     if difference > TOLERANCE:
-        (directory / MANIFEST_FILE).unlink()
         raise ArtifactError(f"exported {fmt} encoder differs from {source.source} by "
                             f"{difference:.2e} (> {TOLERANCE:.0e}); not using it")
     manifest = dataclasses.replace(manifest, max_abs_diff=difference)
