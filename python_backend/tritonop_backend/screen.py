@@ -3,7 +3,8 @@
 A float32 scan reads every vector for every batch of queries (20,000 x 384: 30 MB, 1-3 ms
 on this project's 2-core AMD EPYC). The screen multiplies int8 copies of the queries and
 vectors instead (a quarter of the bytes, packed once by ONNX Runtime: 0.1-0.3 ms for 1 to
-8 queries), then scores only the few rows that can be in the top k in float32.
+8 queries), then scores only the few rows that can be in the top k exactly (summed in
+float64, rounded to float32).
 
 Why the result is exact. For a query ``q`` and a row ``c``, let ``Q`` and ``C`` be their
 dequantized int8 copies, ``a = Q . C`` the screen's score and ``e = q . c`` the exact
@@ -12,7 +13,7 @@ rounding errors measured (the rows' when the screen is built, the query's per qu
 and a margin for float32's own rounding. If ``a_k`` is the k-th best screen score, k rows
 have ``e >= a_k - eps``, so the k-th best exact score is at least that, and every row of
 the exact top k (ties at its cut included) has ``a >= a_k - 2 eps``. Scoring those rows
-in float32 and sorting them gives the exact top k.
+exactly and sorting them gives the exact top k.
 
 Rows are quantized to 7 bits (``[-63, 63]``, a scale per row) and queries to 8 (a
 scale per query): ONNX Runtime multiplies uint8 by int8, and on x86 CPUs without VNNI its

@@ -140,22 +140,26 @@ class CorpusIndex:
         candidates = self.screen.candidates(queries, k)
         if candidates is None:
             return None
-        flat = np.concatenate(candidates)
-        if 4 * len(flat) > len(queries) * len(self):  # no screening (a zero query): scan
+        # A query the screen cannot narrow (a zero query ties every row) is scanned in
+        # float32 with the others like it: rescoring most rows in float64 would copy them.
+        wide = [q for q, rows in enumerate(candidates) if SCREEN_WIDEST * len(rows) > len(self)]
+        if len(wide) == len(queries):
             return None
-        vectors = (np.asarray(self._rows)[flat] if self._rows is not None
-                   else self.columns.T[flat])
-        owners = np.repeat(np.arange(len(queries)), [len(rows) for rows in candidates])
-        # Each row's own sum in float64, rounded: copies of one vector get one score
-        # wherever they are (a float32 product's rounding can depend on a row's place).
-        scores = np.einsum("ij,ij->i", vectors.astype(np.float64),
-                           queries.astype(np.float64)[owners]).astype(np.float32)
         ids = np.empty((len(queries), k), dtype=np.int64)
         best = np.empty((len(queries), k), dtype=np.float32)
-        start = 0
-        for row, rows in enumerate(candidates):
-            ids[row], best[row] = _best_k(rows, scores[start:start + len(rows)], k)
-            start += len(rows)
+        if wide:
+            scanned = _top_k(self.product(queries[wide], self.columns), k)
+            ids[wide], best[wide] = scanned.ids, scanned.scores
+        for q, rows in enumerate(candidates):
+            if q in wide:
+                continue
+            vectors = (np.asarray(self._rows)[rows] if self._rows is not None
+                       else self.columns.T[rows])
+            # Each row's own sum in float64, rounded: copies of one vector get one score
+            # wherever they are (a float32 product's rounding can depend on a row's place).
+            scores = (vectors.astype(np.float64) @ queries[q].astype(np.float64)
+                      ).astype(np.float32)
+            ids[q], best[q] = _best_k(rows, scores, k)
         return SearchResult(ids, best)
 
 
@@ -194,6 +198,9 @@ class ApproximateIndex(CorpusIndex):
         return SearchResult(np.stack(ids).astype(np.int64),
                             np.stack(scores).astype(np.float32))
 
+
+SCREEN_WIDEST = 16
+"""A query whose screen keeps more than 1/16 of the rows is scanned in float32 instead."""
 
 SCREEN_ROWS = 4096
 """The fewest rows an exact index screens in int8 (:mod:`tritonop_backend.screen`); below,
@@ -330,7 +337,7 @@ def load_index(directory: Path, threads: int = 1) -> tuple[CorpusIndex, IndexMan
                             + manifest._hint())
     index = CorpusIndex(embeddings, texts, fields)
     index.product, index.product_name = scan_product(threads, index.columns)
-    if len(index) >= SCREEN_ROWS and index.columns.size <= PACKED_BYTES:
+    if len(index) >= SCREEN_ROWS and index.columns.nbytes <= PACKED_BYTES:
         index.screen = Int8Screen.build(index.columns, threads)
         if index.screen is not None:
             index.product_name = f"int8 screen, then float32; {index.product_name}"

@@ -151,3 +151,11 @@ def test_a_query_the_screen_cannot_narrow_is_scanned_in_float32():
     assert len(index.screen.candidates(zero, 3)[0]) == len(corpus)  # every row ties
     assert index.search(zero, 3).ids.tolist() == [[0, 1, 2]] and scanned == [1]
     assert index.search(corpus[:2], 3).ids[:, 0].tolist() == [0, 1] and scanned == [1]
+    # Beside others, only the zero query is scanned (the others' candidates are rescored,
+    # rather than every row in float64 for a batch whose total looked small enough).
+    batch = np.concatenate([corpus[10:15], zero, corpus[20:22]])
+    found = index.search(batch, 3)
+    assert scanned == [1, 1]
+    assert found.ids[5].tolist() == [0, 1, 2]
+    others = [0, 1, 2, 3, 4, 6, 7]
+    assert found.ids[others].tolist() == brute_force(corpus, batch[others], 3).tolist()
