@@ -50,19 +50,22 @@ class Int8Screen:
     """
 
     def __init__(self, columns: np.ndarray, threads: int = 1) -> None:
-        scales = np.abs(columns).max(axis=0) / ROW_LEVELS
-        scales[scales == 0] = 1.0
-        self.scales = scales.astype(np.float32)
+        self.scales = np.empty(columns.shape[1], dtype=np.float32)
         self.rows = np.empty(columns.shape, dtype=np.int8)
         row_error = np.empty(columns.shape[1], dtype=np.float64)
+        row_norm = np.empty(columns.shape[1], dtype=np.float64)
         for start in range(0, columns.shape[1], 65_536):  # bounded scratch memory
             part = slice(start, start + 65_536)
-            quantized = np.rint(columns[:, part] / self.scales[part])
+            block = columns[:, part]
+            scales = np.abs(block).max(axis=0) / ROW_LEVELS
+            scales[scales == 0] = 1.0
+            self.scales[part] = scales
+            quantized = np.rint(block / self.scales[part])
             self.rows[:, part] = quantized
-            row_error[part] = np.linalg.norm(columns[:, part] - quantized * self.scales[part],
-                                             axis=0)
+            row_error[part] = np.linalg.norm(block - quantized * self.scales[part], axis=0)
+            row_norm[part] = np.linalg.norm(block, axis=0)
         self.row_error = float(row_error.max())
-        self.row_norm = float(np.linalg.norm(columns, axis=0).max())
+        self.row_norm = float(row_norm.max())
         self._product = constant_product(self.rows, threads)
 
     @classmethod
