@@ -153,6 +153,48 @@ def test_short_prompts_beside_a_chunk_are_not_padded_to_its_width(
         assert outcomes[i].tokens == generate(loaded.model, ids), i
 
 
+def test_copies_of_a_long_prompt_wait_for_its_chunks_and_take_them_from_the_cache(
+    models: dict[str, LoadedModel]
+) -> None:
+    """Three copies of a 150-token prompt arrive together (``n=3`` from the gateway): one
+    is computed in chunks, the copies wait and take its blocks from the cache, and no pass
+    computes more than the prefill budget (they used to be admitted as copies of it and
+    computed whole, three rows of 150 tokens, beside its first chunk)."""
+    loaded = models["llama"]
+    rng = random.Random(8)
+    vocab = loaded.model.config.vocab_size
+    engine = IdsEngine(loaded.model, loaded.tokenizer, POLICY, max_sequences=4,
+                       prefill_chunk_tokens=16, max_prefill_tokens=64)
+    passes = record_passes(engine)
+    long = random_ids(rng, vocab, 150)
+    outcomes, _ = drive(engine, {0: {i: ids_request(long) for i in range(3)}})
+    for i in range(3):
+        assert outcomes[i].tokens == generate(loaded.model, long), i
+    assert max(rows * width for rows, width in passes) <= 64, passes
+    assert engine.prefix_cache is not None and engine.prefix_cache.hit_tokens >= 2 * 144
+
+
+def test_prompts_found_in_the_cache_every_step_do_not_hold_a_chunk_to_a_token(
+    models: dict[str, LoadedModel]
+) -> None:
+    """A cached 17-token prompt arrives again every step while a 150-token prompt is in
+    chunks of 32: each pass beside it computes a quarter of a chunk at least (it used to
+    shrink to the cached prompt's one token, and the long prompt took 150 steps)."""
+    loaded = models["llama"]
+    rng = random.Random(9)
+    vocab = loaded.model.config.vocab_size
+    engine = IdsEngine(loaded.model, loaded.tokenizer, POLICY, max_sequences=8,
+                       prefill_chunk_tokens=32)
+    cached, long = random_ids(rng, vocab, 17), random_ids(rng, vocab, 150)
+    drive(engine, {0: {"seed": ids_request(cached, max_tokens=1)}})
+    passes = record_passes(engine)
+    joining = {step: {f"again-{step}": ids_request(cached, max_tokens=1)} for step in range(1, 40)}
+    outcomes, generated = drive(engine, {0: {"long": ids_request(long)}, **joining})
+    assert outcomes["long"].tokens == generate(loaded.model, long)
+    assert min(width for _, width in passes[:-1]) >= 8, passes  # the last: what was left
+    assert min(generated["long"]) <= 150 // 8 + 2
+
+
 def test_a_chat_through_the_template_in_chunks(models: dict[str, LoadedModel]) -> None:
     loaded = models["llama"]
     engine = LLMEngine(loaded.model, loaded.tokenizer, POLICY, max_sequences=2,

@@ -476,9 +476,10 @@ class LLMEngine:
 
         A prompt with more than ``prefill_chunk_tokens`` to compute becomes the one computed
         in chunks (:attr:`_partial`), which holds a slot but joins the batch only with its
-        last chunk; one at a time: a second such prompt waits at the head of the queue. Its
-        chunk takes no width here: beside admitted prompts it shrinks to theirs (see
-        :meth:`_prefill`), so it never pads short prompts out to a whole chunk.
+        last chunk; one at a time: a second such prompt, or a copy of it, waits at the head
+        of the queue (the copy then finds its blocks in the cache). Beside admitted prompts
+        its chunk shrinks to their width, but not below a quarter of a chunk (see
+        :meth:`_prefill`), which the budget counts.
         """
         admitted: list[_Sequence] = []
         chunk = self.prefill_chunk_tokens
@@ -499,13 +500,15 @@ class LLMEngine:
                         break
                     self._partial = seq
                     pending.update(fresh[: chunk // BLOCK_TOKENS])
-                    prompts.add(prompt)
+                    # Not in ``prompts``: a copy of it is no copy to this pass, which computes
+                    # one chunk of it; the copy waits and finds its blocks in the cache.
                     self._waiting.popleft()
                     continue
                 if reusing and computed > 2 * width + BLOCK_TOKENS:
                     break
                 rows = len(admitted) + 1 + (self._partial is not None)
-                if admitted and max(width, computed) * rows > self.max_prefill_tokens:
+                floor = _chunk_floor(chunk) if self._partial is not None else 0
+                if admitted and max(width, computed, floor) * rows > self.max_prefill_tokens:
                     break
                 reusing = reusing or computed < len(prompt)
                 width = max(width, computed)
@@ -627,7 +630,9 @@ class LLMEngine:
         others: the pass computes its next chunk after a copy of the part computed before,
         kept aside between passes; with its last chunk it joins the batch. Beside new
         prompts the chunk is no wider than they are, as every row computes as many tokens:
-        four 40-token prompts beside a 512-token chunk would cost five 512-token rows.
+        four 40-token prompts beside a 512-token chunk would cost five 512-token rows. It
+        still moves a quarter of a chunk, so that prompts found in the cache (a token or two
+        each) arriving every step never hold it to a token a step.
         """
         first = len(self._running)
         partial = self._partial
@@ -640,7 +645,8 @@ class LLMEngine:
             have = partial.done or self._cached_tokens(partial)
             chunk = self.prefill_chunk_tokens
             if unique:  # no wider than the prompts beside it: a pass pads every row to one
-                chunk = min(chunk, max(1, *(t - k for t, k in zip(targets, known, strict=True))))
+                widest = max(t - k for t, k in zip(targets, known, strict=True))
+                chunk = min(chunk, max(widest, _chunk_floor(chunk)))
             targets.append(min(len(partial.prompt_ids), have + chunk))
             known.append(have)
         width = max(target - have for target, have in zip(targets, known, strict=True))
@@ -1028,6 +1034,12 @@ def _allocate_cache(
             f"maxContextLength={context} does not fit: it {error}; lower maxSequences "
             "or maxContextLength, or give the pod more memory"
         ) from None
+
+
+def _chunk_floor(chunk: int) -> int:
+    """The least a chunk moves beside new prompts: a quarter of a chunk, so that prompts
+    found in the cache (a token or two to compute each) never hold it to a token a step."""
+    return max(1, chunk // 4)
 
 
 def _final(seq: _Sequence, reason: str, error: str | None = None) -> GenerationEvent:
