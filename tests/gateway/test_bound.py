@@ -168,6 +168,49 @@ def test_inputs_beyond_the_model_limits_are_400s_naming_the_field_and_the_bound(
     assert caught.value.message.startswith(f"{param}: ") and bound in caught.value.message
 
 
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+HI = b'"messages": [{"role": "user", "content": "x"}]'
+
+
+@pytest.mark.parametrize("parse, body, param, problem", [
+    # Numbers too large for a float are out of range, not a fault.
+    (parse_chat, b'{"model": "chat", ' + HI + b', "temperature": 1' + b"0" * 400 + b"}",
+     "temperature", "must lie in"),
+    # Unpaired surrogates anywhere (JSON escapes can carry them, UTF-8 cannot), by field.
+    (parse_chat, b'{"model": "chat", ' + HI + b', "tools": [{"type": "function", '
+     b'"function": {"name": "f", "description": "\\udc00"}}]}',
+     "tools[0].function.description", "unpaired surrogate"),
+    (parse_chat, b'{"\\ud800": 1}', "body", "unpaired surrogate"),
+    (parse_search, b'{"model": "news", "text": "a", "filter": {"\\ud800": "x"}}', "filter",
+     "unpaired surrogate"),
+    # Nesting that later steps would write out again by recursion.
+    (parse_chat, b'{"model": "chat", ' + HI + b', "response_format": ' + b'{"a": ' * 70
+     + b"1" + b"}" * 71, "response_format" + ".a" * 63, "nests deeper than 64 levels"),
+])
+def test_bodies_that_used_to_fail_inside_are_400s_naming_the_field(parse, body, param,
+                                                                    problem):
+    with pytest.raises(APIError) as caught:
+        parse(parse_json(body), MODELS)
+    assert caught.value.status == 400 and caught.value.param == param, caught.value.message
+    assert problem in caught.value.message
+
+
+def test_a_conversation_is_bounded_in_messages_and_in_the_ids_and_names_of_calls():
+    many = {"model": "chat", "messages": [{"role": "user", "content": ""}] * 2049}
+    with pytest.raises(APIError) as caught:
+        parse_chat(many, BOUNDED)
+    assert caught.value.param == "messages" and "at most 2048 messages" in caught.value.message
+    long_ids = {"model": "chat", "messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "", "tool_calls": [{**CALL, "id": "i" * 5}]},
+        {"role": "tool", "content": "", "tool_call_id": "i" * 5}]}
+    with pytest.raises(APIError) as caught:
+        parse_chat(long_ids, BOUNDED)  # 1 + 5 + 1 + 2 + 5 characters: over 10
+    assert caught.value.param == "messages" and "got 14" in caught.value.message
+
+
 def test_inputs_at_the_limits_pass():
     assert len(parse_embeddings({"model": "news", "input": ["x" * 10] * 4}, BOUNDED).texts) == 4
     parse_chat({"model": "chat", "messages": [{"role": "user", "content": "x" * 10}],

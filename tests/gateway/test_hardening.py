@@ -134,6 +134,21 @@ def test_a_chunk_that_fails_in_triton_cancels_the_others(stack):
         assert gateway_metric(thread, "tritonop_gateway_requests_in_flight", model="news") == 0
 
 
+def test_a_client_that_leaves_a_bulk_embedding_stops_its_chunks(stack):
+    """2,048 texts are 64 chunks of 32; the client gives up after the first few, and the
+    gateway sends no more (they used to run on to the last, for nobody)."""
+    limits = InputLimits(max_embedding_inputs=2048, max_input_characters=100_000)
+    with gateway(stack, news={"limits": limits}) as thread:
+        sent = tokenizer_requests(stack)
+        texts = [f"europe climate change storm number {i}" for i in range(2048)]
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{thread.url}/v1/embeddings", json={"model": "news", "input": texts},
+                       timeout=httpx.Timeout(30, read=0.3))
+        settle(lambda: gateway_metric(thread, "tritonop_gateway_requests_in_flight",
+                                      model="news") == 0)
+        assert tokenizer_requests(stack) - sent < 64
+
+
 def test_slowloris_connections_do_not_stop_a_valid_request_and_are_closed(stack):
     timeout = 5.0
     head = (b"POST /v1/search HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"

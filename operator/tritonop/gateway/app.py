@@ -414,7 +414,7 @@ class Gateway:
                 await pieces.aclose()
         yield "data: [DONE]\n\n"
 
-    async def _embeddings(self, _: Request, body: dict[str, Any]) -> Response:
+    async def _embeddings(self, request: Request, body: dict[str, Any]) -> Response:
         args = protocol.parse_embeddings(body, self.models)
         await self._check_ready(args.model)
         batch = self.models[args.model].max_batch
@@ -422,8 +422,11 @@ class Gateway:
         assert self.backend is not None
         embed = functools.partial(self.backend.embed, args.model,
                                   timeout=self.models[args.model].limits.triton_timeout_seconds)
-        async with self._placed(args.model):
-            results = await gather_bounded(embed, chunks, EMBEDDING_CHUNKS_IN_FLIGHT)
+        async with self._placed(args.model):  # a client that leaves stops the chunks
+            results = await until_disconnected(
+                request, gather_bounded(embed, chunks, EMBEDDING_CHUNKS_IN_FLIGHT))
+        if results is None:
+            return Response(status_code=499)
         vectors = np.concatenate([r[0] for r in results]).astype("<f4")
         tokens = sum(sum(r[1]) for r in results)
         self._used(args.model, tokens)
@@ -463,14 +466,17 @@ class Gateway:
             {"id": hits[i].id, "score": float(scores[i]), "search_score": hits[i].score,
              "text": hits[i].text} for i in rank(scores, args.num_results)]})
 
-    async def _rerank(self, _: Request, body: dict[str, Any]) -> Response:
+    async def _rerank(self, request: Request, body: dict[str, Any]) -> Response:
         args = reranking.parse_rerank(body, self.models)
         await self._check_ready(args.model)
         assert self.backend is not None
         async with self._placed(args.model):
-            scores, tokens = await self.backend.rerank(
+            answer = await until_disconnected(request, self.backend.rerank(
                 args.model, args.query, args.documents,
-                timeout=self.models[args.model].limits.triton_timeout_seconds)
+                timeout=self.models[args.model].limits.triton_timeout_seconds))
+        if answer is None:
+            return Response(status_code=499)
+        scores, tokens = answer
         self._used(args.model, int(tokens.sum()))
         return JSONResponse(reranking.rerank_body(args, scores, tokens.tolist()))
 

@@ -20,7 +20,7 @@ from tritonop.gateway.errors import APIError, invalid
 from tritonop.gateway.tools import ToolUse, assistant_calls, chat_input, parse_tools
 from tritonop_backend.errors import RequestError
 from tritonop_backend.filters import canonical_text
-from tritonop_backend.llm.chat_tools import chat_json, parse_constraint
+from tritonop_backend.llm.chat_tools import MAX_MESSAGES, chat_json, parse_constraint
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_STOP_STRINGS = 16
@@ -173,7 +173,47 @@ def parse_json(body: bytes) -> dict[str, Any]:
         raise invalid("body", f"is not valid JSON ({err})") from None
     if not isinstance(value, dict):
         raise invalid("body", f"must be a JSON object, got {_kind(value)}")
+    _check_tree(value)
     return value
+
+
+MAX_NESTING = 64
+"""Levels of objects and lists a body may nest: deeper ones are refused before any field is
+read (later steps that write a field out again, a schema or tools, recurse)."""
+
+
+def _check_tree(body: dict[str, Any]) -> None:
+    """Refuse nesting beyond :data:`MAX_NESTING` and unpaired surrogates (which JSON's
+    ``\\ud800`` escapes can carry but UTF-8 cannot), naming the field; without recursion."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(body, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            _encodable(value, path)
+        elif isinstance(value, (dict, list)):
+            if len(path) >= MAX_NESTING:
+                raise invalid(_path_name(path), f"nests deeper than {MAX_NESTING} levels")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, child in items:
+                if isinstance(key, str):
+                    _encodable(key, path)
+                stack.append((child, (*path, key)))
+
+
+def _encodable(text: str, path: tuple[str | int, ...]) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid(_path_name(path), "contains an unpaired surrogate (not valid Unicode)"
+                      ) from None
+
+
+def _path_name(path: tuple[str | int, ...]) -> str:
+    """``("messages", 0, "content")`` as ``messages[0].content``; the body itself as body."""
+    name = ""
+    for part in path:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else part)
+    return name or "body"
 
 
 def _no_constant(name: str) -> Any:
@@ -228,6 +268,8 @@ def parse_chat(body: Mapping[str, Any], models: Mapping[str, ModelEntry]) -> Gen
         raise invalid("messages", "is required")
     if not isinstance(messages, list) or not messages:
         raise invalid("messages", "must be a non-empty list of messages")
+    if len(messages) > MAX_MESSAGES:
+        raise invalid("messages", f"at most {MAX_MESSAGES} messages, got {len(messages)}")
     turns = [_message(item, index) for index, item in enumerate(messages)]
     tools = parse_tools(fields.get("tools"), fields.get("tool_choice"),
                         fields.get("parallel_tool_calls"))
@@ -515,7 +557,10 @@ def number(value: Any, name: str, low: float, high: float, low_included: bool) -
     """A finite number within ``[low, high]`` (or ``(low, high]``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise invalid(name, f"must be a number, got {_kind(value)}")
-    number_ = float(value)
+    try:
+        number_ = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        number_ = math.inf
     above = number_ >= low if low_included else number_ > low
     if not (math.isfinite(number_) and above and number_ <= high):
         bracket = "[" if low_included else "("

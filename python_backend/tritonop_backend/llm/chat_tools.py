@@ -64,6 +64,8 @@ FORMATS = ("hermes", "mistral", "mistral_v11", "llama3_json", "fallback")
 MAX_PARALLEL_CALLS = 8
 """Calls one answer may make when parallel calls are allowed."""
 MAX_TOOLS = 64
+MAX_MESSAGES = 2048
+"""Messages one conversation may hold (each costs the chat template a turn)."""
 ROLES = ("system", "user", "assistant", "tool")
 FIELD = "response_format"
 NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
@@ -108,10 +110,11 @@ class Chat:
 
     @property
     def characters(self) -> int:
-        """Characters of the contents, call arguments and tools: what the prompt bound counts."""
-        total = sum(len(m["content"]) for m in self.messages)
-        total += sum(len(c["function"]["arguments"]) for m in self.messages
-                     for c in m.get("tool_calls", ()))
+        """What the prompt bound counts: the contents, the ids, names and arguments of
+        calls, and the tools (the number of messages has its own bound)."""
+        total = sum(len(m["content"]) + len(m.get("tool_call_id", "")) for m in self.messages)
+        total += sum(len(c["id"]) + len(c["function"]["name"]) + len(c["function"]["arguments"])
+                     for m in self.messages for c in m.get("tool_calls", ()))
         return total + (len(json.dumps(list(self.tools), ensure_ascii=False))
                         if self.tools else 0)
 
@@ -149,6 +152,8 @@ def parse_chat(text: str, field_name: str = "text_input") -> Chat:
         value = value.get("messages")
     if not isinstance(value, list) or not value:
         raise RequestError(field_name, "with prompt_format messages must be a non-empty list")
+    if len(value) > MAX_MESSAGES:
+        raise RequestError(field_name, f"at most {MAX_MESSAGES} messages, got {len(value)}")
     messages = tuple(_message(item, index) for index, item in enumerate(value))
     if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
         raise RequestError("tools", f"must be a list of at most {MAX_TOOLS} tools")
