@@ -121,6 +121,7 @@ def hub(hub_server: HubServer, repos: Repos, monkeypatch: pytest.MonkeyPatch,
     hub_server.corrupt.clear()
     hub_server.drop_after.clear()
     hub_server.throttle = 0.0
+    hub_server.claimed_sha.clear()
 
 
 @pytest.fixture

@@ -104,6 +104,18 @@ def test_refusals_name_the_source_and_the_cause(
     assert not (tmp_path / "hf").exists()  # refused at the metadata call, before any folder
 
 
+def test_a_hub_that_names_a_path_as_its_commit_is_refused_before_any_folder(
+        hub: HubServer, hub_env: dict[str, str], tmp_path: Path) -> None:
+    """The commit sha names the cache folder: a hostile hub (HF_ENDPOINT is the tenant's)
+    answering ``../..`` would have had prepare remove a folder outside the cache."""
+    victim = tmp_path / "other-resource" / "0123abcd"
+    victim.mkdir(parents=True)
+    hub.claimed_sha["tiny/bert"] = "../../../other-resource/0123abcd"
+    with pytest.raises(ArtifactError, match="the hub named no commit sha"):
+        fetch("hf://tiny/bert", tmp_path / "cache", env=hub_env)
+    assert victim.is_dir() and hub.downloads() == []
+
+
 def test_private_repository_with_its_token(hub: HubServer, hub_env: dict[str, str],
                                            tmp_path: Path) -> None:
     fetched = fetch("hf://tiny/secret", tmp_path, env={**hub_env, "HF_TOKEN": GOOD_TOKEN})

@@ -186,3 +186,20 @@ def test_silent_server_times_out(file_server: ThreadingHTTPServer, tmp_path: Pat
     url = f"http://{host!s}:{port}/stall/model.gguf"
     with pytest.raises(ArtifactError, match=f"model source {url}: timed out after 0.3 s"):
         fetch(ModelSource.parse(url, sha256="0" * 64), tmp_path, timeout=0.3)
+
+
+def test_credentials_in_a_url_stay_out_of_errors(file_server: ThreadingHTTPServer,
+                                                 tmp_path: Path) -> None:
+    """A presigned query or a password in the URL is the user's secret: a failure names the
+    URL without them, and a URL urllib cannot open is one line, not a traceback."""
+    host, port = file_server.server_address[:2]
+    url = f"http://{host!s}:{port}/missing.gguf"
+    with pytest.raises(ArtifactError) as failed:
+        fetch(ModelSource.parse(f"{url}?X-Amz-Signature=SECRETSIG", sha256="0" * 64), tmp_path)
+    assert str(failed.value).startswith(f"model source {url}: HTTP 404")
+    assert "SECRETSIG" not in str(failed.value)
+    with pytest.raises(ArtifactError) as failed:
+        fetch(ModelSource.parse(f"http://alice:hunter2@{host!s}/m.gguf", sha256="0" * 64),
+              tmp_path)
+    assert "hunter2" not in str(failed.value) and "not a URL that can be opened" in str(
+        failed.value)

@@ -20,7 +20,8 @@ so no git-lfs binary is needed and the tree listing carries the pointers' sha256
 
 Hooks for failure tests: :attr:`HubServer.corrupt` (serve a file with its first byte flipped),
 :attr:`HubServer.drop_after` (close the connection after N body bytes, once),
-:attr:`HubServer.throttle` (a pause per 64 KiB); :attr:`HubServer.requests` records the
+:attr:`HubServer.throttle` (a pause per 64 KiB), :attr:`HubServer.claimed_sha` (a hostile
+hub's answer for a repository's commit); :attr:`HubServer.requests` records the
 ``/resolve/`` requests, the ones that move file content.
 """
 
@@ -167,6 +168,7 @@ class HubServer(ThreadingHTTPServer):
         self.corrupt: set[tuple[str, str]] = set()
         self.drop_after: dict[tuple[str, str], int] = {}
         self.throttle = 0.0
+        self.claimed_sha: dict[str, str] = {}
         self._thread: threading.Thread | None = None
         self._entries: dict[tuple[str, str], dict[str, Entry]] = {}
 
@@ -297,7 +299,8 @@ class _Handler(BaseHTTPRequestHandler):
         siblings = [_sibling(path, entry, blobs) for path, entry in entries]
         org = repo_id.split("/")[0]
         self._json(200, {"_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24], "id": repo_id,
-                         "modelId": repo_id, "author": org, "sha": sha,
+                         "modelId": repo_id, "author": org,
+                         "sha": self.server.claimed_sha.get(repo_id, sha),
                          "private": repo_id in self.server.private, "gated": False,
                          "disabled": False, "tags": [], "siblings": siblings})
 

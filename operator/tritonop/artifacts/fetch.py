@@ -50,6 +50,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
 
+from tritonop.artifacts.progress import public_source
 from tritonop_backend.artifacts import ArtifactError
 
 Progress = Callable[[int, int], None]
@@ -62,6 +63,8 @@ _CHUNK = 1 << 20
 _RETRIES = 3
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 _SHA1 = re.compile(r"[0-9a-f]{40}")
+_REVISION = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")
+"""A revision as a cache folder names it: a commit's sha1, or a sha256."""
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 # What serving reads, by file name, at the top of the model or in a sentence-transformers
@@ -105,6 +108,11 @@ class ModelSource:
     trust_remote_code: bool = False
 
     @property
+    def public(self) -> str:
+        """The source as messages show it: a URL's user, password and query left out."""
+        return public_source(self.text)
+
+    @property
     def remote(self) -> bool:
         """Downloaded into the cache (a hub, S3, https), not read where it is."""
         return self.scheme in ("hf", "s3", "https")
@@ -141,8 +149,9 @@ class ModelSource:
                        region=s3_region, **options)
         if scheme in ("https", "http"):
             if not sha256 or not _SHA256.fullmatch(sha256.lower()):
-                raise ArtifactError(f"model source {text}: an https source needs `sha256`, the "
-                                    f"hex sha256 of the file, so that what is served is checked")
+                raise ArtifactError(f"model source {public_source(text)}: an https source needs "
+                                    "`sha256`, the hex sha256 of the file, so that what is "
+                                    "served is checked")
             return cls(text, "https", text, sha256=sha256.lower(), **options)
         if scheme == "pvc":
             claim, _, path = rest.partition("/")
@@ -150,8 +159,9 @@ class ModelSource:
                 raise ArtifactError(f"model source {text}: write pvc://<claim>/<path> (no '..')")
             return cls(text, "pvc", claim, path.strip("/"), **options)
         if scheme:
-            raise ArtifactError(f"model source {text}: unknown scheme {scheme}://; use hf://, "
-                                f"s3://, https://, pvc://, package: or a path")
+            raise ArtifactError(f"model source {public_source(text)}: unknown scheme "
+                                f"{scheme}://; use hf://, s3://, https://, pvc://, package: "
+                                "or a path")
         if text.startswith("package:"):
             return cls(text, "package", text.removeprefix("package:"), **options)
         return cls(text, "path", text, **options)
@@ -219,7 +229,7 @@ def fetch(source: ModelSource | str, cache_root: Path, *, env: Mapping[str, str]
     if source.scheme == "pvc":
         path = volume_root / source.name / source.path
         if not path.exists():
-            raise ArtifactError(f"model source {source.text}: {path} does not exist; the "
+            raise ArtifactError(f"model source {source.public}: {path} does not exist; the "
                                 f"claim {source.name!r} is mounted at {volume_root / source.name}")
         if path.is_file():  # one file, a GGUF
             return Fetched(path.parent, None, source.text, (path.name,))
@@ -244,7 +254,7 @@ def resolve_revision(source: ModelSource | str, env: Mapping[str, str] | None = 
     if isinstance(source, str):
         source = ModelSource.parse(source)
     if not source.remote:
-        raise ArtifactError(f"model source {source.text}: a {source.scheme} source is read "
+        raise ArtifactError(f"model source {source.public}: a {source.scheme} source is read "
                             f"where it is and has no revision to resolve")
     if source.exact_revision:
         return source.exact_revision
@@ -271,7 +281,7 @@ def select_files(paths: Sequence[str], source: ModelSource, named: str = "") -> 
     """
     if named:
         if named not in paths:
-            raise ArtifactError(f"model source {source.text}: {named} is not there")
+            raise ArtifactError(f"model source {source.public}: {named} is not there")
         return [named]
     placed = [p for p in paths if _folder(p) is not None]
     chosen = [p for p in placed if _wanted(p, source)]
@@ -289,11 +299,11 @@ def select_files(paths: Sequence[str], source: ModelSource, named: str = "") -> 
         chosen += weights
     if refused:
         raise ArtifactError(
-            f"model source {source.text}: the weights are pickled ({', '.join(sorted(refused))}) "
+            f"model source {source.public}: the weights are pickled ({', '.join(sorted(refused))}) "
             f"and loading a pickle runs code from the file; use a source with *.safetensors, "
             f"or set allowPickle: true if you trust it")
     if not any(p.endswith((".safetensors", *_PICKLE_SUFFIXES)) for p in chosen):
-        raise ArtifactError(f"model source {source.text}: no weights (*.safetensors) among its "
+        raise ArtifactError(f"model source {source.public}: no weights (*.safetensors) among its "
                             f"{len(paths)} files")
     return sorted(set(chosen))
 
@@ -377,7 +387,7 @@ class _ModelCache:
     def publish(self, staging: Path, revision: str, files: list[RemoteFile],
                 source: ModelSource) -> Fetched:
         shutil.rmtree(staging / ".cache", ignore_errors=True)  # huggingface_hub's local_dir state
-        marker = {"source": source.text, "revision": revision,
+        marker = {"source": source.public, "revision": revision,
                   "files": [{"path": f.path, "size": f.size} for f in files]}
         with open(staging / COMPLETE_MARKER, "w") as out:
             json.dump(marker, out, indent=2)
@@ -395,8 +405,11 @@ def _fetch_remote(remote: _Remote, source: ModelSource, cache_root: Path,
     if pinned and (hit := cache.complete(pinned, source)):
         return hit
     revision, files = remote.listing()
+    if not _REVISION.fullmatch(revision):  # it becomes a folder name: never a path
+        raise ArtifactError(f"model source {source.public}: the store named revision "
+                            f"{revision[:60]!r}, not a sha (40 or 64 hexadecimal digits)")
     if pinned and revision != pinned:  # S3: objects changed since the revision was pinned
-        raise ArtifactError(f"model source {source.text}: the store now holds revision "
+        raise ArtifactError(f"model source {source.public}: the store now holds revision "
                             f"{revision}, not the pinned {pinned} (objects changed since); "
                             f"prepare again without the pin to take the new one")
     if hit := cache.complete(revision, source):
@@ -413,7 +426,7 @@ def _fetch_remote(remote: _Remote, source: ModelSource, cache_root: Path,
                 _verify(file, staging / file.path, digest)
         except _Mismatch as mismatch:
             shutil.rmtree(staging, ignore_errors=True)
-            raise ArtifactError(f"model source {source.text}: {mismatch}") from None
+            raise ArtifactError(f"model source {source.public}: {mismatch}") from None
         return cache.publish(staging, revision, files, source)
 
 
@@ -423,7 +436,7 @@ def _check_space(source: ModelSource, staging: Path, files: list[RemoteFile]) ->
     need = sum(f.size or 0 for f in files if not _whole(staging / f.path, f.size))
     free = shutil.disk_usage(_existing(staging)).free
     if need > free:
-        raise ArtifactError(f"model source {source.text}: needs {_human(need)} ({need} bytes) "
+        raise ArtifactError(f"model source {source.public}: needs {_human(need)} ({need} bytes) "
                             f"in {staging.parent}, but only {_human(free)} ({free} bytes) are "
                             f"free")
 
@@ -517,8 +530,9 @@ class _Hub:
                 digest = Digest("git-sha1", sibling.blob_id) if sibling.blob_id else None
                 size = sibling.size
             listed[sibling.rfilename] = RemoteFile(sibling.rfilename, size, digest)
-        if info.sha is None:
-            raise ArtifactError(f"model source {self.source.text}: the hub named no commit")
+        if info.sha is None or not _SHA1.fullmatch(info.sha):  # it names a folder here
+            raise ArtifactError(f"model source {self.source.public}: the hub named no commit "
+                                f"sha (40 hexadecimal digits), got {str(info.sha)[:60]!r}")
         chosen = select_files(list(listed), self.source, named=self.source.path)
         return info.sha, [listed[p] for p in chosen]
 
@@ -547,7 +561,7 @@ class _Hub:
             RevisionNotFoundError,
         )
 
-        where = f"model source {self.source.text}"
+        where = f"model source {self.source.public}"
         repo = self.source.name
         try:
             yield
@@ -679,7 +693,7 @@ class _S3:
                         listed[path] = RemoteFile(path, item["Size"], None, item["Key"],
                                                   item["ETag"])
         if not listed:
-            raise ArtifactError(f"model source {self.source.text}: no objects under "
+            raise ArtifactError(f"model source {self.source.public}: no objects under "
                                 f"s3://{self.bucket}/{self.prefix}")
         files = [listed[p] for p in select_files(list(listed), self.source, self.named)]
         pinned = "".join(f"{f.key}\t{f.etag}\n" for f in sorted(files, key=lambda f: f.key))
@@ -734,7 +748,7 @@ class _S3:
             ReadTimeoutError,
         )
 
-        where = f"model source {self.source.text}"
+        where = f"model source {self.source.public}"
         try:
             yield
         except ClientError as err:
@@ -806,7 +820,7 @@ class _Https:
 
     @contextmanager
     def _errors(self) -> Iterator[None]:
-        where = f"model source {self.source.text}"
+        where = f"model source {self.source.public}"
         try:
             yield
         except urllib.error.HTTPError as err:
@@ -820,6 +834,9 @@ class _Https:
             if isinstance(err.reason, TimeoutError):
                 raise ArtifactError(f"{where}: timed out after {self.timeout:g} s") from None
             raise ArtifactError(f"{where}: cannot reach the server: {err.reason}") from None
+        except (ValueError, http.client.InvalidURL) as err:  # its text may hold a password
+            raise ArtifactError(f"{where}: not a URL that can be opened "
+                                f"({type(err).__name__})") from None
 
 
 def _whole(path: Path, size: int | None) -> bool:
@@ -851,7 +868,7 @@ def _resumable(target: Path, size: int | None, advance: Callable[[int], None],
                 break
         except cut:
             if attempt == _RETRIES:
-                raise ArtifactError(f"model source {source.text}: the connection was cut "
+                raise ArtifactError(f"model source {source.public}: the connection was cut "
                                     f"{_RETRIES + 1} times while downloading {target.name}; "
                                     f"prepare again to resume") from None
     os.rename(part, target)

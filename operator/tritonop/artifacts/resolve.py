@@ -117,10 +117,10 @@ def fetch_model(resource: Resource, cache: Path, *, progress: bool = False) -> F
         fetched = fetch(source, cache, base_dir=resource.base_dir)
     if source.remote and resource.model_revision and fetched.revision != resource.model_revision:
         raise ArtifactError(
-            f"{resource.name}: model source {source.text} is revision {fetched.revision} here, "
+            f"{resource.name}: model source {source.public} is revision {fetched.revision} here, "
             f"but the resource was rendered for revision {resource.model_revision}")
     if fetched.revision:
-        log.info("%s: model source %s at revision %s in %s", resource.name, source.text,
+        log.info("%s: model source %s at revision %s in %s", resource.name, source.public,
                  fetched.revision, fetched.directory)
     return fetched
 
