@@ -34,10 +34,17 @@ def test_read_corpus_formats(tmp_path):
         ("x.csv", "a,b\n1,2\n", "text", r"the header has no column 'text'"),
         ("x.csv", "text\n\n", "text", r"has no texts"),
         ("x.txt", "\n\n", "text", r"has no texts"),
+        ("x.csv", 'text\nok\n"' + "a" * 200_000 + '"\n', "text",
+         r"x.csv: line 3: field larger than field limit"),
+        ("x.jsonl", b'{"text": "ok"}\n{"text": "\xff"}\n', "text", r"is not UTF-8 text"),
+        ("x.csv", b"text\nok\n\xfe\n", "text", r"is not UTF-8 text"),
     ],
 )
 def test_read_corpus_errors_name_file_and_line(tmp_path, name, content, field, message):
-    (tmp_path / name).write_text(content)
+    if isinstance(content, bytes):
+        (tmp_path / name).write_bytes(content)
+    else:
+        (tmp_path / name).write_text(content)
     with pytest.raises(ArtifactError, match=message):
         read_corpus(tmp_path / name, field)
 

@@ -29,15 +29,21 @@ def read_corpus(path: Path, text_field: str = "text") -> list[str]:
     if not path.exists():
         raise ArtifactError(f"corpus {path} does not exist")
     fmt = FORMATS.get(path.suffix.lower(), "lines")
+    texts: list[str] = []
     with open(path, encoding="utf-8", newline="") as data:
         if fmt == "csv":
             texts = _csv_texts(path, data, text_field)
         else:
-            texts = []
-            for number, line in enumerate(data, start=1):
-                if line.strip():
-                    text = _json_text(path, number, line, text_field) if fmt == "jsonl" else line
-                    texts.append(text.strip())
+            number = 0
+            try:
+                for number, line in enumerate(data, start=1):
+                    if line.strip():
+                        text = (_json_text(path, number, line, text_field) if fmt == "jsonl"
+                                else line)
+                        texts.append(text.strip())
+            except UnicodeDecodeError as err:  # decoded a block at a time: past this line
+                raise ArtifactError(f"corpus {path}: is not UTF-8 text ({err.reason}"
+                                    f"{f', past line {number}' if number else ''})") from None
     empty = [i for i, text in enumerate(texts) if not text]
     if empty:
         raise ArtifactError(f"corpus {path}: record {empty[0] + 1} has an empty text")
@@ -96,7 +102,13 @@ def _json_text(path: Path, number: int, line: str, field: str) -> str:
 
 def _csv_texts(path: Path, data, field: str) -> list[str]:  # type: ignore[no-untyped-def]
     reader = csv.DictReader(data)
-    if reader.fieldnames is None or field not in reader.fieldnames:
-        raise ArtifactError(f"corpus {path}: the header has no column {field!r} "
-                            f"(columns: {reader.fieldnames})")
-    return [row[field] or "" for row in reader]
+    try:
+        if reader.fieldnames is None or field not in reader.fieldnames:
+            raise ArtifactError(f"corpus {path}: the header has no column {field!r} "
+                                f"(columns: {reader.fieldnames})")
+        return [row[field] or "" for row in reader]
+    except csv.Error as err:  # a field over csv's limit, a stray NUL, ...
+        raise ArtifactError(f"corpus {path}: line {reader.line_num + 1}: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ArtifactError(f"corpus {path}: is not UTF-8 text ({err.reason}, past line "
+                            f"{reader.line_num})") from None
