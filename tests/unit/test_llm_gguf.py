@@ -97,3 +97,23 @@ def test_a_gguf_with_llama3_rope_scaling_is_refused_at_prepare(
         f"model source {gguf_path}: the GGUF carries RoPE scaling factors (rope_freqs.weight")
     assert "serve its safetensors folder instead" in str(caught.value)
     assert not (tmp_path / "artifacts" / "scaled" / "model").exists()
+
+
+def test_a_gguf_whose_header_lies_is_refused_at_prepare_without_reading_on(
+    originals: dict[str, Path], tmp_path: Path
+) -> None:
+    """gguf's reader trusts a header's counts: an array of 2**62 items in a small file made
+    it loop and allocate without end. Prepare walks the header first, each count checked
+    against the bytes left; a real file cut short is refused the same way."""
+    import struct
+
+    lying = tmp_path / "lying.gguf"
+    lying.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 4) + b"name"
+                      + struct.pack("<IIQ", 9, 8, 2**62))
+    whole = write_gguf(originals["llama"], tmp_path / "whole.gguf").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole[:2000])
+    for path, what in ((lying, "metadata field 0"), (cut, "metadata field")):
+        with pytest.raises(ArtifactError) as caught:
+            prepare([service("lying", path)], tmp_path / "artifacts")
+        assert "is not a readable GGUF file" in str(caught.value) and what in str(caught.value)

@@ -103,6 +103,82 @@ def check_model_dir(model_dir: str | Path, *, trust_remote_code: bool = False) -
     return check_model_config(config, trust_remote_code=trust_remote_code)
 
 
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+"""Bytes of each fixed-size GGUF value type (8 is a string, 9 an array)."""
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def check_gguf_header(path: str | Path) -> None:
+    """Walk a GGUF file's header (its metadata and tensor table) with every count and
+    length checked against the bytes left, before ``gguf``'s reader sees it: that reader
+    trusts them, and a count of 2**62 in a 115-byte file made it loop and allocate without
+    end.
+
+    Raises:
+        UnsupportedModelError: naming what does not fit.
+    """
+    import mmap
+    import struct
+
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        size = len(data)
+        offset = 0
+
+        def take(count: int, what: str) -> int:
+            nonlocal offset
+            if count < 0 or offset + count > size:
+                raise UnsupportedModelError(f"{path} is not a readable GGUF file: {what} "
+                                            f"runs past its end ({size} bytes)")
+            start, offset = offset, offset + count
+            return start
+
+        def number(fmt: str, what: str) -> int:
+            value: int = struct.unpack_from("<" + fmt, data, take(struct.calcsize(fmt), what))[0]
+            return value
+
+        def string(what: str) -> None:
+            take(number("Q", what), what)
+
+        def value(kind: int, what: str, depth: int = 0) -> None:
+            if kind in _GGUF_SCALARS:
+                take(_GGUF_SCALARS[kind], what)
+            elif kind == _GGUF_STRING:
+                string(what)
+            elif kind == _GGUF_ARRAY and depth < 2:
+                item, count = number("I", what), number("Q", what)
+                if item in _GGUF_SCALARS:
+                    take(count * _GGUF_SCALARS[item], what)
+                    return
+                if count > size - offset:  # every other item takes a byte at least
+                    take(count, what)
+                for _ in range(count):
+                    value(item, what, depth + 1)
+            else:
+                raise UnsupportedModelError(f"{path} is not a readable GGUF file: {what} has "
+                                            f"value type {kind}")
+
+        if data[:4] != b"GGUF":
+            raise UnsupportedModelError(f"{path} is not a GGUF file (no GGUF magic)")
+        take(4, "the magic")
+        version = number("I", "the version")
+        if version not in (2, 3):
+            raise UnsupportedModelError(f"{path}: GGUF version {version} is not read here "
+                                        "(versions 2 and 3 are)")
+        tensors, fields = number("Q", "the tensor count"), number("Q", "the field count")
+        for index in range(fields):
+            what = f"metadata field {index}"
+            string(what)
+            value(number("I", what), what)
+        for index in range(tensors):
+            what = f"tensor {index}"
+            string(what)
+            dims = number("I", what)
+            if dims > 4:
+                raise UnsupportedModelError(f"{path} is not a readable GGUF file: {what} has "
+                                            f"{dims} dimensions")
+            take(8 * dims + 4 + 8, what)
+
+
 def check_gguf(path: str | Path) -> str:
     """The ``model_type`` a GGUF file becomes, from its header (no tensor is read).
 
@@ -112,9 +188,13 @@ def check_gguf(path: str | Path) -> str:
     from gguf import GGUFReader
 
     try:
+        check_gguf_header(path)
         reader = GGUFReader(str(path))
-    except (OSError, ValueError) as error:
-        raise UnsupportedModelError(f"{path} is not a readable GGUF file: {error}") from None
+    except UnsupportedModelError:
+        raise
+    except Exception as error:  # gguf raises what its parsing meets: KeyError, IndexError...
+        raise UnsupportedModelError(f"{path} is not a readable GGUF file: "
+                                    f"{type(error).__name__}: {error}") from None
     field = reader.fields.get("general.architecture")
     if field is None or not field.data:
         raise UnsupportedModelError(f"{path} has no general.architecture")
