@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tritonop.gateway.config import ClientLimits
-from tritonop.gateway.limits import ClientLimiter, Limited
+from tritonop.gateway.limits import ClientLimiter, Limited, TooWide
 
 
 class Clock:
@@ -23,9 +23,9 @@ def limiter(every: ClientLimits, named: dict[str, ClientLimits] | None = None,
     return ClientLimiter(every, named or {}, max_in_flight, clock), clock
 
 
-def refused(limits: ClientLimiter, client: str) -> Limited:
+def refused(limits: ClientLimiter, client: str, places: int = 1) -> Limited:
     with pytest.raises(Limited) as caught:
-        limits.admit(client)
+        limits.admit(client, places)
     return caught.value
 
 
@@ -74,6 +74,21 @@ def test_the_share_counts_held_requests_and_frees_when_one_ends():
     limits.admit("bob")
     limits.leave("alice")
     limits.admit("alice")
+
+
+def test_a_request_of_several_choices_holds_a_place_of_the_share_for_each():
+    """``n: 4`` takes four of the model's places: four of the client's share as well (it
+    used to count one, so a key allowed one place could hold the whole model)."""
+    limits, _ = limiter(ClientLimits(max_in_flight_share=0.5), max_in_flight=6)
+    assert limits.places_of("alice") == 3
+    limits.admit("alice", 2)
+    assert refused(limits, "alice", 2).limits == ["maxInFlightShare"]
+    limits.admit("alice", 1)
+    limits.leave("alice", 2)
+    limits.admit("alice", 2)
+    with pytest.raises(TooWide) as wide:  # more than the share alone: never admitted
+        limits.admit("bob", 4)
+    assert wide.value.share == 3
 
 
 def test_a_named_client_has_its_own_limits_instead_of_every_clients():

@@ -40,8 +40,8 @@ from tritonop.gateway.backend import Hit, Piece, TritonAddress, TritonBackend
 from tritonop.gateway.batching import Coalescer
 from tritonop.gateway.config import GatewayConfig
 from tritonop.gateway.connections import StallGuard
-from tritonop.gateway.errors import APIError
-from tritonop.gateway.limits import ClientLimiter, Limited
+from tritonop.gateway.errors import APIError, invalid
+from tritonop.gateway.limits import ClientLimiter, Limited, TooWide
 from tritonop.gateway.metrics import GatewayMetrics
 from tritonop.gateway.tools import (
     AutoStream,
@@ -175,7 +175,10 @@ class Gateway:
         bound): its own limits first, then the bound."""
         client, limiter = current_client.get(), self.client_limits[model]
         try:
-            limiter.admit(client)
+            limiter.admit(client, places)
+        except TooWide as err:
+            raise invalid("n", f"{places} choices hold {places} places at once; this API key "
+                          f"may hold {err.share} (its maxInFlightShare)") from None
         except Limited as err:
             raise APIError(429, f"model '{model}': {err.message}; retry after "
                            f"{err.retry_after} s", code="rate_limit_exceeded",
@@ -186,11 +189,11 @@ class Gateway:
         try:
             await bound.acquire(places)
         except Overloaded as err:
-            limiter.leave(client)
+            limiter.leave(client, places)
             raise APIError(429, f"model '{model}' is at its admission bound ({err}); retry "
                            "shortly", code="too_many_requests", retry_after=1) from None
         except BaseException:
-            limiter.leave(client)  # the client left while waiting
+            limiter.leave(client, places)  # the client left while waiting
             raise
         finally:
             waiting.dec()
@@ -199,7 +202,7 @@ class Gateway:
 
     def _leave(self, model: str, bound: AdmissionBound, places: int = 1) -> None:
         bound.release(places)
-        self.client_limits[model].leave(current_client.get())
+        self.client_limits[model].leave(current_client.get(), places)
         self.metrics.in_flight.labels(model).dec()
 
     def _used(self, model: str, tokens: int) -> None:

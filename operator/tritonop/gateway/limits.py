@@ -22,6 +22,14 @@ from tritonop.gateway.config import ClientLimits
 WINDOW_SECONDS = 60
 
 
+class TooWide(Exception):
+    """A request needs more places at once than its client's share holds (``n`` choices)."""
+
+    def __init__(self, share: int) -> None:
+        super().__init__(f"the share is {share} places")
+        self.share = share
+
+
 class Limited(Exception):
     """A client is beyond one of its limits.
 
@@ -77,7 +85,7 @@ class ClientUsage:
 
     requests: SlidingMinute = field(default_factory=SlidingMinute)
     tokens: SlidingMinute = field(default_factory=SlidingMinute)
-    held: int = 0  # requests admitted past the limits and not yet finished
+    held: int = 0  # places of requests admitted past the limits, not yet finished
 
 
 class ClientLimiter:
@@ -109,14 +117,15 @@ class ClientLimiter:
             return None
         return max(1, math.ceil(share * self.max_in_flight))
 
-    def admit(self, client: str) -> None:
-        """Count one request of ``client``, or refuse it.
+    def admit(self, client: str, places: int = 1) -> None:
+        """Count one request of ``client`` holding ``places`` (one per choice), or refuse it.
 
-        A request held counts against the share from here until :meth:`leave`, waiting or
-        in flight: a client at its share cannot fill the model's waiting line either.
+        A request's places count against the share from here until :meth:`leave`, waiting
+        or in flight: a client at its share cannot fill the model's waiting line either.
 
         Raises:
             Limited: naming every limit the client is beyond, with the longest wait.
+            TooWide: the request alone needs more places than the client's share.
         """
         if not self.active:
             return
@@ -133,26 +142,28 @@ class ClientLimiter:
             beyond.append(("tokensPerMinute", usage.tokens.seconds_until_below(now, tpm),
                            f"{tpm} tokens per minute (tokensPerMinute; {used} used in the "
                            "last minute)"))
-        places = self.places_of(client)
-        if places is not None and usage.held >= places:
+        share = self.places_of(client)
+        if share is not None and places > share:
+            raise TooWide(share)
+        if share is not None and usage.held + places > share:
             # A place frees when one of the client's requests ends; when is not known.
             beyond.append(("maxInFlightShare", 1.0,
-                           f"{places} requests at once (maxInFlightShare "
+                           f"{share} places at once (maxInFlightShare "
                            f"{limits.max_in_flight_share} of the model's {self.max_in_flight} "
-                           "in-flight places)"))
+                           "in-flight places; a request holds one per choice)"))
         if beyond:
             retry = max(1, math.ceil(max(wait for _, wait, _ in beyond)))
             raise Limited([name for name, _, _ in beyond], retry,
                           "this API key is beyond its limit of " +
                           " and ".join(what for _, _, what in beyond))
         usage.requests.add(now, 1)
-        usage.held += 1
+        usage.held += places
 
-    def leave(self, client: str) -> None:
+    def leave(self, client: str, places: int = 1) -> None:
         """The request :meth:`admit` counted has ended (answered, refused later, or gone)."""
         usage = self._usage.get(client)
-        if usage is not None and usage.held > 0:
-            usage.held -= 1
+        if usage is not None:
+            usage.held = max(0, usage.held - places)
 
     def used(self, client: str, tokens: int) -> None:
         """Tokens one answer of ``client`` cost (prompt and generated)."""
