@@ -20,7 +20,9 @@ from tritonop.render.kubernetes import (
     PREPARE_BUDGET_SECONDS,
     config_map,
     model_names,
+    prepare_job,
     render_children,
+    resolve_job,
 )
 from tritonop.render.repository import render_repository
 from tritonop.resources import ResourceError, max_name_length, parse_resource
@@ -136,6 +138,38 @@ def test_names_too_long_for_their_children_are_rejected_by_the_crd(kind, make):
     assert any(f"at most {longest} characters" in e for e in validation_errors(crd, body))
     with pytest.raises(ResourceError, match=r"metadata\.name"):
         make("a" * (longest + 1))
+
+
+@pytest.mark.parametrize(("kind", "make", "source"), [
+    ("EmbeddingSearch", es, {"model": {"source": "hf://org/encoder"}}),
+    ("LLMService", llm, {"model": {"source": "hf://org/model"}}),
+])
+def test_the_jobs_of_the_longest_names_fit_and_stay_apart(kind, make, source):
+    """A Job's name is its pods' label (63 characters): the resolve Job of a 50-character
+    LLMService was 65 and refused, which ended the resource Failed."""
+    longest = max_name_length(kind)
+    first, second = (make(prefix + "a" * (longest - 1), **source) for prefix in "xy")
+    def names(resource) -> tuple[str, ...]:
+        if kind == "LLMService":  # prepared in each pod: a resolve Job only
+            return (resolve_job(resource)["metadata"]["name"],)
+        return tuple(job["metadata"]["name"] for job in (
+            resolve_job(resource), prepare_job(resource), prepare_job(resource, cleanup=True)))
+
+    jobs = [names(first), names(second)]
+    assert all(len(name) <= 63 for names in jobs for name in names), jobs
+    assert not set(jobs[0]) & set(jobs[1])
+    assert prepare_job(es(), cleanup=False)["metadata"]["name"].startswith("news-prepare-")
+
+
+def test_default_requests_stay_within_the_limits_and_requests_above_them_are_refused():
+    """The API server refuses a request above its limit: a default one comes down to the
+    limit the user set, and one the user set above it is refused naming the field."""
+    small = container(llm(resources={"limits": {"memory": "1Gi", "cpu": "500m"}}))
+    assert small["resources"]["requests"] == {"cpu": "500m", "memory": "1Gi"}
+    large = container(llm(resources={"limits": {"memory": "64Gi"}}))
+    assert large["resources"]["requests"]["memory"] == "4Gi"  # the default, below the limit
+    with pytest.raises(ResourceError, match=r"requests\.cpu: 2 is more than limits\.cpu 1500m"):
+        llm(resources={"requests": {"cpu": "2"}, "limits": {"cpu": "1500m"}})
 
 
 def test_every_python_model_carries_the_release_that_rendered_it():

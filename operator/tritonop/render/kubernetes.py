@@ -25,6 +25,7 @@ from tritonop.render.repository import render_repository
 from tritonop.render.server_args import ADMIN_KEY_ENV, restricted_api_args
 from tritonop.resources import CORPUS_SHA256_ANNOTATION, MODEL_REVISION_ANNOTATION, Resource
 from tritonop.spec import EmbeddingSearchSpec, LLMServiceSpec, quantity_bytes
+from tritonop.spec.base import resource_amount
 from tritonop.spec.common import DeploymentSpec, PrepareMode
 
 Manifest = dict[str, Any]
@@ -155,9 +156,15 @@ def artifacts_fingerprint(resource: Resource) -> str | None:
 
 
 def job_name(resource: Resource, fingerprint: str, purpose: str = "prepare") -> str:
-    """``<name>-prepare-<fingerprint>`` cut to 63 characters: one Job per version."""
-    prefix = f"{resource.name}-{purpose}-"
-    return prefix + fingerprint[: max(6, 63 - len(prefix))]
+    """``<name>-prepare-<fingerprint>`` cut to 63 characters (a Job's name is its pods'
+    label): one Job per version. A name too long to leave 6 digits of the fingerprint is
+    cut, with 5 digits of its own hash so that two long names stay apart."""
+    name = resource.name
+    room = 63 - len(f"-{purpose}-") - 6
+    if len(name) > room:
+        name = f"{name[: room - 6]}-{hashlib.sha256(name.encode()).hexdigest()[:5]}"
+    prefix = f"{name}-{purpose}-"
+    return prefix + fingerprint[: 63 - len(prefix)]
 
 
 def selector_labels(resource: Resource) -> dict[str, str]:
@@ -349,10 +356,15 @@ def _downloading(env: list[Manifest], resource: Resource) -> list[Manifest]:
 
 
 def _triton_resources(resource: Resource) -> Manifest:
-    """The spec's resources over the default requests, plus the GPUs the model needs."""
+    """The spec's resources over the default requests (a default above the spec's limit
+    becomes the limit: the API server refuses a request above its limit), plus the GPUs
+    the model needs."""
     spec = resource.spec
-    requests = {**DEFAULT_REQUESTS[resource.kind], **spec.resources.requests}
     limits = dict(spec.resources.limits)
+    defaults = {name: (limits[name] if name in limits and
+                       resource_amount(limits[name]) < resource_amount(amount) else amount)
+                for name, amount in DEFAULT_REQUESTS[resource.kind].items()}
+    requests = {**defaults, **spec.resources.requests}
     if gpus(resource):
         limits.setdefault("nvidia.com/gpu", gpus(resource))
     return {"requests": requests, **({"limits": limits} if limits else {})}

@@ -10,6 +10,7 @@ and frozen instances so that rendering can never mutate its input.
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -81,6 +82,26 @@ MemoryQuantity = Annotated[
 _K8S_QUANTITY_PATTERN = (r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)"
                          r"(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?[0-9]+))?$")
 _K8S_QUANTITY = re.compile(_K8S_QUANTITY_PATTERN)
+
+
+_SCALES = {"n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": Decimal(1),
+           "k": Decimal(10**3), "M": Decimal(10**6), "G": Decimal(10**9),
+           "T": Decimal(10**12), "P": Decimal(10**15), "E": Decimal(10**18),
+           "Ki": Decimal(2**10), "Mi": Decimal(2**20), "Gi": Decimal(2**30),
+           "Ti": Decimal(2**40), "Pi": Decimal(2**50), "Ei": Decimal(2**60)}
+
+
+def resource_amount(value: str | int) -> Decimal:
+    """A container resource quantity (``500m``, ``2``, ``4Gi``, ``1e3``) as a number, to
+    compare a request with a limit as the API server does."""
+    text = str(value).strip().lstrip("+")
+    match = re.fullmatch(r"([0-9]*\.?[0-9]*)([eE][+-]?[0-9]+|[KMGTPE]i|[numkMGTPE])?", text)
+    if not match or not match[1].strip("."):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity")
+    suffix = match[2] or ""
+    if suffix[:1] in ("e", "E"):
+        return Decimal(match[1]) * Decimal(10) ** int(suffix[1:])
+    return Decimal(match[1]) * _SCALES[suffix]
 
 
 def _check_resource_quantity(value: Any) -> Any:

@@ -6,7 +6,13 @@ from typing import Any, Literal, Optional
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from tritonop.spec.base import MemoryQuantity, ResourceQuantity, SpecModel, cel_rules
+from tritonop.spec.base import (
+    MemoryQuantity,
+    ResourceQuantity,
+    SpecModel,
+    cel_rules,
+    resource_amount,
+)
 
 
 class StageSettings(SpecModel):
@@ -84,6 +90,11 @@ class ResourceRequirements(SpecModel):
                     raise ValueError(f"{field}: {_RESOURCE_NAMES_MESSAGE}")
         if _GPU_RESOURCE in self.requests or _GPU_RESOURCE in self.limits:
             raise ValueError(_NO_GPU_MESSAGE)
+        for name, request in self.requests.items():  # as the API server checks the pod
+            if name in self.limits and resource_amount(request) > resource_amount(
+                    self.limits[name]):
+                raise ValueError(f"requests.{name}: {request} is more than limits.{name} "
+                                 f"{self.limits[name]}")
         return self
 
 
