@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -344,11 +344,19 @@ class RerankedSearch:
     candidates: int
     default_k: int
     max_k: int
+    max_characters: int | None = None
 
     @classmethod
     def of(cls, parameters: dict[str, str]) -> RerankedSearch:
+        limit = parameters.get("max_input_characters")
         return cls(int(parameters["candidates"]), int(parameters["default_top_k"]),
-                   int(parameters["max_top_k"]))
+                   int(parameters["max_top_k"]), int(limit) if limit else None)
+
+    def documents(self, texts: np.ndarray) -> np.ndarray:
+        """A row's candidate texts as the cross-encoder takes them: cut to its character
+        bound (a corpus text may be longer; the cross-encoder reads far fewer tokens than
+        that many characters, so the scores are the same)."""
+        return cut_texts(texts, self.max_characters)
 
     def num_results(self, requested: np.ndarray | None, rows: int) -> int:
         """The request's ``num_results`` (one value for all its rows), checked.
@@ -370,6 +378,22 @@ class RerankedSearch:
     def search_count(self, k: int) -> int:
         """Candidates to search for: ``candidates``, at least ``k``, at most ``max_k``."""
         return min(max(self.candidates, k), self.max_k)
+
+
+def cut_texts(texts: Any, limit: int | None) -> Any:
+    """``texts`` (str or UTF-8 bytes, any array shape) cut to ``limit`` characters each."""
+    if limit is None:
+        return texts
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, bytes):
+            text = value.decode("utf-8", "replace")
+            return text[:limit].encode() if len(text) > limit else value
+        return value[:limit]
+
+    if isinstance(texts, np.ndarray):
+        return np.vectorize(cut, otypes=[object])(texts) if texts.size else texts
+    return [cut(text) for text in texts]
 
 
 def best_rows(ids: np.ndarray, texts: np.ndarray, search_scores: np.ndarray,

@@ -42,6 +42,7 @@ MAX_CHARACTERS = 4000
 QUERIES = ["storm warning in europe", "software for programmers", "music downtown"]
 LONG_DOCUMENT = "the quick brown fox jumps over the lazy dog " * 60  # > 48 tokens, < bound
 DOCUMENTS = [*TINY_TEXTS, LONG_DOCUMENT]
+LONG_CORPUS = ["storm warning over the alps", "storm " + "x" * MAX_CHARACTERS, "music downtown"]
 
 
 class Served:
@@ -70,16 +71,21 @@ def served(tmp_path_factory) -> Iterator[Served]:
     corpus = tmp_path_factory.mktemp("rerank-corpus") / "tiny.jsonl"
     corpus.write_text("".join(json.dumps(record) + "\n" for record in FILTER_RECORDS))
     fields = [{"name": n, "type": t} for n, t in FILTER_FIELDS.items()]
+    # "rl": a corpus with a text longer than the character bound of requests.
+    long_corpus = corpus.parent / "long.jsonl"
+    long_corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in LONG_CORPUS))
     resources = [
         parse_resource({"apiVersion": API, "kind": "EmbeddingSearch",
                         "metadata": {"name": name}, "spec": {
             "model": {"source": str(encoder)},
-            "corpus": {"source": str(corpus), "fields": fields},
+            "corpus": {"source": str(source), **({"fields": fields} if name != "rl" else {})},
             "search": {"defaultTopK": 3, "maxTopK": 12},
             "api": {"limits": {"maxInputCharacters": MAX_CHARACTERS}},
-            "rerank": {"model": {"source": str(folders[name]), "format": fmt},
+            "rerank": {"model": {"source": str(folders[model]), "format": fmt},
                        "candidates": CANDIDATES, "maxDocuments": MAX_DOCUMENTS}}})
-        for name, fmt in (("rr", "torchscript"), ("rx", "onnx"))]
+        for name, model, fmt, source in (("rr", "rr", "torchscript", corpus),
+                                         ("rx", "rx", "onnx", corpus),
+                                         ("rl", "rr", "onnx", long_corpus))]
     root = tmp_path_factory.mktemp("rerank-artifacts")
     with running_triton(resources, root, tmp_path_factory.mktemp("rerank-triton")) as triton:
         address = TritonAddress(triton.server.grpc_url, triton.server.http_url)
@@ -277,6 +283,22 @@ def test_triton_reranked_model_equals_reranked_numpy_top_candidates(served, quer
 def test_triton_reranked_model_refuses_bad_input(served, body, status) -> None:
     code, answer = post_json(f"{served.triton}/v2/models/rr_reranked/generate", body)
     assert code == status, answer
+
+
+def test_a_corpus_text_longer_than_the_request_bound_is_reranked_not_refused(served) -> None:
+    """Candidates are corpus texts, not the client's: one longer than maxInputCharacters
+    is cut to it (the cross-encoder reads far fewer tokens), where the search used to be
+    refused with a 400 naming documents[1], a field the client never sent."""
+    reference = served.cross_encoder("rr").predict([(QUERIES[0], t) for t in LONG_CORPUS])
+    status, body = served.post("search", {"model": "rl", "text": QUERIES[0], "num_results": 3,
+                                          "rerank": True})
+    assert status == 200, body
+    assert_same_ranking([h["id"] for h in body["data"]], [h["score"] for h in body["data"]],
+                        reference)
+    status, body = post_json(f"{served.triton}/v2/models/rl_reranked/generate",
+                             {"text": QUERIES[0], "num_results": 3})
+    assert status == 200, body
+    assert_same_ranking(body["ids"], body["scores"], reference)
 
 
 def test_search_without_rerank_is_unchanged(served) -> None:

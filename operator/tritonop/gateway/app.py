@@ -51,7 +51,7 @@ from tritonop.gateway.tools import (
     parse_calls,
     tool_call,
 )
-from tritonop_backend.rerank import rank
+from tritonop_backend.rerank import cut_texts, rank
 
 log = logging.getLogger(__name__)
 
@@ -461,8 +461,9 @@ class Gateway:
                 args.text, (reranking.candidates(entry, args.num_results), args.filter))
             if not hits:
                 return JSONResponse({"object": "list", "model": args.model, "data": []})
-            scores, tokens = await self.backend.rerank(
-                args.model, args.text, [h.text for h in hits],
+            scores, tokens = await self.backend.rerank(  # corpus texts cut as Triton's are
+                args.model, args.text,
+                cut_texts([h.text for h in hits], entry.limits.max_input_characters),
                 timeout=entry.limits.triton_timeout_seconds)
         self._used(args.model, int(tokens.sum()))
         return JSONResponse({"object": "list", "model": args.model, "data": [

@@ -187,6 +187,7 @@ def rerank_models(resource: Resource, artifacts_root: str) -> list[ConfigDict]:
          tensor("texts", "STRING", [-1]), tensor("search_scores", "FP32", [-1])],
         {"search_model": resource.name, "rerank_model": f"{resource.name}_rerank",
          "candidates": str(rerank.candidates),
+         "max_input_characters": str(spec.api.limits.max_input_characters),
          "default_top_k": str(spec.search.default_top_k),
          "max_top_k": str(spec.search.max_top_k)},
     )]

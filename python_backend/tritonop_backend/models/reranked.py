@@ -85,7 +85,8 @@ class TritonPythonModel:
                 rerank_scores.append(np.zeros(0, dtype=np.float32))
                 continue
             (row_scores,) = _call(self.rerank_model, {
-                "query": text[row].reshape(1, 1), "documents": texts[row].reshape(1, -1)},
+                "query": text[row].reshape(1, 1),
+                "documents": self.settings.documents(texts[row]).reshape(1, -1)},
                 ["scores"])
             rerank_scores.append(row_scores.reshape(-1))
         return best_rows(ids, texts, scores, rerank_scores, k)
