@@ -141,8 +141,7 @@ class EncoderStage:
     inputs = ("input_ids", "attention_mask")
 
     def __init__(self, parameters: Parameters, device: str = "cpu") -> None:
-        check_artifacts(parameters)
-        model_dir = Path(parameters["model_dir"])
+        model_dir, _, self.max_length, _ = _model_settings(parameters)
         self.vocab_size = _vocab_size(model_dir / TOKENIZER_FILE)
         self.encoder = load_encoder(model_dir, int(parameters.get("threads", "1")), device)
 
@@ -152,6 +151,9 @@ class EncoderStage:
             mask = _required(inputs, "attention_mask")
             if ids.shape != mask.shape or ids.ndim != 2:
                 raise RequestError("attention_mask", f"shape {mask.shape} != input_ids {ids.shape}")
+            if not 1 <= ids.shape[1] <= self.max_length:  # the tokenizer's own bound
+                raise RequestError("input_ids", f"rows of 1 to {self.max_length} tokens, got "
+                                   f"{ids.shape[1]}")
             if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
                 raise RequestError("input_ids", f"ids must be in [0, {self.vocab_size})")
             if mask.size and (not np.isin(mask, (0, 1)).all() or (np.diff(mask) > 0).any()):
@@ -173,6 +175,7 @@ class PoolingStage:
 
     def __init__(self, parameters: Parameters, device: str = "cpu") -> None:
         _, manifest, _, self.mode = _model_settings(parameters)
+        self.dimension = manifest.dimension
         # auto: as the model's sentence-transformers modules do (a Normalize module or not).
         self.normalize = resolve_setting(parameters.get("normalize", "auto"), manifest.normalize)
 
@@ -183,6 +186,12 @@ class PoolingStage:
             if hidden.ndim != 3 or hidden.shape[:2] != mask.shape:
                 raise RequestError("attention_mask", f"shape {mask.shape} does not fit "
                                    f"token_embeddings {hidden.shape}")
+            if hidden.shape[2] != self.dimension or hidden.shape[1] < 1:
+                raise RequestError("token_embeddings", f"rows of 1 or more tokens of "
+                                   f"{self.dimension} values, got {hidden.shape[1:]}")
+            if not np.isin(mask, (0, 1)).all() or not mask.any(axis=1).all():
+                raise RequestError("attention_mask", "0s and 1s, with a 1 (a token) in "
+                                   "every row")
             return hidden, mask
 
         def work(pairs: list[object]) -> list[Outputs]:

@@ -127,6 +127,35 @@ def test_a_mask_with_holes_is_refused_by_name(tiny_encoders, tmp_path):
         assert "attention_mask" in str(error) and "1s" in str(error)
 
 
+def test_direct_calls_the_ensemble_never_makes_are_refused_alone(tiny_encoders, tmp_path):
+    """Triton's clients may call the encoder and pooling models themselves: rows longer
+    than the tokenizer's bound (past BERT's positions: a fault for the whole batch), and
+    pooling inputs of another width, with no token, or a mask of 2s, are each refused by
+    name while the request batched with them is answered."""
+    from tritonop_backend.stages import PoolingStage
+
+    source = inspect(str(tiny_encoders["bert"]))
+    export_model(source, "onnx", tmp_path / "model")
+    parameters = {"model_dir": str(tmp_path / "model"), "max_sequence_length": "auto",
+                  "pooling": "mean", "max_input_characters": "1000", "threads": "1"}
+    (tokens,) = TokenizerStage(parameters).run([{"text": np.array([[b"a b c d"]],
+                                                                  dtype=object)}])
+    too_long = np.ones((1, MAX_SEQ_LENGTH + 1), dtype=np.int64)
+    good, bad = EncoderStage(parameters).run([
+        tokens, {"input_ids": too_long, "attention_mask": too_long}])
+    assert "token_embeddings" in good
+    assert isinstance(bad, RequestError) and bad.field == "input_ids"
+    hidden, mask = good["token_embeddings"], tokens["attention_mask"]
+    answers = PoolingStage(parameters).run([
+        {"token_embeddings": hidden, "attention_mask": mask},
+        {"token_embeddings": hidden[:, :, :4], "attention_mask": mask},
+        {"token_embeddings": hidden, "attention_mask": np.zeros_like(mask)},
+        {"token_embeddings": hidden, "attention_mask": mask * 2}])
+    assert "embedding" in answers[0]
+    assert [a.field for a in answers[1:]] == ["token_embeddings", "attention_mask",
+                                              "attention_mask"]
+
+
 def test_an_unpacked_export_of_an_architecture_that_packs_is_exported_again(
         tiny_encoders, tmp_path):
     source = inspect(str(tiny_encoders["bert"]))

@@ -128,7 +128,8 @@ def embedding_search_models(resource: Resource, artifacts_root: str) -> list[Con
             python_model(
                 f"{name}_encoder", stages.encoder,
                 [tensor("input_ids", "INT64", [-1], ragged=True), ragged_mask], [hidden],
-                {"stage": "encoder", **version, "model_dir": model_dir, **encodes}, gpu=gpu,
+                {"stage": "encoder", **version, "model_dir": model_dir,
+                 "max_sequence_length": shared["max_sequence_length"], **encodes}, gpu=gpu,
             ),
             python_model(
                 f"{name}_pooling", stages.pooling,
