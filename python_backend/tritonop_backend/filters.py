@@ -376,10 +376,12 @@ class FieldColumns:
 
     def mask(self, node: Filter) -> np.ndarray:
         """The rows that satisfy ``node``, as a boolean array over the index."""
-        if isinstance(node, Combined):
-            masks = [self.mask(part) for part in node.parts]
+        if isinstance(node, Combined):  # one part at a time: never all their masks at once
             combine = np.logical_and if node.op == "and" else np.logical_or
-            return combine.reduce(masks)
+            result = self.mask(node.parts[0])
+            for part in node.parts[1:]:
+                combine(result, self.mask(part), out=result)
+            return result
         column = self.columns[node.field]
         if node.op == "in":
             return column.equals_any(node.values)

@@ -285,12 +285,15 @@ class RerankStage:
         self.reranker = Reranker.load(model_dir, max_length,
                                       int(parameters.get("threads", "1")), device)
         self.max_characters = int(parameters["max_input_characters"])
+        self.max_documents = int(parameters.get("max_documents", "0")) or None
 
     @classmethod
-    def from_reranker(cls, reranker: Reranker, max_characters: int) -> RerankStage:
+    def from_reranker(cls, reranker: Reranker, max_characters: int,
+                      max_documents: int | None = None) -> RerankStage:
         """A stage over a reranker already loaded (tests)."""
         stage = cls.__new__(cls)
         stage.reranker, stage.max_characters = reranker, max_characters
+        stage.max_documents = max_documents
         return stage
 
     def run(self, batch: list[Inputs]) -> list[dict[str, np.ndarray] | RequestError]:
@@ -326,6 +329,9 @@ class RerankStage:
         rows = documents.reshape(len(queries), -1) if documents.size else None
         if rows is None or rows.shape[1] == 0:
             raise RequestError("documents", "must hold at least one document")
+        if self.max_documents is not None and rows.shape[1] > self.max_documents:
+            raise RequestError("documents", f"at most {self.max_documents} documents per "
+                               f"query, got {rows.shape[1]}")
         return queries, [decode(row, "documents", self.max_characters) for row in rows]
 
 

@@ -52,6 +52,12 @@ def check_finite(queries: np.ndarray, field: str = "embedding") -> None:
     if not finite.all():
         row = int(np.flatnonzero(~finite)[0])
         raise RequestError(field, f"row {row} holds NaN or infinite values")
+    with np.errstate(over="ignore"):  # values near float32's largest: their norm overflows
+        norms = np.linalg.norm(queries.reshape(len(queries), -1).astype(np.float32), axis=1)
+    if not np.isfinite(norms).all():
+        row = int(np.flatnonzero(~np.isfinite(norms))[0])
+        raise RequestError(field, f"row {row} is too large to normalize (its length "
+                           "overflows float32)")
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,21 @@ def test_a_failing_prepare_container_degrades_with_its_message():
     assert "corpus /x does not exist" in result.message
 
 
+def test_a_prepare_container_that_crashed_reports_its_error_not_its_traceback():
+    """With FallbackToLogsOnError the message is the log's tail: a traceback. Status and
+    the event take its error line, as a prepare Job's failure does."""
+    log = ("Traceback (most recent call last):\n  File \"/app/cli.py\", line 380, in main\n"
+           "    secret_key = os.environ['AWS_SECRET_ACCESS_KEY']\n"
+           "error: news: model source s3://models/x: no objects under s3://models/x/\n")
+    pod = {"status": {"initContainerStatuses": [{"name": "prepare", "state": {
+        "terminated": {"exitCode": 1, "message": log}}}]}}
+    result = status(Observed(1, 1, deployment(1, 0), [pod]))
+    assert conditions(result)["ArtifactsReady"] == ("False", "PrepareFailed")
+    assert result.message.endswith("error: news: model source s3://models/x: no objects "
+                                   "under s3://models/x/")
+    assert "Traceback" not in result.message and "environ" not in result.message
+
+
 def test_a_stuck_rollout_is_degraded():
     stuck = [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
               "message": "ReplicaSet has timed out progressing"}]

@@ -260,6 +260,18 @@ def test_stage_answers_a_bad_request_alone() -> None:
     assert isinstance(results[3], RequestError) and "UTF-8" in results[3].problem
 
 
+def test_stage_bounds_documents_per_query_for_triton_clients_too() -> None:
+    """spec.rerank.maxDocuments bounded only the gateway; Triton's clients reach the model
+    directly (with spec.api.triton.expose), and every pair costs a cross-encoder pass."""
+    graph = lambda ids, mask, types: (ids[:, 1] - ids[:, 0]).astype(np.float32)  # noqa: E731
+    stage = RerankStage.from_reranker(Reranker(_Tokenizer(), graph, "identity"), 50, 3)
+    results = stage.run([{"query": _texts("q"), "documents": _texts(*"abcd")},
+                         {"query": _texts("q"), "documents": _texts(*"abc")}])
+    assert isinstance(results[0], RequestError) and results[0].field == "documents"
+    assert "at most 3 documents" in results[0].problem
+    np.testing.assert_array_equal(results[1]["scores"], [[0.0, 0.0, 0.0]])
+
+
 # Spec, render, fingerprint --------------------------------------------------------------
 
 def _search(rerank: dict[str, Any] | None) -> Any:

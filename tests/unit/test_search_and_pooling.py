@@ -128,6 +128,17 @@ def test_nan_or_infinite_embeddings_are_refused_alone(index, bad):
                                   brute_force_top_k(index.embeddings, good[2], 3))
 
 
+def test_an_embedding_too_large_to_normalize_is_refused_by_name(index):
+    """Finite values near float32's largest: the length overflows, and normalizing made the
+    query a zero vector that returned arbitrary rows with score 0."""
+    stage = SearchStage.from_index(index, default_k=3, max_k=10)
+    huge = np.full((1, 48), 3e38, dtype=np.float32)
+    (result,) = stage.run([{"embedding": huge, "num_results": None}])
+    assert isinstance(result, RequestError)
+    assert str(result) == "embedding: row 0 is too large to normalize (its length overflows " \
+        "float32)"
+
+
 def test_bad_request_does_not_fail_its_batch_mates(index):
     stage = SearchStage.from_index(index, default_k=3, max_k=10)
     good = rng.standard_normal((2, 48)).astype(np.float32)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from tritonop.controller.artifacts import failure_text
 from tritonop.status import Condition, ConditionStatus, Endpoints, Phase, ResourceStatus
 
 Obj = dict[str, Any]
@@ -46,7 +47,9 @@ def _prepare_state(pods: list[Obj], download: str = "") -> tuple[ConditionStatus
                 (state.get("lastState") or {}).get("terminated")
             waiting = (state.get("state") or {}).get("waiting") or {}
             if terminated and terminated.get("exitCode", 0) != 0:
-                detail = terminated.get("message") or terminated.get("reason") or "failed"
+                # Its error lines only: from the logs (a traceback) when it wrote no message.
+                detail = failure_text(terminated.get("message") or "") or \
+                    terminated.get("reason") or "failed"
                 return "False", "PrepareFailed", f"prepare init container failed: {detail}"
             if waiting.get("reason") in ("CrashLoopBackOff", "ErrImagePull", "ImagePullBackOff"):
                 return "False", "PrepareFailed", f"prepare init container: {waiting['reason']}"

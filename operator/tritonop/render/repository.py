@@ -176,6 +176,8 @@ def rerank_models(resource: Resource, artifacts_root: str) -> list[ConfigDict]:
          "rerank_dir": str(base / RERANK_FOLDER),
          "max_sequence_length": _auto(rerank.model.max_sequence_length),
          "max_input_characters": str(spec.api.limits.max_input_characters),
+         # /v1/rerank's bound, or the most candidates a reranked search sends
+         "max_documents": str(max(rerank.max_documents, spec.search.max_top_k)),
          "threads": str(rerank.stage.threads)},
         gpu=spec.model.device == "gpu",  # where the encoder runs: the pod has a GPU then
     ), python_model(
