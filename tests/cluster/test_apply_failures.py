@@ -1,8 +1,10 @@
 """A child the real API server keeps refusing: the status, the condition and one Event say
 which child, why, and what was left in place.
 
-``requests.cpu: 2`` with ``limits.cpu: 1`` is valid for the CRD (comparing quantities is
-not a CEL rule cel-python can check) and refused by the server's Deployment validation.
+A request of an extended resource without its limit (``example.com/fpga: 1``) is valid
+for the CRD and the operator, and refused by the server's Deployment validation: such a
+resource cannot be overcommitted. (A request above its limit, which this test used before,
+is now refused by the operator itself, naming ``spec.resources``.)
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ from tests.cluster.conftest import NAMESPACE
 from tests.cluster.helpers import children, condition, delete, events, example, wait_status
 
 ES = "EmbeddingSearch"
-SERVER_MESSAGE = "must be less than or equal to cpu limit"
+SERVER_MESSAGE = "Limit must be set for non overcommitable resources"
 
 
 def test_a_refused_deployment_names_itself_and_the_children_kept(cluster, live_operator):
     name = "over-limit"
     cluster.apply(example(ES, name, NAMESPACE,
-                          resources={"requests": {"cpu": "2"}, "limits": {"cpu": "1"}}))
+                          resources={"requests": {"example.com/fpga": "1"}}))
     try:
         resource = wait_status(cluster, ES, name, NAMESPACE,
                                lambda r: (r.get("status") or {}).get("phase") == "Failed",
