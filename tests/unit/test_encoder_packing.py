@@ -109,13 +109,19 @@ def test_padding_of_rows_wider_than_the_position_table_is_served(name, tiny_enco
         np.testing.assert_allclose(hidden[0, :length], alone.numpy(), atol=1e-4)
 
 
-def test_a_mask_with_holes_is_refused_by_name(tiny_encoders, tmp_path):
-    source = inspect(str(tiny_encoders["bert"]))
-    export_model(source, "onnx", tmp_path / "model")
+def tokenized(tiny_encoders, tmp_path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """The stage parameters of a tiny BERT exported here, and its tokenizer stage's output
+    for one text (what the ensemble hands the encoder)."""
+    export_model(inspect(str(tiny_encoders["bert"])), "onnx", tmp_path / "model")
     parameters = {"model_dir": str(tmp_path / "model"), "max_sequence_length": "auto",
-                  "pooling": "auto", "max_input_characters": "1000", "threads": "1"}
+                  "pooling": "mean", "max_input_characters": "1000", "threads": "1"}
     (tokens,) = TokenizerStage(parameters).run([{"text": np.array([[b"a b c d"]],
                                                                   dtype=object)}])
+    return parameters, tokens
+
+
+def test_a_mask_with_holes_is_refused_by_name(tiny_encoders, tmp_path):
+    parameters, tokens = tokenized(tiny_encoders, tmp_path)
     holes = tokens["attention_mask"].copy()
     holes[0, 1] = 0
     twos = tokens["attention_mask"] * 2
@@ -134,12 +140,7 @@ def test_direct_calls_the_ensemble_never_makes_are_refused_alone(tiny_encoders, 
     name while the request batched with them is answered."""
     from tritonop_backend.stages import PoolingStage
 
-    source = inspect(str(tiny_encoders["bert"]))
-    export_model(source, "onnx", tmp_path / "model")
-    parameters = {"model_dir": str(tmp_path / "model"), "max_sequence_length": "auto",
-                  "pooling": "mean", "max_input_characters": "1000", "threads": "1"}
-    (tokens,) = TokenizerStage(parameters).run([{"text": np.array([[b"a b c d"]],
-                                                                  dtype=object)}])
+    parameters, tokens = tokenized(tiny_encoders, tmp_path)
     too_long = np.ones((1, MAX_SEQ_LENGTH + 1), dtype=np.int64)
     good, bad = EncoderStage(parameters).run([
         tokens, {"input_ids": too_long, "attention_mask": too_long}])

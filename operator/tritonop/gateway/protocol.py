@@ -524,10 +524,7 @@ def text(value: Any, name: str) -> str:
     """A string that encodes to UTF-8 (JSON may carry unpaired surrogates)."""
     if not isinstance(value, str):
         raise invalid(name, f"must be a string, got {_kind(value)}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise invalid(name, "contains an unpaired surrogate (not valid Unicode)") from None
+    _encodable(value, (name,))
     return value
 
 
