@@ -41,6 +41,7 @@ class Sizes:
     s3_scan_budget: float = 2e7  # queries per size: this / vectors, within [30, 300]
     change_texts: int = 200_000  # CHANGE: the corpus of which 1% changes
     scale_vectors: int = 10_000_000  # SCALE: synthetic clustered vectors (--vectors)
+    scale_indexes: tuple[str, ...] = ("exact", "hnsw", "hnsw+int8", "hnsw+binary")  # --indexes
     scale_queries: int = 300  # SCALE and FILTER: queries per index
     filter_vectors: int = 1_000_000  # FILTER (--filter-vectors)
     rerank_seconds: float = 45.0  # RERANK: per side and level, split over the alternations

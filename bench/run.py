@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"times per level (default: {Sizes.alternations}; 1 with --quick)")
     parser.add_argument("--vectors", type=int, metavar="N",
                         help=f"SCALE's synthetic vectors (default: {Sizes.scale_vectors:,})")
+    parser.add_argument("--indexes", nargs="+", metavar="INDEX",
+                        choices=Sizes.scale_indexes,
+                        help="SCALE's indexes to build and serve (default: all)")
     parser.add_argument("--filter-vectors", type=int, metavar="N",
                         help=f"FILTER's vectors (default: {Sizes.filter_vectors:,})")
     parser.add_argument("--baseline-threads", type=int, default=Context.baseline_threads,
@@ -191,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             if value < 100:
                 raise SystemExit(f"{flag} wants 100 or more, got {value}")
             sizes = dataclasses.replace(sizes, **{name: value})
+    if args.indexes:
+        sizes = dataclasses.replace(sizes, scale_indexes=tuple(args.indexes))
     artifacts_root = args.artifacts_root or bench_artifacts_root(args.quick)
     started = datetime.now(UTC)
     body: dict[str, Any] = {

@@ -213,6 +213,19 @@ def test_change_prepares_a_changed_corpus_from_the_embedding_cache(quick_run):
     assert [t["id"] for t in change["targets"]] == ["CHANGE.ratio"]
 
 
+def test_scale_measures_each_index_and_its_own_memory(quick_run):
+    scale = quick_run[0]["scenarios"]["SCALE"]
+    assert scale["generator"] == "low-rank-2"
+    for name in ("hnsw", "hnsw+int8", "hnsw+binary"):
+        index = scale["indexes"][name]
+        assert index["recall_at_10"] > 0.5, (name, index)
+        # the graph and the rows it rescored with are mapped into the search model
+        resident = index["resident_mb"]
+        assert resident["graph"] > 0 and resident["float32_rows"] > 0, (name, resident)
+        assert index["index_memory_mb"] == pytest.approx(sum(resident.values()), abs=0.2)
+        assert index["index_memory_mb"] < index["search_model_rss_mb"]
+
+
 def test_report_page_and_plots_are_written(quick_run):
     _, docs = quick_run
     page = (docs / "benchmarks.md").read_text()
