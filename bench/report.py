@@ -204,18 +204,15 @@ EXPLANATIONS: dict[str, str] = {
     "SCALE.recall": (
         "int8 at 10M synthetic vectors reached recall@10 0.84 in prepare (1,000 corpus rows "
         "as queries) with efSearch raised to 1,024, the most prepare tries, and 0.85 served; "
-        "at the example's 20K real embeddings it is 0.996. usearch stores a row as int8 by "
-        "normalizing it and multiplying by 127 (checked: [0.05, 0.5, 0.9, -0.3] is stored "
-        "as [5, 59, 106, -35]), so the components of a 384-dimension unit row, about "
-        "+-0.05, become integers of about +-6, and scaling rows beforehand cannot help. "
-        "Yet that resolution suffices at 500K vectors of the same mixture (in process, "
-        "1,000 corpus rows as queries): 0.95 at efSearch 64 with 4x candidates, 0.996 with "
-        "16x, 0.998 at efSearch 256 with 4x. Whether at 10M the graph (connectivity 16, "
-        "efConstruction 128, clusters of ~3,200 rows against ~700) or the int8 ranking "
-        "loses the neighbours is not known yet. What would close it: measuring both at "
-        "10M (a denser graph; 16-32x candidates), and binary with 20x rescoring (5-6x "
-        "smaller than int8; its 10M build could not be finished in the session: int8's "
-        "graph alone took 75 minutes on 2 cores)."
+        "at the example's 20K real embeddings it is 0.996. That 10M run drew isotropic "
+        "clusters, whose local intrinsic dimensionality (68 at 20K rows, 101 at 10M's "
+        "cluster size) is far above real embeddings' (17 for the news corpus); the "
+        "generator now matches real embeddings (bench/synthetic.py) and has not been run at "
+        "10M yet (int8's graph took 75 minutes to build on 2 cores). What loses neighbours, "
+        "measured on 1M of the new vectors (docs/models.md, 'At a million vectors'): not "
+        "int8, whose exact ranking with 4x candidates finds all ten, but the graph, where a "
+        "few queries' searches end in the wrong region (int8 and float32 graphs alike: "
+        "0.94 at efSearch 64, 0.97 at 512; connectivity 32: 0.98 at 512)."
     ),
     "SCALE.e2e_p50": (
         "The search step alone took 10.4 ms (p50) at the efSearch of 1,024 that prepare "
@@ -224,11 +221,12 @@ EXPLANATIONS: dict[str, str] = {
         "fraction of that; see the recall target."
     ),
     "SCALE.memory": (
-        "The search model's resident memory was 7.0 GB with int8: its graph file is 5.0 GB "
-        "(384 bytes of int8 and ~130 of links per row, mapped and all resident), and the "
-        "other 2.1 GB (the Python backend's own, the mapped texts, the float32 rows read "
-        "to rescore) are not broken down yet. int8 rows alone are 3.8 GB at 10M x 384; "
-        "binary's graph would be about 1.8 GB."
+        "That run measured the whole search model's resident memory, 7.0 GB with int8: its "
+        "graph file is 5.0 GB (384 bytes of int8 and ~130 of links per row); the other 2.1 GB "
+        "(the Python backend's own, the mapped texts, the float32 rows read to rescore) "
+        "were not broken down. The bench now measures the index's own resident pages (graph and "
+        "float32 rows, from the search model's smaps) apart from the rest, and the target "
+        "reads those; not run at 10M yet. binary's graph would be about 1.8 GB."
     ),
     "S5.reject_p99": (
         "Refusals are usually quick (p50 5 ms here; p99 8.5 and 17 ms in two other S5 runs "
