@@ -224,9 +224,10 @@ EXPLANATIONS: dict[str, str] = {
         "That run measured the whole search model's resident memory, 7.0 GB with int8: its "
         "graph file is 5.0 GB (384 bytes of int8 and ~130 of links per row); the other 2.1 GB "
         "(the Python backend's own, the mapped texts, the float32 rows read to rescore) "
-        "were not broken down. The bench now measures the index's own resident pages (graph and "
-        "float32 rows, from the search model's smaps) apart from the rest, and the target "
-        "reads those; not run at 10M yet. binary's graph would be about 1.8 GB."
+        "were not broken down. The bench now measures the index's own memory apart from the "
+        "rest (the whole graph file, and the float32 rows resident in the search model, "
+        "from its smaps), and the target reads that; not run at 10M yet. binary's graph "
+        "would be about 1.8 GB."
     ),
     "S5.reject_p99": (
         "Refusals are usually quick (p50 5 ms here; p99 8.5 and 17 ms in two other S5 runs "
@@ -1328,9 +1329,10 @@ def _index_memory(index: dict[str, Any]) -> str:
     measure it."""
     if "index_memory_mb" not in index:
         return "–"
-    parts = ", ".join(f"{name.replace('_', ' ')} {fmt(mb)}"
-                      for name, mb in index["resident_mb"].items())
-    return f"{fmt(index['index_memory_mb'])} ({parts})"
+    resident = index["resident_mb"]
+    return (f"{fmt(index['index_memory_mb'])} (graph {fmt(index['graph_mb'])}, "
+            f"{fmt(resident['graph'])} of it resident; float32 rows "
+            f"{fmt(resident['float32_rows'])} resident)")
 
 
 def _scale_generator(result: dict[str, Any]) -> str:
@@ -1375,9 +1377,11 @@ def section_scale(result: dict[str, Any], img: Path) -> list[str]:
              "the candidates, binary 20x, and both rescore them with the float32 rows (the "
              "memory-mapped index file, of which only the candidates' pages are read; "
              "binary's 1-bit ranking needs more of them: 4x gave recall@10 0.58 at 50K "
-             "vectors). Index memory: the resident pages of the index's files (graph and "
-             "float32 rows) in the search model (its smaps); RSS: the whole search model's "
-             "resident set (its Python runtime and the mapped texts as well). Targets "
+             "vectors). Index memory: the whole graph file (a search may visit any of it) "
+             "and the float32 rows resident in the search model (its smaps: the rows "
+             "rescoring read, clean file pages the kernel may drop), with the graph's "
+             "resident pages beside; RSS: the whole search model's resident set (its Python "
+             "runtime and the mapped texts as well). Targets "
              f"are read from `{result['headline']}`, {_headline_why(result)}.", "",
              quiet_line(result["quiet"]), ""]
     lines += table(["index", "search step p50 ms", "end to end p50 ms", "recall@10",
