@@ -1335,15 +1335,29 @@ def _index_memory(index: dict[str, Any]) -> str:
             f"{fmt(resident['float32_rows'])} resident)")
 
 
+def _memory_method(result: dict[str, Any]) -> str:
+    """How SCALE counted memory: the index's own since 2026-12-07, before that the search
+    model's resident set only."""
+    if not any("index_memory_mb" in index for index in result["indexes"].values()):
+        return ("Memory: the search model's resident set (pages of memory-mapped files "
+                "included). ")
+    return ("Index memory: the whole graph file (a search may visit any of it) and the "
+            "float32 rows resident in the search model after the run's queries (its smaps: "
+            "the rows rescoring read and the pages the kernel mapped around them; clean file "
+            "pages it may drop), with the graph's resident pages beside; RSS: the whole "
+            "search model's resident set (its Python runtime and the mapped texts as well). ")
+
+
 def _scale_generator(result: dict[str, Any]) -> str:
     """How SCALE's vectors were drawn (bench/synthetic.py; runs before 2026-12-07 used
     isotropic clusters)."""
-    if result.get("generator") == "low-rank-2":
+    if "generator" in result:
         return (f"{result['clusters']:,} clusters drawn around "
                 f"{round(result['clusters'] ** 0.5):,} topics, each row its cluster's centre "
-                "plus noise mostly in a 16-dimension subspace of the cluster's own, "
-                "normalised: local intrinsic dimensionality 16 at 20K rows, as the news "
-                "corpus's real MiniLM embeddings (17; bench/synthetic.py)")
+                "plus noise mostly in a low-rank subspace of the cluster's own, normalised "
+                f"(bench/synthetic.py, generator `{result['generator']}`, whose local "
+                "intrinsic dimensionality is measured against the news corpus's real MiniLM "
+                "embeddings)")
     return (f"{result['clusters']:,} Gaussian clusters around random unit centroids, "
             "normalised (bench/synthetic.py's isotropic generator, before 2026-12-07: local "
             "intrinsic dimensionality 68 at 20K rows, against 17 for real embeddings)")
@@ -1377,11 +1391,7 @@ def section_scale(result: dict[str, Any], img: Path) -> list[str]:
              "the candidates, binary 20x, and both rescore them with the float32 rows (the "
              "memory-mapped index file, of which only the candidates' pages are read; "
              "binary's 1-bit ranking needs more of them: 4x gave recall@10 0.58 at 50K "
-             "vectors). Index memory: the whole graph file (a search may visit any of it) "
-             "and the float32 rows resident in the search model (its smaps: the rows "
-             "rescoring read, clean file pages the kernel may drop), with the graph's "
-             "resident pages beside; RSS: the whole search model's resident set (its Python "
-             "runtime and the mapped texts as well). Targets "
+             f"vectors). {_memory_method(result)}Targets "
              f"are read from `{result['headline']}`, {_headline_why(result)}.", "",
              quiet_line(result["quiet"]), ""]
     lines += table(["index", "search step p50 ms", "end to end p50 ms", "recall@10",

@@ -72,6 +72,8 @@ class Mixture:
              floor: float = FLOOR) -> np.ndarray:
         """``count`` unit rows, each a random cluster's centre plus its noise, normalised."""
         clusters, rank, dim = self.bases.shape
+        if count == 0:
+            return np.zeros((0, dim), np.float32)
         chosen = rng.integers(0, clusters, count)
         weights = rng.standard_normal((count, rank), dtype=np.float32)
         weights *= np.float32(spread / np.sqrt(rank))

@@ -243,7 +243,9 @@ def _one_index(ctx: Context, root: Path, variant: str, vectors: np.ndarray,
                 result["resident_mb"] = _resident_files(
                     stubs, {"graph": graph, "float32_rows": index_dir / EMBEDDINGS_FILE})
                 # The whole graph, as a search may visit any of it, and the float32 rows
-                # that rescoring read (clean file pages, which the kernel may drop).
+                # resident after this run's queries: the rows rescoring read, and the
+                # pages around them that the kernel maps on each fault (clean file pages,
+                # which it may drop; more queries touch more of them).
                 result["index_memory_mb"] = round(
                     result["graph_mb"] + result["resident_mb"]["float32_rows"], 1)
     finally:
@@ -263,11 +265,11 @@ def _resident_files(processes: list[Any], files: dict[str, Path]) -> dict[str, f
     process's runtime and the corpus texts."""
     names = {os.path.realpath(path): name for name, path in files.items()}
     found = dict.fromkeys(files, 0.0)
-    for process in processes:
+    for process in processes:  # instances share a file's pages: the most any one maps
         for mapping in process.memory_maps(grouped=True):
             name = names.get(os.path.realpath(mapping.path))
             if name is not None:
-                found[name] += mapping.rss / 2**20
+                found[name] = max(found[name], mapping.rss / 2**20)
     return {name: round(mb, 1) for name, mb in found.items()}
 
 
@@ -402,7 +404,8 @@ def run_filter(ctx: Context) -> dict[str, Any]:
     assert unfiltered_ms is not None and filtered_ms is not None
     ratio = filtered_ms["p50"] / unfiltered_ms["p50"]
     size = label(count)
-    return {"vectors": count, "queries": len(queries), "kept_rows": len(kept),
+    return {"vectors": count, "generator": synthetic.GENERATOR, "queries": len(queries),
+            "kept_rows": len(kept),
             "kept_share": round(len(kept) / count, 4), "filter": search_filter,
             "unfiltered_ms": unfiltered_ms, "filtered_ms": filtered_ms,
             "p50_ratio": round(ratio, 3), "equal_to_scan": round(equal / len(queries), 4),
