@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from bench.synthetic import cluster_count
 from bench.targets import ALTERNATED, outcome
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1350,7 +1351,7 @@ def _scale_generator(result: dict[str, Any]) -> str:
     isotropic clusters)."""
     if "generator" in result:
         return (f"{result['clusters']:,} clusters drawn around "
-                f"{round(result['clusters'] ** 0.5):,} topics, each row its cluster's centre "
+                f"{cluster_count(result['clusters']):,} topics, each row its cluster's centre "
                 "plus noise mostly in a low-rank subspace of the cluster's own, normalised "
                 f"(bench/synthetic.py, generator `{result['generator']}`, whose local "
                 "intrinsic dimensionality is measured against the news corpus's real MiniLM "
